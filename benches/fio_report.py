@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Turn the fio JSON files written by benches/compare-tgt.sh into a markdown report.
+
+Usage:
+    fio_report.py RAW_DIR META_JSON
+
+RAW_DIR holds one fio JSON output per run, named SERVER__JOB__REP.json (SERVER is tgt or
+twinsan; a run that failed has SERVER__JOB__REP.failed with the reason instead). META_JSON
+has "jobs" (ordered list of {name, rw, bs, iodepth}), "servers" (list) and "facts"
+(ordered list of [label, value]) for the header.
+
+With several repetitions the run with the median IOPS is reported and the IOPS range is
+shown. Throughput is in MiB/s (2^20 bytes/s); latency is fio's total latency (lat_ns,
+submission to completion) in microseconds, p99 from lat_percentiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+
+
+def load_fio_json(path: str) -> dict:
+    """fio may print notes before the JSON document; start at the first '{' line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    start = text.find("\n{")
+    start = 0 if text.startswith("{") else (start + 1 if start >= 0 else -1)
+    if start < 0:
+        raise ValueError("no JSON document in fio output")
+    return json.JSONDecoder().raw_decode(text[start:])[0]
+
+
+def summarise(doc: dict, rw: str) -> dict:
+    job = doc["jobs"][0]
+    if job.get("error"):
+        raise ValueError(f"fio job error {job['error']}")
+    side = job["write" if "write" in rw else "read"]
+    lat = side.get("lat_ns") or {}
+    pct = lat.get("percentile") or side.get("clat_ns", {}).get("percentile") or {}
+    p99 = pct.get("99.000000")
+    if side.get("total_ios", 0) == 0:
+        raise ValueError("no I/O completed")
+    return {
+        "iops": float(side["iops"]),
+        "mibs": float(side["bw_bytes"]) / 2**20,
+        "lat_mean_us": float(lat.get("mean", 0.0)) / 1000.0,
+        "lat_p99_us": float(p99) / 1000.0 if p99 is not None else None,
+    }
+
+
+def fmt(x, digits=0) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:,.{digits}f}"
+
+
+def main() -> int:
+    if len(sys.argv) != 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    raw_dir, meta_path = sys.argv[1], sys.argv[2]
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    servers = meta["servers"]
+
+    runs: dict[tuple[str, str], list] = {}
+    errors: dict[tuple[str, str], list[str]] = {}
+    jobs_by_name = {j["name"]: j for j in meta["jobs"]}
+    for fname in sorted(os.listdir(raw_dir)):
+        parts = fname.rsplit(".", 1)
+        if len(parts) != 2 or parts[1] not in ("json", "failed"):
+            continue
+        fields = parts[0].split("__")
+        if len(fields) != 3 or fields[1] not in jobs_by_name:
+            continue
+        server, job, _rep = fields
+        path = os.path.join(raw_dir, fname)
+        if parts[1] == "failed":
+            with open(path, encoding="utf-8", errors="replace") as f:
+                errors.setdefault((server, job), []).append(f.read().strip() or "failed")
+            continue
+        try:
+            runs.setdefault((server, job), []).append(summarise(load_fio_json(path), jobs_by_name[job]["rw"]))
+        except (ValueError, KeyError, IndexError) as e:
+            errors.setdefault((server, job), []).append(f"{fname}: {e}")
+
+    def pick(server: str, job: str):
+        rs = runs.get((server, job))
+        if not rs:
+            return None, None
+        rs = sorted(rs, key=lambda r: r["iops"])
+        med = rs[(len(rs) - 1) // 2]
+        spread = (rs[0]["iops"], rs[-1]["iops"]) if len(rs) > 1 else None
+        return med, spread
+
+    out = []
+    out.append(f"# twinsan vs tgt: fio over libiscsi ({meta.get('date', '')})")
+    out.append("")
+    for label, value in meta.get("facts", []):
+        out.append(f"- **{label}**: {value}")
+    out.append("")
+    have_both = "tgt" in servers and "twinsan" in servers
+    cols = ["job"]
+    for s in servers:
+        cols.append(f"{s} IOPS")
+    if have_both:
+        cols.append("ratio twinsan/tgt (IOPS)")
+    for s in servers:
+        cols.append(f"{s} MiB/s")
+    for s in servers:
+        cols.append(f"{s} mean lat (us)")
+    for s in servers:
+        cols.append(f"{s} p99 lat (us)")
+    out.append("| " + " | ".join(cols) + " |")
+    out.append("|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|")
+    spreads = []
+    any_error = False
+    for j in meta["jobs"]:
+        name = j["name"]
+        picked = {s: pick(s, name) for s in servers}
+        row = [name]
+        for s in servers:
+            r, spread = picked[s]
+            row.append(fmt(r["iops"]) if r else "**FAILED**")
+            if spread:
+                spreads.append(f"{name} {s}: {fmt(spread[0])} .. {fmt(spread[1])} IOPS")
+        if have_both:
+            a, b = picked["tgt"][0], picked["twinsan"][0]
+            row.append(f"{b['iops'] / a['iops']:.2f}" if a and b and a["iops"] > 0 else "n/a")
+        for key, digits in (("mibs", 1), ("lat_mean_us", 1), ("lat_p99_us", 1)):
+            for s in servers:
+                r = picked[s][0]
+                row.append(fmt(r[key], digits) if r else "n/a")
+        out.append("| " + " | ".join(row) + " |")
+        for s in servers:
+            if (s, name) in errors:
+                any_error = True
+    if spreads:
+        out.append("")
+        out.append(f"Median of {meta.get('repeat', '?')} repetitions shown; IOPS range per job:")
+        out.append("")
+        out.extend(f"- {x}" for x in spreads)
+    if any_error:
+        out.append("")
+        out.append("## Failures")
+        out.append("")
+        for (s, name), msgs in sorted(errors.items()):
+            for m in msgs:
+                out.append(f"- {s} / {name}: {m.splitlines()[0] if m else 'failed'}")
+    notes = meta.get("notes", [])
+    if notes:
+        out.append("")
+        out.append("## Notes")
+        out.append("")
+        out.extend(f"- {n}" for n in notes)
+    print("\n".join(out))
+    return 1 if any_error else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

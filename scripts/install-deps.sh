@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Install everything twinsan's tests and benchmarks need on a Debian bookworm machine,
+# then build fio with the libiscsi engine (scripts/build-fio.sh).
+#
+# Idempotent and non-interactive; run as root. When everything is already present it
+# does no network access at all and returns in well under a second.
+#
+# Environment:
+#   TWINSAN_TOOLS        cache dir for built tools (default /var/cache/twinsan-tools)
+#   TWINSAN_DEPS_EXTRA   extra Debian packages to install too (e.g. "tshark")
+#   TWINSAN_SKIP_FIO=1   do not build fio
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/common.sh
+. scripts/lib/common.sh
+
+export DEBIAN_FRONTEND=noninteractive
+T_ALL="$(now_s)"
+
+[ "$(id -u)" -eq 0 ] || die "install-deps.sh must run as root"
+command -v apt-get >/dev/null || die "apt-get not found: only Debian (bookworm) is supported"
+
+# Packages the tests and benchmarks use (see /work/shared/reference/real-clients.md):
+#   libiscsi-bin      iscsi-test-cu (conformance), iscsi-ls/-inq/-readcapacity16/-perf probes
+#   libiscsi-dev      fio's libiscsi engine (build), pkg-config file
+#   tgt               the incumbent target, side-by-side benchmark and conformance baseline
+#   qemu-utils, qemu-block-extra   qemu-img/qemu-io with iscsi:// URLs (the iscsi block module)
+#   drbd-utils        drbdmeta, the DRBD metadata oracle
+#   iproute2          ip netns / veth for the two-node tests
+#   dpkg-dev, build-essential, pkg-config, zlib1g-dev, libaio-dev, xz-utils   apt-get source + fio build
+PKGS=(libiscsi-bin libiscsi-dev tgt qemu-utils qemu-block-extra drbd-utils iproute2
+      dpkg-dev build-essential pkg-config zlib1g-dev libaio-dev xz-utils python3 procps)
+# shellcheck disable=SC2206  # word splitting of the extra list is intended
+PKGS+=(${TWINSAN_DEPS_EXTRA:-})
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install ok installed$'; }
+
+fio_ok() {
+    local bin="${TWINSAN_TOOLS}/bin/fio-libiscsi"
+    [ -x "$bin" ] && "$bin" --enghelp 2>/dev/null | grep -qw libiscsi
+}
+
+# Bounded wait for any other apt/dpkg run (e.g. a background install) to finish.
+wait_for_apt() {
+    local i
+    for ((i = 0; i < 180; i++)); do  # at most 15 minutes
+        if ! pgrep -x apt-get >/dev/null && ! pgrep -x apt >/dev/null \
+            && ! pgrep -x dpkg >/dev/null && ! pgrep -f unattended-upgr >/dev/null; then
+            return 0
+        fi
+        [ "$i" -eq 0 ] && log "another apt-get/dpkg is running; waiting for it (max 15 min)"
+        sleep 5
+    done
+    die "apt/dpkg still busy after 15 minutes"
+}
+
+APT_OPTS=(-y -q -o DPkg::Lock::Timeout=600 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+
+missing=()
+for p in "${PKGS[@]}"; do installed "$p" || missing+=("$p"); done
+
+need_fio=0
+if [ "${TWINSAN_SKIP_FIO:-0}" != 1 ] && ! fio_ok; then need_fio=1; fi
+
+if [ "${#missing[@]}" -eq 0 ] && [ "$need_fio" -eq 0 ]; then
+    log "all dependencies present and ${TWINSAN_TOOLS}/bin/fio-libiscsi works ($(elapsed "$T_ALL") s)"
+    exit 0
+fi
+log "missing packages: ${missing[*]:-none}; fio-libiscsi needs building: $([ "$need_fio" = 1 ] && echo yes || echo no)"
+
+# deb-src is needed for `apt-get source fio`; enable it before the one apt-get update.
+enable_deb_src() {
+    local f=/etc/apt/sources.list.d/debian.sources
+    if [ -f "$f" ]; then
+        if grep -qE '^Types:.*deb-src' "$f"; then return 0; fi
+        log "enabling deb-src in ${f}"
+        cp -n "$f" "${f}.twinsan-orig" || true
+        sed -i -E 's/^Types:[[:space:]]*deb[[:space:]]*$/Types: deb deb-src/' "$f"
+    elif [ -f /etc/apt/sources.list ] && ! grep -qE '^deb-src ' /etc/apt/sources.list; then
+        log "adding deb-src lines to /etc/apt/sources.list.d/twinsan-deb-src.list"
+        grep -E '^deb ' /etc/apt/sources.list | sed 's/^deb /deb-src /' \
+            >/etc/apt/sources.list.d/twinsan-deb-src.list
+    fi
+}
+
+have_src_lists() { compgen -G '/var/lib/apt/lists/*_Sources*' >/dev/null; }
+
+wait_for_apt
+update_needed=0
+[ "${#missing[@]}" -gt 0 ] && update_needed=1
+if [ "$need_fio" -eq 1 ] && [ ! -d "${TWINSAN_TOOLS}/fio-src" ]; then
+    enable_deb_src
+    have_src_lists || update_needed=1
+fi
+if [ "$update_needed" -eq 1 ]; then
+    timed "apt-get update" apt-get "${APT_OPTS[@]}" update
+fi
+
+# Never let package installation start services (tgtd would grab 0.0.0.0:3260).
+POLICY=/usr/sbin/policy-rc.d
+policy_added=0
+if [ ! -e "$POLICY" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$POLICY"; chmod 755 "$POLICY"; policy_added=1
+fi
+cleanup_policy() { if [ "$policy_added" = 1 ]; then rm -f "$POLICY"; fi; }
+trap cleanup_policy EXIT
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    extra_args=()
+    # Machines of this kind ship qemu-utils from bookworm-backports (10.x) while
+    # qemu-block-extra (the iscsi:// block module) only exists in bookworm (7.2) and
+    # depends on qemu-utils of exactly its own version: pin both to that version.
+    if printf '%s\n' "${missing[@]}" | grep -qx qemu-block-extra; then
+        qbe_ver="$(apt-cache policy qemu-block-extra | awk '/Candidate:/ {print $2}')"
+        qu_ver="$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)"
+        if [ -n "$qbe_ver" ] && [ "$qbe_ver" != "(none)" ] && [ "$qu_ver" != "$qbe_ver" ]; then
+            log "pinning qemu-utils ${qu_ver:-<none>} -> ${qbe_ver} to match qemu-block-extra"
+            mapfile -t missing < <(printf '%s\n' "${missing[@]}" | grep -vxE 'qemu-utils|qemu-block-extra')
+            missing+=("qemu-utils=${qbe_ver}" "qemu-block-extra=${qbe_ver}")
+            extra_args+=(--allow-downgrades)
+        fi
+    fi
+    timed "apt-get install (${#missing[@]} pkgs)" \
+        apt-get "${APT_OPTS[@]}" install --no-install-recommends "${extra_args[@]}" "${missing[@]}"
+fi
+
+# Package installs never start tgtd (policy-rc.d), but say so loudly if one is running on 3260.
+if port_open 127.0.0.1 3260; then
+    log "warning: something listens on 127.0.0.1:3260 (a system tgtd?); tests should use other ports"
+fi
+
+if [ "${TWINSAN_SKIP_FIO:-0}" != 1 ]; then
+    timed "build fio with libiscsi" bash scripts/build-fio.sh
+fi
+
+TIMINGS+=("install-deps total"$'\t'"$(elapsed "$T_ALL")")
+print_timings

@@ -1,0 +1,166 @@
+# shellcheck shell=bash
+# Shared helpers for twinsan scripts. Source it; do not execute it.
+#
+# Rules every helper here follows:
+#   * network traffic only to 127.0.0.1 (the only address helpers accept is loopback);
+#   * every wait loop is bounded in count and time;
+#   * processes are only ever stopped by the PID we recorded when we started them.
+
+TWINSAN_TOOLS="${TWINSAN_TOOLS:-/var/cache/twinsan-tools}"
+export TWINSAN_TOOLS
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf '[%s] ERROR: %s\n' "$(date +%H:%M:%S)" "$*" >&2; exit 1; }
+
+# now_s: seconds since epoch with sub-second precision.
+now_s() { date +%s.%N; }
+
+# elapsed START: seconds since START (one decimal).
+elapsed() { awk -v s="$1" -v e="$(now_s)" 'BEGIN { printf "%.1f", e - s }'; }
+
+# Timings are collected as "label<TAB>seconds" lines; print_timings prints them.
+TIMINGS=()
+# timed LABEL CMD...: run CMD, record how long it took, keep its exit status.
+timed() {
+    local label="$1"; shift
+    local t0 rc=0
+    t0="$(now_s)"
+    "$@" || rc=$?
+    TIMINGS+=("${label}"$'\t'"$(elapsed "$t0")")
+    log "step '${label}' took $(elapsed "$t0") s (rc=${rc})"
+    return "$rc"
+}
+print_timings() {
+    local line
+    [ "${#TIMINGS[@]}" -gt 0 ] || return 0
+    printf '%-40s %8s\n' "step" "seconds" >&2
+    for line in "${TIMINGS[@]}"; do
+        printf '%-40s %8s\n' "${line%%$'\t'*}" "${line##*$'\t'}" >&2
+    done
+}
+
+# require_loopback HOST: refuse anything that is not a loopback address.
+require_loopback() {
+    case "$1" in
+        127.*|::1|'[::1]') ;;
+        *) die "refusing non-loopback address '$1' (all traffic must stay on 127.0.0.0/8 or ::1)" ;;
+    esac
+}
+
+# port_open HOST PORT: true if something accepts TCP connections there.
+port_open() {
+    require_loopback "$1"
+    # shellcheck disable=SC2016  # $0/$1 are expanded by the inner bash
+    timeout 2 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$1" "$2" 2>/dev/null
+}
+
+# wait_port HOST PORT SECONDS [PID]: wait until the port accepts connections;
+# fails early if PID (the server we started) has exited.
+wait_port() {
+    local host="$1" port="$2" secs="$3" pid="${4:-}" i
+    for ((i = 0; i < secs * 10; i++)); do
+        if port_open "$host" "$port"; then return 0; fi
+        if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then return 1; fi
+        sleep 0.1
+    done
+    return 1
+}
+
+# stop_pid PID [SECONDS]: SIGTERM the process we started, SIGKILL after a bounded wait.
+stop_pid() {
+    local pid="$1" secs="${2:-10}" i
+    [ -n "$pid" ] || return 0
+    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < secs * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "pid ${pid} ignored SIGTERM for ${secs}s, sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+# fio_bin: path of the fio built with the libiscsi engine.
+fio_bin() {
+    if [ -n "${TWINSAN_FIO:-}" ]; then printf '%s\n' "$TWINSAN_FIO"; return; fi
+    printf '%s\n' "${TWINSAN_TOOLS}/bin/fio-libiscsi"
+}
+
+# fio_iscsi_filename HOST PORT IQN LUN: fio --filename value. fio splits filenames on ':',
+# so every colon (after "iscsi", before the port, and inside the IQN) is escaped as '\:'.
+fio_iscsi_filename() {
+    local rest="$1:$2/$3/$4"
+    printf 'iscsi\\://%s' "${rest//:/\\:}"
+}
+
+# make_backing_file PATH SIZE_MIB: create a fully written (non-sparse) file.
+make_backing_file() {
+    local path="$1" mib="$2"
+    log "writing ${mib} MiB of random data to ${path} (preconditioning, no holes)"
+    dd if=/dev/urandom of="$path" bs=1M count="$mib" conv=fsync status=none
+}
+
+# is_tmpfs DIR: true if DIR lives on tmpfs/ramfs (bad place for a benchmark backing file).
+is_tmpfs() {
+    local fstype
+    fstype="$(stat -f -c %T "$1" 2>/dev/null || echo unknown)"
+    [ "$fstype" = "tmpfs" ] || [ "$fstype" = "ramfs" ]
+}
+
+# ---------------------------------------------------------------- tgt (incumbent)
+# tgtd's control socket is chosen by --control-port, so several tgtd instances
+# (bench, conformance, other engineers) never collide as long as they differ.
+TGT_PID=""
+TGT_CONTROL_PORT="${TGT_CONTROL_PORT:-61}"
+
+tgtadm_c() { tgtadm -C "$TGT_CONTROL_PORT" --lld iscsi "$@"; }
+
+# tgt_start HOST PORT IQN FILE LOGFILE: start tgtd in the foreground (backgrounded by us),
+# export FILE as LUN 1 of IQN, allow all initiators. Sets TGT_PID.
+tgt_start() {
+    local host="$1" port="$2" iqn="$3" file="$4" logf="$5" i
+    require_loopback "$host"
+    command -v tgtd >/dev/null || die "tgtd not found (run scripts/install-deps.sh)"
+    if port_open "$host" "$port"; then die "${host}:${port} is already in use; pick another port"; fi
+    tgtd -f -C "$TGT_CONTROL_PORT" --iscsi "portal=${host}:${port}" >"$logf" 2>&1 &
+    TGT_PID=$!
+    # The control socket appears a moment after the listening socket; retry (bounded).
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$TGT_PID" 2>/dev/null || { tail -n 20 "$logf" >&2; die "tgtd exited at startup"; }
+        if tgtadm_c --op show --mode target >/dev/null 2>&1; then break; fi
+        sleep 0.1
+    done
+    tgtadm_c --op new --mode target --tid 1 -T "$iqn" \
+        || die "tgtadm: could not create target ${iqn}"
+    # shellcheck disable=SC2086  # TGT_BSOPTS is intentionally word-split (e.g. "--bsoflags direct")
+    tgtadm_c --op new --mode logicalunit --tid 1 --lun 1 -b "$file" --bstype rdwr ${TGT_BSOPTS:-} \
+        || die "tgtadm: could not add LUN 1 backed by ${file}"
+    tgtadm_c --op bind --mode target --tid 1 -I ALL \
+        || die "tgtadm: could not bind initiators"
+    wait_port "$host" "$port" 10 "$TGT_PID" || die "tgtd is not listening on ${host}:${port}"
+    log "tgtd pid ${TGT_PID} serving ${iqn} LUN 1 (${file}) on ${host}:${port}"
+}
+
+# tgt_stop: delete the target (forcefully, sessions may linger), then ask our tgtd to exit
+# through its control socket (tgtd ignores SIGTERM), then make sure by PID.
+tgt_stop() {
+    local i
+    [ -n "$TGT_PID" ] || return 0
+    if kill -0 "$TGT_PID" 2>/dev/null; then
+        tgtadm_c --op delete --mode target --tid 1 --force >/dev/null 2>&1 || true
+        tgtadm -C "$TGT_CONTROL_PORT" --op delete --mode system >/dev/null 2>&1 || true
+        for ((i = 0; i < 100; i++)); do
+            # a zombie (exited, not yet reaped by us) counts as gone
+            [ "$(ps -o stat= -p "$TGT_PID" 2>/dev/null | cut -c1)" = "" ] && break
+            [ "$(ps -o stat= -p "$TGT_PID" 2>/dev/null | cut -c1)" = "Z" ] && break
+            sleep 0.1
+        done
+    fi
+    stop_pid "$TGT_PID" 5
+    TGT_PID=""
+}
+
+tgt_version() { tgtadm --version 2>/dev/null | head -n1 || dpkg-query -W -f='${Version}' tgt 2>/dev/null; }

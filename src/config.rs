@@ -1,0 +1,569 @@
+//! twinsan configuration: one TOML file.
+//!
+//! Parsing is two steps: serde into raw structs (unknown keys refused, so a typo is an
+//! error, not a silently ignored setting), then validation that names the key and says what
+//! is wrong. Every error names the file.
+
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {file}: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {file}: {message}")]
+    Syntax { file: PathBuf, message: String },
+    #[error("config file {file}: key `{key}`: {message}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub negotiation: NegotiationConfig,
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
+    #[serde(default, rename = "target")]
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Where generated identities and default LUN files live.
+    pub data_dir: PathBuf,
+    /// Seconds of silence on a connection before the target sends a NOP-In ping (0 = never).
+    pub nop_in_interval_secs: u64,
+    /// Seconds to wait for the NOP-Out answering a ping before dropping the connection.
+    pub nop_in_timeout_secs: u64,
+    /// Commands an initiator may have outstanding per session (the CmdSN window).
+    pub queue_depth: u32,
+    /// Seconds a login may take before the connection is dropped.
+    pub login_timeout_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            data_dir: PathBuf::from("./twinsan-data"),
+            nop_in_interval_secs: 10,
+            nop_in_timeout_secs: 15,
+            queue_depth: 128,
+            login_timeout_secs: 15,
+        }
+    }
+}
+
+/// Target-side limits for login negotiation (RFC 7143 §13). Unset keys take twinsan's defaults.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NegotiationConfig {
+    pub max_recv_data_segment_length: Option<u32>,
+    pub max_burst_length: Option<u32>,
+    pub first_burst_length: Option<u32>,
+    pub immediate_data: Option<bool>,
+    pub initial_r2t: Option<bool>,
+    pub max_outstanding_r2t: Option<u32>,
+    /// Digests the target accepts, in preference order: "CRC32C", "None".
+    pub header_digest: Option<Vec<String>>,
+    pub data_digest: Option<Vec<String>>,
+    pub default_time2wait: Option<u32>,
+    pub default_time2retain: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    pub user: String,
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// CHAP the initiator must pass for a discovery session.
+    pub chap: Option<Credentials>,
+    /// Credentials the target answers with when the initiator asks for mutual CHAP.
+    pub mutual_chap: Option<Credentials>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub iqn: String,
+    pub alias: Option<String>,
+    /// Addresses to listen on and advertise in SendTargets ("ip:port", IPv6 as "[addr]:port").
+    #[serde(default = "default_portals")]
+    pub portals: Vec<String>,
+    /// Target portal group tag advertised with every portal.
+    #[serde(default = "default_tpgt")]
+    pub tpgt: u16,
+    /// Initiator IQNs allowed to log in; empty means every initiator.
+    #[serde(default)]
+    pub allowed_initiators: Vec<String>,
+    pub chap: Option<Credentials>,
+    pub mutual_chap: Option<Credentials>,
+    #[serde(default, rename = "lun")]
+    pub luns: Vec<LunConfig>,
+}
+
+fn default_portals() -> Vec<String> {
+    vec!["127.0.0.1:3260".to_string()]
+}
+fn default_tpgt() -> u16 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LunConfig {
+    pub number: u64,
+    /// Backing file or block device.
+    pub path: PathBuf,
+    /// Size of a file to create (sparse) when `path` does not exist, e.g. "1GiB", "512M", 1073741824.
+    pub size: Option<SizeValue>,
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Use O_DIRECT when the backing allows it.
+    #[serde(default = "default_true")]
+    pub direct: bool,
+    /// Advertise a volatile write cache (WCE=1): writes without FUA are acknowledged before
+    /// they are stable and SYNCHRONIZE CACHE makes them so. false = every write is FUA.
+    #[serde(default = "default_true")]
+    pub write_cache: bool,
+    /// Offer UNMAP / WRITE SAME unmap (thin provisioning).
+    #[serde(default = "default_true")]
+    pub thin_provisioning: bool,
+    pub vendor: Option<String>,
+    pub product: Option<String>,
+    pub revision: Option<String>,
+    /// VPD 0x80 unit serial number.
+    pub serial: Option<String>,
+    /// VPD 0x83 NAA designator as hex (16 or 32 hex digits).
+    pub naa: Option<String>,
+    /// Vendor-specific part of the T10 vendor-id designator.
+    pub t10_vendor_specific: Option<String>,
+}
+
+fn default_block_size() -> u32 {
+    512
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A size given as bytes or with a unit suffix (K, M, G, T with optional "iB"; powers of 1024).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "SizeRepr")]
+pub struct SizeValue(pub u64);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeRepr {
+    Bytes(u64),
+    Text(String),
+}
+
+impl TryFrom<SizeRepr> for SizeValue {
+    type Error = String;
+    fn try_from(r: SizeRepr) -> Result<Self, String> {
+        match r {
+            SizeRepr::Bytes(b) => Ok(SizeValue(b)),
+            SizeRepr::Text(s) => parse_size(&s).map(SizeValue),
+        }
+    }
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (examples: 1073741824, \"512MiB\", \"1G\")"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" | "kb" => 10,
+        "m" | "mib" | "mb" => 20,
+        "g" | "gib" | "gb" => 30,
+        "t" | "tib" | "tb" => 40,
+        other => return Err(format!("unknown size unit `{other}` in `{s}` (use K, M, G or T)")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size `{s}` is too large"))
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `file` is only used in error messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// The configuration `twinsan serve` runs without `--config`: one target with one 1 GiB
+    /// sparse LUN under `data_dir`, on 127.0.0.1:3260.
+    pub fn embedded_default(data_dir: &Path) -> Config {
+        Config {
+            server: ServerConfig {
+                data_dir: data_dir.to_path_buf(),
+                ..ServerConfig::default()
+            },
+            negotiation: NegotiationConfig::default(),
+            discovery: DiscoveryConfig::default(),
+            targets: vec![TargetConfig {
+                iqn: "iqn.2026-11.org.twinsan:default".into(),
+                alias: Some("twinsan default".into()),
+                portals: default_portals(),
+                tpgt: 1,
+                allowed_initiators: vec![],
+                chap: None,
+                mutual_chap: None,
+                luns: vec![LunConfig {
+                    number: 0,
+                    path: data_dir.join("lun0.img"),
+                    size: Some(SizeValue(1 << 30)),
+                    block_size: 512,
+                    read_only: false,
+                    direct: true,
+                    write_cache: true,
+                    thin_provisioning: true,
+                    vendor: None,
+                    product: None,
+                    revision: None,
+                    serial: None,
+                    naa: None,
+                    t10_vendor_specific: None,
+                }],
+            }],
+        }
+    }
+
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let err = |key: String, message: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            key,
+            message,
+        };
+        if self.targets.is_empty() {
+            return Err(err(
+                "target".into(),
+                "no target configured: add a [[target]] table".into(),
+            ));
+        }
+        if self.server.queue_depth == 0 || self.server.queue_depth > 4096 {
+            return Err(err(
+                "server.queue_depth".into(),
+                format!("{} is outside 1..=4096", self.server.queue_depth),
+            ));
+        }
+        let n = &self.negotiation;
+        for (key, v, min, max) in [
+            ("max_recv_data_segment_length", n.max_recv_data_segment_length, 512, (1 << 24) - 1),
+            ("max_burst_length", n.max_burst_length, 512, (1 << 24) - 1),
+            ("first_burst_length", n.first_burst_length, 512, (1 << 24) - 1),
+            ("max_outstanding_r2t", n.max_outstanding_r2t, 1, 65535),
+            ("default_time2wait", n.default_time2wait, 0, 3600),
+            ("default_time2retain", n.default_time2retain, 0, 3600),
+        ] {
+            if let Some(v) = v {
+                if v < min || v > max {
+                    return Err(err(
+                        format!("negotiation.{key}"),
+                        format!("{v} is outside {min}..={max} (RFC 7143 §13)"),
+                    ));
+                }
+            }
+        }
+        if let (Some(f), Some(m)) = (n.first_burst_length, n.max_burst_length) {
+            if f > m {
+                return Err(err(
+                    "negotiation.first_burst_length".into(),
+                    format!("{f} exceeds max_burst_length {m}"),
+                ));
+            }
+        }
+        for (key, list) in [("header_digest", &n.header_digest), ("data_digest", &n.data_digest)] {
+            if let Some(list) = list {
+                if list.is_empty() {
+                    return Err(err(format!("negotiation.{key}"), "must not be empty".into()));
+                }
+                for d in list {
+                    if d != "CRC32C" && d != "None" {
+                        return Err(err(
+                            format!("negotiation.{key}"),
+                            format!("`{d}` is not a digest (use \"CRC32C\" or \"None\")"),
+                        ));
+                    }
+                }
+            }
+        }
+        check_credentials(&self.discovery.chap, "discovery.chap", &err)?;
+        check_credentials(&self.discovery.mutual_chap, "discovery.mutual_chap", &err)?;
+        if self.discovery.mutual_chap.is_some() && self.discovery.chap.is_none() {
+            return Err(err(
+                "discovery.mutual_chap".into(),
+                "mutual CHAP needs discovery.chap as well (the initiator authenticates first)".into(),
+            ));
+        }
+
+        let mut iqns = HashSet::new();
+        let mut paths = HashSet::new();
+        for (ti, t) in self.targets.iter().enumerate() {
+            let tk = format!("target[{ti}]");
+            if let Err(m) = check_iscsi_name(&t.iqn) {
+                return Err(err(format!("{tk}.iqn"), m));
+            }
+            if !iqns.insert(t.iqn.to_ascii_lowercase()) {
+                return Err(err(format!("{tk}.iqn"), format!("`{}` is configured twice", t.iqn)));
+            }
+            if t.portals.is_empty() {
+                return Err(err(format!("{tk}.portals"), "needs at least one portal".into()));
+            }
+            for p in &t.portals {
+                if p.parse::<SocketAddr>().is_err() {
+                    return Err(err(
+                        format!("{tk}.portals"),
+                        format!("`{p}` is not an address:port (IPv6 as \"[::1]:3260\")"),
+                    ));
+                }
+            }
+            for i in &t.allowed_initiators {
+                if let Err(m) = check_iscsi_name(i) {
+                    return Err(err(format!("{tk}.allowed_initiators"), m));
+                }
+            }
+            check_credentials(&t.chap, &format!("{tk}.chap"), &err)?;
+            check_credentials(&t.mutual_chap, &format!("{tk}.mutual_chap"), &err)?;
+            if t.mutual_chap.is_some() && t.chap.is_none() {
+                return Err(err(
+                    format!("{tk}.mutual_chap"),
+                    "mutual CHAP needs `chap` as well".into(),
+                ));
+            }
+            if t.luns.is_empty() {
+                return Err(err(format!("{tk}.lun"), "target has no LUN: add a [[target.lun]]".into()));
+            }
+            let mut numbers = HashSet::new();
+            for (li, l) in t.luns.iter().enumerate() {
+                let lk = format!("{tk}.lun[{li}]");
+                if l.number >= 16384 {
+                    return Err(err(format!("{lk}.number"), format!("{} is above 16383", l.number)));
+                }
+                if !numbers.insert(l.number) {
+                    return Err(err(format!("{lk}.number"), format!("LUN {} is configured twice", l.number)));
+                }
+                if !paths.insert(l.path.clone()) {
+                    return Err(err(
+                        format!("{lk}.path"),
+                        format!("{} is already used by another LUN", l.path.display()),
+                    ));
+                }
+                if l.block_size != 512 && l.block_size != 4096 {
+                    return Err(err(
+                        format!("{lk}.block_size"),
+                        format!("{} is not supported (use 512 or 4096)", l.block_size),
+                    ));
+                }
+                if let Some(SizeValue(s)) = l.size {
+                    if s == 0 || s % l.block_size as u64 != 0 {
+                        return Err(err(
+                            format!("{lk}.size"),
+                            format!("{s} bytes is not a positive multiple of block_size {}", l.block_size),
+                        ));
+                    }
+                }
+                for (key, val, max) in [
+                    ("vendor", &l.vendor, 8),
+                    ("product", &l.product, 16),
+                    ("revision", &l.revision, 4),
+                    ("serial", &l.serial, 252),
+                    ("t10_vendor_specific", &l.t10_vendor_specific, 200),
+                ] {
+                    if let Some(v) = val {
+                        if v.len() > max || !v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                            return Err(err(
+                                format!("{lk}.{key}"),
+                                format!("`{v}` must be at most {max} printable ASCII characters"),
+                            ));
+                        }
+                    }
+                }
+                if let Some(naa) = &l.naa {
+                    if let Err(m) = parse_naa(naa) {
+                        return Err(err(format!("{lk}.naa"), m));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_credentials(
+    c: &Option<Credentials>,
+    key: &str,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    if let Some(c) = c {
+        if c.user.is_empty() {
+            return Err(err(format!("{key}.user"), "must not be empty".into()));
+        }
+        if c.secret.is_empty() || c.secret.len() > 255 {
+            return Err(err(format!("{key}.secret"), "must be 1..=255 bytes".into()));
+        }
+        if c.secret.len() < 12 {
+            tracing::warn!(key, "CHAP secret shorter than 12 bytes: RFC 7143 §12.1.3 recommends longer");
+        }
+    }
+    Ok(())
+}
+
+/// iSCSI names (RFC 7143 §4.2.7): iqn., eui. or naa. forms, at most 223 bytes.
+pub fn check_iscsi_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 223 {
+        return Err(format!("`{name}` must be 1..=223 bytes"));
+    }
+    let lower = name.to_ascii_lowercase();
+    let ok_chars = lower
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b));
+    let form_ok = lower.starts_with("iqn.")
+        || (lower.starts_with("eui.") && lower.len() == 20)
+        || lower.starts_with("naa.");
+    if !ok_chars || !form_ok {
+        return Err(format!(
+            "`{name}` is not an iSCSI name (e.g. iqn.2026-11.com.example:disk1; letters, digits, '-', '.', ':')"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses an NAA designator given as hex (8 or 16 bytes; NAA type in the top nibble).
+pub fn parse_naa(s: &str) -> Result<Vec<u8>, String> {
+    let hexs = s.trim().trim_start_matches("0x").trim_start_matches("naa.");
+    let bytes = hex::decode(hexs).map_err(|e| format!("`{s}` is not hex: {e}"))?;
+    let naa = bytes.first().map(|b| b >> 4).unwrap_or(0);
+    match (bytes.len(), naa) {
+        (8, 2 | 3 | 5) | (16, 6) => Ok(bytes),
+        _ => Err(format!(
+            "`{s}` must be 16 hex digits (NAA 2, 3 or 5) or 32 hex digits (NAA 6)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+data_dir = "/tmp/x"
+
+[[target]]
+iqn = "iqn.2026-11.org.example:disk1"
+portals = ["127.0.0.1:3260", "[::1]:3260"]
+allowed_initiators = ["iqn.1994-05.com.redhat:abc"]
+chap = { user = "u", secret = "secretsecret" }
+
+[[target.lun]]
+number = 1
+path = "/tmp/x/disk"
+size = "1GiB"
+block_size = 4096
+naa = "600140512345678901234567890abcde"
+"#;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("/etc/twinsan.toml"))
+    }
+
+    #[test]
+    fn parses_good_file() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.targets[0].luns[0].size, Some(SizeValue(1 << 30)));
+        assert_eq!(c.targets[0].portals.len(), 2);
+        assert_eq!(c.server.queue_depth, 128);
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        Config::embedded_default(Path::new("./twinsan-data"))
+            .validate(Path::new("<embedded>"))
+            .unwrap();
+    }
+
+    fn invalid_key(s: &str) -> String {
+        match parse(s) {
+            Err(ConfigError::Invalid { key, file, .. }) => {
+                assert_eq!(file, Path::new("/etc/twinsan.toml"));
+                key
+            }
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        assert_eq!(
+            invalid_key(&GOOD.replace("block_size = 4096", "block_size = 1000")),
+            "target[0].lun[0].block_size"
+        );
+        assert_eq!(
+            invalid_key(&GOOD.replace("127.0.0.1:3260\",", "localhost\",")),
+            "target[0].portals"
+        );
+        assert_eq!(invalid_key(&GOOD.replace("iqn.2026-11.org.example:disk1", "bad name")), "target[0].iqn");
+        assert_eq!(invalid_key(&GOOD.replace("600140512345678901234567890abcde", "zz")), "target[0].lun[0].naa");
+        assert_eq!(invalid_key(&GOOD.replace("\"1GiB\"", "1000")), "target[0].lun[0].size");
+    }
+
+    #[test]
+    fn unknown_key_and_syntax_errors_are_clear() {
+        match parse(&GOOD.replace("block_size", "blok_size")) {
+            Err(ConfigError::Syntax { message, file }) => {
+                assert!(message.contains("blok_size"), "{message}");
+                assert!(file.ends_with("twinsan.toml"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parse("[[target]\n"), Err(ConfigError::Syntax { .. })));
+        assert!(matches!(parse(&GOOD.replace("\"1GiB\"", "\"1QB\"")), Err(ConfigError::Syntax { .. })));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2 GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("x").is_err());
+    }
+}

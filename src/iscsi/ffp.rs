@@ -1,0 +1,509 @@
+//! Full-feature-phase PDU builders and the Data-Out gathering state machine (RFC 7143 §11.3-§11.8).
+//!
+//! Pure code: turns SCSI results into Data-In / SCSI Response PDUs and tracks which Data-Out
+//! a write still needs. StatSN, ExpCmdSN and MaxCmdSN are stamped by the connection's writer
+//! when a PDU is sent, so nothing here knows about sequence numbers but DataSN and R2TSN.
+
+use super::pdu::{Opcode, Pdu, RESERVED_TAG};
+use crate::scsi::{ScsiResponse, Status};
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Fields of a SCSI Command PDU (§11.3).
+#[derive(Debug, Clone)]
+pub struct ScsiCommandHeader {
+    pub itt: u32,
+    pub lun: u64,
+    pub read: bool,
+    pub write: bool,
+    pub final_bit: bool,
+    pub attr: u8,
+    pub expected_len: u32,
+    pub cmd_sn: u32,
+    pub cdb: Bytes,
+}
+
+impl ScsiCommandHeader {
+    /// Reads the header; the CDB is the 16 bytes at 32 plus any extended-CDB AHS (§11.2.2.3).
+    pub fn parse(pdu: &Pdu) -> Result<ScsiCommandHeader, &'static str> {
+        let flags = pdu.flags();
+        let mut cdb = BytesMut::from(&pdu.bhs[32..48]);
+        let mut ahs = &pdu.ahs[..];
+        while ahs.len() >= 3 {
+            let len = u16::from_be_bytes([ahs[0], ahs[1]]) as usize;
+            let kind = ahs[2];
+            let total = (3 + len + 3) & !3;
+            if ahs.len() < 3 + len {
+                return Err("AHS length exceeds the AHS segment");
+            }
+            if kind == 1 && len > 1 {
+                cdb.extend_from_slice(&ahs[4..3 + len]);
+            }
+            ahs = &ahs[total.min(ahs.len())..];
+        }
+        Ok(ScsiCommandHeader {
+            itt: pdu.itt(),
+            lun: pdu.lun(),
+            read: flags & 0x40 != 0,
+            write: flags & 0x20 != 0,
+            final_bit: flags & 0x80 != 0,
+            attr: flags & 0x07,
+            expected_len: pdu.field20(),
+            cmd_sn: pdu.field24(),
+            cdb: cdb.freeze(),
+        })
+    }
+}
+
+/// Residual of a transfer (§11.4.5): what the initiator expected against what the command used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Residual {
+    None,
+    Underflow(u32),
+    Overflow(u32),
+}
+
+impl Residual {
+    pub fn of(expected: u32, actual: u64) -> Residual {
+        let e = expected as u64;
+        if actual < e {
+            Residual::Underflow((e - actual) as u32)
+        } else if actual > e {
+            Residual::Overflow((actual - e).min(u32::MAX as u64) as u32)
+        } else {
+            Residual::None
+        }
+    }
+    fn apply(self, pdu: &mut Pdu) {
+        match self {
+            Residual::None => {}
+            Residual::Underflow(n) => {
+                pdu.bhs[1] |= 0x02;
+                pdu.set_u32_at(44, n);
+            }
+            Residual::Overflow(n) => {
+                pdu.bhs[1] |= 0x04;
+                pdu.set_u32_at(44, n);
+            }
+        }
+    }
+}
+
+/// Limits that shape Data-In sequences.
+#[derive(Debug, Clone, Copy)]
+pub struct DataInLimits {
+    /// The initiator's MaxRecvDataSegmentLength: largest data segment we may send.
+    pub max_xmit_segment: u32,
+    /// MaxBurstLength: the F bit closes each sequence of at most this many bytes.
+    pub max_burst: u32,
+}
+
+/// Builds the PDUs answering one command: Data-In PDUs (status phase-collapsed into the last
+/// one when the command succeeded, §11.7.4), or a SCSI Response.
+///
+/// `data_out_len` is the number of bytes the command consumed from the initiator (writes),
+/// used for the residual of write commands; reads compute it from the Data-In produced.
+pub fn build_response(
+    cmd: &ScsiCommandHeader,
+    resp: ScsiResponse,
+    limits: DataInLimits,
+    write_residual: Option<Residual>,
+) -> Vec<Pdu> {
+    let mut out = Vec::new();
+    let produced = resp.data_in.len() as u64;
+    let read_residual = Residual::of(cmd.expected_len, produced);
+    let to_send = if cmd.read {
+        resp.data_in.slice(..(produced.min(cmd.expected_len as u64) as usize))
+    } else {
+        Bytes::new()
+    };
+    let residual = if cmd.read {
+        read_residual
+    } else if cmd.write {
+        write_residual.unwrap_or(Residual::None)
+    } else {
+        Residual::of(cmd.expected_len, 0)
+    };
+    let collapse = resp.status == Status::Good && resp.sense.is_none() && !to_send.is_empty();
+    let seg = limits.max_xmit_segment.max(512) as usize;
+    let burst = limits.max_burst.max(512) as usize;
+    let mut offset = 0usize;
+    let mut data_sn = 0u32;
+    while offset < to_send.len() {
+        let burst_end = ((offset / burst) + 1) * burst;
+        let end = (offset + seg).min(to_send.len()).min(burst_end);
+        let last = end == to_send.len();
+        let mut p = Pdu::new(Opcode::DataIn);
+        let mut flags = 0u8;
+        if last || end == burst_end {
+            flags |= 0x80;
+        }
+        if last && collapse {
+            flags |= 0x01;
+            p.bhs[3] = resp.status as u8;
+        }
+        p.set_flags(flags);
+        p.set_itt(cmd.itt);
+        p.set_u32_at(20, RESERVED_TAG);
+        p.set_u32_at(36, data_sn);
+        p.set_u32_at(40, offset as u32);
+        if last && collapse {
+            residual.apply(&mut p);
+        }
+        p.set_data(to_send.slice(offset..end));
+        out.push(p);
+        data_sn += 1;
+        offset = end;
+    }
+    if !collapse {
+        let mut p = Pdu::new(Opcode::ScsiResponse);
+        p.set_flags(0x80);
+        p.bhs[2] = 0x00; // command completed at target
+        p.bhs[3] = resp.status as u8;
+        p.set_itt(cmd.itt);
+        p.set_u32_at(36, data_sn); // ExpDataSN: Data-In PDUs sent
+        residual.apply(&mut p);
+        if let Some(sense) = resp.sense {
+            let mut d = BytesMut::with_capacity(2 + sense.len());
+            d.put_u16(sense.len() as u16);
+            d.put_slice(&sense);
+            p.set_data(d.freeze());
+        }
+        out.push(p);
+    }
+    out
+}
+
+/// A Reject PDU carrying the offending header (§11.17).
+pub fn reject(reason: super::pdu::RejectReason, bhs: &[u8; 48]) -> Pdu {
+    let mut p = Pdu::new(Opcode::Reject);
+    p.set_flags(0x80);
+    p.bhs[2] = reason as u8;
+    p.set_itt(RESERVED_TAG);
+    p.set_data(Bytes::copy_from_slice(bhs));
+    p
+}
+
+/// Why a Data-Out PDU is not acceptable (the connection answers with Reject and drops).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DataOutError {
+    #[error("Data-Out DataSN {got} where {expected} was expected")]
+    DataSn { expected: u32, got: u32 },
+    #[error("Data-Out for offset {offset} length {len} is outside its sequence [{start}, {end})")]
+    OutsideSequence { offset: u32, len: u32, start: u32, end: u32 },
+    #[error("Data-Out carries target transfer tag {0:#x} that no open R2T has")]
+    UnknownTtt(u32),
+    #[error("unsolicited Data-Out not allowed here")]
+    UnsolicitedNotAllowed,
+    #[error("sequence ended (F bit) after {got} of {expected} bytes")]
+    ShortSequence { expected: u32, got: u32 },
+}
+
+/// One open R2T (§11.8).
+#[derive(Debug, Clone)]
+struct OpenR2t {
+    ttt: u32,
+    offset: u32,
+    len: u32,
+    received: u32,
+    next_data_sn: u32,
+}
+
+/// Tracks the Data-Out of one write command: immediate data, the unsolicited burst and the
+/// solicited (R2T) sequences, and produces the R2Ts to send (§4.2.2.2 / §11.7-§11.8).
+#[derive(Debug)]
+pub struct WriteGather {
+    pub itt: u32,
+    pub lun: u64,
+    /// Bytes the command will consume (min of the CDB's need and ExpectedDataTransferLength).
+    pub transfer_len: u32,
+    buf: BytesMut,
+    received: u32,
+    /// Unsolicited data is accepted in [0, unsolicited_end).
+    unsolicited_end: u32,
+    unsolicited_open: bool,
+    unsolicited_next_sn: u32,
+    next_r2t_offset: u32,
+    r2t_sn: u32,
+    open: Vec<OpenR2t>,
+    max_burst: u32,
+    max_outstanding: u32,
+}
+
+impl WriteGather {
+    /// `expected_len` is the initiator's ExpectedDataTransferLength, `need` what the CDB uses.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cmd: &ScsiCommandHeader,
+        need: u32,
+        immediate: Bytes,
+        first_burst: u32,
+        initial_r2t: bool,
+        max_burst: u32,
+        max_outstanding: u32,
+    ) -> WriteGather {
+        let transfer_len = need.min(cmd.expected_len);
+        let imm_len = immediate.len() as u32;
+        let unsolicited_end = if cmd.final_bit || initial_r2t {
+            imm_len
+        } else {
+            first_burst.min(cmd.expected_len).max(imm_len)
+        };
+        let mut buf = BytesMut::zeroed(transfer_len as usize);
+        let take = imm_len.min(transfer_len) as usize;
+        buf[..take].copy_from_slice(&immediate[..take]);
+        WriteGather {
+            itt: cmd.itt,
+            lun: cmd.lun,
+            transfer_len,
+            buf,
+            received: take as u32,
+            unsolicited_end,
+            unsolicited_open: !cmd.final_bit && !initial_r2t && unsolicited_end > imm_len,
+            unsolicited_next_sn: 0,
+            next_r2t_offset: unsolicited_end.min(transfer_len),
+            r2t_sn: 0,
+            open: Vec::new(),
+            max_burst: max_burst.max(512),
+            max_outstanding: max_outstanding.max(1),
+        }
+    }
+
+    pub fn complete(&self) -> bool {
+        self.received >= self.transfer_len && !self.unsolicited_open
+    }
+
+    /// R2Ts to send now; `ttt` allocates target transfer tags.
+    pub fn next_r2ts(&mut self, mut ttt: impl FnMut() -> u32) -> Vec<Pdu> {
+        let mut out = Vec::new();
+        while self.open.len() < self.max_outstanding as usize && self.next_r2t_offset < self.transfer_len {
+            let len = (self.transfer_len - self.next_r2t_offset).min(self.max_burst);
+            let tag = ttt();
+            let mut p = Pdu::new(Opcode::R2t);
+            p.set_flags(0x80);
+            p.set_lun(self.lun);
+            p.set_itt(self.itt);
+            p.set_u32_at(20, tag);
+            p.set_u32_at(36, self.r2t_sn);
+            p.set_u32_at(40, self.next_r2t_offset);
+            p.set_u32_at(44, len);
+            self.open.push(OpenR2t {
+                ttt: tag,
+                offset: self.next_r2t_offset,
+                len,
+                received: 0,
+                next_data_sn: 0,
+            });
+            self.r2t_sn += 1;
+            self.next_r2t_offset += len;
+            out.push(p);
+        }
+        out
+    }
+
+    /// Accepts one Data-Out PDU (§11.7).
+    pub fn data_out(&mut self, pdu: &Pdu) -> Result<(), DataOutError> {
+        let ttt = pdu.field20();
+        let data_sn = pdu.u32_at(36);
+        let offset = pdu.u32_at(40);
+        let len = pdu.data.len() as u32;
+        let fin = pdu.final_bit();
+        let (start, end, expected_sn) = if ttt == RESERVED_TAG {
+            if !self.unsolicited_open {
+                return Err(DataOutError::UnsolicitedNotAllowed);
+            }
+            (0, self.unsolicited_end, self.unsolicited_next_sn)
+        } else {
+            let r = self
+                .open
+                .iter()
+                .find(|r| r.ttt == ttt)
+                .ok_or(DataOutError::UnknownTtt(ttt))?;
+            (r.offset, r.offset + r.len, r.next_data_sn)
+        };
+        if data_sn != expected_sn {
+            return Err(DataOutError::DataSn {
+                expected: expected_sn,
+                got: data_sn,
+            });
+        }
+        let data_end = offset.saturating_add(len);
+        if offset < start || data_end > end {
+            return Err(DataOutError::OutsideSequence { offset, len, start, end });
+        }
+        // Data past what the command uses (residual underflow) is accepted and dropped.
+        if offset < self.transfer_len {
+            let copy_end = data_end.min(self.transfer_len);
+            self.buf[offset as usize..copy_end as usize]
+                .copy_from_slice(&pdu.data[..(copy_end - offset) as usize]);
+            self.received += copy_end - offset;
+        }
+        if ttt == RESERVED_TAG {
+            self.unsolicited_next_sn += 1;
+            if fin {
+                self.unsolicited_open = false;
+            }
+        } else {
+            let idx = self.open.iter().position(|r| r.ttt == ttt).expect("found above");
+            let r = &mut self.open[idx];
+            r.next_data_sn += 1;
+            r.received += len;
+            if fin || r.received >= r.len {
+                if r.received < r.len {
+                    return Err(DataOutError::ShortSequence {
+                        expected: r.len,
+                        got: r.received,
+                    });
+                }
+                self.open.remove(idx);
+            }
+        }
+        Ok(())
+    }
+
+    /// The gathered data (call when `complete()`).
+    pub fn take_data(&mut self) -> Bytes {
+        std::mem::take(&mut self.buf).freeze()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(read: bool, write: bool, edtl: u32, fin: bool) -> ScsiCommandHeader {
+        ScsiCommandHeader {
+            itt: 9,
+            lun: 0,
+            read,
+            write,
+            final_bit: fin,
+            attr: 1,
+            expected_len: edtl,
+            cmd_sn: 1,
+            cdb: Bytes::from_static(&[0u8; 16]),
+        }
+    }
+
+    const LIMITS: DataInLimits = DataInLimits {
+        max_xmit_segment: 8192,
+        max_burst: 16384,
+    };
+
+    #[test]
+    fn read_splits_and_collapses_status() {
+        let resp = ScsiResponse::good(Bytes::from(vec![1u8; 20000]));
+        let pdus = build_response(&cmd(true, false, 20000, true), resp, LIMITS, None);
+        assert_eq!(pdus.len(), 3);
+        let sizes: Vec<_> = pdus.iter().map(|p| p.data.len()).collect();
+        assert_eq!(sizes, vec![8192, 8192, 3616]);
+        // F at the burst boundary (16384) and at the end; S only on the last.
+        assert_eq!(pdus[0].flags() & 0x81, 0x00);
+        assert_eq!(pdus[1].flags() & 0x81, 0x80);
+        assert_eq!(pdus[2].flags() & 0x81, 0x81);
+        assert_eq!(pdus[2].u32_at(36), 2);
+        assert_eq!(pdus[2].u32_at(40), 16384);
+    }
+
+    #[test]
+    fn read_residuals() {
+        let short = build_response(
+            &cmd(true, false, 4096, true),
+            ScsiResponse::good(Bytes::from(vec![0u8; 512])),
+            LIMITS,
+            None,
+        );
+        assert_eq!(short[0].flags() & 0x06, 0x02);
+        assert_eq!(short[0].u32_at(44), 3584);
+        let over = build_response(
+            &cmd(true, false, 512, true),
+            ScsiResponse::good(Bytes::from(vec![0u8; 1024])),
+            LIMITS,
+            None,
+        );
+        assert_eq!(over[0].data.len(), 512);
+        assert_eq!(over[0].flags() & 0x06, 0x04);
+        assert_eq!(over[0].u32_at(44), 512);
+    }
+
+    #[test]
+    fn check_condition_is_a_response_with_sense() {
+        let resp = ScsiResponse {
+            status: Status::CheckCondition,
+            sense: Some(Bytes::from_static(&[0x70, 0, 5])),
+            data_in: Bytes::new(),
+        };
+        let pdus = build_response(&cmd(false, false, 0, true), resp, LIMITS, None);
+        assert_eq!(pdus.len(), 1);
+        assert_eq!(pdus[0].opcode(), Some(Opcode::ScsiResponse));
+        assert_eq!(pdus[0].bhs[3], 0x02);
+        assert_eq!(&pdus[0].data[..], &[0, 3, 0x70, 0, 5]);
+    }
+
+    fn data_out(ttt: u32, sn: u32, off: u32, len: usize, fin: bool) -> Pdu {
+        let mut p = Pdu::new(Opcode::DataOut);
+        p.set_flags(if fin { 0x80 } else { 0 });
+        p.set_itt(9);
+        p.set_u32_at(20, ttt);
+        p.set_u32_at(36, sn);
+        p.set_u32_at(40, off);
+        p.set_data(Bytes::from(vec![(off / 512) as u8; len]));
+        p
+    }
+
+    #[test]
+    fn gathers_immediate_unsolicited_and_solicited() {
+        let c = cmd(false, true, 8192, false);
+        let mut g = WriteGather::new(&c, 8192, Bytes::from(vec![0u8; 1024]), 2048, false, 4096, 1);
+        let mut tag = 100;
+        let r2ts = g.next_r2ts(|| {
+            tag += 1;
+            tag
+        });
+        assert_eq!(r2ts.len(), 1);
+        assert_eq!((r2ts[0].u32_at(40), r2ts[0].u32_at(44)), (2048, 4096));
+        g.data_out(&data_out(RESERVED_TAG, 0, 1024, 1024, true)).unwrap();
+        assert!(!g.complete());
+        g.data_out(&data_out(101, 0, 2048, 2048, false)).unwrap();
+        assert_eq!(
+            g.data_out(&data_out(101, 0, 4096, 2048, true)),
+            Err(DataOutError::DataSn { expected: 1, got: 0 })
+        );
+        g.data_out(&data_out(101, 1, 4096, 2048, true)).unwrap();
+        let more = g.next_r2ts(|| 200);
+        assert_eq!((more[0].u32_at(36), more[0].u32_at(40), more[0].u32_at(44)), (1, 6144, 2048));
+        assert!(g.data_out(&data_out(200, 0, 6000, 2048, true)).is_err());
+        g.data_out(&data_out(200, 0, 6144, 2048, true)).unwrap();
+        assert!(g.complete());
+        let d = g.take_data();
+        assert_eq!(d[2048], 4);
+        assert_eq!(d[6144], 12);
+    }
+
+    #[test]
+    fn gather_rejects_garbage() {
+        let c = cmd(false, true, 4096, true);
+        let mut g = WriteGather::new(&c, 4096, Bytes::new(), 65536, false, 65536, 1);
+        assert_eq!(
+            g.data_out(&data_out(RESERVED_TAG, 0, 0, 512, true)),
+            Err(DataOutError::UnsolicitedNotAllowed)
+        );
+        g.next_r2ts(|| 5);
+        assert_eq!(g.data_out(&data_out(6, 0, 0, 512, true)), Err(DataOutError::UnknownTtt(6)));
+        let mut p = data_out(5, 0, u32::MAX - 10, 512, true);
+        p.set_u32_at(40, u32::MAX - 10);
+        assert!(matches!(g.data_out(&p), Err(DataOutError::OutsideSequence { .. })));
+        assert!(matches!(
+            g.data_out(&data_out(5, 0, 0, 512, true)),
+            Err(DataOutError::ShortSequence { .. })
+        ));
+    }
+
+    #[test]
+    fn shorter_need_than_expected_length() {
+        // CDB needs 512 bytes, initiator expects to send 1024: only 512 is solicited.
+        let c = cmd(false, true, 1024, true);
+        let mut g = WriteGather::new(&c, 512, Bytes::new(), 65536, true, 65536, 4);
+        let r = g.next_r2ts(|| 1);
+        assert_eq!(r[0].u32_at(44), 512);
+    }
+}

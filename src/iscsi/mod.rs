@@ -1,0 +1,11 @@
+//! iSCSI (RFC 7143), split by what each part implements.
+
+pub mod chap;
+pub mod connection;
+pub mod ffp;
+pub mod login;
+pub mod login_driver;
+pub mod negotiation;
+pub mod pdu;
+pub mod session;
+pub mod text;

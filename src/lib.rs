@@ -1,0 +1,11 @@
+//! twinsan: a two-host highly available iSCSI storage server.
+//!
+//! This crate is the iSCSI target: the iSCSI protocol (`iscsi`), SCSI command handling
+//! (`scsi`), block stores over io_uring (`store`), configuration and the server.
+
+pub mod config;
+pub mod identity;
+pub mod iscsi;
+pub mod scsi;
+pub mod server;
+pub mod store;

@@ -1,0 +1,95 @@
+//! The `twinsan` command.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+use twinsan::config::Config;
+use twinsan::server::{iscsi_url, Server};
+
+#[derive(Parser)]
+#[command(name = "twinsan", version, about = "Two-host highly available iSCSI storage server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve iSCSI targets. Without --config: one target with a 1 GiB sparse LUN on 127.0.0.1:3260.
+    Serve {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Data directory for the embedded default configuration.
+        #[arg(long, default_value = "./twinsan-data")]
+        data_dir: PathBuf,
+    },
+    /// Validate a configuration file and print what it defines.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    match cli.command {
+        Command::Serve { config, data_dir } => {
+            let config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::embedded_default(&data_dir),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("twinsan")
+                .build()
+                .context("cannot start the async runtime")?
+                .block_on(serve(config))
+        }
+        Command::CheckConfig { config } => {
+            let c = Config::load(&config)?;
+            for t in &c.targets {
+                for l in &t.luns {
+                    for p in &t.portals {
+                        println!("{} -> {}", iscsi_url(p, t, l.number), l.path.display());
+                    }
+                }
+            }
+            println!("{}: OK", config.display());
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let server = Server::build(&config).await?;
+    for t in &config.targets {
+        for l in &t.luns {
+            for p in &t.portals {
+                println!("serving {}", iscsi_url(p, t, l.number));
+            }
+        }
+    }
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    server.run(shutdown).await;
+    Ok(())
+}

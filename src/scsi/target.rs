@@ -1,0 +1,1026 @@
+//! The SCSI target device: logical units behind LUNs, unit attentions per I_T nexus, and the
+//! dispatch from a CDB to the SPC / SBC handlers.
+//!
+//! # What the transport does with lengths (iSCSI residuals, RFC 7143 11.4.5)
+//!
+//! * Before soliciting data, call [`ScsiTarget::plan`]. `Fail` → send that response, solicit
+//!   nothing (unsolicited / immediate data that arrives anyway is read and dropped).
+//!   `Gather(n)` → `n` is the SCSI transfer length in bytes. Solicit (R2T) only up to
+//!   `min(n, EDTL)`; of the immediate + unsolicited + solicited data keep the first
+//!   `min(n, EDTL)` bytes, drop the rest, and pass them as `ScsiRequest::data_out`.
+//!   `None` → no Data-Out (Data-Out sent for it anyway is dropped).
+//! * Data-Out shorter than `n` (EDTL < transfer length) is not an error: the SCSI layer
+//!   writes / compares only the whole blocks that arrived (libiscsi iSCSIResiduals: "if EDTL
+//!   < SCSI TL then only EDTL is written", status GOOD). WRITE SAME and COMPARE AND WRITE are
+//!   the exceptions: they need exactly their buffer and fail with ILLEGAL REQUEST otherwise
+//!   (libiscsi `*InvalidDataOutSize`).
+//! * Residuals for a Data-Out command: with `n` from `Gather(n)` (0 for `None`),
+//!   EDTL < n → overflow (O bit), residual n − EDTL; EDTL > n → underflow (U bit),
+//!   residual EDTL − n.
+//! * Residuals for a Data-In command: `data_in` is the length the command produced
+//!   (allocation length already applied). Send `min(len, EDTL)` bytes; len > EDTL →
+//!   overflow, residual len − EDTL; len < EDTL → underflow, residual EDTL − len.
+
+use super::cdb::{self, opcode, Command};
+use super::sbc::{self, BlockLimits};
+use super::sense::Sense;
+use super::spc;
+use super::{DataOutPlan, LunSettings, NexusId, ScsiRequest, ScsiResponse};
+use crate::store::BlockStore;
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tracing::{debug, error, info, warn};
+
+/// Additional sense codes of the unit attentions this target establishes (SPC-4 D.2).
+const UA_RESET: (u8, u8) = (0x29, 0x00);
+const UA_LOGICAL_UNIT_RESET: (u8, u8) = (0x29, 0x03);
+const UA_CAPACITY_CHANGED: (u8, u8) = (0x2A, 0x09);
+
+/// One logical unit: its settings, its store, and the unit attentions pending per I_T nexus.
+pub struct LogicalUnit {
+    lun: u64,
+    pub(crate) settings: LunSettings,
+    pub(crate) store: Arc<dyn BlockStore>,
+    pub(crate) limits: BlockLimits,
+    /// Writes take it shared, COMPARE AND WRITE exclusively: the compare and the write are
+    /// atomic with respect to every other write to the logical unit (SBC-3 5.2).
+    pub(crate) write_gate: tokio::sync::RwLock<()>,
+    unit_attentions: Mutex<HashMap<NexusId, Vec<(u8, u8)>>>,
+    /// Fast path: false when no nexus has a unit attention pending.
+    any_unit_attention: AtomicBool,
+}
+
+impl LogicalUnit {
+    fn new(lun: u64, settings: LunSettings, store: Arc<dyn BlockStore>) -> Self {
+        LogicalUnit {
+            lun,
+            limits: BlockLimits::for_block_size(settings.block_size),
+            settings,
+            store,
+            write_gate: tokio::sync::RwLock::new(()),
+            unit_attentions: Mutex::new(HashMap::new()),
+            any_unit_attention: AtomicBool::new(false),
+        }
+    }
+
+    /// The LUN number (not the 8-byte encoding).
+    pub fn lun(&self) -> u64 {
+        self.lun
+    }
+
+    pub fn settings(&self) -> &LunSettings {
+        &self.settings
+    }
+
+    pub fn store(&self) -> &Arc<dyn BlockStore> {
+        &self.store
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.settings.block_size
+    }
+
+    /// Capacity in logical blocks (a partial trailing block is not addressable).
+    pub fn num_blocks(&self) -> u64 {
+        self.store.size() / u64::from(self.settings.block_size)
+    }
+
+    fn unit_attentions(&self) -> std::sync::MutexGuard<'_, HashMap<NexusId, Vec<(u8, u8)>>> {
+        self.unit_attentions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Establishes a unit attention for `nexuses` (SAM-5 5.14). A reset supersedes whatever
+    /// was pending; other conditions queue behind it once each.
+    fn establish_unit_attention<'a>(
+        &self,
+        nexuses: impl Iterator<Item = &'a NexusId>,
+        code: (u8, u8),
+    ) {
+        let mut map = self.unit_attentions();
+        for &nexus in nexuses {
+            let pending = map.entry(nexus).or_default();
+            if code.0 == 0x29 {
+                pending.clear();
+                pending.push(code);
+            } else if !pending.contains(&code) {
+                pending.push(code);
+            }
+        }
+        self.any_unit_attention
+            .store(!map.is_empty(), Ordering::Release);
+    }
+
+    /// Reports and clears the highest-priority unit attention pending for `nexus`.
+    fn take_unit_attention(&self, nexus: NexusId) -> Option<Sense> {
+        if !self.any_unit_attention.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut map = self.unit_attentions();
+        let pending = map.get_mut(&nexus)?;
+        let (asc, ascq) = pending.remove(0);
+        if pending.is_empty() {
+            map.remove(&nexus);
+        }
+        self.any_unit_attention
+            .store(!map.is_empty(), Ordering::Release);
+        Some(Sense::unit_attention(asc, ascq))
+    }
+
+    fn forget_nexus(&self, nexus: NexusId) {
+        let mut map = self.unit_attentions();
+        map.remove(&nexus);
+        self.any_unit_attention
+            .store(!map.is_empty(), Ordering::Release);
+    }
+}
+
+/// Operation code of a CDB for logs, in hex.
+struct Opcode<'a>(&'a [u8]);
+
+impl std::fmt::Display for Opcode<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.first() {
+            Some(op) => write!(f, "{op:#04x}"),
+            None => f.write_str("none"),
+        }
+    }
+}
+
+/// Where a command goes once the LUN is resolved.
+enum Route<'a> {
+    Unit(&'a LogicalUnit, Command),
+    /// INQUIRY, REQUEST SENSE or REPORT LUNS addressed to a LUN without a logical unit.
+    NoUnit(Command),
+}
+
+/// The SCSI target device: a set of logical units and the I_T nexuses that have talked to
+/// them.
+pub struct ScsiTarget {
+    luns: BTreeMap<u64, Arc<LogicalUnit>>,
+    /// Every I_T nexus that has sent a command since it was established; resets establish
+    /// unit attentions for these. New nexuses get none (no power-on unit attention: a
+    /// reconnecting initiator must not see a spurious one).
+    nexuses: RwLock<HashSet<NexusId>>,
+}
+
+impl ScsiTarget {
+    /// Builds the target from `(LUN number, settings, store)`. LUN numbers above
+    /// [`spc::MAX_LUN`] and block sizes that are not a power of two in 512..=65536 are
+    /// refused (logged and left out).
+    pub fn new(luns: Vec<(u64, LunSettings, Arc<dyn BlockStore>)>) -> Self {
+        let mut map = BTreeMap::new();
+        for (lun, settings, store) in luns {
+            let bs = settings.block_size;
+            if lun > spc::MAX_LUN {
+                error!(
+                    lun,
+                    "LUN number cannot be addressed (max {}); skipped",
+                    spc::MAX_LUN
+                );
+                continue;
+            }
+            if !bs.is_power_of_two() || !(512..=65536).contains(&bs) {
+                error!(
+                    lun,
+                    block_size = bs,
+                    "unsupported logical block size; LUN skipped"
+                );
+                continue;
+            }
+            if store.size() % u64::from(bs) != 0 {
+                warn!(
+                    lun,
+                    size = store.size(),
+                    block_size = bs,
+                    "store size is not a whole number of blocks"
+                );
+            }
+            info!(lun, block_size = bs, read_only = settings.read_only, thin = settings.thin_provisioning, store = %store.describe(), "logical unit");
+            let unit = Arc::new(LogicalUnit::new(lun, settings, store));
+            if map.insert(lun, unit).is_some() {
+                warn!(lun, "LUN configured twice; the last one wins");
+            }
+        }
+        ScsiTarget {
+            luns: map,
+            nexuses: RwLock::new(HashSet::new()),
+        }
+    }
+
+    /// The logical unit with LUN number `lun`.
+    pub fn logical_unit(&self, lun: u64) -> Option<&Arc<LogicalUnit>> {
+        self.luns.get(&lun)
+    }
+
+    /// All logical units, by ascending LUN.
+    pub fn logical_units(&self) -> impl Iterator<Item = &Arc<LogicalUnit>> {
+        self.luns.values()
+    }
+
+    /// Whether a logical unit answers at `lun` (the raw 8-byte LUN field of a PDU), e.g. to
+    /// answer a task management request for a LUN that does not exist.
+    pub fn has_lun(&self, lun: u64) -> bool {
+        self.unit_at(lun).is_some()
+    }
+
+    fn unit_at(&self, raw_lun: u64) -> Option<&LogicalUnit> {
+        spc::decode_lun(raw_lun)
+            .and_then(|n| self.luns.get(&n))
+            .map(|u| u.as_ref())
+    }
+
+    fn note_nexus(&self, nexus: NexusId) {
+        let known = self
+            .nexuses
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&nexus);
+        if !known {
+            self.nexuses
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(nexus);
+        }
+    }
+
+    fn establish_unit_attention(&self, units: &[&LogicalUnit], code: (u8, u8)) {
+        let nexuses = self.nexuses.read().unwrap_or_else(|p| p.into_inner());
+        for unit in units {
+            unit.establish_unit_attention(nexuses.iter(), code);
+        }
+    }
+
+    /// Resolves the LUN, reports a pending unit attention, decodes the CDB and runs the
+    /// checks that need no data. Order: LOGICAL UNIT NOT SUPPORTED (SPC-4 6.4.1, 6.33,
+    /// 6.39: only INQUIRY, REPORT LUNS and REQUEST SENSE work without a logical unit), then
+    /// UNIT ATTENTION (SAM-5 5.14: not reported to those three), then the CDB itself.
+    fn route(&self, raw_lun: u64, cdb: &[u8], nexus: NexusId) -> Result<Route<'_>, Sense> {
+        self.note_nexus(nexus);
+        let exempt = matches!(
+            cdb.first().copied(),
+            Some(opcode::INQUIRY | opcode::REPORT_LUNS | opcode::REQUEST_SENSE)
+        );
+        let Some(unit) = self.unit_at(raw_lun) else {
+            if !exempt {
+                return Err(Sense::logical_unit_not_supported());
+            }
+            return Ok(Route::NoUnit(cdb::parse(cdb)?));
+        };
+        if !exempt {
+            if let Some(ua) = unit.take_unit_attention(nexus) {
+                return Err(ua);
+            }
+        }
+        let cmd = cdb::parse(cdb)?;
+        sbc::check(&unit.settings, &unit.limits, unit.num_blocks(), &cmd, cdb)?;
+        Ok(Route::Unit(unit, cmd))
+    }
+
+    /// Decides, from the CDB alone, whether the command needs Data-Out and how much, or
+    /// fails it before any data moves (invalid CDB, LBA out of range, write protected,
+    /// pending unit attention — which this reports and clears —, no such LUN).
+    /// `lun` is the raw 8-byte LUN field of the PDU.
+    pub fn plan(&self, lun: u64, cdb: &[u8], nexus: NexusId) -> DataOutPlan {
+        match self.route(lun, cdb, nexus) {
+            Err(sense) => {
+                debug!(lun, opcode = %Opcode(cdb), %sense, "command refused before data");
+                DataOutPlan::Fail(ScsiResponse::check(sense))
+            }
+            Ok(Route::NoUnit(_)) => DataOutPlan::None,
+            Ok(Route::Unit(unit, cmd)) => match cmd.data_out_len(unit.settings.block_size) {
+                0 => DataOutPlan::None,
+                n => DataOutPlan::Gather(u32::try_from(n).unwrap_or(u32::MAX)),
+            },
+        }
+    }
+
+    /// Runs one command. `lun` is the raw 8-byte LUN field of the PDU. See the module
+    /// documentation for how `data_out` and the response relate to iSCSI lengths.
+    pub async fn execute(&self, lun: u64, req: ScsiRequest) -> ScsiResponse {
+        let result = match self.route(lun, &req.cdb, req.nexus) {
+            Err(sense) => Err(sense),
+            Ok(route) => {
+                let cmd = match &route {
+                    Route::Unit(_, cmd) | Route::NoUnit(cmd) => *cmd,
+                };
+                let data = match route {
+                    Route::NoUnit(cmd) => self.execute_without_unit(&cmd),
+                    Route::Unit(unit, cmd) => self.execute_on(unit, &cmd, &req).await,
+                };
+                data.map(|d| match cmd.alloc_len() {
+                    Some(alloc) if (alloc as usize) < d.len() => d.slice(..alloc as usize),
+                    _ => d,
+                })
+            }
+        };
+        match result {
+            Ok(data) => ScsiResponse::good(data),
+            Err(sense) => {
+                debug!(lun, opcode = %Opcode(&req.cdb), %sense, "check condition");
+                ScsiResponse::check(sense)
+            }
+        }
+    }
+
+    fn execute_without_unit(&self, cmd: &Command) -> Result<Bytes, Sense> {
+        match *cmd {
+            Command::ReportLuns {
+                select_report,
+                alloc_len,
+            } => spc::report_luns(self.luns.keys().copied(), select_report, alloc_len)
+                .map(Bytes::from),
+            Command::Inquiry { evpd: false, .. } => Ok(spc::missing_lun_inquiry(
+                self.luns.values().next().map(|u| &u.settings.identity),
+            )
+            .into()),
+            // SPC-4 6.39: REQUEST SENSE to a LUN without a logical unit returns GOOD with
+            // LOGICAL UNIT NOT SUPPORTED as the sense data.
+            Command::RequestSense { .. } => {
+                Ok(Sense::logical_unit_not_supported().to_fixed_bytes())
+            }
+            _ => Err(Sense::logical_unit_not_supported()),
+        }
+    }
+
+    async fn execute_on(
+        &self,
+        unit: &LogicalUnit,
+        cmd: &Command,
+        req: &ScsiRequest,
+    ) -> Result<Bytes, Sense> {
+        let settings = &unit.settings;
+        match cmd {
+            Command::TestUnitReady => Ok(Bytes::new()),
+            Command::RequestSense { .. } => Ok(unit
+                .take_unit_attention(req.nexus)
+                .unwrap_or(Sense::no_sense())
+                .to_fixed_bytes()),
+            Command::Inquiry { evpd: false, .. } => {
+                Ok(spc::standard_inquiry(&settings.identity).into())
+            }
+            Command::Inquiry { page, .. } => {
+                spc::inquiry_vpd(*page, settings, &unit.limits).map(Bytes::from)
+            }
+            Command::ReportLuns {
+                select_report,
+                alloc_len,
+            } => spc::report_luns(self.luns.keys().copied(), *select_report, *alloc_len)
+                .map(Bytes::from),
+            Command::ModeSense(ms) => {
+                spc::mode_sense(ms, settings, unit.num_blocks()).map(Bytes::from)
+            }
+            Command::ModeSelect(sel) => {
+                let params = &req.data_out[..req.data_out.len().min(sel.param_len as usize)];
+                spc::mode_select(sel, params, settings, unit.num_blocks())?;
+                Ok(Bytes::new())
+            }
+            Command::StartStopUnit(ssu) => {
+                spc::start_stop_unit(ssu)?;
+                Ok(Bytes::new())
+            }
+            Command::ReportSupportedOpcodes(r) => {
+                spc::report_supported_opcodes(r, settings.thin_provisioning).map(Bytes::from)
+            }
+            _ => sbc::execute(unit, cmd, req.data_out.clone(), req.expected_len).await,
+        }
+    }
+
+    /// LOGICAL UNIT RESET task management function (SAM-5 7.7, 6.3.3): establishes a unit
+    /// attention (29/03 BUS DEVICE RESET FUNCTION OCCURRED) for every I_T nexus, the
+    /// requesting one included (libiscsi MultipathIO.Reset expects it on every path).
+    /// Aborting the tasks in flight is the transport's part. `lun` is the raw LUN field;
+    /// returns false when no logical unit is there.
+    pub fn logical_unit_reset(&self, lun: u64, from: NexusId) -> bool {
+        let Some(unit) = self.unit_at(lun) else {
+            return false;
+        };
+        info!(lun = unit.lun, from, "logical unit reset");
+        self.establish_unit_attention(&[unit], UA_LOGICAL_UNIT_RESET);
+        true
+    }
+
+    /// TARGET RESET task management function (SAM-5 7.11, hard reset 6.3.2): a unit
+    /// attention (29/00 POWER ON, RESET, OR BUS DEVICE RESET OCCURRED) for every I_T nexus
+    /// on every logical unit.
+    pub fn target_reset(&self, from: NexusId) {
+        info!(from, "target reset");
+        let units: Vec<&LogicalUnit> = self.luns.values().map(|u| u.as_ref()).collect();
+        self.establish_unit_attention(&units, UA_RESET);
+    }
+
+    /// The capacity of logical unit number `lun` changed: 2A/09 CAPACITY DATA HAS CHANGED
+    /// for every I_T nexus (SBC-3 4.6).
+    pub fn capacity_changed(&self, lun: u64) {
+        if let Some(unit) = self.luns.get(&lun) {
+            self.establish_unit_attention(&[unit.as_ref()], UA_CAPACITY_CHANGED);
+        }
+    }
+
+    /// The I_T nexus is gone (session closed, reinstated or dropped): forget it and its
+    /// pending unit attentions. A new session starts with none.
+    pub fn nexus_lost(&self, nexus: NexusId) {
+        self.nexuses
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&nexus);
+        for unit in self.luns.values() {
+            unit.forget_nexus(nexus);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scsi::{LunIdentity, Status};
+    use crate::store::MemStore;
+    use rand::{Rng, SeedableRng};
+
+    const BS: u32 = 512;
+    const BLOCKS: u64 = 1024;
+
+    fn identity() -> LunIdentity {
+        LunIdentity {
+            vendor: "TWINSAN".into(),
+            product: "Virtual disk".into(),
+            revision: "0.1".into(),
+            serial: "SN1".into(),
+            naa: vec![0x60, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+            t10_vendor_specific: "uuid".into(),
+            target_port_name: "iqn.2024-01.org.example:t,t,0x0001".into(),
+            relative_port: 1,
+            port_group: None,
+        }
+    }
+
+    fn settings(read_only: bool, thin: bool) -> LunSettings {
+        LunSettings {
+            block_size: BS,
+            read_only,
+            identity: identity(),
+            write_cache: true,
+            thin_provisioning: thin,
+        }
+    }
+
+    fn target_with(read_only: bool, thin: bool) -> (ScsiTarget, Arc<MemStore>) {
+        let store = Arc::new(MemStore::new((BLOCKS * u64::from(BS)) as usize));
+        let t = ScsiTarget::new(vec![(
+            0,
+            settings(read_only, thin),
+            store.clone() as Arc<dyn BlockStore>,
+        )]);
+        (t, store)
+    }
+
+    fn raw(lun: u64) -> u64 {
+        u64::from_be_bytes(spc::encode_lun(lun).unwrap())
+    }
+
+    async fn run(t: &ScsiTarget, nexus: NexusId, cdb: &[u8], data: &[u8]) -> ScsiResponse {
+        run_edtl(t, nexus, cdb, data, data.len() as u32).await
+    }
+
+    async fn run_edtl(
+        t: &ScsiTarget,
+        nexus: NexusId,
+        cdb: &[u8],
+        data: &[u8],
+        edtl: u32,
+    ) -> ScsiResponse {
+        let req = ScsiRequest {
+            cdb: Bytes::copy_from_slice(cdb),
+            data_out: Bytes::copy_from_slice(data),
+            expected_len: edtl,
+            nexus,
+        };
+        t.execute(raw(0), req).await
+    }
+
+    fn sense_of(r: &ScsiResponse) -> (u8, u8, u8) {
+        assert_eq!(r.status, Status::CheckCondition, "expected CHECK CONDITION");
+        let s = r.sense.as_ref().unwrap();
+        (s[2] & 0x0F, s[12], s[13])
+    }
+
+    fn cdb16(op: u8, flags: u8, lba: u64, blocks: u32) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[0] = op;
+        c[1] = flags;
+        c[2..10].copy_from_slice(&lba.to_be_bytes());
+        c[10..14].copy_from_slice(&blocks.to_be_bytes());
+        c
+    }
+
+    fn cdb10(op: u8, flags: u8, lba: u32, blocks: u16) -> [u8; 10] {
+        let mut c = [0u8; 10];
+        c[0] = op;
+        c[1] = flags;
+        c[2..6].copy_from_slice(&lba.to_be_bytes());
+        c[7..9].copy_from_slice(&blocks.to_be_bytes());
+        c
+    }
+
+    const TUR: [u8; 6] = [0; 6];
+
+    #[tokio::test]
+    async fn write_then_read_back() {
+        let (t, _) = target_with(false, false);
+        let data: Vec<u8> = (0..2 * BS).map(|i| i as u8).collect();
+        let r = run(&t, 1, &cdb10(opcode::WRITE_10, 0x08, 5, 2), &data).await;
+        assert_eq!(r.status, Status::Good);
+        let r = run(&t, 1, &cdb16(opcode::READ_16, 0, 5, 2), &[]).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(&r.data_in[..], &data[..]);
+        let r = run(&t, 1, &[opcode::READ_6, 0, 0, 5, 1, 0], &[]).await;
+        assert_eq!(&r.data_in[..], &data[..BS as usize]);
+    }
+
+    #[tokio::test]
+    async fn lba_out_of_range_moves_no_data() {
+        let (t, _) = target_with(false, false);
+        let cdb = cdb10(opcode::WRITE_10, 0, (BLOCKS - 1) as u32, 2);
+        assert!(matches!(t.plan(raw(0), &cdb, 1), DataOutPlan::Fail(_)));
+        let r = run(&t, 1, &cdb, &vec![0; 2 * BS as usize]).await;
+        assert_eq!(sense_of(&r), (0x5, 0x21, 0x00));
+        let r = run(&t, 1, &cdb16(opcode::READ_16, 0, BLOCKS + 1, 0), &[]).await;
+        assert_eq!(sense_of(&r), (0x5, 0x21, 0x00));
+        let r = run(&t, 1, &cdb16(opcode::READ_16, 0, BLOCKS - 1, 1), &[]).await;
+        assert_eq!(r.status, Status::Good);
+    }
+
+    #[tokio::test]
+    async fn plan_sizes() {
+        let (t, _) = target_with(false, true);
+        let gather = |cdb: &[u8]| match t.plan(raw(0), cdb, 1) {
+            DataOutPlan::Gather(n) => n,
+            DataOutPlan::None => 0,
+            DataOutPlan::Fail(r) => panic!("failed: {:?}", r.sense),
+        };
+        assert_eq!(gather(&cdb10(opcode::WRITE_10, 0, 0, 3)), 3 * BS);
+        assert_eq!(gather(&cdb10(opcode::READ_10, 0, 0, 3)), 0);
+        assert_eq!(gather(&[opcode::WRITE_6, 0, 0, 0, 0, 0]), 256 * BS);
+        assert_eq!(gather(&cdb16(opcode::WRITE_SAME_16, 0, 0, 8)), BS);
+        assert_eq!(gather(&cdb16(opcode::WRITE_SAME_16, 0x09, 0, 8)), 0);
+        assert_eq!(gather(&cdb10(opcode::UNMAP, 0, 0, 24)), 24);
+        let mut caw = [0u8; 16];
+        caw[0] = opcode::COMPARE_AND_WRITE;
+        caw[13] = 2;
+        assert_eq!(gather(&caw), 4 * BS);
+    }
+
+    #[tokio::test]
+    async fn medium_error_from_store_fault() {
+        let (t, store) = target_with(false, false);
+        store.inject_fault(10 * u64::from(BS), 11 * u64::from(BS));
+        let r = run(&t, 1, &cdb10(opcode::READ_10, 0, 8, 4), &[]).await;
+        assert_eq!(sense_of(&r), (0x3, 0x11, 0x00));
+        let s = r.sense.unwrap();
+        assert_eq!(s[0], 0xF0);
+        assert_eq!(&s[3..7], &8u32.to_be_bytes());
+        let r = run(&t, 1, &cdb10(opcode::WRITE_10, 0, 10, 1), &[0; BS as usize]).await;
+        assert_eq!(sense_of(&r), (0x3, 0x0C, 0x00));
+        let r = run(&t, 1, &cdb10(opcode::VERIFY_10, 0, 0, 64), &[]).await;
+        assert_eq!(sense_of(&r), (0x3, 0x11, 0x00));
+        let r = run(&t, 1, &cdb10(opcode::READ_10, 0, 11, 4), &[]).await;
+        assert_eq!(r.status, Status::Good);
+    }
+
+    #[tokio::test]
+    async fn read_only_write_is_write_protected() {
+        let (t, store) = target_with(true, true);
+        for cdb in [
+            cdb16(opcode::WRITE_16, 0, 0, 1),
+            cdb16(opcode::WRITE_SAME_16, 0x08, 0, 1),
+            cdb16(opcode::WRITE_AND_VERIFY_16, 0, 0, 1),
+        ] {
+            assert!(matches!(t.plan(raw(0), &cdb, 1), DataOutPlan::Fail(_)));
+            let r = run(&t, 1, &cdb, &[0xAA; BS as usize]).await;
+            assert_eq!(sense_of(&r), (0x7, 0x27, 0x00));
+        }
+        let r = run(&t, 1, &cdb10(opcode::UNMAP, 0, 0, 24), &[]).await;
+        assert_eq!(sense_of(&r), (0x7, 0x27, 0x00));
+        assert!(store.snapshot().iter().all(|&b| b == 0));
+        let r = run(&t, 1, &cdb16(opcode::READ_16, 0, 0, 1), &[]).await;
+        assert_eq!(r.status, Status::Good);
+        let ms = run(&t, 1, &[opcode::MODE_SENSE_6, 0x08, 0x3F, 0, 255, 0], &[]).await;
+        assert_eq!(ms.data_in[2] & 0x80, 0x80);
+    }
+
+    #[tokio::test]
+    async fn lu_reset_unit_attention_delivered_once_per_nexus() {
+        let (t, _) = target_with(false, false);
+        for nexus in [1, 2, 3] {
+            assert_eq!(run(&t, nexus, &TUR, &[]).await.status, Status::Good);
+        }
+        assert!(t.logical_unit_reset(raw(0), 1));
+        // INQUIRY and REPORT LUNS neither report nor clear it.
+        let inq = run(&t, 2, &[opcode::INQUIRY, 0, 0, 0, 96, 0], &[]).await;
+        assert_eq!(inq.status, Status::Good);
+        let mut rl = [0u8; 12];
+        rl[0] = opcode::REPORT_LUNS;
+        rl[9] = 64;
+        assert_eq!(run(&t, 2, &rl, &[]).await.status, Status::Good);
+        // Other nexus: once, then gone.
+        assert_eq!(sense_of(&run(&t, 2, &TUR, &[]).await), (0x6, 0x29, 0x03));
+        assert_eq!(run(&t, 2, &TUR, &[]).await.status, Status::Good);
+        // The requesting nexus gets it too.
+        assert_eq!(sense_of(&run(&t, 1, &TUR, &[]).await), (0x6, 0x29, 0x03));
+        assert_eq!(run(&t, 1, &TUR, &[]).await.status, Status::Good);
+        // REQUEST SENSE reports it as data and clears it.
+        let rs = run(&t, 3, &[opcode::REQUEST_SENSE, 0, 0, 0, 18, 0], &[]).await;
+        assert_eq!(rs.status, Status::Good);
+        assert_eq!(
+            (rs.data_in[2], rs.data_in[12], rs.data_in[13]),
+            (0x6, 0x29, 0x03)
+        );
+        assert_eq!(run(&t, 3, &TUR, &[]).await.status, Status::Good);
+        let rs = run(&t, 3, &[opcode::REQUEST_SENSE, 0, 0, 0, 18, 0], &[]).await;
+        assert_eq!((rs.data_in[2], rs.data_in[12]), (0x0, 0x00));
+        // A nexus that appears after the reset sees nothing.
+        assert_eq!(run(&t, 9, &TUR, &[]).await.status, Status::Good);
+    }
+
+    #[tokio::test]
+    async fn plan_reports_unit_attention_and_nexus_loss_forgets_it() {
+        let (t, _) = target_with(false, false);
+        run(&t, 1, &TUR, &[]).await;
+        run(&t, 2, &TUR, &[]).await;
+        t.target_reset(2);
+        let read = cdb10(opcode::READ_10, 0, 0, 1);
+        match t.plan(raw(0), &read, 1) {
+            DataOutPlan::Fail(r) => assert_eq!(sense_of(&r), (0x6, 0x29, 0x00)),
+            other => panic!("expected UA, got {other:?}"),
+        }
+        assert!(matches!(t.plan(raw(0), &read, 1), DataOutPlan::None));
+        t.nexus_lost(2);
+        assert_eq!(run(&t, 2, &TUR, &[]).await.status, Status::Good);
+        assert!(!t.logical_unit_reset(raw(5), 1));
+    }
+
+    #[tokio::test]
+    async fn missing_lun_behaviour() {
+        let (t, _) = target_with(false, false);
+        let req = |cdb: &[u8]| ScsiRequest {
+            cdb: Bytes::copy_from_slice(cdb),
+            data_out: Bytes::new(),
+            expected_len: 255,
+            nexus: 1,
+        };
+        let inq = t
+            .execute(raw(3), req(&[opcode::INQUIRY, 0, 0, 0, 255, 0]))
+            .await;
+        assert_eq!(inq.status, Status::Good);
+        assert_eq!(inq.data_in[0], 0x7F);
+        let rs = t
+            .execute(raw(3), req(&[opcode::REQUEST_SENSE, 0, 0, 0, 18, 0]))
+            .await;
+        assert_eq!(rs.status, Status::Good);
+        assert_eq!((rs.data_in[2], rs.data_in[12]), (0x5, 0x25));
+        let mut rl = [0u8; 12];
+        rl[0] = opcode::REPORT_LUNS;
+        rl[9] = 255;
+        let r = t.execute(raw(3), req(&rl)).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(
+            &r.data_in[..],
+            &[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        let r = t.execute(raw(3), req(&TUR)).await;
+        assert_eq!(sense_of(&r), (0x5, 0x25, 0x00));
+        assert!(matches!(
+            t.plan(raw(3), &[0x02, 0, 0, 0, 0, 0], 1),
+            DataOutPlan::Fail(_)
+        ));
+        // Malformed LUN fields address nothing.
+        let r = t.execute(0xC000_0000_0000_0000, req(&TUR)).await;
+        assert_eq!(sense_of(&r), (0x5, 0x25, 0x00));
+    }
+
+    #[tokio::test]
+    async fn short_data_out_writes_only_whole_blocks_received() {
+        let (t, store) = target_with(false, false);
+        run(
+            &t,
+            1,
+            &cdb10(opcode::WRITE_10, 0, 0, 2),
+            &[b'a'; 2 * BS as usize],
+        )
+        .await;
+        // Two blocks in the CDB, one block of data (EDTL = one block): only it is written.
+        let r = run(
+            &t,
+            1,
+            &cdb10(opcode::WRITE_10, 0, 0, 2),
+            &[b'b'; BS as usize],
+        )
+        .await;
+        assert_eq!(r.status, Status::Good);
+        let snap = store.snapshot();
+        assert!(snap[..BS as usize].iter().all(|&b| b == b'b'));
+        assert!(snap[BS as usize..2 * BS as usize]
+            .iter()
+            .all(|&b| b == b'a'));
+        // Less than a block: nothing written, GOOD. Same for WRITE AND VERIFY.
+        let r = run(&t, 1, &cdb10(opcode::WRITE_10, 0, 1, 1), &[b'c'; 200]).await;
+        assert_eq!(r.status, Status::Good);
+        let r = run(
+            &t,
+            1,
+            &cdb10(opcode::WRITE_AND_VERIFY_10, 0, 1, 1),
+            &[b'c'; 200],
+        )
+        .await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(store.snapshot()[BS as usize], b'a');
+        // More data than the CDB asks for: only the CDB's blocks are written.
+        let r = run(
+            &t,
+            1,
+            &cdb10(opcode::WRITE_AND_VERIFY_10, 0x02, 1, 1),
+            &[b'd'; 3 * BS as usize],
+        )
+        .await;
+        assert_eq!(r.status, Status::Good);
+        let snap = store.snapshot();
+        assert_eq!((snap[BS as usize], snap[2 * BS as usize]), (b'd', 0));
+    }
+
+    #[tokio::test]
+    async fn verify_miscompare_reports_offset() {
+        let (t, _) = target_with(false, false);
+        let data: Vec<u8> = (0..4 * BS).map(|i| (i % 251) as u8).collect();
+        run(&t, 1, &cdb10(opcode::WRITE_10, 0, 20, 4), &data).await;
+        let r = run(&t, 1, &cdb10(opcode::VERIFY_10, 0x02, 20, 4), &data).await;
+        assert_eq!(r.status, Status::Good);
+        let mut bad = data.clone();
+        bad[1234] ^= b'X';
+        let r = run(&t, 1, &cdb10(opcode::VERIFY_10, 0x02, 20, 4), &bad).await;
+        assert_eq!(sense_of(&r), (0xE, 0x1D, 0x00));
+        assert_eq!(&r.sense.unwrap()[3..7], &1234u32.to_be_bytes());
+        // BYTCHK=0 never compares.
+        let r = run(&t, 1, &cdb10(opcode::VERIFY_10, 0, 20, 4), &[]).await;
+        assert_eq!(r.status, Status::Good);
+        // BYTCHK=11b: one block against every block.
+        run(
+            &t,
+            1,
+            &cdb16(opcode::WRITE_SAME_16, 0, 40, 3),
+            &data[..BS as usize],
+        )
+        .await;
+        let r = run(
+            &t,
+            1,
+            &cdb10(opcode::VERIFY_10, 0x06, 40, 3),
+            &data[..BS as usize],
+        )
+        .await;
+        assert_eq!(r.status, Status::Good);
+        let r = run(
+            &t,
+            1,
+            &cdb10(opcode::VERIFY_10, 0x06, 39, 3),
+            &data[..BS as usize],
+        )
+        .await;
+        assert_eq!(sense_of(&r).0, 0xE);
+    }
+
+    #[tokio::test]
+    async fn write_same_and_unmap() {
+        let (t, store) = target_with(false, true);
+        let pattern = [0x5Au8; BS as usize];
+        let r = run(&t, 1, &cdb16(opcode::WRITE_SAME_16, 0, 100, 300), &pattern).await;
+        assert_eq!(r.status, Status::Good);
+        let snap = store.snapshot();
+        let range = 100 * BS as usize..400 * BS as usize;
+        assert!(snap[range.clone()].iter().all(|&b| b == 0x5A));
+        assert_eq!(snap[400 * BS as usize], 0);
+        // Data-Out of the wrong size is refused.
+        let r = run_edtl(
+            &t,
+            1,
+            &cdb16(opcode::WRITE_SAME_16, 0, 0, 1),
+            &pattern,
+            2 * BS,
+        )
+        .await;
+        assert_eq!(sense_of(&r).0, 0x5);
+        let r = run(
+            &t,
+            1,
+            &cdb10(opcode::WRITE_SAME_10, 0x08, 0, 1),
+            &pattern[..BS as usize / 2],
+        )
+        .await;
+        assert_eq!(sense_of(&r).0, 0x5);
+        // UNMAP a descriptor: reads back zero.
+        let mut params = vec![0u8, 22, 0, 16, 0, 0, 0, 0];
+        params.extend_from_slice(&150u64.to_be_bytes());
+        params.extend_from_slice(&10u32.to_be_bytes());
+        params.extend_from_slice(&[0; 4]);
+        let r = run(&t, 1, &cdb10(opcode::UNMAP, 0, 0, 24), &params).await;
+        assert_eq!(r.status, Status::Good);
+        let snap = store.snapshot();
+        assert!(snap[150 * BS as usize..160 * BS as usize]
+            .iter()
+            .all(|&b| b == 0));
+        assert_eq!(snap[160 * BS as usize], 0x5A);
+        // WRITE SAME with UNMAP and a zero block unmaps; NDOB needs no data.
+        let r = run(&t, 1, &cdb16(opcode::WRITE_SAME_16, 0x09, 200, 10), &[]).await;
+        assert_eq!(r.status, Status::Good);
+        assert!(store.snapshot()[200 * BS as usize..210 * BS as usize]
+            .iter()
+            .all(|&b| b == 0));
+        // Not thin: UNMAP is not implemented, WRITE SAME's UNMAP bit is invalid.
+        let (t, _) = target_with(false, false);
+        let r = run(&t, 1, &cdb10(opcode::UNMAP, 0, 0, 24), &params).await;
+        assert_eq!(sense_of(&r), (0x5, 0x20, 0x00));
+        let r = run(&t, 1, &cdb10(opcode::WRITE_SAME_10, 0x08, 0, 1), &pattern).await;
+        assert_eq!(sense_of(&r), (0x5, 0x24, 0x00));
+    }
+
+    #[tokio::test]
+    async fn compare_and_write() {
+        let (t, store) = target_with(false, false);
+        run(
+            &t,
+            1,
+            &cdb10(opcode::WRITE_10, 0, 7, 2),
+            &[b'A'; 2 * BS as usize],
+        )
+        .await;
+        let mut caw = [0u8; 16];
+        caw[0] = opcode::COMPARE_AND_WRITE;
+        caw[2..10].copy_from_slice(&7u64.to_be_bytes());
+        caw[13] = 2;
+        let mut buf = vec![b'A'; 2 * BS as usize];
+        buf.extend_from_slice(&[b'B'; 2 * BS as usize]);
+        buf[2 * BS as usize - 27] = b'C';
+        let r = run(&t, 1, &caw, &buf).await;
+        assert_eq!(sense_of(&r), (0xE, 0x1D, 0x00));
+        assert_eq!(&r.sense.unwrap()[3..7], &(2 * BS - 27).to_be_bytes());
+        assert!(store.snapshot()[7 * BS as usize..9 * BS as usize]
+            .iter()
+            .all(|&b| b == b'A'));
+        buf[2 * BS as usize - 27] = b'A';
+        let r = run(&t, 1, &caw, &buf).await;
+        assert_eq!(r.status, Status::Good);
+        assert!(store.snapshot()[7 * BS as usize..9 * BS as usize]
+            .iter()
+            .all(|&b| b == b'B'));
+        // Data-Out not matching NUMBER OF LOGICAL BLOCKS.
+        let r = run(&t, 1, &caw, &buf[..3 * BS as usize]).await;
+        assert_eq!(sense_of(&r).0, 0x5);
+        // Zero blocks: nothing to do.
+        caw[13] = 0;
+        assert_eq!(
+            run(&t, 1, &caw, &buf[..BS as usize]).await.status,
+            Status::Good
+        );
+    }
+
+    #[tokio::test]
+    async fn synchronize_cache_flushes() {
+        let (t, store) = target_with(false, false);
+        let r = run(&t, 1, &cdb10(opcode::SYNCHRONIZE_CACHE_10, 0, 0, 0), &[]).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(store.flush_count(), 1);
+        let r = run(
+            &t,
+            1,
+            &cdb16(opcode::SYNCHRONIZE_CACHE_16, 0, BLOCKS, 1),
+            &[],
+        )
+        .await;
+        assert_eq!(sense_of(&r), (0x5, 0x21, 0x00));
+        assert_eq!(store.flush_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn allocation_length_truncates() {
+        let (t, _) = target_with(false, true);
+        for alloc in [0u8, 1, 5, 36, 95, 96, 255] {
+            let r = run(&t, 1, &[opcode::INQUIRY, 0, 0, 0, alloc, 0], &[]).await;
+            assert_eq!(r.data_in.len(), usize::from(alloc).min(96));
+        }
+        let ms = run(&t, 1, &[opcode::MODE_SENSE_6, 0, 0x3F, 0, 4, 0], &[]).await;
+        assert_eq!(ms.data_in.len(), 4);
+        let mut rc16 = cdb16(opcode::SERVICE_ACTION_IN_16, 0x10, 0, 0);
+        for alloc in 0..40u32 {
+            rc16[10..14].copy_from_slice(&alloc.to_be_bytes());
+            let r = run(&t, 1, &rc16, &[]).await;
+            assert_eq!(r.status, Status::Good);
+            assert_eq!(r.data_in.len(), (alloc as usize).min(32));
+        }
+        rc16[10..14].copy_from_slice(&32u32.to_be_bytes());
+        let r = run(&t, 1, &rc16, &[]).await;
+        assert_eq!(&r.data_in[..8], &(BLOCKS - 1).to_be_bytes());
+        assert_eq!(r.data_in[14] & 0x80, 0x80);
+        let r = run(
+            &t,
+            1,
+            &[opcode::READ_CAPACITY_10, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[],
+        )
+        .await;
+        assert_eq!(&r.data_in[..], &[0, 0, 3, 0xFF, 0, 0, 2, 0]);
+    }
+
+    #[test]
+    fn target_is_shareable_and_execute_is_send() {
+        fn assert_send_sync<T: Send + Sync>(_: &T) {}
+        fn assert_send<T: Send>(_: T) {}
+        let (t, _) = target_with(false, false);
+        assert_send_sync(&t);
+        let req = ScsiRequest {
+            cdb: Bytes::from_static(&TUR),
+            data_out: Bytes::new(),
+            expected_len: 0,
+            nexus: 1,
+        };
+        assert_send(t.execute(raw(0), req));
+    }
+
+    #[tokio::test]
+    async fn mode_select_round_trip_and_supported_opcodes() {
+        let (t, _) = target_with(false, true);
+        let ms = run(
+            &t,
+            1,
+            &[opcode::MODE_SENSE_10, 0, 0x08, 0, 0, 0, 0, 0, 255, 0],
+            &[],
+        )
+        .await;
+        assert_eq!(ms.status, Status::Good);
+        let mut params = ms.data_in.to_vec();
+        params[..2].fill(0);
+        let len = params.len() as u8;
+        let sel = [opcode::MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, len, 0];
+        assert!(matches!(t.plan(raw(0), &sel, 1), DataOutPlan::Gather(n) if n == u32::from(len)));
+        assert_eq!(run(&t, 1, &sel, &params).await.status, Status::Good);
+        let wce = params.len() - 18;
+        params[wce] ^= 0x04;
+        assert_eq!(
+            sense_of(&run(&t, 1, &sel, &params).await),
+            (0x5, 0x26, 0x00)
+        );
+        let mut rsoc = [0u8; 12];
+        rsoc[0] = opcode::MAINTENANCE_IN;
+        rsoc[1] = 0x0C;
+        rsoc[2] = 0x01;
+        rsoc[3] = opcode::WRITE_10;
+        rsoc[8] = 0xFF;
+        let r = run(&t, 1, &rsoc, &[]).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(
+            (r.data_in[1] & 0x07, r.data_in[4], r.data_in[5] & 0x18),
+            (3, 0x2A, 0x18)
+        );
+        rsoc[1] = 0x0A; // REPORT TARGET PORT GROUPS: not implemented
+        let r = run(&t, 1, &rsoc, &[]).await;
+        assert_eq!(sense_of(&r), (0x5, 0x24, 0x00));
+        assert_eq!(&r.sense.unwrap()[15..18], &[0xC0 | 0x08 | 4, 0, 1]);
+    }
+
+    #[tokio::test]
+    async fn random_cdbs_never_panic() {
+        let (t, _) = target_with(false, true);
+        let (ro, _) = target_with(true, false);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5C51);
+        let opcodes: Vec<u8> = (0..=255u8).collect();
+        for i in 0..20_000u32 {
+            let mut cdb = [0u8; 16];
+            rng.fill(&mut cdb[..]);
+            // Bias towards implemented opcodes and small lengths so the I/O paths run.
+            cdb[0] = if i % 2 == 0 {
+                opcodes[rng.gen_range(0..256)]
+            } else {
+                [
+                    0x08, 0x0A, 0x28, 0x2A, 0x2E, 0x2F, 0x41, 0x42, 0x88, 0x89, 0x8A, 0x8E, 0x8F,
+                    0x93, 0x9E, 0x1A, 0x5A, 0x15, 0x55, 0x12, 0xA3, 0xA0, 0x35, 0x91, 0x34, 0x90,
+                ][rng.gen_range(0..26)]
+            };
+            if i % 3 == 0 {
+                cdb[2..10].iter_mut().for_each(|b| *b = 0);
+                cdb[10..14].copy_from_slice(&rng.gen_range(0u32..8).to_be_bytes());
+                cdb[7..9].copy_from_slice(&rng.gen_range(0u16..8).to_be_bytes());
+                cdb[15] = 0;
+                cdb[9] &= 0xFA;
+            }
+            let len = rng.gen_range(0..3 * BS as usize);
+            let mut data = vec![0u8; len];
+            rng.fill(&mut data[..]);
+            for target in [&t, &ro] {
+                let _ = target.plan(raw(0), &cdb, 1);
+                let r = run_edtl(target, 1, &cdb, &data, rng.gen()).await;
+                assert!(r.status == Status::Good || r.sense.is_some());
+            }
+        }
+    }
+}

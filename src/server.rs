@@ -1,0 +1,156 @@
+//! The iSCSI server: builds targets and LUNs from the configuration, listens on every portal
+//! and hands each accepted connection to [`crate::iscsi::connection`].
+
+use crate::config::{Config, LunConfig, ServerConfig, TargetConfig};
+use crate::identity::IdentityStore;
+use crate::iscsi::login_driver::build_login_config;
+use crate::iscsi::session::{SessionRegistry, TargetEntry};
+use crate::iscsi::login::LoginConfig;
+use crate::scsi::{LunSettings, ScsiTarget};
+use crate::store::{BlockStore, FileStore, FileStoreOptions};
+use anyhow::Context;
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// What every connection shares.
+pub struct ServerState {
+    pub settings: ServerConfig,
+    pub sessions: SessionRegistry,
+    /// Targets by lower-case IQN.
+    pub targets: HashMap<String, Arc<TargetEntry>>,
+    pub login: Arc<LoginConfig>,
+    /// Portals advertised by SendTargets, in configuration order.
+    pub portals: Vec<SocketAddr>,
+}
+
+pub struct Server {
+    state: Arc<ServerState>,
+    listeners: Vec<TcpListener>,
+}
+
+impl Server {
+    /// Opens every LUN's store, resolves identities and binds every portal.
+    pub async fn build(config: &Config) -> anyhow::Result<Server> {
+        let data_dir = &config.server.data_dir;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+        let mut identities = IdentityStore::open(data_dir)?;
+        let mut targets = HashMap::new();
+        for t in &config.targets {
+            let mut luns = Vec::new();
+            for l in &t.luns {
+                let store = open_store(l)?;
+                let identity = identities.resolve(t, l)?;
+                info!(target = %t.iqn, lun = l.number, store = %store.describe(),
+                    naa = %hex::encode(&identity.naa), serial = %identity.serial, "LUN ready");
+                let settings = LunSettings {
+                    block_size: l.block_size,
+                    read_only: l.read_only,
+                    identity,
+                    write_cache: l.write_cache,
+                    thin_provisioning: l.thin_provisioning && !l.read_only,
+                };
+                luns.push((l.number, settings, store));
+            }
+            targets.insert(
+                t.iqn.to_ascii_lowercase(),
+                Arc::new(TargetEntry {
+                    iqn: t.iqn.clone(),
+                    scsi: Arc::new(ScsiTarget::new(luns)),
+                }),
+            );
+        }
+        let mut addrs = BTreeSet::new();
+        let mut portals = Vec::new();
+        for t in &config.targets {
+            for p in &t.portals {
+                let a = p.parse::<SocketAddr>().expect("validated");
+                if addrs.insert(a) {
+                    portals.push(a);
+                }
+            }
+        }
+        let mut listeners = Vec::new();
+        for a in addrs {
+            let l = TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on portal {a}"))?;
+            listeners.push(l);
+        }
+        let state = Arc::new(ServerState {
+            settings: config.server.clone(),
+            sessions: SessionRegistry::default(),
+            targets,
+            login: build_login_config(config),
+            portals,
+        });
+        Ok(Server { state, listeners })
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// Accepts connections until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut tasks = Vec::new();
+        for listener in self.listeners {
+            let state = self.state.clone();
+            let shutdown = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                let addr = listener.local_addr().ok();
+                info!(portal = ?addr, "listening");
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        r = listener.accept() => match r {
+                            Ok((stream, _)) => {
+                                tokio::spawn(crate::iscsi::connection::serve(stream, state.clone()));
+                            }
+                            Err(e) => {
+                                // EMFILE and friends: back off instead of spinning.
+                                error!(portal = ?addr, "accept failed: {e}");
+                                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn open_store(l: &LunConfig) -> anyhow::Result<Arc<dyn BlockStore>> {
+    let mut opts = FileStoreOptions::new(&l.path);
+    opts.read_only = l.read_only;
+    opts.direct = l.direct;
+    opts.create_size = l.size.map(|s| s.0);
+    let store = FileStore::open(opts).with_context(|| format!("LUN {}: cannot open {}", l.number, l.path.display()))?;
+    let size = store.size();
+    if size < l.block_size as u64 {
+        anyhow::bail!("LUN {}: {} is smaller than one block", l.number, l.path.display());
+    }
+    if size % l.block_size as u64 != 0 {
+        warn!(lun = l.number, size, block_size = l.block_size,
+            "backing size is not a multiple of the block size: the tail is not addressable");
+    }
+    if let Some(want) = l.size {
+        if want.0 != size {
+            warn!(lun = l.number, configured = want.0, actual = size,
+                "backing exists with a size other than configured: serving its actual size");
+        }
+    }
+    Ok(Arc::new(store))
+}
+
+/// The URL a libiscsi client uses to reach LUN `lun` of `target` on `portal`.
+pub fn iscsi_url(portal: &str, target: &TargetConfig, lun: u64) -> String {
+    format!("iscsi://{portal}/{}/{lun}", target.iqn)
+}

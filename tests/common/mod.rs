@@ -1,0 +1,270 @@
+//! Shared harness for integration tests: runs the real `twinsan` binary on a free loopback
+//! port with a generated configuration, and the real clients (libiscsi tools, qemu-img, fio)
+//! against it. Every server is stopped by its PID when the test ends.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const IQN: &str = "iqn.2026-11.org.twinsan.test:disk";
+pub const INIT1: &str = "iqn.2026-11.org.twinsan.test:init1";
+pub const INIT2: &str = "iqn.2026-11.org.twinsan.test:init2";
+
+pub fn bin() -> PathBuf {
+    std::env::var_os("TWINSAN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_twinsan")))
+}
+
+/// A tool the test needs; the test suite's install step provides it, so a missing one fails.
+pub fn tool(name: &str) -> PathBuf {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .expect("sh");
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!p.is_empty(), "{name} not found: run scripts/install-deps.sh (bash scripts/test.sh does)");
+    PathBuf::from(p)
+}
+
+/// fio built with the libiscsi engine (scripts/build-fio.sh).
+pub fn fio() -> PathBuf {
+    let p = std::env::var_os("TWINSAN_FIO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/twinsan-tools/bin/fio-libiscsi"));
+    assert!(p.exists(), "{} missing: run scripts/build-fio.sh", p.display());
+    p
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A directory on the real disk (O_DIRECT needs a filesystem that supports it).
+pub fn scratch_dir() -> tempfile::TempDir {
+    let base = std::env::var_os("TWINSAN_TEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::tempdir_in(base).unwrap()
+}
+
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts twinsan with `extra` appended to a config that has target [`IQN`] and LUN 0
+    /// (a 1 GiB sparse file unless `lun_toml` replaces the LUN table).
+    pub fn start(dir: &Path, target_extra: &str, lun_toml: Option<&str>, top: &str) -> Server {
+        let port = free_port();
+        let lun = lun_toml.map(str::to_string).unwrap_or_else(|| {
+            format!(
+                "[[target.lun]]\nnumber = 0\npath = \"{}\"\nsize = \"1GiB\"\n",
+                dir.join("lun0.img").display()
+            )
+        });
+        let config = format!(
+            "{top}\n[server]\ndata_dir = \"{data}\"\n\n[[target]]\niqn = \"{IQN}\"\nportals = [\"127.0.0.1:{port}\"]\n{target_extra}\n{lun}\n",
+            data = dir.join("data").display(),
+        );
+        let path = dir.join("twinsan.toml");
+        std::fs::write(&path, config).unwrap();
+        Self::start_with_config(dir, &path, port)
+    }
+
+    pub fn start_with_config(dir: &Path, config: &Path, port: u16) -> Server {
+        let log = dir.join(format!("twinsan-{port}.log"));
+        let logf = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", std::env::var("TWINSAN_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .expect("start twinsan");
+        let s = Server {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+            config: config.to_path_buf(),
+            log,
+        };
+        s.wait_listening();
+        s
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("twinsan did not listen on {}; log:\n{}", self.port, self.log_text());
+    }
+
+    pub fn portal(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self, lun: u32) -> String {
+        format!("iscsi://127.0.0.1:{}/{IQN}/{lun}", self.port)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the server (SIGTERM, then SIGKILL) and waits for it.
+    pub fn stop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            unsafe {
+                libc::kill(self.child.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Panics with the server log if the process died.
+    pub fn assert_alive(&mut self) {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            panic!("twinsan exited ({st}); log:\n{}", self.log_text());
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs a command with a time bound; returns its output.
+pub fn run(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out_pipe = child.stdout.take().unwrap();
+    let err_pipe = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || read_all(out_pipe));
+    let t_err = std::thread::spawn(move || read_all(err_pipe));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let st = child.wait().unwrap();
+            eprintln!("{cmd:?} exceeded {limit:?}: killed");
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+fn read_all(r: impl std::io::Read) -> Vec<u8> {
+    let mut v = Vec::new();
+    let mut br = BufReader::new(r);
+    loop {
+        let buf = br.fill_buf().unwrap_or(&[]);
+        if buf.is_empty() {
+            break;
+        }
+        v.extend_from_slice(buf);
+        let n = buf.len();
+        br.consume(n);
+    }
+    v
+}
+
+pub fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Per-suite counts from `iscsi-test-cu` verbose output.
+#[derive(Debug, Default, Clone)]
+pub struct CuCounts {
+    pub passed: usize,
+    pub skipped: usize,
+    pub failed: Vec<String>,
+}
+
+/// Parses iscsi-test-cu verbose output. CUnit's verdict is `passed`/`FAILED` right after
+/// "..." or at the start of a line; a "[SKIPPED]" printed between a test's start and its
+/// verdict makes a pass a skip (text after the verdict belongs to the next setup).
+pub fn parse_cu(out: &str) -> CuCounts {
+    let mut c = CuCounts::default();
+    let mut suite = String::new();
+    let mut current: Option<(String, bool)> = None;
+    let mut verdict = |cur: &mut Option<(String, bool)>, ok: bool| {
+        if let Some((name, skipped)) = cur.take() {
+            if !ok {
+                c.failed.push(name);
+            } else if skipped {
+                c.skipped += 1;
+            } else {
+                c.passed += 1;
+            }
+        }
+    };
+    for line in out.lines() {
+        if let Some(s) = line.strip_prefix("Suite: ") {
+            suite = s.trim().to_string();
+            continue;
+        }
+        let rest = if let Some(t) = line.strip_prefix("  Test: ") {
+            let (name, rest) = t.split_once(" ...").unwrap_or((t, ""));
+            current = Some((format!("{suite}.{name}"), false));
+            rest
+        } else {
+            line
+        };
+        if current.is_none() {
+            continue;
+        }
+        let trimmed = rest.trim_start();
+        if trimmed.starts_with("passed") && !rest.starts_with(' ') || rest.starts_with("passed") {
+            verdict(&mut current, true);
+        } else if rest.starts_with("FAILED") {
+            verdict(&mut current, false);
+        } else if rest.contains("[SKIPPED]") {
+            if let Some(cur) = current.as_mut() {
+                cur.1 = true;
+            }
+        }
+    }
+    if let Some((name, _)) = current.take() {
+        c.failed.push(format!("{name} (no verdict)"));
+    }
+    c
+}

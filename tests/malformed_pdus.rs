@@ -1,0 +1,292 @@
+//! Bad input from the network: malformed PDUs get a Reject or drop only their own
+//! connection, while another session keeps working (RFC 7143 §7, §11.17).
+
+mod common;
+
+use bytes::{Bytes, BytesMut};
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tokio_util::codec::{Decoder, Encoder};
+use twinsan::iscsi::negotiation::encode_text;
+use twinsan::iscsi::pdu::{Opcode, Pdu, PduCodec, RESERVED_TAG};
+
+/// A minimal initiator speaking raw PDUs.
+struct Raw {
+    stream: TcpStream,
+    codec: PduCodec,
+    buf: BytesMut,
+    cmd_sn: u32,
+    itt: u32,
+}
+
+impl Raw {
+    fn login(port: u16, header_digest: bool, data_digest: bool) -> Raw {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut raw = Raw {
+            stream,
+            codec: PduCodec {
+                max_recv_data_segment: 1 << 20,
+                ..PduCodec::default()
+            },
+            buf: BytesMut::new(),
+            cmd_sn: 1,
+            itt: 1,
+        };
+        let dig = |on: bool| if on { "CRC32C" } else { "None" };
+        let text = encode_text(&[
+            ("InitiatorName", INIT1),
+            ("TargetName", IQN),
+            ("SessionType", "Normal"),
+            ("HeaderDigest", dig(header_digest)),
+            ("DataDigest", dig(data_digest)),
+            ("MaxRecvDataSegmentLength", "262144"),
+            ("ImmediateData", "Yes"),
+            ("InitialR2T", "No"),
+            ("MaxBurstLength", "262144"),
+            ("FirstBurstLength", "65536"),
+        ]);
+        let mut data = Bytes::from(text);
+        for round in 0..4 {
+            let mut p = Pdu::new(Opcode::LoginRequest);
+            p.set_immediate(true);
+            p.set_flags(0x80 | (1 << 2) | 3); // T, CSG=operational, NSG=full feature
+            p.bhs[8..14].copy_from_slice(&[0x80, 0, 0x12, 0x34, 0, round]);
+            p.set_itt(0);
+            p.set_u32_at(24, raw.cmd_sn);
+            p.set_data(std::mem::take(&mut data));
+            raw.send(p);
+            let r = raw.recv(Duration::from_secs(5)).expect("login response");
+            assert_eq!(r.opcode(), Some(Opcode::LoginResponse));
+            assert_eq!((r.bhs[36], r.bhs[37]), (0, 0), "login status");
+            if r.flags() & 0x80 != 0 && r.flags() & 3 == 3 {
+                raw.codec.header_digest = header_digest;
+                raw.codec.data_digest = data_digest;
+                return raw;
+            }
+        }
+        panic!("login did not reach full feature phase");
+    }
+
+    fn send(&mut self, p: Pdu) {
+        let mut out = BytesMut::new();
+        self.codec.encode(p, &mut out).unwrap();
+        self.stream.write_all(&out).unwrap();
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// The next PDU, or None on timeout; panics on EOF (use `closed`).
+    fn recv(&mut self, limit: Duration) -> Option<Pdu> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(frame) = self.codec.decode(&mut self.buf).expect("framing") {
+                return Some(frame.expect("well-formed PDU from target"));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            let mut tmp = [0u8; 65536];
+            match self.stream.read(&mut tmp) {
+                Ok(0) => panic!("connection closed"),
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    /// Whether the target closed the connection within `limit`.
+    fn closed(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut tmp = [0u8; 4096];
+        while Instant::now() < deadline {
+            match self.stream.read(&mut tmp) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => return true,
+            }
+        }
+        false
+    }
+
+    fn next_itt(&mut self) -> u32 {
+        self.itt += 1;
+        self.itt
+    }
+
+    /// NOP-Out ping; true when the matching NOP-In arrives.
+    fn ping(&mut self) -> bool {
+        let itt = self.next_itt();
+        let mut p = Pdu::new(Opcode::NopOut);
+        p.set_immediate(true);
+        p.set_flags(0x80);
+        p.set_itt(itt);
+        p.set_u32_at(20, RESERVED_TAG);
+        p.set_u32_at(24, self.cmd_sn);
+        p.set_data(Bytes::from_static(b"ping"));
+        self.send(p);
+        self.wait_for(|r| r.opcode() == Some(Opcode::NopIn) && r.itt() == itt)
+            .is_some_and(|r| &r.data[..] == b"ping")
+    }
+
+    fn wait_for(&mut self, want: impl Fn(&Pdu) -> bool) -> Option<Pdu> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Some(p) = self.recv(Duration::from_millis(500)) {
+                if want(&p) {
+                    return Some(p);
+                }
+            }
+        }
+        None
+    }
+
+    fn test_unit_ready(&mut self, cmd_sn: u32) -> Pdu {
+        let itt = self.next_itt();
+        let mut p = Pdu::new(Opcode::ScsiCommand);
+        p.set_flags(0x80 | 0x01);
+        p.set_itt(itt);
+        p.set_u32_at(24, cmd_sn);
+        p
+    }
+}
+
+fn other_session_works(s: &Server) {
+    let o = run(Command::new(tool("iscsi-inq")).arg(s.url(0)), Duration::from_secs(30));
+    assert!(o.status.success(), "a second session failed: {}", text(&o));
+}
+
+#[test]
+fn bad_opcode_is_rejected_and_connection_survives() {
+    let dir = scratch_dir();
+    let s = Server::start(dir.path(), "", None, "");
+    let mut r = Raw::login(s.port, false, false);
+    let mut p = Pdu::new(Opcode::NopOut);
+    p.bhs[0] = 0x1d; // no such initiator opcode
+    p.set_itt(77);
+    r.send(p);
+    let rej = r.wait_for(|p| p.opcode() == Some(Opcode::Reject)).expect("Reject");
+    assert_eq!(rej.bhs[2], 0x05, "reason: command not supported");
+    assert_eq!(rej.data[0] & 0x3f, 0x1d, "Reject carries the offending header");
+    assert!(r.ping(), "connection still works");
+    other_session_works(&s);
+}
+
+#[test]
+fn oversized_data_segment_is_rejected() {
+    let dir = scratch_dir();
+    let s = Server::start(dir.path(), "", None, "");
+    let mut r = Raw::login(s.port, false, false);
+    // WRITE(10) with 300000 bytes of immediate data: over our MaxRecvDataSegmentLength.
+    let itt = r.next_itt();
+    let mut p = Pdu::new(Opcode::ScsiCommand);
+    p.set_flags(0x80 | 0x20 | 0x01);
+    p.set_itt(itt);
+    p.set_u32_at(20, 300_000);
+    p.set_u32_at(24, r.cmd_sn);
+    p.bhs[32] = 0x2a;
+    p.set_data(Bytes::from(vec![0u8; 300_000]));
+    r.send(p);
+    let rej = r.wait_for(|p| p.opcode() == Some(Opcode::Reject)).expect("Reject");
+    assert_eq!(rej.bhs[2], 0x04, "reason: protocol error");
+    assert!(r.ping(), "connection still works");
+    other_session_works(&s);
+}
+
+#[test]
+fn bad_data_digest_is_rejected_bad_header_digest_drops_only_that_connection() {
+    let dir = scratch_dir();
+    let mut s = Server::start(dir.path(), "", None, "");
+    let mut r = Raw::login(s.port, true, true);
+    assert!(r.ping(), "digests negotiated and working");
+    // A NOP-Out whose data digest is wrong.
+    let mut p = Pdu::new(Opcode::NopOut);
+    p.set_immediate(true);
+    p.set_flags(0x80);
+    p.set_itt(500);
+    p.set_u32_at(20, RESERVED_TAG);
+    p.set_data(Bytes::from_static(b"abcd"));
+    let mut out = BytesMut::new();
+    r.codec.clone().encode(p, &mut out).unwrap();
+    let n = out.len();
+    out[n - 1] ^= 0x55;
+    r.send_raw(&out);
+    let rej = r.wait_for(|p| p.opcode() == Some(Opcode::Reject)).expect("Reject");
+    assert_eq!(rej.bhs[2], 0x02, "reason: data digest error");
+    assert!(r.ping(), "connection survives a data digest error");
+
+    // A header digest error: framing can no longer be trusted, the connection is dropped.
+    let mut p = Pdu::new(Opcode::NopOut);
+    p.set_immediate(true);
+    p.set_flags(0x80);
+    p.set_itt(501);
+    let mut out = BytesMut::new();
+    r.codec.clone().encode(p, &mut out).unwrap();
+    out[48] ^= 1;
+    r.send_raw(&out);
+    assert!(r.closed(Duration::from_secs(5)), "header digest error closes the connection");
+    s.assert_alive();
+    other_session_works(&s);
+}
+
+#[test]
+fn cmdsn_far_outside_window_is_ignored() {
+    let dir = scratch_dir();
+    let s = Server::start(dir.path(), "", None, "");
+    let mut r = Raw::login(s.port, false, false);
+    let far = r.test_unit_ready(r.cmd_sn.wrapping_add(1_000_000));
+    let far_itt = far.itt();
+    r.send(far);
+    assert!(
+        r.wait_for(|p| p.itt() == far_itt).is_none(),
+        "a command outside the CmdSN window must be ignored (§4.2.2.1)"
+    );
+    let ok = r.test_unit_ready(r.cmd_sn);
+    let itt = ok.itt();
+    r.send(ok);
+    let resp = r.wait_for(|p| p.itt() == itt).expect("in-window command answered");
+    assert_eq!(resp.opcode(), Some(Opcode::ScsiResponse));
+    assert_eq!(resp.bhs[3], 0, "GOOD");
+    other_session_works(&s);
+}
+
+#[test]
+fn garbage_and_truncated_input_never_crash_the_server() {
+    let dir = scratch_dir();
+    let mut s = Server::start(dir.path(), "", None, "");
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..40 {
+        let mut stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        let len = 1 + (i * 37) % 300;
+        let mut junk = Vec::with_capacity(len);
+        for _ in 0..len {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            junk.push(seed as u8);
+        }
+        if i % 3 == 0 {
+            junk[0] = 0x43; // looks like a login request, the rest is garbage
+        }
+        let _ = stream.write_all(&junk);
+        drop(stream);
+    }
+    // A huge declared data segment in an otherwise plausible login request.
+    let mut stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    let mut bhs = [0u8; 48];
+    bhs[0] = 0x43;
+    bhs[1] = 0x87;
+    bhs[5..8].copy_from_slice(&[0xff, 0xff, 0xff]);
+    let _ = stream.write_all(&bhs);
+    drop(stream);
+    std::thread::sleep(Duration::from_millis(200));
+    s.assert_alive();
+    other_session_works(&s);
+}
