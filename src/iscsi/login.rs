@@ -97,6 +97,10 @@ pub struct TargetAuth {
     pub chap: Option<ChapCredentials>,
     /// Credentials we answer with when the initiator asks for mutual CHAP.
     pub mutual_chap: Option<ChapCredentials>,
+    /// This target's portals for SendTargets; empty = the portal group's.
+    pub portals: Vec<std::net::SocketAddr>,
+    /// This target's portal group tag; `None` = [`LoginConfig::portal_group_tag`].
+    pub portal_group_tag: Option<u16>,
 }
 
 impl TargetAuth {
@@ -107,6 +111,8 @@ impl TargetAuth {
             allowed_initiators: Vec::new(),
             chap: None,
             mutual_chap: None,
+            portals: Vec::new(),
+            portal_group_tag: None,
         }
     }
 
@@ -786,7 +792,10 @@ impl LoginNegotiation {
             // Declared in the first response of a Normal session (§13.9, §13.6).
             reply.push((
                 "TargetPortalGroupTag".into(),
-                config.portal_group_tag.to_string(),
+                target
+                    .portal_group_tag
+                    .unwrap_or(config.portal_group_tag)
+                    .to_string(),
             ));
             if let Some(alias) = &target.alias {
                 reply.push(("TargetAlias".into(), alias.clone()));

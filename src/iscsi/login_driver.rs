@@ -42,8 +42,13 @@ impl SessionDirectory for Directory<'_> {
                     && s.isid == q.isid
                     && s.target.as_ref().is_some_and(|t| t.iqn.eq_ignore_ascii_case(q.target_name)) =>
             {
-                // One connection per session: a login for this session replaces its connection.
-                ExistingSession::Reinstate { params: s.params.clone() }
+                // MaxConnections=1: the same CID replaces the connection (§6.3.4); another CID
+                // would be a second connection.
+                if s.cid == q.cid {
+                    ExistingSession::Reinstate { params: s.params.clone() }
+                } else {
+                    ExistingSession::TooManyConnections
+                }
             }
             _ => ExistingSession::NotFound,
         }
@@ -107,6 +112,7 @@ pub async fn drive_login(
                 exp_cmd_sn: result.exp_cmd_sn,
                 queue_depth: state.login.cmd_window,
                 params: result.params.clone(),
+                cid: result.cid,
             },
         );
         // A reinstated session's tasks must stop before the new one runs commands (§6.3.5).
@@ -182,6 +188,8 @@ pub fn build_login_config(config: &Config) -> Arc<LoginConfig> {
             a.allowed_initiators = t.allowed_initiators.clone();
             a.chap = chap(&t.chap);
             a.mutual_chap = chap(&t.mutual_chap);
+            a.portals = t.portals.iter().filter_map(|p| p.parse().ok()).collect();
+            a.portal_group_tag = Some(t.tpgt);
             a
         })
         .collect();

@@ -105,6 +105,8 @@ pub struct Session {
     pub queue_depth: u32,
     /// Negotiated parameters, kept for connection reinstatement.
     pub params: SessionParams,
+    /// The connection ID of the session's one connection.
+    pub cid: u16,
     exp_cmd_sn: AtomicU32,
     max_cmd_sn: AtomicU32,
     active: AtomicU32,
@@ -231,6 +233,7 @@ pub struct NewSession {
     pub exp_cmd_sn: u32,
     pub queue_depth: u32,
     pub params: SessionParams,
+    pub cid: u16,
 }
 
 impl SessionRegistry {
@@ -258,6 +261,7 @@ impl SessionRegistry {
             target: s.target,
             queue_depth: s.queue_depth,
             params: s.params,
+            cid: s.cid,
             exp_cmd_sn: AtomicU32::new(s.exp_cmd_sn),
             max_cmd_sn: AtomicU32::new(s.exp_cmd_sn.wrapping_add(s.queue_depth).wrapping_sub(1)),
             active: AtomicU32::new(0),
@@ -350,6 +354,7 @@ mod tests {
                 exp_cmd_sn: 10,
                 queue_depth: 4,
                 params: SessionParams::default(),
+                cid: 0,
             },
         )
         .0

@@ -248,7 +248,7 @@ fn text_response(itt: u32, ttt: u32, flags: u8, data: Vec<u8>) -> Pdu {
 }
 
 /// The addresses to advertise: configured portals, wildcards replaced by the local address.
-fn addresses(ctx: &TextContext<'_>) -> Vec<SocketAddr> {
+fn addresses(ctx: &TextContext<'_>, portals: &[SocketAddr]) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = Vec::new();
     let mut push = |a: SocketAddr| {
         let a = SocketAddr::new(a.ip().to_canonical(), a.port());
@@ -256,7 +256,7 @@ fn addresses(ctx: &TextContext<'_>) -> Vec<SocketAddr> {
             out.push(a);
         }
     };
-    for p in ctx.portals {
+    for p in portals {
         if p.ip().is_unspecified() {
             if let Some(local) = ctx.local_addr {
                 push(SocketAddr::new(local.ip(), p.port()));
@@ -265,7 +265,7 @@ fn addresses(ctx: &TextContext<'_>) -> Vec<SocketAddr> {
             push(*p);
         }
     }
-    if ctx.portals.is_empty() {
+    if portals.is_empty() {
         if let Some(local) = ctx.local_addr {
             push(local);
         }
@@ -307,15 +307,13 @@ pub fn send_targets(ctx: &TextContext<'_>, value: &str) -> Vec<u8> {
             _ => Vec::new(),
         },
     };
-    let addrs = addresses(ctx);
     let mut pairs: Vec<(String, String)> = Vec::new();
     for t in chosen {
         pairs.push(("TargetName".into(), t.name.clone()));
-        for a in &addrs {
-            pairs.push((
-                "TargetAddress".into(),
-                format!("{a},{}", ctx.portal_group_tag),
-            ));
+        let portals = if t.portals.is_empty() { ctx.portals } else { &t.portals[..] };
+        let tpgt = t.portal_group_tag.unwrap_or(ctx.portal_group_tag);
+        for a in addresses(ctx, portals) {
+            pairs.push(("TargetAddress".into(), format!("{a},{tpgt}")));
         }
     }
     encode_text(&pairs)

@@ -153,8 +153,15 @@ enum Kind {
 #[derive(Debug)]
 enum IoMode {
     /// Requests aligned to these go to the O_DIRECT fd, others to the buffered one.
-    Direct { offset_align: u32, mem_align: u32 },
-    Buffered { reason: String },
+    Direct {
+        offset_align: u32,
+        mem_align: u32,
+        /// The filesystem did not report its alignment (statx), so it is a guess.
+        guessed: bool,
+    },
+    Buffered {
+        reason: String,
+    },
 }
 
 /// Memory the kernel may be reading or writing for one op.
@@ -184,11 +191,19 @@ impl Keep {
 enum Slot {
     Free,
     /// Owned by the kernel; a future is waiting.
-    InFlight { waker: Option<Waker>, keep: Keep },
+    InFlight {
+        waker: Option<Waker>,
+        keep: Keep,
+    },
     /// Owned by the kernel; the future was dropped, so the reaper frees `keep`.
-    Orphaned { keep: Keep },
+    Orphaned {
+        keep: Keep,
+    },
     /// The kernel is done; the future has not collected the result yet.
-    Done { res: i32, keep: Keep },
+    Done {
+        res: i32,
+        keep: Keep,
+    },
 }
 
 struct State {
@@ -445,6 +460,7 @@ impl Shared {
             IoMode::Direct {
                 offset_align,
                 mem_align,
+                ..
             } => {
                 let a = u64::from(offset_align);
                 if pos % a != 0 || len as u64 % a != 0 {
@@ -495,7 +511,9 @@ impl Drop for Shared {
             if let Err(e) = self.ring.submit_and_wait(1) {
                 match e.raw_os_error() {
                     Some(libc::EINTR) => {}
-                    Some(libc::EAGAIN | libc::EBUSY) => std::thread::sleep(Duration::from_millis(1)),
+                    Some(libc::EAGAIN | libc::EBUSY) => {
+                        std::thread::sleep(Duration::from_millis(1))
+                    }
                     _ => {
                         tracing::error!(path = %self.path.display(), error = %e,
                             "cannot wait for in-flight io_uring ops; leaking their buffers");
@@ -532,10 +550,8 @@ async fn reap_task(guard: ReaperGuard) {
     let registered = std::panic::catch_unwind(move || {
         // SAFETY: the ring fd stays open while `guard` holds the Arc, and `afd` is dropped
         // before `guard`.
-        unsafe {
-            AsyncFd::register_with_interest(RingFd(fd), Interest::READABLE)
-        }
-        .map_err(|e| e.to_string())
+        unsafe { AsyncFd::register_with_interest(RingFd(fd), Interest::READABLE) }
+            .map_err(|e| e.to_string())
     });
     let afd = match registered {
         Ok(Ok(afd)) => afd,
@@ -816,7 +832,10 @@ impl FileStore {
                         "O_DIRECT refused by the filesystem; using buffered I/O");
                     (
                         open_buffered()?,
-                        Some(format!("O_DIRECT refused by filesystem: {}", errno_name(&e))),
+                        Some(format!(
+                            "O_DIRECT refused by filesystem: {}",
+                            errno_name(&e)
+                        )),
                     )
                 }
                 Err(e) => return Err(open_err(path, "open", e)),
@@ -857,6 +876,7 @@ impl FileStore {
                 Some((mem, off)) => IoMode::Direct {
                     offset_align: off.max(lbs),
                     mem_align: mem.max(1),
+                    guessed: false,
                 },
                 // Not reported: the fs block size is the safe guess for files, the logical
                 // block size for devices.
@@ -866,6 +886,7 @@ impl FileStore {
                         Kind::RegularFile => (meta.blksize() as u32).max(512),
                     },
                     mem_align: IO_ALIGN as u32,
+                    guessed: true,
                 },
             },
         };
@@ -873,6 +894,7 @@ impl FileStore {
             (IoMode::Direct { mem_align, .. }, Some(offset_align)) => IoMode::Direct {
                 offset_align,
                 mem_align,
+                guessed: false,
             },
             (m, _) => m,
         };
@@ -1210,10 +1232,19 @@ impl BlockStore for FileStore {
         }
         let _ = write!(s, ", {} bytes, ", sh.size);
         match &sh.io_mode {
-            IoMode::Direct { offset_align, .. } => {
+            IoMode::Direct {
+                offset_align,
+                guessed,
+                ..
+            } => {
                 let _ = write!(
                     s,
-                    "O_DIRECT (requests not aligned to {offset_align} bytes use buffered I/O)"
+                    "O_DIRECT (requests not aligned to {offset_align} bytes use buffered I/O{})",
+                    if *guessed {
+                        "; alignment not reported by the filesystem, guessed"
+                    } else {
+                        ""
+                    }
                 );
             }
             IoMode::Buffered { reason } => {
@@ -1236,6 +1267,13 @@ mod tests {
     use tempfile::TempDir;
 
     const MIB: u64 = 1 << 20;
+
+    fn init_tracing() {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter("debug")
+            .try_init();
+    }
 
     fn pattern(seed: u64, len: usize) -> Vec<u8> {
         let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -1310,7 +1348,11 @@ mod tests {
                     .unwrap();
             } else {
                 let got = store.read(off, len as usize).await.unwrap();
-                assert_eq!(&got[..], &shadow[off as usize..(off + len) as usize], "op {i}");
+                assert_eq!(
+                    &got[..],
+                    &shadow[off as usize..(off + len) as usize],
+                    "op {i}"
+                );
             }
         }
         let all = store.read(0, size as usize).await.unwrap();
@@ -1329,7 +1371,9 @@ mod tests {
     async fn random_io_buffered_current_thread() {
         let (_dir, store) = temp_store(8 * MIB, false);
         assert!(!store.is_direct());
-        assert!(store.describe().contains("buffered I/O (O_DIRECT not requested)"));
+        assert!(store
+            .describe()
+            .contains("buffered I/O (O_DIRECT not requested)"));
         random_io_against_shadow(&store, 2000, 11).await;
     }
 
@@ -1360,7 +1404,10 @@ mod tests {
                     } else {
                         WriteMode::Cached
                     };
-                    store.write(base + off, Bytes::from(data), mode).await.unwrap();
+                    store
+                        .write(base + off, Bytes::from(data), mode)
+                        .await
+                        .unwrap();
                     let roff = rng.below((region - len) / 512 + 1) * 512;
                     let got = store.read(base + roff, len as usize).await.unwrap();
                     assert_eq!(&got[..], &shadow[roff as usize..(roff + len) as usize]);
@@ -1391,7 +1438,11 @@ mod tests {
             ..opts(&dir, 16 * MIB)
         })
         .unwrap();
-        assert!(store.describe().contains("io_uring depth 4"), "{}", store.describe());
+        assert!(
+            store.describe().contains("io_uring depth 4"),
+            "{}",
+            store.describe()
+        );
         concurrent_64(Arc::new(store)).await;
     }
 
@@ -1429,7 +1480,10 @@ mod tests {
         // Not 4 KiB aligned: ext4 zeroes the partial blocks itself.
         store.discard(512, 1024).await.unwrap();
         let after = std::fs::metadata(&path).unwrap().blocks();
-        assert!(after < before, "hole not punched: {before} -> {after} blocks");
+        assert!(
+            after < before,
+            "hole not punched: {before} -> {after} blocks"
+        );
         let got = store.read(0, 4 * MIB as usize).await.unwrap();
         let mut want = data;
         want[MIB as usize..3 * MIB as usize].fill(0);
@@ -1475,7 +1529,10 @@ mod tests {
         })
         .err()
         .unwrap();
-        assert!(matches!(err, OpenError::BadSize { size: 1000, .. }), "{err}");
+        assert!(
+            matches!(err, OpenError::BadSize { size: 1000, .. }),
+            "{err}"
+        );
         assert!(!dir.path().join("other.img").exists());
     }
 
@@ -1483,15 +1540,26 @@ mod tests {
     async fn open_errors_name_the_path() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.img");
-        let err = FileStore::open(FileStoreOptions::new(&missing)).err().unwrap();
+        let err = FileStore::open(FileStoreOptions::new(&missing))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("missing.img"), "{err}");
         let odd = dir.path().join("odd.img");
         std::fs::write(&odd, vec![0u8; 1000]).unwrap();
         let err = FileStore::open(FileStoreOptions::new(&odd)).err().unwrap();
-        assert!(matches!(err, OpenError::BadSize { size: 1000, .. }), "{err}");
-        let err = FileStore::open(FileStoreOptions::new(dir.path())).err().unwrap();
+        assert!(
+            matches!(err, OpenError::BadSize { size: 1000, .. }),
+            "{err}"
+        );
+        let err = FileStore::open(FileStoreOptions::new(dir.path()))
+            .err()
+            .unwrap();
         assert!(matches!(err, OpenError::NotFileOrDevice { .. }), "{err}");
-        let err = StoreError::from(FileStore::open(FileStoreOptions::new(&missing)).err().unwrap());
+        let err = StoreError::from(
+            FileStore::open(FileStoreOptions::new(&missing))
+                .err()
+                .unwrap(),
+        );
         assert!(err.to_string().contains("missing.img"), "{err}");
     }
 
@@ -1507,10 +1575,15 @@ mod tests {
         .unwrap();
         assert!(store.describe().contains("read-only"));
         assert!(matches!(
-            store.write(0, Bytes::from_static(&[0; 512]), WriteMode::Cached).await,
+            store
+                .write(0, Bytes::from_static(&[0; 512]), WriteMode::Cached)
+                .await,
             Err(StoreError::ReadOnly)
         ));
-        assert!(matches!(store.discard(0, 512).await, Err(StoreError::ReadOnly)));
+        assert!(matches!(
+            store.discard(0, 512).await,
+            Err(StoreError::ReadOnly)
+        ));
         store.flush().await.unwrap();
         let got = store.read(0, MIB as usize).await.unwrap();
         assert!(got == pattern(5, MIB as usize)[..]);
@@ -1522,11 +1595,9 @@ mod tests {
         let oor = |r: StoreResult<()>| matches!(r, Err(StoreError::OutOfRange { .. }));
         assert!(oor(store.read(MIB - 512, 1024).await.map(|_| ())));
         assert!(oor(store.read(u64::MAX - 10, 512).await.map(|_| ())));
-        assert!(oor(
-            store
-                .write(MIB, Bytes::from_static(&[1; 512]), WriteMode::Cached)
-                .await
-        ));
+        assert!(oor(store
+            .write(MIB, Bytes::from_static(&[1; 512]), WriteMode::Cached)
+            .await));
         assert!(oor(store.discard(u64::MAX, 2).await));
         assert!(store.read(MIB, 0).await.unwrap().is_empty());
         assert_eq!(store.read(MIB - 512, 512).await.unwrap().len(), 512);
@@ -1551,7 +1622,10 @@ mod tests {
             f.set_len(512 * 1024 + 512).unwrap();
             let got = store.read(512 * 1024 - 4096, 16384).await.unwrap();
             assert_eq!(got.len(), 16384);
-            assert_eq!(&got[..4096 + 512], &data[512 * 1024 - 4096..512 * 1024 + 512]);
+            assert_eq!(
+                &got[..4096 + 512],
+                &data[512 * 1024 - 4096..512 * 1024 + 512]
+            );
             assert!(got[4096 + 512..].iter().all(|&b| b == 0), "direct={direct}");
         }
     }
@@ -1592,7 +1666,10 @@ mod tests {
         let store = FileStore::open_with(opts(&dir, 8 * MIB), hooks).unwrap();
         assert!(!store.is_direct());
         let d = store.describe();
-        assert!(d.contains("buffered I/O (O_DIRECT refused by filesystem: EINVAL)"), "{d}");
+        assert!(
+            d.contains("buffered I/O (O_DIRECT refused by filesystem: EINVAL)"),
+            "{d}"
+        );
         random_io_against_shadow(&store, 500, 17).await;
     }
 
@@ -1659,10 +1736,7 @@ mod tests {
         let check = |contents: &[u8]| {
             for b in 0..BLOCKS as usize {
                 let want = pattern(b as u64, BLOCK);
-                for (s, sector) in contents[b * BLOCK..(b + 1) * BLOCK]
-                    .chunks(512)
-                    .enumerate()
-                {
+                for (s, sector) in contents[b * BLOCK..(b + 1) * BLOCK].chunks(512).enumerate() {
                     let new = &want[s * 512..(s + 1) * 512];
                     assert!(
                         sector == new || sector.iter().all(|&x| x == 0),
@@ -1691,6 +1765,7 @@ mod tests {
     /// kernel.
     #[test]
     fn survives_runtime_shutdown_with_ops_in_flight() {
+        init_tracing();
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(opts(&dir, 32 * MIB)).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1701,7 +1776,11 @@ mod tests {
         rt.block_on(async {
             for b in 0..32u64 {
                 let _ = store
-                    .write(b * MIB, Bytes::from(pattern(b, MIB as usize)), WriteMode::Cached)
+                    .write(
+                        b * MIB,
+                        Bytes::from(pattern(b, MIB as usize)),
+                        WriteMode::Cached,
+                    )
                     .now_or_never();
             }
         });
@@ -1722,7 +1801,11 @@ mod tests {
         rt.block_on(async {
             for b in 0..32u64 {
                 let _ = store
-                    .write(b * MIB, Bytes::from(pattern(b, MIB as usize)), WriteMode::Cached)
+                    .write(
+                        b * MIB,
+                        Bytes::from(pattern(b, MIB as usize)),
+                        WriteMode::Cached,
+                    )
                     .now_or_never();
             }
         });
@@ -1748,7 +1831,11 @@ mod tests {
             .arg(&img)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let dev = String::from_utf8(out.stdout).unwrap().trim().to_owned();
         struct Detach(String);
         impl Drop for Detach {
@@ -1825,7 +1912,10 @@ mod tests {
                         tasks.push(tokio::spawn(async move {
                             let mut off = t * chunk as u64;
                             while off < size {
-                                store.write(off, data.clone(), WriteMode::Cached).await.unwrap();
+                                store
+                                    .write(off, data.clone(), WriteMode::Cached)
+                                    .await
+                                    .unwrap();
                                 off += 4 * chunk as u64;
                             }
                         }));

@@ -45,7 +45,7 @@ impl MemStore {
             self.fail_to.load(Ordering::SeqCst),
         );
         if from < to && offset < to && offset + len > from {
-            return Err(StoreError::Io(std::io::Error::from_raw_os_error(libc::EIO)));
+            return Err(StoreError::Io(std::io::Error::from_raw_os_error(5 /* EIO */)));
         }
         Ok(())
     }

@@ -1,0 +1,60 @@
+//! The block-store abstraction every layer of twinsan shares: the iSCSI target serves a
+//! `BlockStore`, the io_uring file store implements it, and a replicated volume wraps one.
+//!
+//! A store is a flat array of bytes addressed by byte offset. Callers guarantee that every
+//! request is inside `size()` and a multiple of the LUN's block size.
+
+mod mem;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use mem::MemStore;
+
+/// Errors a store reports for one request. The SCSI layer turns `Io` into MEDIUM ERROR sense.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("I/O error on backing store: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("request at offset {offset} length {len} is outside the store (size {size})")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("store is read-only")]
+    ReadOnly,
+    #[error("store is shut down")]
+    Closed,
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = StoreResult<T>> + Send + 'a>>;
+
+/// Durability of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// May sit in a volatile cache until the next flush (SCSI WCE=1 semantics).
+    Cached,
+    /// Stable on media when the future resolves (FUA: RWF_DSYNC).
+    Durable,
+}
+
+pub trait BlockStore: Send + Sync + 'static {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Reads `len` bytes at `offset`.
+    fn read(&self, offset: u64, len: usize) -> IoFuture<'_, bytes::Bytes>;
+    /// Writes `data` at `offset`.
+    fn write(&self, offset: u64, data: bytes::Bytes, mode: WriteMode) -> IoFuture<'_, ()>;
+    /// Makes every completed write stable (SYNCHRONIZE CACHE).
+    fn flush(&self) -> IoFuture<'_, ()>;
+    /// Tells the store the range is unused; later reads return zeroes.
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
+    /// A line for the log: path, direct or buffered, and why.
+    fn describe(&self) -> String;
+}
+
+/// Checks that `[offset, offset+len)` lies within a store of `size` bytes.
+pub fn check_range(offset: u64, len: u64, size: u64) -> StoreResult<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(StoreError::OutOfRange { offset, len, size }),
+    }
+}
