@@ -52,6 +52,9 @@ pub struct ServerConfig {
     pub queue_depth: u32,
     /// Seconds a login may take before the connection is dropped.
     pub login_timeout_secs: u64,
+    /// Unix socket the `twinsan status` family of commands talks to; default
+    /// `<data_dir>/twinsan.sock`.
+    pub control_socket: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +65,7 @@ impl Default for ServerConfig {
             nop_in_timeout_secs: 15,
             queue_depth: 128,
             login_timeout_secs: 15,
+            control_socket: None,
         }
     }
 }
@@ -207,6 +211,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("size `{s}` is too large"))
+}
+
+impl ServerConfig {
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("twinsan.sock"))
+    }
 }
 
 impl Config {

@@ -4,6 +4,7 @@
 //! (`scsi`), block stores over io_uring (`store`), configuration and the server.
 
 pub mod config;
+pub mod control;
 pub mod identity;
 pub mod iscsi;
 pub mod scsi;

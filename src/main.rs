@@ -25,6 +25,18 @@ enum Command {
         #[arg(long, default_value = "./twinsan-data")]
         data_dir: PathBuf,
     },
+    /// Show what the running daemon serves: targets, LUNs, sessions.
+    Status {
+        /// Configuration of the daemon to ask (its control socket); default: embedded config.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Control socket path (overrides the one from the configuration).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a configuration file and print what it defines.
     CheckConfig {
         #[arg(long, short)]
@@ -53,6 +65,24 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("cannot start the async runtime")?
                 .block_on(serve(config))
+        }
+        Command::Status { config, socket, json } => {
+            let path = match (socket, config) {
+                (Some(s), _) => s,
+                (None, Some(c)) => Config::load(&c)?.server.control_socket_path(),
+                (None, None) => Config::embedded_default(std::path::Path::new("./twinsan-data"))
+                    .server
+                    .control_socket_path(),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let reply = rt.block_on(twinsan::control::request(&path, serde_json::json!({"command": "status"})))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reply["status"])?);
+            } else {
+                let status: twinsan::control::Status = serde_json::from_value(reply["status"].clone())?;
+                print!("{}", twinsan::control::render(&status));
+            }
+            Ok(())
         }
         Command::CheckConfig { config } => {
             let c = Config::load(&config)?;
@@ -90,6 +120,5 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         stop.cancel();
     });
-    server.run(shutdown).await;
-    Ok(())
+    server.run(shutdown).await
 }

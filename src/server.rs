@@ -30,6 +30,7 @@ pub struct ServerState {
 pub struct Server {
     state: Arc<ServerState>,
     listeners: Vec<TcpListener>,
+    control_socket: std::path::PathBuf,
 }
 
 impl Server {
@@ -88,7 +89,11 @@ impl Server {
             login: build_login_config(config),
             portals,
         });
-        Ok(Server { state, listeners })
+        Ok(Server {
+            state,
+            listeners,
+            control_socket: config.server.control_socket_path(),
+        })
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
@@ -96,8 +101,18 @@ impl Server {
     }
 
     /// Accepts connections until `shutdown` is cancelled.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut tasks = Vec::new();
+        let control = {
+            let (path, state, shutdown) = (self.control_socket.clone(), self.state.clone(), shutdown.clone());
+            // Bind first so a second twinsan on the same data dir fails at start, not later.
+            let serve = crate::control::serve(path.clone(), state, shutdown);
+            tokio::spawn(async move {
+                if let Err(e) = serve.await {
+                    error!(socket = %path.display(), "control socket failed: {e}");
+                }
+            })
+        };
         for listener in self.listeners {
             let state = self.state.clone();
             let shutdown = shutdown.clone();
@@ -124,6 +139,8 @@ impl Server {
         for t in tasks {
             let _ = t.await;
         }
+        let _ = control.await;
+        Ok(())
     }
 }
 

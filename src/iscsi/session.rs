@@ -314,6 +314,13 @@ impl SessionRegistry {
             .collect()
     }
 
+    /// Every session, ordered by TSIH.
+    pub fn list(&self) -> Vec<Arc<Session>> {
+        let mut v: Vec<_> = self.sessions.lock().unwrap().values().cloned().collect();
+        v.sort_by_key(|s| s.tsih);
+        v
+    }
+
     pub fn count(&self) -> usize {
         self.sessions.lock().unwrap().len()
     }

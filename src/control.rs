@@ -1,0 +1,232 @@
+//! The local control socket: a Unix stream socket at `server.control_socket` speaking one
+//! JSON request per line and one JSON answer per line. `twinsan status` and the other
+//! operator commands are clients of it; scripts can be too (`{"command":"status"}`).
+
+use crate::server::ServerState;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub targets: Vec<TargetStatus>,
+    pub sessions: Vec<SessionStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TargetStatus {
+    pub iqn: String,
+    pub luns: Vec<LunStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LunStatus {
+    pub number: u64,
+    pub size_bytes: u64,
+    pub block_size: u32,
+    pub read_only: bool,
+    pub store: String,
+    pub naa: String,
+    pub serial: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SessionStatus {
+    pub tsih: u16,
+    pub initiator: String,
+    /// None for a discovery session.
+    pub target: Option<String>,
+    pub active_tasks: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach twinsan at {path}: {source} (is `twinsan serve` running with this config?)")]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("control socket {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("bad answer from twinsan: {0}")]
+    Protocol(String),
+    #[error("twinsan refused: {0}")]
+    Refused(String),
+}
+
+fn status(state: &ServerState, started: Instant) -> Status {
+    let mut targets: Vec<TargetStatus> = state
+        .targets
+        .values()
+        .map(|t| TargetStatus {
+            iqn: t.iqn.clone(),
+            luns: t
+                .scsi
+                .logical_units()
+                .map(|lu| LunStatus {
+                    number: lu.lun(),
+                    size_bytes: lu.num_blocks() * lu.block_size() as u64,
+                    block_size: lu.block_size(),
+                    read_only: lu.settings().read_only,
+                    store: lu.store().describe(),
+                    naa: hex::encode(&lu.settings().identity.naa),
+                    serial: lu.settings().identity.serial.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    targets.sort_by(|a, b| a.iqn.cmp(&b.iqn));
+    Status {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        uptime_secs: started.elapsed().as_secs(),
+        targets,
+        sessions: state
+            .sessions
+            .list()
+            .iter()
+            .map(|s| SessionStatus {
+                tsih: s.tsih,
+                initiator: s.initiator.clone(),
+                target: s.target.as_ref().map(|t| t.iqn.clone()),
+                active_tasks: s.active_tasks(),
+            })
+            .collect(),
+    }
+}
+
+fn answer(state: &ServerState, started: Instant, line: &str) -> serde_json::Value {
+    match serde_json::from_str::<Request>(line) {
+        Ok(Request::Status) => serde_json::json!({ "ok": true, "status": status(state, started) }),
+        Err(e) => serde_json::json!({ "ok": false, "error": format!("bad request: {e}") }),
+    }
+}
+
+/// Serves the control socket until `shutdown`. A stale socket file from a crashed run is
+/// replaced; a live one (another twinsan answering) is an error.
+pub async fn serve(path: PathBuf, state: Arc<ServerState>, shutdown: CancellationToken) -> std::io::Result<()> {
+    if path.exists() {
+        if UnixStream::connect(&path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("another twinsan answers on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(&path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(&path)?;
+    // Operator commands change roles later: only root (the owner) may talk to the daemon.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    info!(socket = %path.display(), "control socket ready");
+    let started = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = client(stream, &state, started).await {
+                            debug!("control client: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!("control socket accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+async fn client(stream: UnixStream, state: &ServerState, started: Instant) -> std::io::Result<()> {
+    let (rd, mut wr) = stream.into_split();
+    // A bounded read: a client cannot make the daemon buffer without limit.
+    let mut lines = BufReader::new(rd.take(1 << 20)).lines();
+    while let Some(line) = lines.next_line().await? {
+        let mut out = answer(state, started, &line).to_string();
+        out.push('\n');
+        wr.write_all(out.as_bytes()).await?;
+    }
+    Ok(())
+}
+
+/// Sends one request to the daemon at `path` and returns the `ok` answer's payload.
+pub async fn request(path: &Path, request: serde_json::Value) -> Result<serde_json::Value, ControlError> {
+    let stream = UnixStream::connect(path).await.map_err(|source| ControlError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let io = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let (rd, mut wr) = stream.into_split();
+    let mut line = request.to_string();
+    line.push('\n');
+    wr.write_all(line.as_bytes()).await.map_err(io)?;
+    let mut lines = BufReader::new(rd).lines();
+    let reply = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .map_err(|_| ControlError::Protocol("no answer within 10 s".into()))?
+        .map_err(io)?
+        .ok_or_else(|| ControlError::Protocol("connection closed without an answer".into()))?;
+    let v: serde_json::Value = serde_json::from_str(&reply).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    if v["ok"].as_bool() == Some(true) {
+        Ok(v)
+    } else {
+        Err(ControlError::Refused(v["error"].as_str().unwrap_or("unknown error").to_string()))
+    }
+}
+
+/// Human-readable rendering of a status.
+pub fn render(s: &Status) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(o, "twinsan {} (pid {}, up {} s)", s.version, s.pid, s.uptime_secs);
+    for t in &s.targets {
+        let _ = writeln!(o, "target {}", t.iqn);
+        for l in &t.luns {
+            let _ = writeln!(
+                o,
+                "  lun {:<3} {:>8} MiB  bs {:<4} {} naa {} serial {}\n          {}",
+                l.number,
+                l.size_bytes >> 20,
+                l.block_size,
+                if l.read_only { "ro" } else { "rw" },
+                l.naa,
+                l.serial,
+                l.store
+            );
+        }
+    }
+    let _ = writeln!(o, "sessions: {}", s.sessions.len());
+    for x in &s.sessions {
+        let _ = writeln!(
+            o,
+            "  tsih {:<5} {} -> {} ({} active)",
+            x.tsih,
+            x.initiator,
+            x.target.as_deref().unwrap_or("discovery"),
+            x.active_tasks
+        );
+    }
+    o
+}
