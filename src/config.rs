@@ -161,6 +161,169 @@ pub struct LunConfig {
     pub naa: Option<String>,
     /// Vendor-specific part of the T10 vendor-id designator.
     pub t10_vendor_specific: Option<String>,
+    /// Replicate this LUN synchronously to the peer host.
+    pub replication: Option<ReplicationConfig>,
+}
+
+/// A replicated volume (DRBD-like, protocol C). Both hosts configure the same `name`,
+/// `secret` and size; `listen`/`peer` mirror each other.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Volume name, identical on both hosts (checked when the peers connect).
+    pub name: String,
+    /// Address this host accepts the peer link on ("ip:port").
+    pub listen: String,
+    /// The peer's link address ("ip:port").
+    pub peer: String,
+    /// Shared secret for the link's HMAC challenge-response.
+    pub secret: String,
+    /// Where DRBD-format metadata lives: "internal" (end of the backing device), a file or
+    /// device path (flexible external), or "path[N]" (indexed external, 128 MiB slot N).
+    #[serde(default = "default_meta")]
+    pub meta: String,
+    /// Role at start-up until the HA layer (or an operator) decides: "primary" or "secondary".
+    #[serde(default = "default_role")]
+    pub role: String,
+    /// On peer loss: "dont-care" keeps serving and records changes in the bitmap;
+    /// "suspend-io" holds writes until the peer is back or I/O is resumed.
+    #[serde(default = "default_fencing")]
+    pub fencing: String,
+    /// Maximum resync rate, e.g. "100M" (bytes per second).
+    #[serde(default = "default_resync_rate")]
+    pub resync_rate: SizeValue,
+    #[serde(default = "default_ping")]
+    pub ping_interval_secs: u64,
+    /// Seconds without any frame from the peer before it is declared dead.
+    #[serde(default = "default_peer_timeout")]
+    pub timeout_secs: u64,
+    /// Split-brain recovery policies (DRBD's after-sb-0pri / 1pri / 2pri).
+    #[serde(default = "default_sb0")]
+    pub after_sb_0pri: String,
+    #[serde(default = "default_sb1")]
+    pub after_sb_1pri: String,
+    #[serde(default = "default_sb2")]
+    pub after_sb_2pri: String,
+    /// Online-verify digest: "crc32c" or "sha256".
+    #[serde(default = "default_verify_digest")]
+    pub verify_digest: String,
+}
+
+fn default_meta() -> String {
+    "internal".into()
+}
+fn default_role() -> String {
+    "secondary".into()
+}
+fn default_fencing() -> String {
+    "dont-care".into()
+}
+fn default_resync_rate() -> SizeValue {
+    SizeValue(100 << 20)
+}
+fn default_ping() -> u64 {
+    2
+}
+fn default_peer_timeout() -> u64 {
+    6
+}
+fn default_sb0() -> String {
+    "discard-zero-changes".into()
+}
+fn default_sb1() -> String {
+    "consensus".into()
+}
+fn default_sb2() -> String {
+    "disconnect".into()
+}
+fn default_verify_digest() -> String {
+    "crc32c".into()
+}
+
+pub const SPLIT_BRAIN_POLICIES_0PRI: &[&str] = &[
+    "disconnect",
+    "discard-zero-changes",
+    "discard-younger-primary",
+    "discard-older-primary",
+    "discard-least-changes",
+];
+pub const SPLIT_BRAIN_POLICIES_1PRI: &[&str] = &["disconnect", "consensus", "discard-secondary"];
+pub const SPLIT_BRAIN_POLICIES_2PRI: &[&str] = &["disconnect"];
+
+impl ReplicationConfig {
+    fn validate(&self, key: &str, err: &impl Fn(String, String) -> ConfigError) -> Result<(), ConfigError> {
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(err(
+                format!("{key}.name"),
+                format!("`{}` must be 1..=64 characters of letters, digits, '-', '_', '.'", self.name),
+            ));
+        }
+        for (k, v) in [("listen", &self.listen), ("peer", &self.peer)] {
+            if v.parse::<SocketAddr>().is_err() {
+                return Err(err(format!("{key}.{k}"), format!("`{v}` is not an address:port")));
+            }
+        }
+        if self.listen == self.peer {
+            return Err(err(format!("{key}.peer"), "must differ from `listen`".into()));
+        }
+        if self.secret.len() < 8 {
+            return Err(err(format!("{key}.secret"), "must be at least 8 bytes".into()));
+        }
+        let choice = |k: &str, v: &str, allowed: &[&str]| {
+            if allowed.contains(&v) {
+                Ok(())
+            } else {
+                Err(err(format!("{key}.{k}"), format!("`{v}` is not one of {}", allowed.join(", "))))
+            }
+        };
+        choice("role", &self.role, &["primary", "secondary"])?;
+        choice("fencing", &self.fencing, &["dont-care", "suspend-io"])?;
+        choice("after_sb_0pri", &self.after_sb_0pri, SPLIT_BRAIN_POLICIES_0PRI)?;
+        choice("after_sb_1pri", &self.after_sb_1pri, SPLIT_BRAIN_POLICIES_1PRI)?;
+        choice("after_sb_2pri", &self.after_sb_2pri, SPLIT_BRAIN_POLICIES_2PRI)?;
+        choice("verify_digest", &self.verify_digest, &["crc32c", "sha256"])?;
+        if self.ping_interval_secs == 0 || self.timeout_secs <= self.ping_interval_secs {
+            return Err(err(
+                format!("{key}.timeout_secs"),
+                "must be greater than ping_interval_secs (and both above 0)".into(),
+            ));
+        }
+        if self.resync_rate.0 < 1 << 20 {
+            return Err(err(format!("{key}.resync_rate"), "must be at least 1M".into()));
+        }
+        parse_meta(&self.meta).map_err(|m| err(format!("{key}.meta"), m))?;
+        Ok(())
+    }
+}
+
+/// Where a replicated volume keeps its DRBD-format metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaDisk {
+    Internal,
+    External(PathBuf),
+    Indexed(PathBuf, u32),
+}
+
+/// Parses `meta`: "internal", "/dev/x" or "/dev/x[3]".
+pub fn parse_meta(s: &str) -> Result<MetaDisk, String> {
+    let s = s.trim();
+    if s == "internal" {
+        return Ok(MetaDisk::Internal);
+    }
+    if s.is_empty() {
+        return Err("must be \"internal\", a path, or \"path[index]\"".into());
+    }
+    if let Some(open) = s.strip_suffix(']').and_then(|x| x.rfind('[').map(|i| (x, i))) {
+        let (body, i) = open;
+        let idx: u32 = body[i + 1..]
+            .parse()
+            .map_err(|_| format!("`{s}`: the index in [] must be a number"))?;
+        return Ok(MetaDisk::Indexed(PathBuf::from(&body[..i]), idx));
+    }
+    Ok(MetaDisk::External(PathBuf::from(s)))
 }
 
 fn default_block_size() -> u32 {
@@ -273,6 +436,7 @@ impl Config {
                     serial: None,
                     naa: None,
                     t10_vendor_specific: None,
+                    replication: None,
                 }],
             }],
         }
@@ -348,6 +512,7 @@ impl Config {
 
         let mut iqns = HashSet::new();
         let mut paths = HashSet::new();
+        let mut replication_names = HashSet::new();
         for (ti, t) in self.targets.iter().enumerate() {
             let tk = format!("target[{ti}]");
             if let Err(m) = check_iscsi_name(&t.iqn) {
@@ -431,6 +596,15 @@ impl Config {
                 if let Some(naa) = &l.naa {
                     if let Err(m) = parse_naa(naa) {
                         return Err(err(format!("{lk}.naa"), m));
+                    }
+                }
+                if let Some(r) = &l.replication {
+                    r.validate(&format!("{lk}.replication"), &err)?;
+                    if !replication_names.insert(r.name.clone()) {
+                        return Err(err(
+                            format!("{lk}.replication.name"),
+                            format!("volume `{}` is configured twice", r.name),
+                        ));
                     }
                 }
             }
@@ -568,6 +742,30 @@ naa = "600140512345678901234567890abcde"
         }
         assert!(matches!(parse("[[target]\n"), Err(ConfigError::Syntax { .. })));
         assert!(matches!(parse(&GOOD.replace("\"1GiB\"", "\"1QB\"")), Err(ConfigError::Syntax { .. })));
+    }
+
+    #[test]
+    fn replication_section_is_validated() {
+        let with = |extra: &str| {
+            format!(
+                "{GOOD}\n[target.lun.replication]\nname = \"r0\"\nlisten = \"127.0.0.1:7788\"\npeer = \"127.0.0.1:7789\"\nsecret = \"sharedsecret\"\n{extra}"
+            )
+        };
+        let c = parse(&with("")).unwrap();
+        let r = c.targets[0].luns[0].replication.as_ref().unwrap();
+        assert_eq!((r.role.as_str(), r.meta.as_str()), ("secondary", "internal"));
+        assert_eq!(
+            invalid_key(&with("after_sb_0pri = \"merge\"")),
+            "target[0].lun[0].replication.after_sb_0pri"
+        );
+        assert_eq!(invalid_key(&with("role = \"both\"")), "target[0].lun[0].replication.role");
+        assert_eq!(
+            invalid_key(&with("timeout_secs = 1\nping_interval_secs = 2")),
+            "target[0].lun[0].replication.timeout_secs"
+        );
+        assert_eq!(parse_meta("/dev/x[3]").unwrap(), MetaDisk::Indexed("/dev/x".into(), 3));
+        assert_eq!(parse_meta("/m").unwrap(), MetaDisk::External("/m".into()));
+        assert!(parse_meta("/dev/x[a]").is_err());
     }
 
     #[test]

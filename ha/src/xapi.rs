@@ -1,0 +1,600 @@
+//! XML-RPC client for XAPI, and a watcher that turns XAPI's view of the pool master into role
+//! signals.
+//!
+//! Every call has a timeout, because a slave's xapi forwards calls to the master and hangs when the
+//! master is dead. Results are unwrapped from XAPI's `{Status, Value | ErrorDescription}` envelope;
+//! `HOST_IS_SLAVE` becomes [`XapiError::HostIsSlave`] carrying the master's address.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::role::PoolRole;
+use crate::xmlrpc::{self, Response, Value, XmlRpcError};
+
+/// XAPI call failures.
+#[derive(Debug, thiserror::Error)]
+pub enum XapiError {
+    /// Could not connect / read / write.
+    #[error("XAPI I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// TLS setup or handshake failed (including a fingerprint mismatch).
+    #[error("XAPI TLS error: {0}")]
+    Tls(String),
+    /// The call did not finish in time.
+    #[error("XAPI call {0} timed out")]
+    Timeout(String),
+    /// Non-200 HTTP status.
+    #[error("XAPI HTTP status {0}")]
+    Http(String),
+    /// Malformed reply.
+    #[error(transparent)]
+    Protocol(#[from] XmlRpcError),
+    /// XML-RPC `<fault>`.
+    #[error("XML-RPC fault {0}: {1}")]
+    Fault(i64, String),
+    /// XAPI `Failure` with its ErrorDescription.
+    #[error("XAPI failure {code} {params:?}")]
+    Failure {
+        /// First element, e.g. `SESSION_INVALID`.
+        code: String,
+        /// The remaining elements.
+        params: Vec<String>,
+    },
+    /// Login on a pool slave: the master's address.
+    #[error("host is a pool slave; master is {master}")]
+    HostIsSlave {
+        /// Address of the pool master.
+        master: String,
+    },
+    /// A successful reply of the wrong type.
+    #[error("unexpected XAPI reply: {0}")]
+    Unexpected(String),
+}
+
+/// Plain TCP (tests) or TLS (real XAPI).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain HTTP; only for the in-process test XAPI.
+    Plain,
+    /// HTTPS accepting XAPI's self-signed certificate, optionally pinned by SHA-256 fingerprint.
+    Tls {
+        /// Expected SHA-256 of the server certificate (DER).
+        pin: Option<[u8; 32]>,
+    },
+}
+
+/// Where XAPI listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Host name or IP (IPv6 without brackets).
+    pub host: String,
+    /// Port (443 for real XAPI).
+    pub port: u16,
+    /// Transport.
+    pub transport: Transport,
+}
+
+/// An XAPI session reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session(pub String);
+
+/// One event from `event.from`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct XapiEvent {
+    /// Event id.
+    pub id: String,
+    /// Object class, e.g. `pool`.
+    pub class: String,
+    /// `add`, `mod` or `del`.
+    pub operation: String,
+    /// Object reference.
+    pub reference: String,
+    /// Object record, if sent.
+    pub snapshot: Option<Value>,
+}
+
+/// The result of `event.from`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventBatch {
+    /// Events since the token.
+    pub events: Vec<XapiEvent>,
+    /// Token for the next call.
+    pub token: String,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// XML-RPC client for one XAPI endpoint. Each call uses its own connection, so a hung call never
+/// blocks another.
+#[derive(Debug, Clone)]
+pub struct XapiClient {
+    endpoint: Endpoint,
+    timeout: Duration,
+}
+
+fn unexpected(what: &str, v: &Value) -> XapiError {
+    XapiError::Unexpected(format!("{what}: {v:?}"))
+}
+
+fn string(v: Value, what: &str) -> Result<String, XapiError> {
+    match v {
+        Value::String(s) => Ok(s),
+        other => Err(unexpected(what, &other)),
+    }
+}
+
+impl XapiClient {
+    /// A client whose calls time out after `timeout` (event.from adds its own poll time).
+    pub fn new(endpoint: Endpoint, timeout: Duration) -> Self {
+        XapiClient { endpoint, timeout }
+    }
+
+    /// The endpoint.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    async fn connect(&self) -> Result<Box<dyn Io>, XapiError> {
+        let ep = &self.endpoint;
+        let tcp = TcpStream::connect((ep.host.as_str(), ep.port)).await?;
+        tcp.set_nodelay(true)?;
+        match &ep.transport {
+            Transport::Plain => Ok(Box::new(tcp)),
+            Transport::Tls { pin } => {
+                let cfg =
+                    crate::tls::pinned_config(*pin).map_err(|e| XapiError::Tls(e.to_string()))?;
+                let name =
+                    crate::tls::server_name(&ep.host).map_err(|e| XapiError::Tls(e.to_string()))?;
+                let tls = tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| XapiError::Tls(e.to_string()))?;
+                Ok(Box::new(tls))
+            }
+        }
+    }
+
+    async fn post(&self, body: String) -> Result<String, XapiError> {
+        let mut conn = self.connect().await?;
+        let host = if self.endpoint.host.contains(':') {
+            format!("[{}]", self.endpoint.host)
+        } else {
+            self.endpoint.host.clone()
+        };
+        let req = format!(
+            "POST / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: twinsan\r\nContent-Type: text/xml\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(req.as_bytes()).await?;
+        conn.flush().await?;
+        let mut r = BufReader::new(conn);
+        let msg = xmlrpc::read_http(&mut r, true).await?;
+        let status = msg
+            .start
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("")
+            .to_string();
+        if status != "200" {
+            return Err(XapiError::Http(msg.start));
+        }
+        Ok(String::from_utf8_lossy(&msg.body).into_owned())
+    }
+
+    /// Calls a method with a timeout and unwraps XAPI's result envelope.
+    pub async fn call(&self, method: &str, params: Vec<Value>) -> Result<Value, XapiError> {
+        self.call_with_timeout(method, params, self.timeout).await
+    }
+
+    async fn call_with_timeout(
+        &self,
+        method: &str,
+        params: Vec<Value>,
+        timeout: Duration,
+    ) -> Result<Value, XapiError> {
+        let body = xmlrpc::encode_call(method, &params);
+        debug!(method, "XAPI call");
+        let reply = tokio::time::timeout(timeout, self.post(body))
+            .await
+            .map_err(|_| XapiError::Timeout(method.to_string()))??;
+        unwrap_envelope(xmlrpc::parse_response(&reply)?)
+    }
+
+    /// `session.login_with_password`; on a slave this fails with [`XapiError::HostIsSlave`].
+    pub async fn login(&self, user: &str, password: &str) -> Result<Session, XapiError> {
+        let v = self
+            .call(
+                "session.login_with_password",
+                vec![user.into(), password.into(), "1.0".into(), "twinsan".into()],
+            )
+            .await?;
+        Ok(Session(string(v, "session ref")?))
+    }
+
+    /// `session.slave_local_login_with_password`: talks only to this host (emergency mode).
+    pub async fn slave_local_login(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<Session, XapiError> {
+        let v = self
+            .call(
+                "session.slave_local_login_with_password",
+                vec![user.into(), password.into()],
+            )
+            .await?;
+        Ok(Session(string(v, "session ref")?))
+    }
+
+    /// `session.logout`.
+    pub async fn logout(&self, s: &Session) -> Result<(), XapiError> {
+        self.call("session.logout", vec![s.0.as_str().into()])
+            .await
+            .map(|_| ())
+    }
+
+    /// `pool.get_all`.
+    pub async fn pool_get_all(&self, s: &Session) -> Result<Vec<String>, XapiError> {
+        let v = self.call("pool.get_all", vec![s.0.as_str().into()]).await?;
+        match v {
+            Value::Array(items) => items.into_iter().map(|i| string(i, "pool ref")).collect(),
+            other => Err(unexpected("pool.get_all", &other)),
+        }
+    }
+
+    /// `pool.get_master` -> host ref.
+    pub async fn pool_get_master(&self, s: &Session, pool: &str) -> Result<String, XapiError> {
+        let v = self
+            .call("pool.get_master", vec![s.0.as_str().into(), pool.into()])
+            .await?;
+        string(v, "host ref")
+    }
+
+    /// `host.get_uuid`.
+    pub async fn host_get_uuid(&self, s: &Session, host: &str) -> Result<String, XapiError> {
+        string(
+            self.call("host.get_uuid", vec![s.0.as_str().into(), host.into()])
+                .await?,
+            "uuid",
+        )
+    }
+
+    /// `host.get_address`.
+    pub async fn host_get_address(&self, s: &Session, host: &str) -> Result<String, XapiError> {
+        let v = self
+            .call("host.get_address", vec![s.0.as_str().into(), host.into()])
+            .await?;
+        string(v, "address")
+    }
+
+    /// `host.get_by_uuid` -> host ref.
+    pub async fn host_get_by_uuid(&self, s: &Session, uuid: &str) -> Result<String, XapiError> {
+        let v = self
+            .call("host.get_by_uuid", vec![s.0.as_str().into(), uuid.into()])
+            .await?;
+        string(v, "host ref")
+    }
+
+    /// `event.from(classes, token, timeout)`: long-polls up to `timeout` seconds; the call's own
+    /// deadline is that plus the client timeout.
+    pub async fn event_from(
+        &self,
+        s: &Session,
+        classes: &[&str],
+        token: &str,
+        timeout: f64,
+    ) -> Result<EventBatch, XapiError> {
+        let deadline = self.timeout + Duration::from_secs_f64(timeout.clamp(0.0, 3600.0));
+        let v = self
+            .call_with_timeout(
+                "event.from",
+                vec![
+                    s.0.as_str().into(),
+                    Value::strings(classes.iter().copied()),
+                    token.into(),
+                    Value::Double(timeout),
+                ],
+                deadline,
+            )
+            .await?;
+        parse_event_batch(&v)
+    }
+
+    /// `message.create(name, priority, cls, obj_uuid, body)`: a XenCenter alert.
+    pub async fn message_create(
+        &self,
+        s: &Session,
+        name: &str,
+        priority: i64,
+        cls: &str,
+        obj_uuid: &str,
+        body: &str,
+    ) -> Result<String, XapiError> {
+        let v = self
+            .call(
+                "message.create",
+                vec![
+                    s.0.as_str().into(),
+                    name.into(),
+                    Value::Int(priority),
+                    cls.into(),
+                    obj_uuid.into(),
+                    body.into(),
+                ],
+            )
+            .await?;
+        string(v, "message ref")
+    }
+}
+
+/// Unwraps `{Status: "Success", Value}` / `{Status: "Failure", ErrorDescription}`.
+pub fn unwrap_envelope(r: Response) -> Result<Value, XapiError> {
+    let v = match r {
+        Response::Fault(code, text) => return Err(XapiError::Fault(code, text)),
+        Response::Value(v) => v,
+    };
+    match v.get("Status").and_then(Value::as_str) {
+        Some("Success") => Ok(v.get("Value").cloned().unwrap_or(Value::Nil)),
+        Some("Failure") => {
+            let desc: Vec<String> = v
+                .get("ErrorDescription")
+                .and_then(Value::as_array)
+                .unwrap_or(&[])
+                .iter()
+                .map(|d| match d {
+                    Value::String(s) => s.clone(),
+                    other => format!("{other:?}"),
+                })
+                .collect();
+            let code = desc.first().cloned().unwrap_or_default();
+            let params = desc.into_iter().skip(1).collect::<Vec<_>>();
+            if code == "HOST_IS_SLAVE" {
+                return Err(XapiError::HostIsSlave {
+                    master: params.first().cloned().unwrap_or_default(),
+                });
+            }
+            Err(XapiError::Failure { code, params })
+        }
+        _ => Err(unexpected("result envelope", &v)),
+    }
+}
+
+fn parse_event_batch(v: &Value) -> Result<EventBatch, XapiError> {
+    let token = v
+        .get("token")
+        .and_then(Value::as_str)
+        .ok_or_else(|| unexpected("event.from token", v))?
+        .to_string();
+    let mut events = Vec::new();
+    for e in v.get("events").and_then(Value::as_array).unwrap_or(&[]) {
+        let field = |k: &str| match e.get(k) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Int(i)) => i.to_string(),
+            _ => String::new(),
+        };
+        events.push(XapiEvent {
+            id: field("id"),
+            class: field("class"),
+            operation: field("operation"),
+            reference: field("ref"),
+            snapshot: e.get("snapshot").cloned(),
+        });
+    }
+    Ok(EventBatch { events, token })
+}
+
+/// Configuration of [`watch_master`].
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    /// User (usually root).
+    pub user: String,
+    /// Password.
+    pub password: String,
+    /// This host's uuid (`INSTALLATION_UUID` in /etc/xensource-inventory).
+    pub host_uuid: String,
+    /// `event.from` long-poll timeout, seconds.
+    pub event_timeout: f64,
+    /// Pause before retrying after an error.
+    pub retry: Duration,
+}
+
+/// A confirmed role signal from XAPI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterSignal {
+    /// Master or slave.
+    pub role: PoolRole,
+    /// The master's address when known.
+    pub master_address: Option<String>,
+}
+
+/// Reads `INSTALLATION_UUID` from an xensource-inventory text.
+pub fn inventory_host_uuid(text: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let v = l.trim().strip_prefix("INSTALLATION_UUID=")?;
+        Some(v.trim().trim_matches(|c| c == '\'' || c == '"').to_string())
+    })
+}
+
+/// Holds a session and long-polls `event.from(["pool"])`, sending a [`MasterSignal`] whenever the
+/// master (as XAPI reports it) differs from the last one sent. Runs until the receiver is dropped.
+///
+/// On a slave, the local login fails with `HOST_IS_SLAVE`: that is itself a signal, and the
+/// watcher then follows the pool from the master's XAPI (same port and transport), so a master
+/// change reaches the slave as a pool event too instead of waiting for the next login attempt.
+/// Errors are logged and retried after `cfg.retry`.
+pub async fn watch_master(client: XapiClient, cfg: WatchConfig, tx: mpsc::Sender<MasterSignal>) {
+    let mut last: Option<MasterSignal> = None;
+    while !tx.is_closed() {
+        let (via, session) = match client.login(&cfg.user, &cfg.password).await {
+            Ok(s) => (client.clone(), s),
+            Err(XapiError::HostIsSlave { master }) => {
+                let sig = MasterSignal {
+                    role: PoolRole::Slave,
+                    master_address: Some(master.clone()),
+                };
+                if last.as_ref() != Some(&sig) {
+                    info!(?sig, "XAPI: this host is a pool slave");
+                    last = Some(sig.clone());
+                    if tx.send(sig).await.is_err() {
+                        return;
+                    }
+                }
+                let mut ep = client.endpoint.clone();
+                ep.host = master;
+                let remote = XapiClient::new(ep, client.timeout);
+                match remote.login(&cfg.user, &cfg.password).await {
+                    Ok(s) => (remote, s),
+                    Err(e) => {
+                        warn!(error = %e, "login at the pool master failed");
+                        tokio::time::sleep(cfg.retry).await;
+                        continue;
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "XAPI login failed; relying on pool.conf meanwhile");
+                tokio::time::sleep(cfg.retry).await;
+                continue;
+            }
+        };
+        if let Err(e) = follow(&via, &cfg, &session, &tx, &mut last).await {
+            warn!(error = %e, "XAPI session lost; logging in again");
+        }
+        let _ = via.logout(&session).await;
+        if !tx.is_closed() {
+            tokio::time::sleep(cfg.retry).await;
+        }
+    }
+}
+
+async fn follow(
+    client: &XapiClient,
+    cfg: &WatchConfig,
+    s: &Session,
+    tx: &mpsc::Sender<MasterSignal>,
+    last: &mut Option<MasterSignal>,
+) -> Result<(), XapiError> {
+    let me = client.host_get_by_uuid(s, &cfg.host_uuid).await?;
+    let mut token = String::new();
+    loop {
+        let pool = client
+            .pool_get_all(s)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| XapiError::Unexpected("no pool".into()))?;
+        let master = client.pool_get_master(s, &pool).await?;
+        let sig = if master == me {
+            MasterSignal {
+                role: PoolRole::Master,
+                master_address: None,
+            }
+        } else {
+            let addr = client.host_get_address(s, &master).await.ok();
+            MasterSignal {
+                role: PoolRole::Slave,
+                master_address: addr,
+            }
+        };
+        if last.as_ref() != Some(&sig) {
+            info!(?sig, "XAPI: pool master");
+            *last = Some(sig.clone());
+            if tx.send(sig).await.is_err() {
+                return Ok(());
+            }
+        }
+        let batch = tokio::select! {
+            b = client.event_from(s, &["pool"], &token, cfg.event_timeout) => b?,
+            _ = tx.closed() => return Ok(()),
+        };
+        debug!(n = batch.events.len(), "XAPI pool events");
+        token = batch.token;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope() {
+        let ok = Value::structure([("Status", "Success".into()), ("Value", "x".into())]);
+        assert_eq!(
+            unwrap_envelope(Response::Value(ok)).unwrap(),
+            Value::from("x")
+        );
+        let slave = Value::structure([
+            ("Status", "Failure".into()),
+            (
+                "ErrorDescription",
+                Value::strings(["HOST_IS_SLAVE", "fe80::1"]),
+            ),
+        ]);
+        match unwrap_envelope(Response::Value(slave)) {
+            Err(XapiError::HostIsSlave { master }) => assert_eq!(master, "fe80::1"),
+            other => panic!("{other:?}"),
+        }
+        let fail = Value::structure([
+            ("Status", "Failure".into()),
+            (
+                "ErrorDescription",
+                Value::strings(["SESSION_INVALID", "OpaqueRef:x"]),
+            ),
+        ]);
+        match unwrap_envelope(Response::Value(fail)) {
+            Err(XapiError::Failure { code, params }) => {
+                assert_eq!(code, "SESSION_INVALID");
+                assert_eq!(params, vec!["OpaqueRef:x".to_string()]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let empty = Value::structure([("Status", "Failure".into())]);
+        assert!(matches!(
+            unwrap_envelope(Response::Value(empty)),
+            Err(XapiError::Failure { .. })
+        ));
+        assert!(matches!(
+            unwrap_envelope(Response::Value(Value::from("junk"))),
+            Err(XapiError::Unexpected(_))
+        ));
+        assert!(matches!(
+            unwrap_envelope(Response::Fault(1, "f".into())),
+            Err(XapiError::Fault(1, _))
+        ));
+    }
+
+    #[test]
+    fn event_batch() {
+        let v = Value::structure([
+            ("token", "42,1".into()),
+            ("valid_ref_counts", Value::structure::<_, String>([])),
+            (
+                "events",
+                Value::Array(vec![Value::structure([
+                    ("id", Value::from("7")),
+                    ("class", "pool".into()),
+                    ("operation", "mod".into()),
+                    ("ref", "OpaqueRef:p".into()),
+                ])]),
+            ),
+        ]);
+        let b = parse_event_batch(&v).unwrap();
+        assert_eq!(b.token, "42,1");
+        assert_eq!(b.events[0].operation, "mod");
+        assert_eq!(b.events[0].reference, "OpaqueRef:p");
+        assert!(parse_event_batch(&Value::Nil).is_err());
+    }
+
+    #[test]
+    fn inventory() {
+        let t = "BUILD_NUMBER='x'\nINSTALLATION_UUID='8c4e-11'\nOTHER=1\n";
+        assert_eq!(inventory_host_uuid(t), Some("8c4e-11".into()));
+        assert_eq!(inventory_host_uuid("garbage"), None);
+    }
+}
