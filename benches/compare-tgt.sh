@@ -24,6 +24,10 @@
 #   BENCH_OUT=PATH              report path (default benches/results/compare-tgt-<date>.md)
 #   TGT_PORT=3261 TWINSAN_PORT=3262 TGT_CONTROL_PORT=61
 #   TGT_BSOPTS="--bsoflags direct"   extra tgtadm logicalunit options (default: none)
+#   TWINSAN_DIRECT=true         twinsan's `direct` LUN setting (O_DIRECT); false = page cache.
+#                               Compare like with like: TWINSAN_DIRECT=false against tgt's
+#                               default (buffered), TWINSAN_DIRECT=true against
+#                               TGT_BSOPTS="--bsoflags direct".
 #   TWINSAN_BIN=<repo>/target/release/twinsan   TWINSAN_FIO=<fio with libiscsi>
 #   RUST_LOG=warn               log level for twinsan while measuring
 set -euo pipefail
@@ -166,6 +170,7 @@ portals = ["$HOST:$TWINSAN_PORT"]
 [[target.lun]]
 number = 1
 path = "$FILE"
+direct = ${TWINSAN_DIRECT:-true}
 TOML
 }
 
@@ -300,7 +305,7 @@ facts = [
     ["machine", "$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(awk '/MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo)"],
     ["kernel", "$(uname -r)"],
     ["tgt", "$tgt_ver (tgtd, bstype rdwr${TGT_BSOPTS:+, $TGT_BSOPTS}, portal $HOST:$TGT_PORT)"],
-    ["twinsan", "$twinsan_ver (portal $HOST:$TWINSAN_PORT)"],
+    ["twinsan", "$twinsan_ver (direct = ${TWINSAN_DIRECT:-true}, portal $HOST:$TWINSAN_PORT)"],
     ["client", "$("$FIO" --version) with libiscsi engine, libiscsi $libiscsi_ver, one job, one session per run"],
     ["backing file", "$SIZE_MIB MiB on $fs_type ($FILE), filled with random data before the first job; both servers serve the same file, one at a time"],
     ["per job", "$RAMP s ramp + $RUNTIME s measured (--time_based), $order_note, repetitions: $REPEAT, wall time $BENCH_SECS s"],

@@ -4,6 +4,13 @@
 //! - [`drbd`]: reading and writing DRBD-format on-disk metadata (superblock, activity log,
 //!   out-of-sync bitmap, generation UUIDs), so that twinsan can adopt a DRBD resource
 //!   without a full resync and hand it back.
+//! - [`link`]: the peer protocol (frames, messages, authentication).
+//! - [`policy`]: the pure sync-handshake decision (UUID comparison + split-brain policies).
+//! - [`volume`]: [`volume::ReplicatedVolume`], the protocol-C replicated block volume.
 
 pub mod drbd;
+pub mod interval;
+pub mod link;
+pub mod policy;
 pub mod store;
+pub mod volume;

@@ -45,7 +45,9 @@ impl MemStore {
             self.fail_to.load(Ordering::SeqCst),
         );
         if from < to && offset < to && offset + len > from {
-            return Err(StoreError::Io(std::io::Error::from_raw_os_error(5 /* EIO */)));
+            return Err(StoreError::Io(std::io::Error::from_raw_os_error(
+                5, /* EIO */
+            )));
         }
         Ok(())
     }
@@ -60,7 +62,9 @@ impl BlockStore for MemStore {
         Box::pin(async move {
             self.check(offset, len as u64)?;
             let d = self.data.lock().unwrap();
-            Ok(Bytes::copy_from_slice(&d[offset as usize..offset as usize + len]))
+            Ok(Bytes::copy_from_slice(
+                &d[offset as usize..offset as usize + len],
+            ))
         })
     }
 

@@ -4,11 +4,13 @@
 //! A store is a flat array of bytes addressed by byte offset. Callers guarantee that every
 //! request is inside `size()` and a multiple of the LUN's block size.
 
+mod file;
 mod mem;
 
 use std::future::Future;
 use std::pin::Pin;
 
+pub use file::StdFileStore;
 pub use mem::MemStore;
 
 /// Errors a store reports for one request. The SCSI layer turns `Io` into MEDIUM ERROR sense.

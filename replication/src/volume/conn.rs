@@ -1,0 +1,925 @@
+//! Connection management: accept and dial loops with back-off, the sync handshake
+//! (`drbd_receiver.c` `drbd_sync_handshake`), the receive loop with keepalive, and teardown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::{
+    lock, ConnState, LinkHandle, PendingKind, ReplicatedVolume, Reply, Role, State, Track,
+};
+use crate::drbd::MdFlags;
+use crate::link::proto::{VERIFY_BLOCK, WIRE_CRASHED_PRIMARY, WIRE_DISCARD_MY_DATA};
+use crate::link::{establish, DiskState, Established, FrameCodec, LinkError, LocalHello, Message};
+use crate::policy::{decide, Outcome, Side, Verdict};
+use crate::store::{check_range, WriteMode};
+
+type Est = Established<TcpStream>;
+type Stream = SplitStream<Framed<TcpStream, FrameCodec>>;
+type Sink = SplitSink<Framed<TcpStream, FrameCodec>, Message>;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl ReplicatedVolume {
+    pub(super) fn start_tasks(self: &Arc<Self>, listener: TcpListener) {
+        let (tx, rx) = mpsc::channel::<Est>(4);
+        self.spawn(accept_loop(self.clone(), listener, tx.clone()));
+        self.spawn(dial_loop(self.clone(), tx));
+        self.spawn(manager(self.clone(), rx));
+    }
+
+    fn local_hello(&self) -> LocalHello {
+        let st = lock(&self.st);
+        let uuids = lock(&self.md).md.uuids();
+        LocalHello {
+            volume_name: self.cfg.name.clone(),
+            size_bytes: self.usable,
+            secret: self.cfg.secret.clone(),
+            node_id: self.node_id,
+            role: st.role,
+            uuids,
+            flags: self.wire_flags(&st),
+        }
+    }
+
+    fn wants_dial(&self) -> bool {
+        let st = lock(&self.st);
+        st.link.is_none() && !st.handshaking && !st.standalone && !st.closing
+    }
+
+    fn log_link_error(&self, e: &LinkError, addr: SocketAddr, dir: &str) {
+        match e {
+            LinkError::WrongDirection => {
+                debug!(volume = %self.cfg.name, %addr, "{dir} connection dropped: {e}")
+            }
+            LinkError::Refused(reason) => {
+                error!(volume = %self.cfg.name, %addr, "peer refused our {dir} connection: {reason}")
+            }
+            e if e.is_refusal() => {
+                error!(volume = %self.cfg.name, %addr, "refused {dir} peer connection: {e}")
+            }
+            e => warn!(volume = %self.cfg.name, %addr, "{dir} peer connection failed: {e}"),
+        }
+    }
+
+    pub(super) fn epoch_alive(&self, epoch: u64) -> bool {
+        let st = lock(&self.st);
+        st.epoch == epoch && st.link.is_some()
+    }
+
+    fn attach(
+        &self,
+        st: &mut State,
+        epoch: u64,
+        tx: &mpsc::UnboundedSender<Message>,
+        kill: &CancellationToken,
+        peer: &Side,
+    ) {
+        st.link = Some(LinkHandle {
+            epoch,
+            tx: tx.clone(),
+            pending: HashMap::new(),
+            next_seq: 1,
+            kill: kill.clone(),
+        });
+        st.handshaking = false;
+        st.peer_role = Some(peer.role);
+        st.peer_disk = Some(peer.disk);
+        st.io_resumed = false;
+        st.discard_my_data = false;
+        st.crashed_primary = false;
+    }
+
+    /// Runs one authenticated connection until it ends; returns a newer connection that
+    /// replaced it, if any.
+    async fn run_connection(
+        self: &Arc<Self>,
+        est: Est,
+        rx_new: &mut mpsc::Receiver<Est>,
+    ) -> Option<Est> {
+        let dialer = est.dialer;
+        let (sink, mut stream) = est.framed.split();
+        let kill = self.shutdown.child_token();
+        let (tx, out_rx) = mpsc::unbounded_channel::<Message>();
+        tokio::spawn(writer(sink, out_rx, kill.clone()));
+        let epoch = {
+            let mut st = lock(&self.st);
+            st.epoch += 1;
+            st.handshaking = true;
+            self.set_conn(
+                &mut st,
+                ConnState::Connecting,
+                "peer authenticated, exchanging state",
+            );
+            st.epoch
+        };
+        self.notify();
+
+        let hs = tokio::select! {
+            r = self.handshake(&tx, &mut stream, dialer) => r,
+            _ = kill.cancelled() => Err("connection closed during the handshake".to_string()),
+        };
+        let (verdict, peer) = match hs {
+            Ok(x) => x,
+            Err(reason) => {
+                warn!(volume = %self.cfg.name, "sync handshake failed: {reason}");
+                self.teardown(epoch, &reason, false, &kill).await;
+                return None;
+            }
+        };
+        if let Err(reason) = self.apply_verdict(epoch, &verdict, &peer, &tx, &kill).await {
+            self.teardown(epoch, &reason, false, &kill).await;
+            return None;
+        }
+        if let Outcome::Refuse { standalone } = verdict.outcome {
+            let _ = tx.send(Message::Disconnect {
+                reason: verdict.why.clone(),
+            });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.teardown(epoch, "sync handshake refused the peer", standalone, &kill)
+                .await;
+            return None;
+        }
+
+        let mut ping = tokio::time::interval(self.cfg.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        let mut last_rx = Instant::now();
+        let (reason, next) = loop {
+            tokio::select! {
+                _ = kill.cancelled() => break ("connection closed locally".to_string(), None),
+                e = rx_new.recv() => match e {
+                    Some(e) => break ("replaced by a new connection from the peer".to_string(), Some(e)),
+                    None => break ("shutting down".to_string(), None),
+                },
+                _ = ping.tick() => {
+                    if last_rx.elapsed() > self.cfg.timeout {
+                        break (format!("peer timed out (nothing received for {:?})", self.cfg.timeout), None);
+                    }
+                    let _ = tx.send(Message::Ping);
+                }
+                m = stream.next() => match m {
+                    None => break ("peer closed the connection".to_string(), None),
+                    Some(Err(e)) => {
+                        error!(volume = %self.cfg.name, "dropping connection: bad frame from peer: {e}");
+                        break (format!("bad frame: {e}"), None);
+                    }
+                    Some(Ok(m)) => {
+                        last_rx = Instant::now();
+                        if let Err(reason) = self.handle(m, epoch, &tx) {
+                            if !reason.starts_with("peer disconnected") {
+                                error!(volume = %self.cfg.name, "dropping connection: {reason}");
+                            }
+                            break (reason, None);
+                        }
+                    }
+                },
+            }
+        };
+        self.teardown(epoch, &reason, false, &kill).await;
+        next
+    }
+
+    /// Exchanges state and bitmaps and decides; see [`crate::policy::decide`].
+    async fn handshake(
+        self: &Arc<Self>,
+        tx: &mpsc::UnboundedSender<Message>,
+        stream: &mut Stream,
+        dialer: bool,
+    ) -> Result<(Verdict, (Side, Vec<(u64, u64)>)), String> {
+        let (local, runs, flags) = {
+            let st = lock(&self.st);
+            let m = lock(&self.md);
+            let local = Side {
+                role: st.role,
+                disk: st.disk,
+                uuids: m.md.uuids(),
+                crashed_primary: st.crashed_primary,
+                discard_my_data: st.discard_my_data,
+                bm_weight: m.md.bitmap().count(),
+            };
+            let runs: Vec<(u64, u64)> =
+                m.md.bitmap().runs().map(|r| (r.first_bit, r.len)).collect();
+            (local, runs, self.wire_flags(&st))
+        };
+        let bits = lock(&self.md).md.bitmap().bits();
+        let send = |m: Message| {
+            tx.send(m)
+                .map_err(|_| "connection writer is gone".to_string())
+        };
+        send(Message::StateChange {
+            role: local.role,
+            disk: local.disk,
+            uuids: local.uuids.clone(),
+            flags,
+            bm_weight: local.bm_weight,
+        })?;
+        let mut chunks = runs.chunks(crate::link::proto::MAX_RUNS_PER_MSG).peekable();
+        if chunks.peek().is_none() {
+            send(Message::Bitmap {
+                runs: Vec::new(),
+                last: true,
+            })?;
+        }
+        while let Some(c) = chunks.next() {
+            send(Message::Bitmap {
+                runs: c.to_vec(),
+                last: chunks.peek().is_none(),
+            })?;
+        }
+        let mut peer: Option<Side> = None;
+        let mut peer_runs: Vec<(u64, u64)> = Vec::new();
+        let mut covered = 0u64;
+        loop {
+            match self.recv(stream, tx).await? {
+                Message::StateChange {
+                    role,
+                    disk,
+                    uuids,
+                    flags,
+                    bm_weight,
+                } if peer.is_none() => {
+                    peer = Some(Side {
+                        role,
+                        disk,
+                        uuids,
+                        crashed_primary: flags & WIRE_CRASHED_PRIMARY != 0,
+                        discard_my_data: flags & WIRE_DISCARD_MY_DATA != 0,
+                        bm_weight,
+                    })
+                }
+                Message::Bitmap { runs, last } if peer.is_some() => {
+                    for (s, l) in runs {
+                        let end = s.checked_add(l).filter(|&e| e <= bits && l > 0);
+                        if end.is_none() {
+                            return Err(format!(
+                                "peer sent a bitmap run {s}+{l} outside {bits} bits"
+                            ));
+                        }
+                        covered += l;
+                        if covered > bits {
+                            return Err("peer's bitmap has more bits than the volume".into());
+                        }
+                        peer_runs.push((s, l));
+                    }
+                    if last {
+                        break;
+                    }
+                }
+                other => return Err(format!("unexpected {} during the handshake", other.name())),
+            }
+        }
+        let peer = peer.ok_or("no state from peer")?;
+        let v = decide(&local, &peer, dialer, &self.cfg.policies());
+        send(Message::Decision { hg: v.hg })?;
+        let peer_hg = match self.recv(stream, tx).await? {
+            Message::Decision { hg } => hg,
+            other => return Err(format!("unexpected {} instead of Decision", other.name())),
+        };
+        let agree = (v.hg <= -100 && peer_hg <= -100) || (v.hg > -100 && peer_hg == -v.hg);
+        if !agree {
+            return Err(format!(
+                "sync decisions disagree (ours {}, peer's {peer_hg}); {}",
+                v.hg, v.why
+            ));
+        }
+        Ok((v, (peer, peer_runs)))
+    }
+
+    async fn recv(
+        &self,
+        stream: &mut Stream,
+        tx: &mpsc::UnboundedSender<Message>,
+    ) -> Result<Message, String> {
+        loop {
+            match tokio::time::timeout(self.cfg.timeout, stream.next()).await {
+                Err(_) => return Err("peer timed out during the handshake".into()),
+                Ok(None) => return Err("peer closed the connection during the handshake".into()),
+                Ok(Some(Err(e))) => return Err(format!("bad frame from peer: {e}")),
+                Ok(Some(Ok(Message::Ping))) => {
+                    let _ = tx.send(Message::Pong);
+                }
+                Ok(Some(Ok(Message::Pong))) => {}
+                Ok(Some(Ok(Message::Disconnect { reason }))) => {
+                    return Err(format!("peer disconnected: {reason}"))
+                }
+                Ok(Some(Ok(m))) => return Ok(m),
+            }
+        }
+    }
+
+    async fn apply_verdict(
+        self: &Arc<Self>,
+        epoch: u64,
+        v: &Verdict,
+        peer: &(Side, Vec<(u64, u64)>),
+        tx: &mpsc::UnboundedSender<Message>,
+        kill: &CancellationToken,
+    ) -> Result<(), String> {
+        let (peer, peer_runs) = peer;
+        if let Outcome::Refuse { .. } = v.outcome {
+            let mut st = lock(&self.st);
+            if v.split_brain {
+                st.split_brain = true;
+                error!(volume = %self.cfg.name, "split brain detected: {}", v.why);
+            } else {
+                error!(volume = %self.cfg.name, "refusing to connect: {}", v.why);
+            }
+            return Ok(());
+        }
+        if v.split_brain {
+            warn!(volume = %self.cfg.name, "split brain detected and resolved: {}", v.why);
+        } else {
+            info!(volume = %self.cfg.name, "sync handshake: {}", v.why);
+        }
+        let outcome = v.outcome;
+        let corrected = v.local_uuids.clone();
+        let runs = peer_runs.clone();
+        let peer_disk = peer.disk;
+        let name = self.cfg.name.clone();
+        // Bitmap and UUIDs per decision, durably, before any data moves.
+        let sync_uuid = self
+            .md_blocking(move |m| {
+                m.md.set_uuids(&corrected)?;
+                let mut f = m.md.flags();
+                f.remove(MdFlags::CRASHED_PRIMARY);
+                let bm = m.md.bitmap_mut();
+                let mut sync_uuid = None;
+                match outcome {
+                    Outcome::Source { full } | Outcome::Target { full } => {
+                        if full {
+                            bm.set_all();
+                        } else {
+                            for (s, l) in &runs {
+                                bm.set_bits(*s, s + l)?;
+                            }
+                        }
+                        if let Outcome::Source { .. } = outcome {
+                            let mut u = m.md.uuids();
+                            sync_uuid = Some(u.start_resync_as_source());
+                            m.md.set_uuids(&u)?;
+                        } else {
+                            f.remove(MdFlags::CONSISTENT | MdFlags::WAS_UP_TO_DATE);
+                        }
+                    }
+                    Outcome::NoSync => {
+                        let n = m.md.bitmap().count();
+                        if n > 0 {
+                            warn!(volume = %name, "no resync, but {n} blocks are marked out of sync in the bitmap");
+                        }
+                        if peer_disk == DiskState::UpToDate && f.contains(MdFlags::CONSISTENT) {
+                            f.insert(MdFlags::WAS_UP_TO_DATE);
+                        }
+                    }
+                    Outcome::Refuse { .. } => {}
+                }
+                m.md.set_flags(f);
+                m.md.write_bitmap(true)?;
+                m.md.write_superblock()?;
+                Ok(sync_uuid)
+            })
+            .await
+            .map_err(|e| format!("metadata update after the handshake failed: {e}"))?;
+        let weight = lock(&self.md).md.bitmap().count();
+        {
+            let mut st = lock(&self.st);
+            if st.epoch != epoch || kill.is_cancelled() {
+                return Err("connection closed during the handshake".into());
+            }
+            self.attach(&mut st, epoch, tx, kill, peer);
+            st.split_brain = v.split_brain;
+            match outcome {
+                Outcome::NoSync => {
+                    if st.disk < DiskState::UpToDate
+                        && st.disk >= DiskState::Outdated
+                        && peer.disk == DiskState::UpToDate
+                    {
+                        st.disk = DiskState::UpToDate;
+                    }
+                    self.set_conn(&mut st, ConnState::Connected, "no resync needed");
+                }
+                Outcome::Source { full } => {
+                    if let Some(u) = sync_uuid {
+                        let _ = tx.send(Message::SyncUuid { uuid: u });
+                    }
+                    st.peer_disk = Some(DiskState::Inconsistent);
+                    st.resync = Some(Track {
+                        total: weight * 4096,
+                        done: 0,
+                        started: Instant::now(),
+                    });
+                    let why = if full {
+                        "full sync"
+                    } else {
+                        "bitmap-based resync"
+                    };
+                    self.set_conn(&mut st, ConnState::SyncSource, why);
+                    info!(volume = %self.cfg.name, "resync of {} bytes to the peer starts", weight * 4096);
+                }
+                Outcome::Target { full } => {
+                    st.disk = DiskState::Inconsistent;
+                    st.resync = Some(Track {
+                        total: weight * 4096,
+                        done: 0,
+                        started: Instant::now(),
+                    });
+                    let why = if full {
+                        "full sync"
+                    } else {
+                        "bitmap-based resync"
+                    };
+                    self.set_conn(&mut st, ConnState::SyncTarget, why);
+                }
+                Outcome::Refuse { .. } => {}
+            }
+        }
+        self.notify();
+        if let Outcome::Source { .. } = outcome {
+            self.spawn(self.clone().resync_source(epoch));
+        }
+        Ok(())
+    }
+
+    fn complete(&self, epoch: u64, seq: u64, reply: Reply) -> Result<(), String> {
+        let p = {
+            let mut st = lock(&self.st);
+            match st.link.as_mut() {
+                Some(l) if l.epoch == epoch => l.pending.remove(&seq),
+                _ => None,
+            }
+        };
+        match p {
+            Some(p) => {
+                let _ = p.tx.send(reply);
+                Ok(())
+            }
+            None => Err(format!("peer answered unknown request {seq}")),
+        }
+    }
+
+    /// Handles one message after the handshake. Returns `Err(reason)` to drop the link.
+    fn handle(
+        self: &Arc<Self>,
+        m: Message,
+        epoch: u64,
+        tx: &mpsc::UnboundedSender<Message>,
+    ) -> Result<(), String> {
+        match m {
+            Message::Ping => {
+                let _ = tx.send(Message::Pong);
+            }
+            Message::Pong => {}
+            Message::Write {
+                seq,
+                offset,
+                data,
+                fua,
+            } => {
+                if lock(&self.st).role == Role::Primary {
+                    return Err("peer sent a replicated write while we are primary".into());
+                }
+                let len = data.len() as u64;
+                self.ctr.received.fetch_add(len, Ordering::Relaxed);
+                let v = self.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mode = if fua {
+                        WriteMode::Durable
+                    } else {
+                        WriteMode::Cached
+                    };
+                    let res = match check_range(offset, len, v.usable) {
+                        Ok(()) => v.data.write(offset, data, mode).await,
+                        Err(e) => Err(e),
+                    };
+                    let (ok, err) = match res {
+                        Ok(()) => (true, String::new()),
+                        Err(e) => {
+                            v.ctr.write_errors.fetch_add(1, Ordering::Relaxed);
+                            error!(volume = %v.cfg.name, offset, len, "applying the peer's write failed: {e}");
+                            let _ = lock(&v.md).md.bitmap_mut().set_range(offset, len);
+                            (false, e.to_string())
+                        }
+                    };
+                    let _ = tx.send(Message::WriteAck { seq, ok, err });
+                });
+            }
+            Message::Flush { seq } => {
+                let v = self.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let ok = match v.data.flush().await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            error!(volume = %v.cfg.name, "flush for the peer failed: {e}");
+                            false
+                        }
+                    };
+                    let _ = tx.send(Message::FlushAck { seq, ok });
+                });
+            }
+            Message::WriteAck { seq, ok, err } => {
+                self.complete(epoch, seq, if ok { Reply::Ok } else { Reply::Failed(err) })?
+            }
+            Message::FlushAck { seq, ok } => self.complete(
+                epoch,
+                seq,
+                if ok {
+                    Reply::Ok
+                } else {
+                    Reply::Failed("peer flush failed".into())
+                },
+            )?,
+            Message::ResyncAck { seq, ok } => self.complete(
+                epoch,
+                seq,
+                if ok {
+                    Reply::Ok
+                } else {
+                    Reply::Failed("peer failed to write resync data".into())
+                },
+            )?,
+            Message::VerifyReply {
+                seq, mismatched, ..
+            } => self.complete(epoch, seq, Reply::Verify(mismatched))?,
+            Message::SyncUuid { uuid } => {
+                {
+                    let mut st = lock(&self.st);
+                    if st.role == Role::Primary {
+                        return Err("peer wants to resync to us, but we are primary".into());
+                    }
+                    if st.conn != ConnState::SyncTarget {
+                        let total = lock(&self.md).md.bitmap().count() * 4096;
+                        st.resync = Some(Track {
+                            total,
+                            done: 0,
+                            started: Instant::now(),
+                        });
+                        self.set_conn(&mut st, ConnState::SyncTarget, "peer started a resync");
+                    }
+                    st.disk = DiskState::Inconsistent;
+                }
+                // In memory now (a ResyncDone right behind must see it), on disk soon.
+                {
+                    let mut m = lock(&self.md);
+                    let mut u = m.md.uuids();
+                    u.receive_sync_uuid(uuid);
+                    if let Err(e) = m.md.set_uuids(&u) {
+                        return Err(format!("cannot take the sync UUID: {e}"));
+                    }
+                    let mut f = m.md.flags();
+                    f.remove(MdFlags::CONSISTENT | MdFlags::WAS_UP_TO_DATE);
+                    m.md.set_flags(f);
+                }
+                let v = self.clone();
+                tokio::spawn(async move { v.persist("resync start").await });
+            }
+            Message::ResyncData { seq, offset, data } => {
+                if lock(&self.st).conn != ConnState::SyncTarget {
+                    return Err("peer sent resync data while we are not sync target".into());
+                }
+                let len = data.len() as u64;
+                self.ctr.received.fetch_add(len, Ordering::Relaxed);
+                self.ctr.resync_received.fetch_add(len, Ordering::Relaxed);
+                let v = self.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let res = match check_range(offset, len, v.usable) {
+                        Ok(()) => v.data.write(offset, data, WriteMode::Cached).await,
+                        Err(e) => Err(e),
+                    };
+                    let ok = match res {
+                        Ok(()) => {
+                            let _ = lock(&v.md).md.bitmap_mut().clear_range(offset, len);
+                            if let Some(t) = lock(&v.st).resync.as_mut() {
+                                t.done += len;
+                            }
+                            true
+                        }
+                        Err(e) => {
+                            v.ctr.write_errors.fetch_add(1, Ordering::Relaxed);
+                            error!(volume = %v.cfg.name, offset, len, "writing resync data failed: {e}");
+                            false
+                        }
+                    };
+                    let _ = tx.send(Message::ResyncAck { seq, ok });
+                });
+            }
+            Message::ResyncDone { uuids } => {
+                let v = self.clone();
+                tokio::spawn(async move { v.finish_resync_target(epoch, uuids).await });
+            }
+            Message::VerifyRequest {
+                seq,
+                offset,
+                len,
+                alg,
+                digests,
+            } => {
+                let blocks = u64::from(len).div_ceil(VERIFY_BLOCK);
+                if check_range(offset, u64::from(len), self.usable).is_err()
+                    || digests.len() as u64 != blocks * alg.len() as u64
+                    || offset % VERIFY_BLOCK != 0
+                {
+                    return Err(format!("malformed verify request at {offset}+{len}"));
+                }
+                let v = self.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut mismatched = Vec::new();
+                    match v.data.read(offset, len as usize).await {
+                        Ok(data) => {
+                            for (i, block) in data.chunks(VERIFY_BLOCK as usize).enumerate() {
+                                let d = alg.digest(block);
+                                let want = &digests[i * alg.len()..(i + 1) * alg.len()];
+                                if d != want {
+                                    mismatched.push(offset + i as u64 * VERIFY_BLOCK);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            error!(volume = %v.cfg.name, offset, len, "verify: local read failed: {e}");
+                            mismatched.extend((0..blocks).map(|i| offset + i * VERIFY_BLOCK));
+                        }
+                    }
+                    for &off in &mismatched {
+                        let l = VERIFY_BLOCK.min(v.usable - off);
+                        let _ = lock(&v.md).md.bitmap_mut().set_range(off, l);
+                        warn!(volume = %v.cfg.name, offset = off, "online verify: block differs from the peer; marked out of sync");
+                    }
+                    let _ = tx.send(Message::VerifyReply {
+                        seq,
+                        offset,
+                        len,
+                        equal: mismatched.is_empty(),
+                        mismatched,
+                    });
+                });
+            }
+            Message::StateChange { role, disk, .. } => {
+                let mut st = lock(&self.st);
+                if role == Role::Primary && st.role == Role::Primary {
+                    return Err("peer became primary while we are primary".into());
+                }
+                if st.peer_role != Some(role) {
+                    info!(volume = %self.cfg.name, "peer role {:?} -> {:?}", st.peer_role, role);
+                }
+                if st.peer_disk != Some(disk) {
+                    info!(volume = %self.cfg.name, "peer disk {:?} -> {}", st.peer_disk, disk);
+                }
+                st.peer_role = Some(role);
+                st.peer_disk = Some(disk);
+            }
+            Message::Disconnect { reason } => return Err(format!("peer disconnected: {reason}")),
+            other => return Err(format!("unexpected {} after the handshake", other.name())),
+        }
+        Ok(())
+    }
+
+    async fn finish_resync_target(
+        self: Arc<Self>,
+        epoch: u64,
+        source: crate::drbd::GenerationUuids,
+    ) {
+        if let Err(e) = self.data.flush().await {
+            error!(volume = %self.cfg.name, "flush at resync end failed: {e}; staying Inconsistent");
+            return;
+        }
+        let name = self.cfg.name.clone();
+        let r = self
+            .md_blocking(move |m| {
+                let left = m.md.bitmap().count();
+                if left > 0 {
+                    debug!(volume = %name, "{left} bits left at resync end were covered by replicated writes");
+                }
+                m.md.bitmap_mut().clear_all();
+                let mut u = m.md.uuids();
+                u.resync_finished_as_target(&source, false);
+                m.md.set_uuids(&u)?;
+                let mut f = m.md.flags();
+                f.insert(MdFlags::CONSISTENT | MdFlags::WAS_UP_TO_DATE);
+                m.md.set_flags(f);
+                m.md.write_bitmap(true)?;
+                m.md.write_superblock()
+            })
+            .await;
+        if let Err(e) = r {
+            error!(volume = %self.cfg.name, "metadata update at resync end failed: {e}");
+            return;
+        }
+        let mut st = lock(&self.st);
+        if st.epoch != epoch || st.link.is_none() {
+            return;
+        }
+        let p = st.resync.take().map(|t| t.progress());
+        st.disk = DiskState::UpToDate;
+        if let Some(p) = p {
+            info!(volume = %self.cfg.name, bytes = p.done_bytes, rate = p.bytes_per_sec, "resync finished (sync target), disk UpToDate");
+        }
+        self.set_conn(&mut st, ConnState::Connected, "resync finished");
+        self.send_state_change(&st);
+        drop(st);
+        self.notify();
+    }
+
+    /// Ends connection `epoch`: writes in flight are marked out of sync, a primary starts a
+    /// new data generation (`drbd_state.c`: a primary losing its peer calls
+    /// `drbd_uuid_new_current`), state goes to Connecting (or StandAlone).
+    async fn teardown(&self, epoch: u64, reason: &str, standalone: bool, kill: &CancellationToken) {
+        kill.cancel();
+        {
+            let mut st = lock(&self.st);
+            let mut m = lock(&self.md);
+            let mut lost = 0u64;
+            if let Some(link) = st.link.take() {
+                if link.epoch == epoch {
+                    link.kill.cancel();
+                    for (_, p) in link.pending {
+                        if p.kind == PendingKind::Write {
+                            let _ = m.md.bitmap_mut().set_range(p.offset, p.len);
+                            lost += 1;
+                        }
+                        let _ = p.tx.send(Reply::Lost);
+                    }
+                } else {
+                    st.link = Some(link);
+                }
+            }
+            st.handshaking = false;
+            st.peer_role = None;
+            st.peer_disk = None;
+            if st.resync.take().is_some() {
+                warn!(volume = %self.cfg.name, "resync interrupted; it continues from the bitmap on the next connect");
+            }
+            if let Some(v) = st.verify.as_mut() {
+                if !v.finished {
+                    v.finished = true;
+                    v.aborted = true;
+                }
+            }
+            if st.role == Role::Primary && st.disk == DiskState::UpToDate && !st.closing {
+                let mut u = m.md.uuids();
+                if u.bitmap == 0 {
+                    u.new_current_random(true);
+                    let _ = m.md.set_uuids(&u);
+                    info!(volume = %self.cfg.name, current = format_args!("{:016X}", u.current), "new data generation (primary lost its peer)");
+                }
+            }
+            if standalone {
+                st.standalone = true;
+            }
+            let new = if st.standalone {
+                ConnState::StandAlone
+            } else {
+                ConnState::Connecting
+            };
+            self.set_conn(&mut st, new, reason);
+            if lost > 0 {
+                warn!(volume = %self.cfg.name, "{lost} replicated writes were in flight when the link dropped; marked out of sync");
+            }
+        }
+        self.notify();
+        self.persist("connection lost").await;
+    }
+}
+
+async fn writer(mut sink: Sink, mut rx: mpsc::UnboundedReceiver<Message>, kill: CancellationToken) {
+    loop {
+        let m = tokio::select! {
+            m = rx.recv() => m,
+            _ = kill.cancelled() => break,
+        };
+        let Some(m) = m else { break };
+        if sink.feed(m).await.is_err() {
+            break;
+        }
+        let mut failed = false;
+        while let Ok(m) = rx.try_recv() {
+            if sink.feed(m).await.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        if failed || sink.flush().await.is_err() {
+            break;
+        }
+    }
+    kill.cancel();
+    let _ = sink.close().await;
+}
+
+async fn accept_loop(vol: Arc<ReplicatedVolume>, listener: TcpListener, tx: mpsc::Sender<Est>) {
+    loop {
+        let r = tokio::select! {
+            r = listener.accept() => r,
+            _ = vol.shutdown.cancelled() => return,
+        };
+        match r {
+            Err(e) => {
+                warn!(volume = %vol.cfg.name, "accept failed: {e}");
+                tokio::time::sleep(BACKOFF_MIN).await;
+            }
+            Ok((s, addr)) => {
+                let v = vol.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _ = s.set_nodelay(true);
+                    let hello = v.local_hello();
+                    let r = tokio::select! {
+                        r = establish(s, &hello, false, v.cfg.timeout) => r,
+                        _ = v.shutdown.cancelled() => return,
+                    };
+                    match r {
+                        Ok(est) => {
+                            let _ = tx.send(est).await;
+                        }
+                        Err(e) => v.log_link_error(&e, addr, "incoming"),
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn dial_loop(vol: Arc<ReplicatedVolume>, tx: mpsc::Sender<Est>) {
+    let mut backoff = BACKOFF_MIN;
+    let peer = vol.cfg.peer;
+    loop {
+        if vol.shutdown.is_cancelled() {
+            return;
+        }
+        if !vol.wants_dial() {
+            backoff = BACKOFF_MIN;
+            let n = vol.changed.notified();
+            tokio::select! {
+                _ = n => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = vol.shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        let attempt = async {
+            let s = tokio::time::timeout(vol.cfg.timeout, TcpStream::connect(peer))
+                .await
+                .map_err(|_| None)?
+                .map_err(|e| {
+                    debug!(volume = %vol.cfg.name, %peer, "connect failed: {e}");
+                    None
+                })?;
+            let _ = s.set_nodelay(true);
+            establish(s, &vol.local_hello(), true, vol.cfg.timeout)
+                .await
+                .map_err(Some)
+        };
+        let r = tokio::select! {
+            r = attempt => r,
+            _ = vol.shutdown.cancelled() => return,
+        };
+        match r {
+            Ok(est) => {
+                if tx.send(est).await.is_err() {
+                    return;
+                }
+            }
+            Err(Some(e)) => vol.log_link_error(&e, peer, "outgoing"),
+            Err(None) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = vol.shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn manager(vol: Arc<ReplicatedVolume>, mut rx: mpsc::Receiver<Est>) {
+    let mut next: Option<Est> = None;
+    loop {
+        let est = match next.take() {
+            Some(e) => e,
+            None => tokio::select! {
+                e = rx.recv() => match e {
+                    Some(e) => e,
+                    None => return,
+                },
+                _ = vol.shutdown.cancelled() => return,
+            },
+        };
+        if lock(&vol.st).standalone {
+            debug!(volume = %vol.cfg.name, "StandAlone: dropping an authenticated connection");
+            continue;
+        }
+        next = vol.run_connection(est, &mut rx).await;
+    }
+}

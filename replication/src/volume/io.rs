@@ -1,0 +1,348 @@
+//! The data-area view the target serves, and the protocol-C write path (`drbd_req.c`).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use tracing::error;
+
+use super::{lock, split_parts, Fencing, Pending, PendingKind, ReplicatedVolume, Reply, Role};
+use crate::drbd::activity_log::{extent_of, AlError};
+use crate::drbd::MetadataError;
+use crate::link::proto::MAX_DATA;
+use crate::link::Message;
+use crate::store::{check_range, BlockStore, IoFuture, StoreError, StoreResult, WriteMode};
+
+/// Counts an application request in flight (the resync controller backs off while > 0).
+struct Inflight<'a>(&'a ReplicatedVolume);
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.0.ctr.app_inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn eio(msg: String) -> StoreError {
+    StoreError::Io(std::io::Error::other(msg))
+}
+
+/// The [`BlockStore`] a primary serves: `[0, usable)` of the backing store, replicated.
+pub struct VolumeStore {
+    vol: Arc<ReplicatedVolume>,
+}
+
+impl ReplicatedVolume {
+    /// The data-area view for the iSCSI target. Reads are local; writes are replicated
+    /// with protocol C. On a secondary, writes fail with `ReadOnly` and reads with `Closed`
+    /// (a secondary never serves).
+    pub fn store(self: &Arc<Self>) -> Arc<dyn BlockStore> {
+        Arc::new(VolumeStore { vol: self.clone() })
+    }
+
+    fn inflight(&self) -> Inflight<'_> {
+        self.ctr.app_inflight.fetch_add(1, Ordering::SeqCst);
+        Inflight(self)
+    }
+
+    /// Activates the AL extents of `[offset, offset+len)`, writing the AL transaction (and,
+    /// first, the dirty bitmap pages of any extent it evicts) durably before returning
+    /// (`drbd_actlog.c` `drbd_al_begin_io`). Returns the extents to release.
+    async fn al_begin(&self, offset: u64, len: u64) -> StoreResult<Vec<u32>> {
+        let first = extent_of(offset);
+        let last = extent_of(offset + len - 1);
+        if last - first >= 64 {
+            return Err(eio(format!(
+                "write of {len} bytes spans too many AL extents"
+            )));
+        }
+        let extents: Vec<u32> = (first..=last).map(|e| e as u32).collect();
+        {
+            let mut g = lock(&self.md);
+            if extents.iter().all(|e| g.al.is_hot(*e)) {
+                match g.al.activate_many(&extents) {
+                    Ok(None) => return Ok(extents),
+                    // Cannot happen for hot extents; write it anyway rather than lose it.
+                    Ok(Some(w)) => {
+                        g.md.write_bitmap(false)
+                            .and_then(|_| g.md.write_al(&w))
+                            .map_err(|e| eio(format!("activity log: {e}")))?;
+                        return Ok(extents);
+                    }
+                    Err(e) => return Err(eio(format!("activity log: {e}"))),
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let md = self.md.clone();
+            let ex = extents.clone();
+            let r = tokio::task::spawn_blocking(move || -> Result<bool, MetadataError> {
+                let mut g = lock(&md);
+                match g.al.activate_many(&ex) {
+                    Ok(None) => Ok(true),
+                    Ok(Some(w)) => {
+                        // Bits of evicted extents must be on disk before the AL forgets them.
+                        g.md.write_bitmap(false)?;
+                        if let Err(e) = g.md.write_al(&w) {
+                            for x in &ex {
+                                let _ = g.al.release(*x);
+                            }
+                            return Err(e);
+                        }
+                        Ok(true)
+                    }
+                    Err(AlError::AllExtentsBusy { .. }) => Ok(false),
+                    Err(e) => Err(e.into()),
+                }
+            })
+            .await
+            .map_err(|e| eio(format!("activity log task: {e}")))?;
+            match r {
+                Ok(true) => return Ok(extents),
+                Ok(false) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Ok(false) => return Err(eio("activity log: all extents busy for 30 s".into())),
+                Err(e) => {
+                    error!(volume = %self.cfg.name, "activity log write failed: {e}");
+                    return Err(eio(format!("activity log: {e}")));
+                }
+            }
+        }
+    }
+
+    fn al_end(&self, extents: &[u32]) {
+        let mut g = lock(&self.md);
+        for e in extents {
+            let _ = g.al.release(*e);
+        }
+    }
+
+    fn mark_oos(&self, offset: u64, len: u64) {
+        let _ = lock(&self.md).md.bitmap_mut().set_range(offset, len);
+    }
+
+    /// Replicated write: see the module docs of [`super`].
+    pub(crate) async fn app_write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        mode: WriteMode,
+    ) -> StoreResult<()> {
+        let len = data.len() as u64;
+        check_range(offset, len, self.usable)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let _inflight = self.inflight();
+        if lock(&self.st).role != Role::Primary {
+            return Err(StoreError::ReadOnly);
+        }
+        let _range = self.locks.lock(offset, offset + len).await;
+        let extents = self.al_begin(offset, len).await?;
+        let r = self.write_locked(offset, data, mode).await;
+        self.al_end(&extents);
+        r
+    }
+
+    async fn write_locked(&self, offset: u64, data: Bytes, mode: WriteMode) -> StoreResult<()> {
+        let len = data.len() as u64;
+        let parts = split_parts(offset, &data, MAX_DATA);
+        // Gate: decide "replicate" or "degraded" under the state lock, so the decision and
+        // the bitmap agree with what a concurrent handshake or teardown sees.
+        let replies: Option<Vec<(u64, u64, oneshot::Receiver<Reply>)>> = loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = lock(&self.st);
+                if st.role != Role::Primary {
+                    return Err(StoreError::ReadOnly);
+                }
+                if st.closing {
+                    return Err(StoreError::Closed);
+                }
+                let suspended =
+                    self.cfg.fencing == Fencing::SuspendIo && st.link.is_none() && !st.io_resumed;
+                if !st.handshaking && !suspended {
+                    match st.link.as_mut() {
+                        Some(link) => {
+                            let mut v = Vec::with_capacity(parts.len());
+                            for (off, d) in &parts {
+                                let (tx, rx) = oneshot::channel();
+                                let seq = link.next_seq;
+                                link.next_seq += 1;
+                                link.pending.insert(
+                                    seq,
+                                    Pending {
+                                        kind: PendingKind::Write,
+                                        offset: *off,
+                                        len: d.len() as u64,
+                                        tx,
+                                    },
+                                );
+                                let _ = link.tx.send(Message::Write {
+                                    seq,
+                                    offset: *off,
+                                    data: d.clone(),
+                                    fua: mode == WriteMode::Durable,
+                                });
+                                self.ctr.sent.fetch_add(d.len() as u64, Ordering::Relaxed);
+                                v.push((*off, d.len() as u64, rx));
+                            }
+                            break Some(v);
+                        }
+                        None => {
+                            self.mark_oos(offset, len);
+                            break None;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = self.shutdown.cancelled() => return Err(StoreError::Closed),
+            }
+        };
+        let local = self.data.write(offset, data, mode);
+        let (lres, peer) = match replies {
+            None => (local.await, Vec::new()),
+            Some(v) => {
+                let waits = futures::future::join_all(
+                    v.into_iter()
+                        .map(|(off, l, rx)| async move { (off, l, rx.await) }),
+                );
+                tokio::join!(local, waits)
+            }
+        };
+        let mut all_ok = !peer.is_empty();
+        for (off, l, r) in peer {
+            match r {
+                Ok(Reply::Ok) => {}
+                Ok(Reply::Failed(e)) => {
+                    all_ok = false;
+                    self.ctr.write_errors.fetch_add(1, Ordering::Relaxed);
+                    error!(volume = %self.cfg.name, offset = off, len = l,
+                        "peer failed to write replicated data: {e}; range marked out of sync");
+                    self.mark_oos(off, l);
+                }
+                // Teardown already marked the range out of sync.
+                _ => all_ok = false,
+            }
+        }
+        match lres {
+            Err(e) => {
+                self.ctr.write_errors.fetch_add(1, Ordering::Relaxed);
+                error!(volume = %self.cfg.name, offset, len, "local write failed: {e}; range marked out of sync");
+                self.mark_oos(offset, len);
+                Err(e)
+            }
+            Ok(()) => {
+                if all_ok {
+                    // Both replicas hold this data now (drbd_set_in_sync on completion).
+                    let _ = lock(&self.md).md.bitmap_mut().clear_range(offset, len);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) async fn app_flush(&self) -> StoreResult<()> {
+        let _inflight = self.inflight();
+        let rx = {
+            let mut st = lock(&self.st);
+            if st.role != Role::Primary {
+                return Err(StoreError::ReadOnly);
+            }
+            match st.link.as_mut() {
+                Some(link) => {
+                    let (tx, rx) = oneshot::channel();
+                    let seq = link.next_seq;
+                    link.next_seq += 1;
+                    link.pending.insert(
+                        seq,
+                        Pending {
+                            kind: PendingKind::Flush,
+                            offset: 0,
+                            len: 0,
+                            tx,
+                        },
+                    );
+                    let _ = link.tx.send(Message::Flush { seq });
+                    Some(rx)
+                }
+                None => None,
+            }
+        };
+        let local = self.data.flush();
+        let (lres, pres) = match rx {
+            Some(rx) => {
+                let (l, p) = tokio::join!(local, rx);
+                (l, Some(p))
+            }
+            None => (local.await, None),
+        };
+        if let Some(Ok(Reply::Failed(e))) = pres {
+            self.ctr.write_errors.fetch_add(1, Ordering::Relaxed);
+            error!(volume = %self.cfg.name, "peer failed to flush: {e}");
+        }
+        lres
+    }
+
+    pub(crate) async fn app_read(&self, offset: u64, len: usize) -> StoreResult<Bytes> {
+        check_range(offset, len as u64, self.usable)?;
+        if lock(&self.st).role != Role::Primary {
+            return Err(StoreError::Closed);
+        }
+        self.data.read(offset, len).await
+    }
+
+    /// Discard is replicated as zero writes (so both replicas read back zeroes).
+    pub(crate) async fn app_discard(&self, offset: u64, len: u64) -> StoreResult<()> {
+        check_range(offset, len, self.usable)?;
+        const CHUNK: u64 = 1 << 20;
+        let zeros = Bytes::from(vec![0u8; CHUNK.min(len) as usize]);
+        let mut pos = 0;
+        while pos < len {
+            let n = CHUNK.min(len - pos);
+            self.app_write(offset + pos, zeros.slice(..n as usize), WriteMode::Cached)
+                .await?;
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
+impl BlockStore for VolumeStore {
+    fn size(&self) -> u64 {
+        self.vol.usable
+    }
+
+    fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes> {
+        Box::pin(self.vol.app_read(offset, len))
+    }
+
+    fn write(&self, offset: u64, data: Bytes, mode: WriteMode) -> IoFuture<'_, ()> {
+        Box::pin(self.vol.app_write(offset, data, mode))
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(self.vol.app_flush())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        Box::pin(self.vol.app_discard(offset, len))
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "replicated volume {} ({} bytes, peer {}) over {}",
+            self.vol.cfg.name,
+            self.vol.usable,
+            self.vol.cfg.peer,
+            self.vol.data.describe()
+        )
+    }
+}
