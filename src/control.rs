@@ -16,6 +16,13 @@ use tracing::{debug, info, warn};
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// An operator action on a replicated volume (see `volumes::act`).
+    Replication {
+        volume: String,
+        action: String,
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -25,6 +32,9 @@ pub struct Status {
     pub uptime_secs: u64,
     pub targets: Vec<TargetStatus>,
     pub sessions: Vec<SessionStatus>,
+    /// `VolumeStatus` of each replicated volume, as JSON.
+    #[serde(default)]
+    pub volumes: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -103,12 +113,26 @@ fn status(state: &ServerState, started: Instant) -> Status {
                 active_tasks: s.active_tasks(),
             })
             .collect(),
+        volumes: state
+            .volumes
+            .iter()
+            .map(|v| serde_json::to_value(v.status()).unwrap_or_default())
+            .collect(),
     }
 }
 
-fn answer(state: &ServerState, started: Instant, line: &str) -> serde_json::Value {
+async fn answer(state: &ServerState, started: Instant, line: &str) -> serde_json::Value {
     match serde_json::from_str::<Request>(line) {
         Ok(Request::Status) => serde_json::json!({ "ok": true, "status": status(state, started) }),
+        Ok(Request::Replication { volume, action, force }) => {
+            let Some(v) = state.volumes.iter().find(|v| v.name() == volume) else {
+                return serde_json::json!({ "ok": false, "error": format!("no replicated volume `{volume}`") });
+            };
+            match crate::volumes::act(v, &action, force).await {
+                Ok(()) => serde_json::json!({ "ok": true }),
+                Err(e) => serde_json::json!({ "ok": false, "error": format!("{e:#}") }),
+            }
+        }
         Err(e) => serde_json::json!({ "ok": false, "error": format!("bad request: {e}") }),
     }
 }
@@ -161,7 +185,7 @@ async fn client(stream: UnixStream, state: &ServerState, started: Instant) -> st
     // A bounded read: a client cannot make the daemon buffer without limit.
     let mut lines = BufReader::new(rd.take(1 << 20)).lines();
     while let Some(line) = lines.next_line().await? {
-        let mut out = answer(state, started, &line).to_string();
+        let mut out = answer(state, started, &line).await.to_string();
         out.push('\n');
         wr.write_all(out.as_bytes()).await?;
     }
@@ -216,6 +240,48 @@ pub fn render(s: &Status) -> String {
                 l.store
             );
         }
+    }
+    for v in &s.volumes {
+        let f = |k: &str| match &v[k] {
+            serde_json::Value::String(x) => x.clone(),
+            serde_json::Value::Null => "unknown".into(),
+            other => other.to_string(),
+        };
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        let _ = writeln!(
+            o,
+            "volume {}: {} (peer {}), {}, disk {} / peer {}, out of sync {} KiB{}{}",
+            f("name"),
+            f("role"),
+            f("peer_role"),
+            f("connection"),
+            f("disk_state"),
+            f("peer_disk_state"),
+            n("out_of_sync_bytes") >> 10,
+            if v["split_brain"] == true { ", SPLIT BRAIN" } else { "" },
+            if v["suspended"] == true { ", I/O SUSPENDED" } else { "" },
+        );
+        let r = &v["resync"];
+        if r.is_object() {
+            let _ = writeln!(
+                o,
+                "  resync {:.1}% ({} of {} MiB) at {} MiB/s, ETA {} s",
+                r["percent"].as_f64().unwrap_or(0.0),
+                r["done_bytes"].as_u64().unwrap_or(0) >> 20,
+                r["total_bytes"].as_u64().unwrap_or(0) >> 20,
+                r["bytes_per_sec"].as_u64().unwrap_or(0) >> 20,
+                r["eta_secs"]
+            );
+        }
+        let _ = writeln!(
+            o,
+            "  sent {} MiB, received {} MiB, resync sent {} MiB / received {} MiB, write errors {}",
+            n("sent_bytes") >> 20,
+            n("received_bytes") >> 20,
+            n("resync_sent_bytes") >> 20,
+            n("resync_received_bytes") >> 20,
+            n("write_errors")
+        );
     }
     let _ = writeln!(o, "sessions: {}", s.sessions.len());
     for x in &s.sessions {

@@ -10,3 +10,4 @@ pub mod iscsi;
 pub mod scsi;
 pub mod server;
 pub mod store;
+pub mod volumes;

@@ -37,6 +37,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Replicated volumes: `create-md` (daemon stopped) or an action on the running daemon:
+    /// primary, secondary, verify, discard-my-data, invalidate, connect, disconnect, resume-io.
+    Replication {
+        action: String,
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Volume name (`replication.name` in the configuration).
+        #[arg(long)]
+        volume: String,
+        /// create-md: `full` (this host is the initial sync source) or `skip-identical`.
+        #[arg(long)]
+        initial_sync: Option<String>,
+        /// create-md with skip-identical: the same token on both hosts.
+        #[arg(long)]
+        skip_token: Option<String>,
+        /// primary: promote even if the local disk is not UpToDate.
+        #[arg(long)]
+        force: bool,
+    },
     /// Validate a configuration file and print what it defines.
     CheckConfig {
         #[arg(long, short)]
@@ -82,6 +101,27 @@ fn main() -> anyhow::Result<()> {
                 let status: twinsan::control::Status = serde_json::from_value(reply["status"].clone())?;
                 print!("{}", twinsan::control::render(&status));
             }
+            Ok(())
+        }
+        Command::Replication { action, config, volume, initial_sync, skip_token, force } => {
+            let c = Config::load(&config)?;
+            let lun = c
+                .targets
+                .iter()
+                .flat_map(|t| t.luns.iter())
+                .find(|l| l.replication.as_ref().is_some_and(|r| r.name == volume))
+                .ok_or_else(|| anyhow::anyhow!("{}: no LUN has replication.name = {volume}", config.display()))?;
+            if action == "create-md" {
+                let usable = twinsan::volumes::create_md(lun, initial_sync.as_deref(), skip_token.as_deref())?;
+                println!("{volume}: metadata created, usable size {usable} bytes");
+                return Ok(());
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(twinsan::control::request(
+                &c.server.control_socket_path(),
+                serde_json::json!({"command": "replication", "volume": volume, "action": action, "force": force}),
+            ))?;
+            println!("{volume}: {action} done");
             Ok(())
         }
         Command::CheckConfig { config } => {

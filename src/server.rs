@@ -8,6 +8,7 @@ use crate::iscsi::session::{SessionRegistry, TargetEntry};
 use crate::iscsi::login::LoginConfig;
 use crate::scsi::{LunSettings, ScsiTarget};
 use crate::store::{BlockStore, FileStore, FileStoreOptions};
+use twinsan_replication::volume::ReplicatedVolume;
 use anyhow::Context;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -25,6 +26,8 @@ pub struct ServerState {
     pub login: Arc<LoginConfig>,
     /// Portals advertised by SendTargets, in configuration order.
     pub portals: Vec<SocketAddr>,
+    /// Replicated volumes behind LUNs.
+    pub volumes: Vec<Arc<ReplicatedVolume>>,
 }
 
 pub struct Server {
@@ -41,10 +44,18 @@ impl Server {
             .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
         let mut identities = IdentityStore::open(data_dir)?;
         let mut targets = HashMap::new();
+        let mut volumes = Vec::new();
         for t in &config.targets {
             let mut luns = Vec::new();
             for l in &t.luns {
-                let store = open_store(l)?;
+                let mut store = open_store(l)?;
+                if l.replication.is_some() {
+                    let volume = crate::volumes::open(l, store).await?;
+                    info!(target = %t.iqn, lun = l.number, volume = volume.name(),
+                        usable = volume.size(), "replicated volume open");
+                    store = volume.store();
+                    volumes.push(volume);
+                }
                 let identity = identities.resolve(t, l)?;
                 info!(target = %t.iqn, lun = l.number, store = %store.describe(),
                     naa = %hex::encode(&identity.naa), serial = %identity.serial, "LUN ready");
@@ -88,6 +99,7 @@ impl Server {
             targets,
             login: build_login_config(config),
             portals,
+            volumes,
         });
         Ok(Server {
             state,
@@ -140,6 +152,12 @@ impl Server {
             let _ = t.await;
         }
         let _ = control.await;
+        for v in &self.state.volumes {
+            match v.shutdown().await {
+                Ok(()) => info!(volume = v.name(), "volume stopped cleanly"),
+                Err(e) => error!(volume = v.name(), "volume shutdown: {e}"),
+            }
+        }
         Ok(())
     }
 }

@@ -1,0 +1,109 @@
+//! Replicated LUNs: turns `[target.lun.replication]` into a running
+//! [`ReplicatedVolume`] and answers the `twinsan replication ...` commands.
+
+use crate::config::{parse_meta, LunConfig, MetaDisk, ReplicationConfig};
+use crate::store::BlockStore;
+use anyhow::{anyhow, bail, Context};
+use std::sync::Arc;
+use std::time::Duration;
+use twinsan_replication::drbd::MdVersion;
+use twinsan_replication::policy::SplitBrainPolicy;
+use twinsan_replication::volume::{
+    create_metadata, skip_sync_uuid, Fencing, InitialSync, MetaLocation, ReplicatedVolume, Role,
+    VolumeConfig,
+};
+
+pub fn meta_location(lun: &LunConfig, r: &ReplicationConfig) -> anyhow::Result<MetaLocation> {
+    Ok(match parse_meta(&r.meta).map_err(|m| anyhow!("volume {}: meta: {m}", r.name))? {
+        MetaDisk::Internal => MetaLocation::Internal(lun.path.clone()),
+        MetaDisk::External(p) => MetaLocation::External(p),
+        MetaDisk::Indexed(p, i) => MetaLocation::Indexed(p, i),
+    })
+}
+
+fn policy(key: &str, v: &str) -> anyhow::Result<SplitBrainPolicy> {
+    serde_json::from_value(serde_json::Value::String(v.to_string()))
+        .map_err(|_| anyhow!("{key}: unknown split-brain policy `{v}`"))
+}
+
+pub fn volume_config(r: &ReplicationConfig) -> anyhow::Result<VolumeConfig> {
+    let mut c = VolumeConfig::new(
+        r.name.clone(),
+        r.listen.parse().context("replication.listen")?,
+        r.peer.parse().context("replication.peer")?,
+        r.secret.as_bytes().to_vec(),
+    );
+    c.ping_interval = Duration::from_secs(r.ping_interval_secs);
+    c.timeout = Duration::from_secs(r.timeout_secs);
+    c.resync_rate = r.resync_rate.0;
+    c.fencing = match r.fencing.as_str() {
+        "suspend-io" => Fencing::SuspendIo,
+        _ => Fencing::DontCare,
+    };
+    c.after_sb_0pri = policy("after_sb_0pri", &r.after_sb_0pri)?;
+    c.after_sb_1pri = policy("after_sb_1pri", &r.after_sb_1pri)?;
+    c.after_sb_2pri = policy("after_sb_2pri", &r.after_sb_2pri)?;
+    c.verify_digest = match r.verify_digest.as_str() {
+        "sha256" => twinsan_replication::link::VerifyDigest::Sha256,
+        _ => twinsan_replication::link::VerifyDigest::Crc32c,
+    };
+    Ok(c)
+}
+
+/// Opens the replicated volume of `lun` over its backing store.
+pub async fn open(lun: &LunConfig, backing: Arc<dyn BlockStore>) -> anyhow::Result<Arc<ReplicatedVolume>> {
+    let r = lun.replication.as_ref().expect("replicated LUN");
+    let role = if r.role == "primary" { Role::Primary } else { Role::Secondary };
+    let meta = meta_location(lun, r)?;
+    ReplicatedVolume::open(volume_config(r)?, backing, meta, role)
+        .await
+        .with_context(|| {
+            format!(
+                "volume {}: cannot open (new volume? run `twinsan replication create-md --volume {}` first)",
+                r.name, r.name
+            )
+        })
+}
+
+/// `twinsan replication create-md`: fresh DRBD v08 metadata for a new volume.
+pub fn create_md(lun: &LunConfig, initial_sync: Option<&str>, skip_token: Option<&str>) -> anyhow::Result<u64> {
+    let r = lun.replication.as_ref().expect("replicated LUN");
+    let meta = meta_location(lun, r)?;
+    let initial = match (initial_sync, skip_token) {
+        (None, None) => InitialSync::None,
+        (Some("full"), None) => InitialSync::FullFrom,
+        (Some("skip-identical"), Some(t)) => InitialSync::SkipIdentical {
+            uuid: skip_sync_uuid(&r.name, t),
+        },
+        (Some("skip-identical"), None) => bail!("--initial-sync skip-identical needs --skip-token (the same on both hosts)"),
+        (Some(other), _) if other != "full" && other != "skip-identical" => {
+            bail!("--initial-sync must be `full` or `skip-identical`, not `{other}`")
+        }
+        _ => bail!("--skip-token only goes with --initial-sync skip-identical"),
+    };
+    let data_size = match &meta {
+        MetaLocation::Internal(_) => 0,
+        _ => std::fs::metadata(&lun.path)
+            .with_context(|| format!("cannot stat {}", lun.path.display()))?
+            .len(),
+    };
+    create_metadata(&meta, data_size, MdVersion::V08, initial)
+        .with_context(|| format!("volume {}: create-md on {}", r.name, lun.path.display()))
+}
+
+/// One operator action on a running volume.
+pub async fn act(v: &Arc<ReplicatedVolume>, action: &str, force: bool) -> anyhow::Result<()> {
+    match action {
+        "primary" => v.promote(force).await?,
+        "secondary" => v.demote().await?,
+        "verify" => v.start_verify()?,
+        "discard-my-data" => v.discard_my_data()?,
+        "invalidate" => v.invalidate().await?,
+        "connect" => v.connect(),
+        "disconnect" => v.disconnect(),
+        "resume-io" => v.resume_io(),
+        other => bail!("unknown replication action `{other}`"),
+    }
+    tracing::info!(volume = v.name(), action, force, "operator action done");
+    Ok(())
+}
