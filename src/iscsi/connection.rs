@@ -5,13 +5,13 @@
 //! is sent, so responses leave in StatSN order whatever order commands finish in.
 
 use super::ffp::{build_response, reject, DataInLimits, Residual, ScsiCommandHeader, WriteGather};
-use super::pdu::{encode_pdu, serial, BadPdu, Opcode, Pdu, PduCodec, RejectReason, RESERVED_TAG};
+use super::pdu::{serial, BadPdu, Opcode, Pdu, PduCodec, RejectReason, WireBatch, RESERVED_TAG};
 use super::negotiation::SessionType;
 use super::session::{wait_stopped, Session, Task, TaskState};
 use super::text::{TextContext, TextNegotiation, TextOutcome};
 use crate::scsi::{DataOutPlan, ScsiRequest, ScsiResponse, Sense};
 use crate::server::ServerState;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -149,34 +149,59 @@ async fn write_loop(
     params: FeatureParams,
     mut stat_sn: u32,
 ) {
-    let mut buf = BytesMut::with_capacity(256 * 1024);
+    let mut batch = WireBatch::default();
     let mut closing = false;
     while !closing {
         let Some(first) = rx.recv().await else { break };
+        // Everything already queued goes out in one vectored write.
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
                 Out::Pdus(pdus) => {
                     for mut p in pdus {
                         stamp(&mut p, &session, &mut stat_sn);
-                        encode_pdu(&p, params.header_digest, params.data_digest, &mut buf);
+                        batch.push(&p, params.header_digest, params.data_digest);
                     }
                 }
                 Out::Close => closing = true,
             }
-            if buf.len() < 1 << 20 && !closing {
+            if batch.len() < 4 << 20 && !closing {
                 next = rx.try_recv().ok();
             }
         }
-        if !buf.is_empty() {
-            if let Err(e) = wr.write_all(&buf).await {
-                debug!("write failed: {e}");
-                break;
-            }
-            buf.clear();
+        if let Err(e) = write_segments(&mut wr, batch.take()).await {
+            debug!("write failed: {e}");
+            break;
         }
     }
     let _ = wr.shutdown().await;
+}
+
+async fn write_segments(wr: &mut OwnedWriteHalf, segments: Vec<Bytes>) -> std::io::Result<()> {
+    let (mut idx, mut off) = (0usize, 0usize);
+    while idx < segments.len() {
+        let mut slices = Vec::with_capacity((segments.len() - idx).min(64));
+        slices.push(std::io::IoSlice::new(&segments[idx][off..]));
+        for s in segments.iter().skip(idx + 1).take(63) {
+            slices.push(std::io::IoSlice::new(s));
+        }
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let left = segments[idx].len() - off;
+            if n >= left {
+                n -= left;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Fills StatSN (§4.2.2.2), ExpCmdSN and MaxCmdSN as the PDU leaves.

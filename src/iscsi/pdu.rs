@@ -338,11 +338,17 @@ impl Encoder<Pdu> for PduCodec {
 
 /// Appends `pdu` in wire format to `dst`, with digests as requested.
 pub fn encode_pdu(pdu: &Pdu, header_digest: bool, data_digest: bool, dst: &mut BytesMut) {
-    let data_len = pdu.data.len();
+    dst.reserve(pdu.wire_len() + 8);
+    encode_header(pdu, header_digest, dst);
+    dst.put_slice(&pdu.data);
+    encode_tail(pdu, data_digest, dst);
+}
+
+/// BHS (with AHS and data segment lengths filled in), AHS and header digest.
+fn encode_header(pdu: &Pdu, header_digest: bool, dst: &mut BytesMut) {
     let mut bhs = pdu.bhs;
     bhs[4] = (pdu.ahs.len() / 4) as u8;
-    bhs[5..8].copy_from_slice(&(data_len as u32).to_be_bytes()[1..]);
-    dst.reserve(pdu.wire_len() + 8);
+    bhs[5..8].copy_from_slice(&(pdu.data.len() as u32).to_be_bytes()[1..]);
     let hstart = dst.len();
     dst.put_slice(&bhs);
     dst.put_slice(&pdu.ahs);
@@ -350,14 +356,72 @@ pub fn encode_pdu(pdu: &Pdu, header_digest: bool, data_digest: bool, dst: &mut B
         let crc = crc32c::crc32c(&dst[hstart..]);
         dst.put_u32_le(crc);
     }
+}
+
+/// Padding and data digest that follow the data segment.
+fn encode_tail(pdu: &Pdu, data_digest: bool, dst: &mut BytesMut) {
+    let data_len = pdu.data.len();
     if data_len > 0 {
-        dst.put_slice(&pdu.data);
         let pad = pad4(data_len) - data_len;
         dst.put_bytes(0, pad);
         if data_digest {
             let crc = crc32c::crc32c_append(crc32c::crc32c(&pdu.data), &[0u8; 3][..pad]);
             dst.put_u32_le(crc);
         }
+    }
+}
+
+/// Data segments at least this long are sent by reference instead of being copied.
+const ZERO_COPY_MIN: usize = 16 * 1024;
+
+/// PDUs in wire format as a list of segments for a vectored write: headers and small
+/// payloads are copied together, large payloads (Data-In of big reads) are referenced, so a
+/// read's data goes from the store's buffer to the socket without a copy.
+#[derive(Default)]
+pub struct WireBatch {
+    segments: Vec<Bytes>,
+    small: BytesMut,
+    len: usize,
+}
+
+impl WireBatch {
+    pub fn push(&mut self, pdu: &Pdu, header_digest: bool, data_digest: bool) {
+        let before = self.small.len();
+        if pdu.data.len() < ZERO_COPY_MIN {
+            encode_pdu(pdu, header_digest, data_digest, &mut self.small);
+            self.len += self.small.len() - before;
+            return;
+        }
+        encode_header(pdu, header_digest, &mut self.small);
+        self.len += self.small.len() - before;
+        self.flush_small();
+        self.len += pdu.data.len();
+        self.segments.push(pdu.data.clone());
+        let before = self.small.len();
+        encode_tail(pdu, data_digest, &mut self.small);
+        self.len += self.small.len() - before;
+    }
+
+    fn flush_small(&mut self) {
+        if !self.small.is_empty() {
+            self.segments.push(self.small.split().freeze());
+        }
+    }
+
+    /// Bytes queued.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The queued segments, in order; the batch is empty afterwards.
+    pub fn take(&mut self) -> Vec<Bytes> {
+        self.flush_small();
+        self.len = 0;
+        std::mem::take(&mut self.segments)
     }
 }
 
@@ -402,6 +466,24 @@ mod tests {
             for data in [&b""[..], b"a", b"abcd", b"abcdefg"] {
                 roundtrip(hd, dd, data);
             }
+        }
+    }
+
+    #[test]
+    fn wire_batch_matches_contiguous_encoding() {
+        for (hd, dd) in [(false, false), (true, true)] {
+            let mut batch = WireBatch::default();
+            let mut flat = BytesMut::new();
+            for len in [0usize, 5, 16 * 1024, 100_001, 7] {
+                let p = sample(&vec![0xa5; len]);
+                batch.push(&p, hd, dd);
+                encode_pdu(&p, hd, dd, &mut flat);
+            }
+            assert_eq!(batch.len(), flat.len());
+            let segs = batch.take();
+            assert!(segs.len() > 1, "large payloads are separate segments");
+            assert_eq!(segs.concat(), flat.to_vec());
+            assert!(batch.is_empty() && batch.take().is_empty());
         }
     }
 
