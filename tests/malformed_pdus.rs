@@ -4,162 +4,20 @@
 mod common;
 
 use bytes::{Bytes, BytesMut};
+use common::raw::Raw;
 use common::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::process::Command;
-use std::time::{Duration, Instant};
-use tokio_util::codec::{Decoder, Encoder};
-use twinsan::iscsi::negotiation::encode_text;
-use twinsan::iscsi::pdu::{Opcode, Pdu, PduCodec, RESERVED_TAG};
-
-/// A minimal initiator speaking raw PDUs.
-struct Raw {
-    stream: TcpStream,
-    codec: PduCodec,
-    buf: BytesMut,
-    cmd_sn: u32,
-    itt: u32,
-}
-
-impl Raw {
-    fn login(port: u16, header_digest: bool, data_digest: bool) -> Raw {
-        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        let mut raw = Raw {
-            stream,
-            codec: PduCodec {
-                max_recv_data_segment: 1 << 20,
-                ..PduCodec::default()
-            },
-            buf: BytesMut::new(),
-            cmd_sn: 1,
-            itt: 1,
-        };
-        let dig = |on: bool| if on { "CRC32C" } else { "None" };
-        let text = encode_text(&[
-            ("InitiatorName", INIT1),
-            ("TargetName", IQN),
-            ("SessionType", "Normal"),
-            ("HeaderDigest", dig(header_digest)),
-            ("DataDigest", dig(data_digest)),
-            ("MaxRecvDataSegmentLength", "262144"),
-            ("ImmediateData", "Yes"),
-            ("InitialR2T", "No"),
-            ("MaxBurstLength", "262144"),
-            ("FirstBurstLength", "65536"),
-        ]);
-        let mut data = Bytes::from(text);
-        for round in 0..4 {
-            let mut p = Pdu::new(Opcode::LoginRequest);
-            p.set_immediate(true);
-            p.set_flags(0x80 | (1 << 2) | 3); // T, CSG=operational, NSG=full feature
-            p.bhs[8..14].copy_from_slice(&[0x80, 0, 0x12, 0x34, 0, round]);
-            p.set_itt(0);
-            p.set_u32_at(24, raw.cmd_sn);
-            p.set_data(std::mem::take(&mut data));
-            raw.send(p);
-            let r = raw.recv(Duration::from_secs(5)).expect("login response");
-            assert_eq!(r.opcode(), Some(Opcode::LoginResponse));
-            assert_eq!((r.bhs[36], r.bhs[37]), (0, 0), "login status");
-            if r.flags() & 0x80 != 0 && r.flags() & 3 == 3 {
-                raw.codec.header_digest = header_digest;
-                raw.codec.data_digest = data_digest;
-                return raw;
-            }
-        }
-        panic!("login did not reach full feature phase");
-    }
-
-    fn send(&mut self, p: Pdu) {
-        let mut out = BytesMut::new();
-        self.codec.encode(p, &mut out).unwrap();
-        self.stream.write_all(&out).unwrap();
-    }
-
-    fn send_raw(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).unwrap();
-    }
-
-    /// The next PDU, or None on timeout; panics on EOF (use `closed`).
-    fn recv(&mut self, limit: Duration) -> Option<Pdu> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(frame) = self.codec.decode(&mut self.buf).expect("framing") {
-                return Some(frame.expect("well-formed PDU from target"));
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            let mut tmp = [0u8; 65536];
-            match self.stream.read(&mut tmp) {
-                Ok(0) => panic!("connection closed"),
-                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(e) => panic!("read: {e}"),
-            }
-        }
-    }
-
-    /// Whether the target closed the connection within `limit`.
-    fn closed(&mut self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        let mut tmp = [0u8; 4096];
-        while Instant::now() < deadline {
-            match self.stream.read(&mut tmp) {
-                Ok(0) => return true,
-                Ok(_) => {}
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(_) => return true,
-            }
-        }
-        false
-    }
-
-    fn next_itt(&mut self) -> u32 {
-        self.itt += 1;
-        self.itt
-    }
-
-    /// NOP-Out ping; true when the matching NOP-In arrives.
-    fn ping(&mut self) -> bool {
-        let itt = self.next_itt();
-        let mut p = Pdu::new(Opcode::NopOut);
-        p.set_immediate(true);
-        p.set_flags(0x80);
-        p.set_itt(itt);
-        p.set_u32_at(20, RESERVED_TAG);
-        p.set_u32_at(24, self.cmd_sn);
-        p.set_data(Bytes::from_static(b"ping"));
-        self.send(p);
-        self.wait_for(|r| r.opcode() == Some(Opcode::NopIn) && r.itt() == itt)
-            .is_some_and(|r| &r.data[..] == b"ping")
-    }
-
-    fn wait_for(&mut self, want: impl Fn(&Pdu) -> bool) -> Option<Pdu> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Some(p) = self.recv(Duration::from_millis(500)) {
-                if want(&p) {
-                    return Some(p);
-                }
-            }
-        }
-        None
-    }
-
-    fn test_unit_ready(&mut self, cmd_sn: u32) -> Pdu {
-        let itt = self.next_itt();
-        let mut p = Pdu::new(Opcode::ScsiCommand);
-        p.set_flags(0x80 | 0x01);
-        p.set_itt(itt);
-        p.set_u32_at(24, cmd_sn);
-        p
-    }
-}
+use std::time::Duration;
+use tokio_util::codec::Encoder;
+use twinsan::iscsi::pdu::{Opcode, Pdu, RESERVED_TAG};
 
 fn other_session_works(s: &Server) {
-    let o = run(Command::new(tool("iscsi-inq")).arg(s.url(0)), Duration::from_secs(30));
+    let o = run(
+        Command::new(tool("iscsi-inq")).arg(s.url(0)),
+        Duration::from_secs(30),
+    );
     assert!(o.status.success(), "a second session failed: {}", text(&o));
 }
 
@@ -172,9 +30,15 @@ fn bad_opcode_is_rejected_and_connection_survives() {
     p.bhs[0] = 0x1d; // no such initiator opcode
     p.set_itt(77);
     r.send(p);
-    let rej = r.wait_for(|p| p.opcode() == Some(Opcode::Reject)).expect("Reject");
+    let rej = r
+        .wait_for(|p| p.opcode() == Some(Opcode::Reject))
+        .expect("Reject");
     assert_eq!(rej.bhs[2], 0x05, "reason: command not supported");
-    assert_eq!(rej.data[0] & 0x3f, 0x1d, "Reject carries the offending header");
+    assert_eq!(
+        rej.data[0] & 0x3f,
+        0x1d,
+        "Reject carries the offending header"
+    );
     assert!(r.ping(), "connection still works");
     other_session_works(&s);
 }
@@ -194,7 +58,9 @@ fn oversized_data_segment_is_rejected() {
     p.bhs[32] = 0x2a;
     p.set_data(Bytes::from(vec![0u8; 300_000]));
     r.send(p);
-    let rej = r.wait_for(|p| p.opcode() == Some(Opcode::Reject)).expect("Reject");
+    let rej = r
+        .wait_for(|p| p.opcode() == Some(Opcode::Reject))
+        .expect("Reject");
     assert_eq!(rej.bhs[2], 0x04, "reason: protocol error");
     assert!(r.ping(), "connection still works");
     other_session_works(&s);
@@ -218,7 +84,9 @@ fn bad_data_digest_is_rejected_bad_header_digest_drops_only_that_connection() {
     let n = out.len();
     out[n - 1] ^= 0x55;
     r.send_raw(&out);
-    let rej = r.wait_for(|p| p.opcode() == Some(Opcode::Reject)).expect("Reject");
+    let rej = r
+        .wait_for(|p| p.opcode() == Some(Opcode::Reject))
+        .expect("Reject");
     assert_eq!(rej.bhs[2], 0x02, "reason: data digest error");
     assert!(r.ping(), "connection survives a data digest error");
 
@@ -231,7 +99,10 @@ fn bad_data_digest_is_rejected_bad_header_digest_drops_only_that_connection() {
     r.codec.clone().encode(p, &mut out).unwrap();
     out[48] ^= 1;
     r.send_raw(&out);
-    assert!(r.closed(Duration::from_secs(5)), "header digest error closes the connection");
+    assert!(
+        r.closed(Duration::from_secs(5)),
+        "header digest error closes the connection"
+    );
     s.assert_alive();
     other_session_works(&s);
 }
@@ -251,7 +122,9 @@ fn cmdsn_far_outside_window_is_ignored() {
     let ok = r.test_unit_ready(r.cmd_sn);
     let itt = ok.itt();
     r.send(ok);
-    let resp = r.wait_for(|p| p.itt() == itt).expect("in-window command answered");
+    let resp = r
+        .wait_for(|p| p.itt() == itt)
+        .expect("in-window command answered");
     assert_eq!(resp.opcode(), Some(Opcode::ScsiResponse));
     assert_eq!(resp.bhs[3], 0, "GOOD");
     other_session_works(&s);

@@ -4,6 +4,10 @@
 
 #![allow(dead_code)]
 
+pub mod pair;
+pub mod proxy;
+pub mod raw;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -28,7 +32,10 @@ pub fn tool(name: &str) -> PathBuf {
         .output()
         .expect("sh");
     let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(!p.is_empty(), "{name} not found: run scripts/install-deps.sh (bash scripts/test.sh does)");
+    assert!(
+        !p.is_empty(),
+        "{name} not found: run scripts/install-deps.sh (bash scripts/test.sh does)"
+    );
     PathBuf::from(p)
 }
 
@@ -37,12 +44,20 @@ pub fn fio() -> PathBuf {
     let p = std::env::var_os("TWINSAN_FIO")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/twinsan-tools/bin/fio-libiscsi"));
-    assert!(p.exists(), "{} missing: run scripts/build-fio.sh", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/build-fio.sh",
+        p.display()
+    );
     p
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A directory on the real disk (O_DIRECT needs a filesystem that supports it).
@@ -84,17 +99,31 @@ impl Server {
 
     pub fn start_with_config(dir: &Path, config: &Path, port: u16) -> Server {
         let log = dir.join(format!("twinsan-{port}.log"));
-        let logf = std::fs::File::create(&log).unwrap();
+        std::fs::File::create(&log).unwrap();
+        Self::start_logged(dir, config, port, &log)
+    }
+
+    /// Like [`Server::start_with_config`], appending the server's output to `log`.
+    pub fn start_logged(dir: &Path, config: &Path, port: u16, log: &Path) -> Server {
+        let log = log.to_path_buf();
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = Command::new(bin())
             .args(["serve", "--config"])
             .arg(config)
-            .env("RUST_LOG", std::env::var("TWINSAN_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TWINSAN_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
             .stderr(logf)
             .spawn()
             .expect("start twinsan");
-        let s = Server {
+        let mut s = Server {
             child,
             port,
             dir: dir.to_path_buf(),
@@ -105,15 +134,26 @@ impl Server {
         s
     }
 
-    fn wait_listening(&self) {
+    fn wait_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
             }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!(
+                    "twinsan exited ({st}) before listening on {}; log:\n{}",
+                    self.port,
+                    self.log_text()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("twinsan did not listen on {}; log:\n{}", self.port, self.log_text());
+        panic!(
+            "twinsan did not listen on {}; log:\n{}",
+            self.port,
+            self.log_text()
+        );
     }
 
     pub fn portal(&self) -> String {
@@ -130,20 +170,42 @@ impl Server {
 
     /// Stops the server (SIGTERM, then SIGKILL) and waits for it.
     pub fn stop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            unsafe {
-                libc::kill(self.child.id() as i32, libc::SIGTERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        if self.terminate(Duration::from_secs(10)).is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+
+    /// Sends SIGTERM (if still running) and waits up to `limit` for the exit; None when it
+    /// is still running then.
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            return Some(st);
+        }
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Kills the server with SIGKILL (a crash) and waits for it.
+    pub fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Panics with the server log if the process died.
@@ -208,7 +270,11 @@ fn read_all(r: impl std::io::Read) -> Vec<u8> {
 }
 
 pub fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// Per-suite counts from `iscsi-test-cu` verbose output.
