@@ -251,39 +251,73 @@ pub const SPLIT_BRAIN_POLICIES_1PRI: &[&str] = &["disconnect", "consensus", "dis
 pub const SPLIT_BRAIN_POLICIES_2PRI: &[&str] = &["disconnect"];
 
 impl ReplicationConfig {
-    fn validate(&self, key: &str, err: &impl Fn(String, String) -> ConfigError) -> Result<(), ConfigError> {
+    fn validate(
+        &self,
+        key: &str,
+        err: &impl Fn(String, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
         if self.name.is_empty()
             || self.name.len() > 64
-            || !self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         {
             return Err(err(
                 format!("{key}.name"),
-                format!("`{}` must be 1..=64 characters of letters, digits, '-', '_', '.'", self.name),
+                format!(
+                    "`{}` must be 1..=64 characters of letters, digits, '-', '_', '.'",
+                    self.name
+                ),
             ));
         }
         for (k, v) in [("listen", &self.listen), ("peer", &self.peer)] {
             if v.parse::<SocketAddr>().is_err() {
-                return Err(err(format!("{key}.{k}"), format!("`{v}` is not an address:port")));
+                return Err(err(
+                    format!("{key}.{k}"),
+                    format!("`{v}` is not an address:port"),
+                ));
             }
         }
         if self.listen == self.peer {
-            return Err(err(format!("{key}.peer"), "must differ from `listen`".into()));
+            return Err(err(
+                format!("{key}.peer"),
+                "must differ from `listen`".into(),
+            ));
         }
         if self.secret.len() < 8 {
-            return Err(err(format!("{key}.secret"), "must be at least 8 bytes".into()));
+            return Err(err(
+                format!("{key}.secret"),
+                "must be at least 8 bytes".into(),
+            ));
         }
         let choice = |k: &str, v: &str, allowed: &[&str]| {
             if allowed.contains(&v) {
                 Ok(())
             } else {
-                Err(err(format!("{key}.{k}"), format!("`{v}` is not one of {}", allowed.join(", "))))
+                Err(err(
+                    format!("{key}.{k}"),
+                    format!("`{v}` is not one of {}", allowed.join(", ")),
+                ))
             }
         };
         choice("role", &self.role, &["primary", "secondary"])?;
         choice("fencing", &self.fencing, &["dont-care", "suspend-io"])?;
-        choice("after_sb_0pri", &self.after_sb_0pri, SPLIT_BRAIN_POLICIES_0PRI)?;
-        choice("after_sb_1pri", &self.after_sb_1pri, SPLIT_BRAIN_POLICIES_1PRI)?;
-        choice("after_sb_2pri", &self.after_sb_2pri, SPLIT_BRAIN_POLICIES_2PRI)?;
+        choice(
+            "after_sb_0pri",
+            &self.after_sb_0pri,
+            SPLIT_BRAIN_POLICIES_0PRI,
+        )?;
+        choice(
+            "after_sb_1pri",
+            &self.after_sb_1pri,
+            SPLIT_BRAIN_POLICIES_1PRI,
+        )?;
+        choice(
+            "after_sb_2pri",
+            &self.after_sb_2pri,
+            SPLIT_BRAIN_POLICIES_2PRI,
+        )?;
         choice("verify_digest", &self.verify_digest, &["crc32c", "sha256"])?;
         if self.ping_interval_secs == 0 || self.timeout_secs <= self.ping_interval_secs {
             return Err(err(
@@ -292,7 +326,10 @@ impl ReplicationConfig {
             ));
         }
         if self.resync_rate.0 < 1 << 20 {
-            return Err(err(format!("{key}.resync_rate"), "must be at least 1M".into()));
+            return Err(err(
+                format!("{key}.resync_rate"),
+                "must be at least 1M".into(),
+            ));
         }
         parse_meta(&self.meta).map_err(|m| err(format!("{key}.meta"), m))?;
         Ok(())
@@ -316,7 +353,10 @@ pub fn parse_meta(s: &str) -> Result<MetaDisk, String> {
     if s.is_empty() {
         return Err("must be \"internal\", a path, or \"path[index]\"".into());
     }
-    if let Some(open) = s.strip_suffix(']').and_then(|x| x.rfind('[').map(|i| (x, i))) {
+    if let Some(open) = s
+        .strip_suffix(']')
+        .and_then(|x| x.rfind('[').map(|i| (x, i)))
+    {
         let (body, i) = open;
         let idx: u32 = body[i + 1..]
             .parse()
@@ -357,9 +397,7 @@ impl TryFrom<SizeRepr> for SizeValue {
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
@@ -370,7 +408,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "m" | "mib" | "mb" => 20,
         "g" | "gib" | "gb" => 30,
         "t" | "tib" | "tb" => 40,
-        other => return Err(format!("unknown size unit `{other}` in `{s}` (use K, M, G or T)")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{s}` (use K, M, G or T)"
+            ))
+        }
     };
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("size `{s}` is too large"))
@@ -462,9 +504,19 @@ impl Config {
         }
         let n = &self.negotiation;
         for (key, v, min, max) in [
-            ("max_recv_data_segment_length", n.max_recv_data_segment_length, 512, (1 << 24) - 1),
+            (
+                "max_recv_data_segment_length",
+                n.max_recv_data_segment_length,
+                512,
+                (1 << 24) - 1,
+            ),
             ("max_burst_length", n.max_burst_length, 512, (1 << 24) - 1),
-            ("first_burst_length", n.first_burst_length, 512, (1 << 24) - 1),
+            (
+                "first_burst_length",
+                n.first_burst_length,
+                512,
+                (1 << 24) - 1,
+            ),
             ("max_outstanding_r2t", n.max_outstanding_r2t, 1, 65535),
             ("default_time2wait", n.default_time2wait, 0, 3600),
             ("default_time2retain", n.default_time2retain, 0, 3600),
@@ -486,10 +538,16 @@ impl Config {
                 ));
             }
         }
-        for (key, list) in [("header_digest", &n.header_digest), ("data_digest", &n.data_digest)] {
+        for (key, list) in [
+            ("header_digest", &n.header_digest),
+            ("data_digest", &n.data_digest),
+        ] {
             if let Some(list) = list {
                 if list.is_empty() {
-                    return Err(err(format!("negotiation.{key}"), "must not be empty".into()));
+                    return Err(err(
+                        format!("negotiation.{key}"),
+                        "must not be empty".into(),
+                    ));
                 }
                 for d in list {
                     if d != "CRC32C" && d != "None" {
@@ -506,7 +564,8 @@ impl Config {
         if self.discovery.mutual_chap.is_some() && self.discovery.chap.is_none() {
             return Err(err(
                 "discovery.mutual_chap".into(),
-                "mutual CHAP needs discovery.chap as well (the initiator authenticates first)".into(),
+                "mutual CHAP needs discovery.chap as well (the initiator authenticates first)"
+                    .into(),
             ));
         }
 
@@ -519,10 +578,16 @@ impl Config {
                 return Err(err(format!("{tk}.iqn"), m));
             }
             if !iqns.insert(t.iqn.to_ascii_lowercase()) {
-                return Err(err(format!("{tk}.iqn"), format!("`{}` is configured twice", t.iqn)));
+                return Err(err(
+                    format!("{tk}.iqn"),
+                    format!("`{}` is configured twice", t.iqn),
+                ));
             }
             if t.portals.is_empty() {
-                return Err(err(format!("{tk}.portals"), "needs at least one portal".into()));
+                return Err(err(
+                    format!("{tk}.portals"),
+                    "needs at least one portal".into(),
+                ));
             }
             for p in &t.portals {
                 if p.parse::<SocketAddr>().is_err() {
@@ -546,16 +611,25 @@ impl Config {
                 ));
             }
             if t.luns.is_empty() {
-                return Err(err(format!("{tk}.lun"), "target has no LUN: add a [[target.lun]]".into()));
+                return Err(err(
+                    format!("{tk}.lun"),
+                    "target has no LUN: add a [[target.lun]]".into(),
+                ));
             }
             let mut numbers = HashSet::new();
             for (li, l) in t.luns.iter().enumerate() {
                 let lk = format!("{tk}.lun[{li}]");
                 if l.number >= 16384 {
-                    return Err(err(format!("{lk}.number"), format!("{} is above 16383", l.number)));
+                    return Err(err(
+                        format!("{lk}.number"),
+                        format!("{} is above 16383", l.number),
+                    ));
                 }
                 if !numbers.insert(l.number) {
-                    return Err(err(format!("{lk}.number"), format!("LUN {} is configured twice", l.number)));
+                    return Err(err(
+                        format!("{lk}.number"),
+                        format!("LUN {} is configured twice", l.number),
+                    ));
                 }
                 if !paths.insert(l.path.clone()) {
                     return Err(err(
@@ -573,7 +647,10 @@ impl Config {
                     if s == 0 || s % l.block_size as u64 != 0 {
                         return Err(err(
                             format!("{lk}.size"),
-                            format!("{s} bytes is not a positive multiple of block_size {}", l.block_size),
+                            format!(
+                                "{s} bytes is not a positive multiple of block_size {}",
+                                l.block_size
+                            ),
                         ));
                     }
                 }
@@ -626,7 +703,10 @@ fn check_credentials(
             return Err(err(format!("{key}.secret"), "must be 1..=255 bytes".into()));
         }
         if c.secret.len() < 12 {
-            tracing::warn!(key, "CHAP secret shorter than 12 bytes: RFC 7143 §12.1.3 recommends longer");
+            tracing::warn!(
+                key,
+                "CHAP secret shorter than 12 bytes: RFC 7143 §12.1.3 recommends longer"
+            );
         }
     }
     Ok(())
@@ -726,9 +806,18 @@ naa = "600140512345678901234567890abcde"
             invalid_key(&GOOD.replace("127.0.0.1:3260\",", "localhost\",")),
             "target[0].portals"
         );
-        assert_eq!(invalid_key(&GOOD.replace("iqn.2026-11.org.example:disk1", "bad name")), "target[0].iqn");
-        assert_eq!(invalid_key(&GOOD.replace("600140512345678901234567890abcde", "zz")), "target[0].lun[0].naa");
-        assert_eq!(invalid_key(&GOOD.replace("\"1GiB\"", "1000")), "target[0].lun[0].size");
+        assert_eq!(
+            invalid_key(&GOOD.replace("iqn.2026-11.org.example:disk1", "bad name")),
+            "target[0].iqn"
+        );
+        assert_eq!(
+            invalid_key(&GOOD.replace("600140512345678901234567890abcde", "zz")),
+            "target[0].lun[0].naa"
+        );
+        assert_eq!(
+            invalid_key(&GOOD.replace("\"1GiB\"", "1000")),
+            "target[0].lun[0].size"
+        );
     }
 
     #[test]
@@ -740,8 +829,14 @@ naa = "600140512345678901234567890abcde"
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(parse("[[target]\n"), Err(ConfigError::Syntax { .. })));
-        assert!(matches!(parse(&GOOD.replace("\"1GiB\"", "\"1QB\"")), Err(ConfigError::Syntax { .. })));
+        assert!(matches!(
+            parse("[[target]\n"),
+            Err(ConfigError::Syntax { .. })
+        ));
+        assert!(matches!(
+            parse(&GOOD.replace("\"1GiB\"", "\"1QB\"")),
+            Err(ConfigError::Syntax { .. })
+        ));
     }
 
     #[test]
@@ -753,17 +848,26 @@ naa = "600140512345678901234567890abcde"
         };
         let c = parse(&with("")).unwrap();
         let r = c.targets[0].luns[0].replication.as_ref().unwrap();
-        assert_eq!((r.role.as_str(), r.meta.as_str()), ("secondary", "internal"));
+        assert_eq!(
+            (r.role.as_str(), r.meta.as_str()),
+            ("secondary", "internal")
+        );
         assert_eq!(
             invalid_key(&with("after_sb_0pri = \"merge\"")),
             "target[0].lun[0].replication.after_sb_0pri"
         );
-        assert_eq!(invalid_key(&with("role = \"both\"")), "target[0].lun[0].replication.role");
+        assert_eq!(
+            invalid_key(&with("role = \"both\"")),
+            "target[0].lun[0].replication.role"
+        );
         assert_eq!(
             invalid_key(&with("timeout_secs = 1\nping_interval_secs = 2")),
             "target[0].lun[0].replication.timeout_secs"
         );
-        assert_eq!(parse_meta("/dev/x[3]").unwrap(), MetaDisk::Indexed("/dev/x".into(), 3));
+        assert_eq!(
+            parse_meta("/dev/x[3]").unwrap(),
+            MetaDisk::Indexed("/dev/x".into(), 3)
+        );
         assert_eq!(parse_meta("/m").unwrap(), MetaDisk::External("/m".into()));
         assert!(parse_meta("/dev/x[a]").is_err());
     }

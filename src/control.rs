@@ -65,10 +65,18 @@ pub struct SessionStatus {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("cannot reach twinsan at {path}: {source} (is `twinsan serve` running with this config?)")]
-    Connect { path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot reach twinsan at {path}: {source} (is `twinsan serve` running with this config?)"
+    )]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("control socket {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("bad answer from twinsan: {0}")]
     Protocol(String),
     #[error("twinsan refused: {0}")]
@@ -124,7 +132,11 @@ fn status(state: &ServerState, started: Instant) -> Status {
 async fn answer(state: &ServerState, started: Instant, line: &str) -> serde_json::Value {
     match serde_json::from_str::<Request>(line) {
         Ok(Request::Status) => serde_json::json!({ "ok": true, "status": status(state, started) }),
-        Ok(Request::Replication { volume, action, force }) => {
+        Ok(Request::Replication {
+            volume,
+            action,
+            force,
+        }) => {
             let Some(v) = state.volumes.iter().find(|v| v.name() == volume) else {
                 return serde_json::json!({ "ok": false, "error": format!("no replicated volume `{volume}`") });
             };
@@ -139,7 +151,11 @@ async fn answer(state: &ServerState, started: Instant, line: &str) -> serde_json
 
 /// Serves the control socket until `shutdown`. A stale socket file from a crashed run is
 /// replaced; a live one (another twinsan answering) is an error.
-pub async fn serve(path: PathBuf, state: Arc<ServerState>, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    path: PathBuf,
+    state: Arc<ServerState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     if path.exists() {
         if UnixStream::connect(&path).await.is_ok() {
             return Err(std::io::Error::new(
@@ -193,11 +209,16 @@ async fn client(stream: UnixStream, state: &ServerState, started: Instant) -> st
 }
 
 /// Sends one request to the daemon at `path` and returns the `ok` answer's payload.
-pub async fn request(path: &Path, request: serde_json::Value) -> Result<serde_json::Value, ControlError> {
-    let stream = UnixStream::connect(path).await.map_err(|source| ControlError::Connect {
-        path: path.to_path_buf(),
-        source,
-    })?;
+pub async fn request(
+    path: &Path,
+    request: serde_json::Value,
+) -> Result<serde_json::Value, ControlError> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| ControlError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let io = |source| ControlError::Io {
         path: path.to_path_buf(),
         source,
@@ -212,11 +233,14 @@ pub async fn request(path: &Path, request: serde_json::Value) -> Result<serde_js
         .map_err(|_| ControlError::Protocol("no answer within 10 s".into()))?
         .map_err(io)?
         .ok_or_else(|| ControlError::Protocol("connection closed without an answer".into()))?;
-    let v: serde_json::Value = serde_json::from_str(&reply).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&reply).map_err(|e| ControlError::Protocol(e.to_string()))?;
     if v["ok"].as_bool() == Some(true) {
         Ok(v)
     } else {
-        Err(ControlError::Refused(v["error"].as_str().unwrap_or("unknown error").to_string()))
+        Err(ControlError::Refused(
+            v["error"].as_str().unwrap_or("unknown error").to_string(),
+        ))
     }
 }
 
@@ -224,7 +248,11 @@ pub async fn request(path: &Path, request: serde_json::Value) -> Result<serde_js
 pub fn render(s: &Status) -> String {
     use std::fmt::Write;
     let mut o = String::new();
-    let _ = writeln!(o, "twinsan {} (pid {}, up {} s)", s.version, s.pid, s.uptime_secs);
+    let _ = writeln!(
+        o,
+        "twinsan {} (pid {}, up {} s)",
+        s.version, s.pid, s.uptime_secs
+    );
     for t in &s.targets {
         let _ = writeln!(o, "target {}", t.iqn);
         for l in &t.luns {
@@ -258,8 +286,16 @@ pub fn render(s: &Status) -> String {
             f("disk_state"),
             f("peer_disk_state"),
             n("out_of_sync_bytes") >> 10,
-            if v["split_brain"] == true { ", SPLIT BRAIN" } else { "" },
-            if v["suspended"] == true { ", I/O SUSPENDED" } else { "" },
+            if v["split_brain"] == true {
+                ", SPLIT BRAIN"
+            } else {
+                ""
+            },
+            if v["suspended"] == true {
+                ", I/O SUSPENDED"
+            } else {
+                ""
+            },
         );
         let r = &v["resync"];
         if r.is_object() {

@@ -70,7 +70,11 @@ impl IdentityStore {
     }
 
     /// Resolves the identity of one LUN, persisting derived values that were not stored yet.
-    pub fn resolve(&mut self, target: &TargetConfig, lun: &LunConfig) -> Result<LunIdentity, IdentityError> {
+    pub fn resolve(
+        &mut self,
+        target: &TargetConfig,
+        lun: &LunConfig,
+    ) -> Result<LunIdentity, IdentityError> {
         let key_target = target.iqn.to_ascii_lowercase();
         let stored = self
             .state
@@ -106,9 +110,18 @@ impl IdentityStore {
         let serial = lun.serial.clone().unwrap_or(stored.serial);
         Ok(LunIdentity {
             vendor: lun.vendor.clone().unwrap_or_else(|| DEFAULT_VENDOR.into()),
-            product: lun.product.clone().unwrap_or_else(|| DEFAULT_PRODUCT.into()),
-            revision: lun.revision.clone().unwrap_or_else(|| DEFAULT_REVISION.into()),
-            t10_vendor_specific: lun.t10_vendor_specific.clone().unwrap_or_else(|| serial.clone()),
+            product: lun
+                .product
+                .clone()
+                .unwrap_or_else(|| DEFAULT_PRODUCT.into()),
+            revision: lun
+                .revision
+                .clone()
+                .unwrap_or_else(|| DEFAULT_REVISION.into()),
+            t10_vendor_specific: lun
+                .t10_vendor_specific
+                .clone()
+                .unwrap_or_else(|| serial.clone()),
             serial,
             naa,
             target_port_name: format!("{},t,0x{:04x}", target.iqn, target.tpgt),
@@ -171,9 +184,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path());
         let (t, l) = (&c.targets[0], &c.targets[0].luns[0]);
-        let a = IdentityStore::open(dir.path()).unwrap().resolve(t, l).unwrap();
+        let a = IdentityStore::open(dir.path())
+            .unwrap()
+            .resolve(t, l)
+            .unwrap();
         assert_eq!(a.naa[0] >> 4, 3);
-        let b = IdentityStore::open(dir.path()).unwrap().resolve(t, l).unwrap();
+        let b = IdentityStore::open(dir.path())
+            .unwrap()
+            .resolve(t, l)
+            .unwrap();
         assert_eq!(a, b);
         // Another host configured alike (different data dir and path) presents the same identity.
         let other = tempfile::tempdir().unwrap();

@@ -8,7 +8,11 @@ use twinsan::config::Config;
 use twinsan::server::{iscsi_url, Server};
 
 #[derive(Parser)]
-#[command(name = "twinsan", version, about = "Two-host highly available iSCSI storage server")]
+#[command(
+    name = "twinsan",
+    version,
+    about = "Two-host highly available iSCSI storage server"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -85,7 +89,11 @@ fn main() -> anyhow::Result<()> {
                 .context("cannot start the async runtime")?
                 .block_on(serve(config))
         }
-        Command::Status { config, socket, json } => {
+        Command::Status {
+            config,
+            socket,
+            json,
+        } => {
             let path = match (socket, config) {
                 (Some(s), _) => s,
                 (None, Some(c)) => Config::load(&c)?.server.control_socket_path(),
@@ -93,30 +101,54 @@ fn main() -> anyhow::Result<()> {
                     .server
                     .control_socket_path(),
             };
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let reply = rt.block_on(twinsan::control::request(&path, serde_json::json!({"command": "status"})))?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let reply = rt.block_on(twinsan::control::request(
+                &path,
+                serde_json::json!({"command": "status"}),
+            ))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reply["status"])?);
             } else {
-                let status: twinsan::control::Status = serde_json::from_value(reply["status"].clone())?;
+                let status: twinsan::control::Status =
+                    serde_json::from_value(reply["status"].clone())?;
                 print!("{}", twinsan::control::render(&status));
             }
             Ok(())
         }
-        Command::Replication { action, config, volume, initial_sync, skip_token, force } => {
+        Command::Replication {
+            action,
+            config,
+            volume,
+            initial_sync,
+            skip_token,
+            force,
+        } => {
             let c = Config::load(&config)?;
             let lun = c
                 .targets
                 .iter()
                 .flat_map(|t| t.luns.iter())
                 .find(|l| l.replication.as_ref().is_some_and(|r| r.name == volume))
-                .ok_or_else(|| anyhow::anyhow!("{}: no LUN has replication.name = {volume}", config.display()))?;
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: no LUN has replication.name = {volume}",
+                        config.display()
+                    )
+                })?;
             if action == "create-md" {
-                let usable = twinsan::volumes::create_md(lun, initial_sync.as_deref(), skip_token.as_deref())?;
+                let usable = twinsan::volumes::create_md(
+                    lun,
+                    initial_sync.as_deref(),
+                    skip_token.as_deref(),
+                )?;
                 println!("{volume}: metadata created, usable size {usable} bytes");
                 return Ok(());
             }
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(twinsan::control::request(
                 &c.server.control_socket_path(),
                 serde_json::json!({"command": "replication", "volume": volume, "action": action, "force": force}),

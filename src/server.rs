@@ -3,12 +3,11 @@
 
 use crate::config::{Config, LunConfig, ServerConfig, TargetConfig};
 use crate::identity::IdentityStore;
+use crate::iscsi::login::LoginConfig;
 use crate::iscsi::login_driver::build_login_config;
 use crate::iscsi::session::{SessionRegistry, TargetEntry};
-use crate::iscsi::login::LoginConfig;
 use crate::scsi::{LunSettings, ScsiTarget};
 use crate::store::{BlockStore, FileStore, FileStoreOptions};
-use twinsan_replication::volume::ReplicatedVolume;
 use anyhow::Context;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -16,6 +15,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
+use twinsan_replication::volume::ReplicatedVolume;
 
 /// What every connection shares.
 pub struct ServerState {
@@ -109,14 +109,21 @@ impl Server {
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     /// Accepts connections until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut tasks = Vec::new();
         let control = {
-            let (path, state, shutdown) = (self.control_socket.clone(), self.state.clone(), shutdown.clone());
+            let (path, state, shutdown) = (
+                self.control_socket.clone(),
+                self.state.clone(),
+                shutdown.clone(),
+            );
             // Bind first so a second twinsan on the same data dir fails at start, not later.
             let serve = crate::control::serve(path.clone(), state, shutdown);
             tokio::spawn(async move {
@@ -167,19 +174,32 @@ fn open_store(l: &LunConfig) -> anyhow::Result<Arc<dyn BlockStore>> {
     opts.read_only = l.read_only;
     opts.direct = l.direct;
     opts.create_size = l.size.map(|s| s.0);
-    let store = FileStore::open(opts).with_context(|| format!("LUN {}: cannot open {}", l.number, l.path.display()))?;
+    let store = FileStore::open(opts)
+        .with_context(|| format!("LUN {}: cannot open {}", l.number, l.path.display()))?;
     let size = store.size();
     if size < l.block_size as u64 {
-        anyhow::bail!("LUN {}: {} is smaller than one block", l.number, l.path.display());
+        anyhow::bail!(
+            "LUN {}: {} is smaller than one block",
+            l.number,
+            l.path.display()
+        );
     }
     if size % l.block_size as u64 != 0 {
-        warn!(lun = l.number, size, block_size = l.block_size,
-            "backing size is not a multiple of the block size: the tail is not addressable");
+        warn!(
+            lun = l.number,
+            size,
+            block_size = l.block_size,
+            "backing size is not a multiple of the block size: the tail is not addressable"
+        );
     }
     if let Some(want) = l.size {
         if want.0 != size {
-            warn!(lun = l.number, configured = want.0, actual = size,
-                "backing exists with a size other than configured: serving its actual size");
+            warn!(
+                lun = l.number,
+                configured = want.0,
+                actual = size,
+                "backing exists with a size other than configured: serving its actual size"
+            );
         }
     }
     Ok(Arc::new(store))

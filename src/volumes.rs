@@ -14,11 +14,13 @@ use twinsan_replication::volume::{
 };
 
 pub fn meta_location(lun: &LunConfig, r: &ReplicationConfig) -> anyhow::Result<MetaLocation> {
-    Ok(match parse_meta(&r.meta).map_err(|m| anyhow!("volume {}: meta: {m}", r.name))? {
-        MetaDisk::Internal => MetaLocation::Internal(lun.path.clone()),
-        MetaDisk::External(p) => MetaLocation::External(p),
-        MetaDisk::Indexed(p, i) => MetaLocation::Indexed(p, i),
-    })
+    Ok(
+        match parse_meta(&r.meta).map_err(|m| anyhow!("volume {}: meta: {m}", r.name))? {
+            MetaDisk::Internal => MetaLocation::Internal(lun.path.clone()),
+            MetaDisk::External(p) => MetaLocation::External(p),
+            MetaDisk::Indexed(p, i) => MetaLocation::Indexed(p, i),
+        },
+    )
 }
 
 fn policy(key: &str, v: &str) -> anyhow::Result<SplitBrainPolicy> {
@@ -51,9 +53,16 @@ pub fn volume_config(r: &ReplicationConfig) -> anyhow::Result<VolumeConfig> {
 }
 
 /// Opens the replicated volume of `lun` over its backing store.
-pub async fn open(lun: &LunConfig, backing: Arc<dyn BlockStore>) -> anyhow::Result<Arc<ReplicatedVolume>> {
+pub async fn open(
+    lun: &LunConfig,
+    backing: Arc<dyn BlockStore>,
+) -> anyhow::Result<Arc<ReplicatedVolume>> {
     let r = lun.replication.as_ref().expect("replicated LUN");
-    let role = if r.role == "primary" { Role::Primary } else { Role::Secondary };
+    let role = if r.role == "primary" {
+        Role::Primary
+    } else {
+        Role::Secondary
+    };
     let meta = meta_location(lun, r)?;
     ReplicatedVolume::open(volume_config(r)?, backing, meta, role)
         .await
@@ -66,7 +75,11 @@ pub async fn open(lun: &LunConfig, backing: Arc<dyn BlockStore>) -> anyhow::Resu
 }
 
 /// `twinsan replication create-md`: fresh DRBD v08 metadata for a new volume.
-pub fn create_md(lun: &LunConfig, initial_sync: Option<&str>, skip_token: Option<&str>) -> anyhow::Result<u64> {
+pub fn create_md(
+    lun: &LunConfig,
+    initial_sync: Option<&str>,
+    skip_token: Option<&str>,
+) -> anyhow::Result<u64> {
     let r = lun.replication.as_ref().expect("replicated LUN");
     let meta = meta_location(lun, r)?;
     let initial = match (initial_sync, skip_token) {
@@ -75,7 +88,9 @@ pub fn create_md(lun: &LunConfig, initial_sync: Option<&str>, skip_token: Option
         (Some("skip-identical"), Some(t)) => InitialSync::SkipIdentical {
             uuid: skip_sync_uuid(&r.name, t),
         },
-        (Some("skip-identical"), None) => bail!("--initial-sync skip-identical needs --skip-token (the same on both hosts)"),
+        (Some("skip-identical"), None) => {
+            bail!("--initial-sync skip-identical needs --skip-token (the same on both hosts)")
+        }
         (Some(other), _) if other != "full" && other != "skip-identical" => {
             bail!("--initial-sync must be `full` or `skip-identical`, not `{other}`")
         }

@@ -32,7 +32,10 @@ fn discovery_lists_target_and_identity_survives_restart() {
     );
     let out = text(&o);
     assert!(o.status.success(), "{out}");
-    assert!(out.contains(&format!("Target:{IQN} Portal:{},1", s.portal())), "{out}");
+    assert!(
+        out.contains(&format!("Target:{IQN} Portal:{},1", s.portal())),
+        "{out}"
+    );
     assert!(out.contains("Lun:0") && out.contains("Lun:3"), "{out}");
 
     let before0 = inq_83(&s.url(0));
@@ -53,7 +56,10 @@ fn discovery_lists_target_and_identity_survives_restart() {
         Duration::from_secs(30),
     ));
     assert_eq!(o80, o80_after);
-    assert_eq!(persisted, std::fs::read_to_string(dir.path().join("data/identity.toml")).unwrap());
+    assert_eq!(
+        persisted,
+        std::fs::read_to_string(dir.path().join("data/identity.toml")).unwrap()
+    );
     // The NAA bytes (binary) appear in the raw page: check via iscsi-inq's designator length.
     assert!(before0.contains("NAA"), "{before0}");
 }
@@ -77,23 +83,56 @@ fn conformance_required_suites_have_zero_failures() {
     let dir = scratch_dir();
     let mut s = Server::start(dir.path(), "", None, "");
     let suites = [
-        "Inquiry", "Mandatory", "ReadCapacity10", "ReadCapacity16", "Read6", "Read10", "Read12",
-        "Read16", "Write10", "Write12", "Write16", "WriteVerify10", "WriteVerify12",
-        "WriteVerify16", "Verify10", "Verify12", "Verify16", "TestUnitReady", "ModeSense6",
-        "StartStopUnit", "iSCSIcmdsn", "iSCSIdatasn", "iSCSIResiduals", "iSCSITMF", "MultipathIO",
+        "Inquiry",
+        "Mandatory",
+        "ReadCapacity10",
+        "ReadCapacity16",
+        "Read6",
+        "Read10",
+        "Read12",
+        "Read16",
+        "Write10",
+        "Write12",
+        "Write16",
+        "WriteVerify10",
+        "WriteVerify12",
+        "WriteVerify16",
+        "Verify10",
+        "Verify12",
+        "Verify16",
+        "TestUnitReady",
+        "ModeSense6",
+        "StartStopUnit",
+        "iSCSIcmdsn",
+        "iSCSIdatasn",
+        "iSCSIResiduals",
+        "iSCSITMF",
+        "MultipathIO",
     ];
     let mut failures = Vec::new();
     for suite in suites {
         let (c, out) = conformance(&[&format!("ALL.{suite}")], &s, Duration::from_secs(300));
-        eprintln!("{suite}: {} passed, {} skipped, {} failed", c.passed, c.skipped, c.failed.len());
-        assert!(c.passed + c.skipped + c.failed.len() > 0, "{suite} ran no test:\n{out}");
+        eprintln!(
+            "{suite}: {} passed, {} skipped, {} failed",
+            c.passed,
+            c.skipped,
+            c.failed.len()
+        );
+        assert!(
+            c.passed + c.skipped + c.failed.len() > 0,
+            "{suite} ran no test:\n{out}"
+        );
         if suite == "MultipathIO" {
             assert!(c.passed > 0, "MultipathIO only skipped:\n{out}");
         }
         failures.extend(c.failed.iter().map(|f| format!("{suite}: {f}")));
         s.assert_alive();
     }
-    assert!(failures.is_empty(), "failed: {failures:#?}\nserver log:\n{}", s.log_text());
+    assert!(
+        failures.is_empty(),
+        "failed: {failures:#?}\nserver log:\n{}",
+        s.log_text()
+    );
 }
 
 /// The whole ALL family must run to the end without the server crashing; counts are printed.
@@ -103,7 +142,8 @@ fn conformance_all_completes_without_crash() {
     let mut s = Server::start(dir.path(), "", None, "");
     let url = s.url(0);
     let o = run(
-        Command::new(tool("iscsi-test-cu")).args(["-d", "-i", INIT1, "-I", INIT2, "-t", "ALL", &url, &url]),
+        Command::new(tool("iscsi-test-cu"))
+            .args(["-d", "-i", INIT1, "-I", INIT2, "-t", "ALL", &url, &url]),
         Duration::from_secs(1800),
     );
     let out = text(&o);
@@ -116,7 +156,10 @@ fn conformance_all_completes_without_crash() {
         c.failed
     );
     s.assert_alive();
-    assert!(out.contains("Run Summary"), "the run did not finish:\n{out}");
+    assert!(
+        out.contains("Run Summary"),
+        "the run did not finish:\n{out}"
+    );
     assert!(c.passed > 150, "too few tests passed: {c:?}");
 }
 
@@ -141,7 +184,10 @@ fn qemu_img_roundtrip_is_identical() {
     write_random(&src, 256 << 20, 42);
     let qemu_img = tool("qemu-img");
     let o = run(
-        Command::new(&qemu_img).args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(s.url(0)),
+        Command::new(&qemu_img)
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(s.url(0)),
         Duration::from_secs(300),
     );
     assert!(o.status.success(), "convert to LUN: {}", text(&o));
@@ -157,10 +203,19 @@ fn qemu_img_roundtrip_is_identical() {
     let b = std::fs::read(&back).unwrap();
     assert_eq!(b.len(), 1 << 30, "LUN is 1 GiB");
     assert!(a == b[..a.len()], "data read back differs");
-    assert!(b[a.len()..].iter().all(|&x| x == 0), "bytes past the image are not zero");
+    assert!(
+        b[a.len()..].iter().all(|&x| x == 0),
+        "bytes past the image are not zero"
+    );
 }
 
-fn fio_verify(url: &str, name: &str, offset: &str, size: &str, runtime: u32) -> std::process::Output {
+fn fio_verify(
+    url: &str,
+    name: &str,
+    offset: &str,
+    size: &str,
+    runtime: u32,
+) -> std::process::Output {
     let filename = url.replace(':', "\\:");
     run(
         Command::new(fio()).args([
@@ -192,11 +247,14 @@ fn assert_fio_ok(o: &std::process::Output) {
     // fio prints notes before its JSON.
     let stdout = String::from_utf8_lossy(&o.stdout);
     let json = &stdout[stdout.find('{').unwrap_or(0)..];
-    let v: serde_json::Value = serde_json::from_str(json)
-        .unwrap_or_else(|e| panic!("fio JSON: {e}\n{out}"));
+    let v: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("fio JSON: {e}\n{out}"));
     for job in v["jobs"].as_array().unwrap() {
         assert_eq!(job["error"].as_i64(), Some(0), "fio job error:\n{out}");
-        assert!(job["write"]["io_bytes"].as_u64().unwrap() > 0, "no writes:\n{out}");
+        assert!(
+            job["write"]["io_bytes"].as_u64().unwrap() > 0,
+            "no writes:\n{out}"
+        );
     }
 }
 
@@ -223,7 +281,8 @@ fn two_initiators_at_once() {
 }
 
 const CHAP_TARGET: &str = "chap = { user = \"xen\", secret = \"xensecret1234\" }\nmutual_chap = { user = \"tgt\", secret = \"targetsecret12\" }\nallowed_initiators = [\"iqn.2026-11.org.twinsan.test:init1\"]\n";
-const CHAP_DISCOVERY: &str = "[discovery]\nchap = { user = \"disco\", secret = \"discosecret12\" }\n";
+const CHAP_DISCOVERY: &str =
+    "[discovery]\nchap = { user = \"disco\", secret = \"discosecret12\" }\n";
 
 fn ls(portal_url: &str, initiator: &str) -> (bool, String) {
     let o = run(
@@ -241,12 +300,24 @@ fn chap_discovery_and_acl_with_libiscsi() {
     // iscsi-ls uses the same credentials for discovery and login; discovery CHAP differs
     // from the target's, so check each separately with iscsi-inq (normal session only).
     let (ok, out) = ls(&format!("iscsi://disco%discosecret12@{p}"), INIT1);
-    assert!(!ok, "listing LUNs must fail: the target needs its own CHAP secret\n{out}");
-    assert!(out.contains(IQN), "discovery with CHAP lists the target:\n{out}");
+    assert!(
+        !ok,
+        "listing LUNs must fail: the target needs its own CHAP secret\n{out}"
+    );
+    assert!(
+        out.contains(IQN),
+        "discovery with CHAP lists the target:\n{out}"
+    );
     let (ok, out) = ls(&format!("iscsi://disco%wrongsecret1@{p}"), INIT1);
-    assert!(!ok && !out.contains(IQN), "discovery with a wrong secret must fail:\n{out}");
+    assert!(
+        !ok && !out.contains(IQN),
+        "discovery with a wrong secret must fail:\n{out}"
+    );
     let (ok, out) = ls(&format!("iscsi://{p}"), INIT1);
-    assert!(!ok && !out.contains(IQN), "discovery without CHAP must fail:\n{out}");
+    assert!(
+        !ok && !out.contains(IQN),
+        "discovery without CHAP must fail:\n{out}"
+    );
 
     let inq = |url: &str, initiator: &str| {
         let o = run(
@@ -264,10 +335,15 @@ fn chap_discovery_and_acl_with_libiscsi() {
     let (ok, out) = inq(&one_way, INIT1);
     assert!(ok, "one-way CHAP login: {out}");
     let (ok, out) = inq(
-        &format!("iscsi://xen%xensecret1234@{p}/{IQN}/0?target_user=tgt&target_password=wrongtarget12"),
+        &format!(
+            "iscsi://xen%xensecret1234@{p}/{IQN}/0?target_user=tgt&target_password=wrongtarget12"
+        ),
         INIT1,
     );
-    assert!(!ok, "initiator must refuse a target that fails mutual CHAP: {out}");
+    assert!(
+        !ok,
+        "initiator must refuse a target that fails mutual CHAP: {out}"
+    );
     let (ok, out) = inq(&format!("iscsi://xen%badsecret1234@{p}/{IQN}/0"), INIT1);
     assert!(!ok, "wrong CHAP secret must fail: {out}");
     let (ok, out) = inq(&good, INIT2);

@@ -5,8 +5,8 @@
 //! is sent, so responses leave in StatSN order whatever order commands finish in.
 
 use super::ffp::{build_response, reject, DataInLimits, Residual, ScsiCommandHeader, WriteGather};
-use super::pdu::{serial, BadPdu, Opcode, Pdu, PduCodec, RejectReason, WireBatch, RESERVED_TAG};
 use super::negotiation::SessionType;
+use super::pdu::{serial, BadPdu, Opcode, Pdu, PduCodec, RejectReason, WireBatch, RESERVED_TAG};
 use super::session::{wait_stopped, Session, Task, TaskState};
 use super::text::{TextContext, TextNegotiation, TextOutcome};
 use crate::scsi::{DataOutPlan, ScsiRequest, ScsiResponse, Sense};
@@ -63,7 +63,10 @@ impl Outbox {
 
 /// Serves one accepted TCP connection until it closes.
 pub async fn serve(stream: TcpStream, state: Arc<ServerState>) {
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let local = stream.local_addr().ok();
     let _ = stream.set_nodelay(true);
     let span = tracing::info_span!("conn", peer = %peer);
@@ -78,7 +81,11 @@ pub async fn serve(stream: TcpStream, state: Arc<ServerState>) {
     .await
 }
 
-async fn run(stream: TcpStream, local: Option<std::net::SocketAddr>, state: Arc<ServerState>) -> anyhow::Result<()> {
+async fn run(
+    stream: TcpStream,
+    local: Option<std::net::SocketAddr>,
+    state: Arc<ServerState>,
+) -> anyhow::Result<()> {
     let (rd, mut wr) = stream.into_split();
     let mut reader = FramedRead::new(rd, PduCodec::default());
     let login_timeout = Duration::from_secs(state.settings.login_timeout_secs);
@@ -101,7 +108,8 @@ async fn run(stream: TcpStream, local: Option<std::net::SocketAddr>, state: Arc<
         target = session.target.as_ref().map(|t| t.iqn.as_str()).unwrap_or("discovery"));
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(
-        write_loop(wr, rx, session.clone(), params, logged_in.next_stat_sn).instrument(span.clone()),
+        write_loop(wr, rx, session.clone(), params, logged_in.next_stat_sn)
+            .instrument(span.clone()),
     );
     let mut conn = FeatureConnection {
         local,
@@ -271,7 +279,10 @@ struct FeatureConnection {
 }
 
 impl FeatureConnection {
-    async fn run(&mut self, reader: &mut FramedRead<OwnedReadHalf, PduCodec>) -> anyhow::Result<()> {
+    async fn run(
+        &mut self,
+        reader: &mut FramedRead<OwnedReadHalf, PduCodec>,
+    ) -> anyhow::Result<()> {
         let interval = self.state.settings.nop_in_interval_secs;
         let idle = if interval == 0 {
             Duration::from_secs(365 * 86400)
@@ -316,7 +327,10 @@ impl FeatureConnection {
                     self.out.one(reject(RejectReason::DataDigestError, &bhs));
                 }
                 Err(BadPdu::DataSegmentOverLimit { bhs, len, limit }) => {
-                    warn!(len, limit, "data segment over MaxRecvDataSegmentLength: rejecting the PDU");
+                    warn!(
+                        len,
+                        limit, "data segment over MaxRecvDataSegmentLength: rejecting the PDU"
+                    );
                     self.out.one(reject(RejectReason::ProtocolError, &bhs));
                 }
             }
@@ -343,7 +357,8 @@ impl FeatureConnection {
             }
             None => {
                 warn!(opcode = pdu.raw_opcode(), "unknown opcode: rejected");
-                self.out.one(reject(RejectReason::CommandNotSupported, &pdu.bhs));
+                self.out
+                    .one(reject(RejectReason::CommandNotSupported, &pdu.bhs));
             }
         }
         Ok(())
@@ -359,16 +374,29 @@ impl FeatureConnection {
         let sn = pdu.field24();
         if self.session.advance(sn) {
             self.dispatch(pdu);
-            while let Some(i) = self.held.iter().position(|p| p.field24() == self.session.exp_cmd_sn()) {
+            while let Some(i) = self
+                .held
+                .iter()
+                .position(|p| p.field24() == self.session.exp_cmd_sn())
+            {
                 let next = self.held.swap_remove(i);
                 self.session.advance(next.field24());
                 self.dispatch(next);
             }
-        } else if self.session.in_window(sn) && self.held.len() < self.session.queue_depth as usize {
-            debug!(cmd_sn = sn, exp = self.session.exp_cmd_sn(), "command ahead of ExpCmdSN: held");
+        } else if self.session.in_window(sn) && self.held.len() < self.session.queue_depth as usize
+        {
+            debug!(
+                cmd_sn = sn,
+                exp = self.session.exp_cmd_sn(),
+                "command ahead of ExpCmdSN: held"
+            );
             self.held.push(pdu);
         } else {
-            debug!(cmd_sn = sn, exp = self.session.exp_cmd_sn(), "CmdSN outside the window: ignored (§4.2.2.1)");
+            debug!(
+                cmd_sn = sn,
+                exp = self.session.exp_cmd_sn(),
+                "CmdSN outside the window: ignored (§4.2.2.1)"
+            );
         }
     }
 
@@ -405,7 +433,8 @@ impl FeatureConnection {
             Ok(h) => h,
             Err(why) => {
                 warn!("malformed SCSI command: {why}");
-                self.out.one(reject(RejectReason::InvalidPduField, &pdu.bhs));
+                self.out
+                    .one(reject(RejectReason::InvalidPduField, &pdu.bhs));
                 return;
             }
         };
@@ -415,24 +444,41 @@ impl FeatureConnection {
             return;
         }
         if pdu.data.len() as u64 > self.params.first_burst.min(hdr.expected_len) as u64 {
-            warn!(len = pdu.data.len(), "immediate data beyond FirstBurstLength/expected length: rejected");
+            warn!(
+                len = pdu.data.len(),
+                "immediate data beyond FirstBurstLength/expected length: rejected"
+            );
             self.out.one(reject(RejectReason::ProtocolError, &pdu.bhs));
             return;
         }
-        let Some(task) = self.session.add_task(hdr.itt, hdr.lun, hdr.cmd_sn, pdu.immediate()) else {
-            warn!(itt = hdr.itt, "ITT already in use by an outstanding task: rejected");
+        let Some(task) = self
+            .session
+            .add_task(hdr.itt, hdr.lun, hdr.cmd_sn, pdu.immediate())
+        else {
+            warn!(
+                itt = hdr.itt,
+                "ITT already in use by an outstanding task: rejected"
+            );
             self.out.one(reject(RejectReason::TaskInProgress, &pdu.bhs));
             return;
         };
         let target = self.session.target.clone().expect("normal session");
         if hdr.read && hdr.write {
-            self.finish_now(&task, &hdr, ScsiResponse::check(Sense::invalid_field_in_cdb(0, None)));
+            self.finish_now(
+                &task,
+                &hdr,
+                ScsiResponse::check(Sense::invalid_field_in_cdb(0, None)),
+            );
             return;
         }
         match target.scsi.plan(hdr.lun, &hdr.cdb, self.session.nexus) {
             DataOutPlan::Fail(resp) => self.finish_now(&task, &hdr, resp),
             DataOutPlan::None => {
-                let residual = if hdr.write { Some(Residual::of(hdr.expected_len, 0)) } else { None };
+                let residual = if hdr.write {
+                    Some(Residual::of(hdr.expected_len, 0))
+                } else {
+                    None
+                };
                 self.execute(task, hdr, Bytes::new(), residual);
             }
             DataOutPlan::Gather(need) => {
@@ -472,7 +518,10 @@ impl FeatureConnection {
     fn data_out(&mut self, pdu: Pdu) {
         let itt = pdu.itt();
         let Some(pending) = self.gathers.get_mut(&itt) else {
-            debug!(itt, "Data-Out for no pending write (completed or aborted): ignored");
+            debug!(
+                itt,
+                "Data-Out for no pending write (completed or aborted): ignored"
+            );
             return;
         };
         if pending.task.state() != TaskState::Gathering {
@@ -480,9 +529,16 @@ impl FeatureConnection {
             return;
         }
         if let Err(e) = pending.gather.data_out(&pdu) {
-            warn!(itt, "bad Data-Out: {e}; failing the command (RFC 7143 §7.1, ERL 0)");
+            warn!(
+                itt,
+                "bad Data-Out: {e}; failing the command (RFC 7143 §7.1, ERL 0)"
+            );
             let p = self.gathers.remove(&itt).expect("present");
-            self.finish_now(&p.task, &p.hdr, ScsiResponse::check(Sense::data_phase_error()));
+            self.finish_now(
+                &p.task,
+                &p.hdr,
+                ScsiResponse::check(Sense::data_phase_error()),
+            );
             return;
         }
         if pending.gather.complete() {
@@ -500,7 +556,12 @@ impl FeatureConnection {
 
     /// Answers a command without executing it.
     fn finish_now(&self, task: &Arc<Task>, hdr: &ScsiCommandHeader, resp: ScsiResponse) {
-        let pdus = build_response(hdr, resp, self.limits(), Some(Residual::of(hdr.expected_len, 0)).filter(|_| hdr.write));
+        let pdus = build_response(
+            hdr,
+            resp,
+            self.limits(),
+            Some(Residual::of(hdr.expected_len, 0)).filter(|_| hdr.write),
+        );
         self.session.remove_task(hdr.itt);
         task.complete_with(|| self.out.send(pdus));
         task.finished();
@@ -513,7 +574,13 @@ impl FeatureConnection {
         }
     }
 
-    fn execute(&self, task: Arc<Task>, hdr: ScsiCommandHeader, data_out: Bytes, residual: Option<Residual>) {
+    fn execute(
+        &self,
+        task: Arc<Task>,
+        hdr: ScsiCommandHeader,
+        data_out: Bytes,
+        residual: Option<Residual>,
+    ) {
         if !task.set_running() {
             task.finished();
             return;
@@ -564,7 +631,10 @@ impl FeatureConnection {
                         if self.session.in_window(ref_cmd_sn) && serial::lt(ref_cmd_sn, tmf_sn) {
                             self.held.retain(|p| p.field24() != ref_cmd_sn);
                             if self.session.advance(ref_cmd_sn) {
-                                debug!(ref_cmd_sn, "ABORT TASK for a command never received: CmdSN consumed");
+                                debug!(
+                                    ref_cmd_sn,
+                                    "ABORT TASK for a command never received: CmdSN consumed"
+                                );
                             }
                             TMF_COMPLETE
                         } else {

@@ -112,7 +112,8 @@ pub fn build_response(
     let produced = resp.data_in.len() as u64;
     let read_residual = Residual::of(cmd.expected_len, produced);
     let to_send = if cmd.read {
-        resp.data_in.slice(..(produced.min(cmd.expected_len as u64) as usize))
+        resp.data_in
+            .slice(..(produced.min(cmd.expected_len as u64) as usize))
     } else {
         Bytes::new()
     };
@@ -189,7 +190,12 @@ pub enum DataOutError {
     #[error("Data-Out DataSN {got} where {expected} was expected")]
     DataSn { expected: u32, got: u32 },
     #[error("Data-Out for offset {offset} length {len} is outside its sequence [{start}, {end})")]
-    OutsideSequence { offset: u32, len: u32, start: u32, end: u32 },
+    OutsideSequence {
+        offset: u32,
+        len: u32,
+        start: u32,
+        end: u32,
+    },
     #[error("Data-Out carries target transfer tag {0:#x} that no open R2T has")]
     UnknownTtt(u32),
     #[error("unsolicited Data-Out not allowed here")]
@@ -275,7 +281,9 @@ impl WriteGather {
     /// R2Ts to send now; `ttt` allocates target transfer tags.
     pub fn next_r2ts(&mut self, mut ttt: impl FnMut() -> u32) -> Vec<Pdu> {
         let mut out = Vec::new();
-        while self.open.len() < self.max_outstanding as usize && self.next_r2t_offset < self.transfer_len {
+        while self.open.len() < self.max_outstanding as usize
+            && self.next_r2t_offset < self.transfer_len
+        {
             let len = (self.transfer_len - self.next_r2t_offset).min(self.max_burst);
             let tag = ttt();
             let mut p = Pdu::new(Opcode::R2t);
@@ -328,7 +336,12 @@ impl WriteGather {
         }
         let data_end = offset.saturating_add(len);
         if offset < start || data_end > end {
-            return Err(DataOutError::OutsideSequence { offset, len, start, end });
+            return Err(DataOutError::OutsideSequence {
+                offset,
+                len,
+                start,
+                end,
+            });
         }
         // Data past what the command uses (residual underflow) is accepted and dropped.
         if offset < self.transfer_len {
@@ -343,7 +356,11 @@ impl WriteGather {
                 self.unsolicited_open = false;
             }
         } else {
-            let idx = self.open.iter().position(|r| r.ttt == ttt).expect("found above");
+            let idx = self
+                .open
+                .iter()
+                .position(|r| r.ttt == ttt)
+                .expect("found above");
             let r = &mut self.open[idx];
             r.next_data_sn += 1;
             r.received += len;
@@ -461,16 +478,23 @@ mod tests {
         });
         assert_eq!(r2ts.len(), 1);
         assert_eq!((r2ts[0].u32_at(40), r2ts[0].u32_at(44)), (2048, 4096));
-        g.data_out(&data_out(RESERVED_TAG, 0, 1024, 1024, true)).unwrap();
+        g.data_out(&data_out(RESERVED_TAG, 0, 1024, 1024, true))
+            .unwrap();
         assert!(!g.complete());
         g.data_out(&data_out(101, 0, 2048, 2048, false)).unwrap();
         assert_eq!(
             g.data_out(&data_out(101, 0, 4096, 2048, true)),
-            Err(DataOutError::DataSn { expected: 1, got: 0 })
+            Err(DataOutError::DataSn {
+                expected: 1,
+                got: 0
+            })
         );
         g.data_out(&data_out(101, 1, 4096, 2048, true)).unwrap();
         let more = g.next_r2ts(|| 200);
-        assert_eq!((more[0].u32_at(36), more[0].u32_at(40), more[0].u32_at(44)), (1, 6144, 2048));
+        assert_eq!(
+            (more[0].u32_at(36), more[0].u32_at(40), more[0].u32_at(44)),
+            (1, 6144, 2048)
+        );
         assert!(g.data_out(&data_out(200, 0, 6000, 2048, true)).is_err());
         g.data_out(&data_out(200, 0, 6144, 2048, true)).unwrap();
         assert!(g.complete());
@@ -488,10 +512,16 @@ mod tests {
             Err(DataOutError::UnsolicitedNotAllowed)
         );
         g.next_r2ts(|| 5);
-        assert_eq!(g.data_out(&data_out(6, 0, 0, 512, true)), Err(DataOutError::UnknownTtt(6)));
+        assert_eq!(
+            g.data_out(&data_out(6, 0, 0, 512, true)),
+            Err(DataOutError::UnknownTtt(6))
+        );
         let mut p = data_out(5, 0, u32::MAX - 10, 512, true);
         p.set_u32_at(40, u32::MAX - 10);
-        assert!(matches!(g.data_out(&p), Err(DataOutError::OutsideSequence { .. })));
+        assert!(matches!(
+            g.data_out(&p),
+            Err(DataOutError::OutsideSequence { .. })
+        ));
         assert!(matches!(
             g.data_out(&data_out(5, 0, 0, 512, true)),
             Err(DataOutError::ShortSequence { .. })

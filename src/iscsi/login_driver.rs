@@ -3,7 +3,8 @@
 use super::chap::ChapCredentials;
 use super::connection::FeatureParams;
 use super::login::{
-    ExistingSession, LoginConfig, LoginNegotiation, LoginStep, SessionDirectory, SessionQuery, TargetAuth,
+    ExistingSession, LoginConfig, LoginNegotiation, LoginStep, SessionDirectory, SessionQuery,
+    TargetAuth,
 };
 use super::negotiation::{Digest, SessionParams, SessionType, TargetLimits};
 use super::pdu::{encode_pdu, Opcode, PduCodec};
@@ -40,12 +41,16 @@ impl SessionDirectory for Directory<'_> {
             Some(s)
                 if s.initiator.eq_ignore_ascii_case(q.initiator_name)
                     && s.isid == q.isid
-                    && s.target.as_ref().is_some_and(|t| t.iqn.eq_ignore_ascii_case(q.target_name)) =>
+                    && s.target
+                        .as_ref()
+                        .is_some_and(|t| t.iqn.eq_ignore_ascii_case(q.target_name)) =>
             {
                 // MaxConnections=1: the same CID replaces the connection (§6.3.4); another CID
                 // would be a second connection.
                 if s.cid == q.cid {
-                    ExistingSession::Reinstate { params: s.params.clone() }
+                    ExistingSession::Reinstate {
+                        params: s.params.clone(),
+                    }
                 } else {
                     ExistingSession::TooManyConnections
                 }
@@ -74,13 +79,25 @@ pub async fn drive_login(
             Err(bad) => anyhow::bail!("malformed PDU during login: {bad:?}"),
         };
         if pdu.opcode() != Some(Opcode::LoginRequest) {
-            anyhow::bail!("PDU with opcode {:#04x} before login completed", pdu.raw_opcode());
+            anyhow::bail!(
+                "PDU with opcode {:#04x} before login completed",
+                pdu.raw_opcode()
+            );
         }
-        let step = login.handle(&pdu, &mut Directory { registry: &state.sessions });
+        let step = login.handle(
+            &pdu,
+            &mut Directory {
+                registry: &state.sessions,
+            },
+        );
         let (response, done) = match step {
             LoginStep::Continue(p) => (p, None),
             LoginStep::Complete { response, result } => (response, Some(result)),
-            LoginStep::Fail { response, status, reason } => {
+            LoginStep::Fail {
+                response,
+                status,
+                reason,
+            } => {
                 debug!(?status, "login refused: {reason}");
                 buf.clear();
                 encode_pdu(&response, false, false, &mut buf);
@@ -166,7 +183,9 @@ pub fn build_login_config(config: &Config) -> Arc<LoginConfig> {
             .unwrap_or_else(|| default.clone())
     };
     let limits = TargetLimits {
-        max_recv_data_segment_length: n.max_recv_data_segment_length.unwrap_or(d.max_recv_data_segment_length),
+        max_recv_data_segment_length: n
+            .max_recv_data_segment_length
+            .unwrap_or(d.max_recv_data_segment_length),
         max_burst_length: n.max_burst_length.unwrap_or(d.max_burst_length),
         first_burst_length: n.first_burst_length.unwrap_or(d.first_burst_length),
         immediate_data: n.immediate_data.unwrap_or(d.immediate_data),

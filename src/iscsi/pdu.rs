@@ -236,7 +236,11 @@ pub enum BadPdu {
     /// Data digest mismatch: the header is usable, the payload is not (§7.8).
     DataDigest { bhs: [u8; BHS_LEN] },
     /// Data segment above our MaxRecvDataSegmentLength; the payload was skipped.
-    DataSegmentOverLimit { bhs: [u8; BHS_LEN], len: usize, limit: usize },
+    DataSegmentOverLimit {
+        bhs: [u8; BHS_LEN],
+        len: usize,
+        limit: usize,
+    },
 }
 
 /// Frames PDUs on a connection. Digests are switched on after login completes.
@@ -313,8 +317,13 @@ impl Decoder for PduCodec {
         let data = frame.split_to(data_len);
         if dd > 0 {
             let padded = pad4(data_len);
-            let expected = crc32c::crc32c_append(crc32c::crc32c(&data), &frame[..padded - data_len]);
-            let got = u32::from_le_bytes(frame[padded - data_len..padded - data_len + 4].try_into().unwrap());
+            let expected =
+                crc32c::crc32c_append(crc32c::crc32c(&data), &frame[..padded - data_len]);
+            let got = u32::from_le_bytes(
+                frame[padded - data_len..padded - data_len + 4]
+                    .try_into()
+                    .unwrap(),
+            );
             if expected != got {
                 return Ok(Some(Err(BadPdu::DataDigest { bhs })));
             }
@@ -546,7 +555,10 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert_eq!(&codec.decode(&mut buf).unwrap().unwrap().unwrap().data[..], b"ok");
+        assert_eq!(
+            &codec.decode(&mut buf).unwrap().unwrap().unwrap().data[..],
+            b"ok"
+        );
     }
 
     #[test]

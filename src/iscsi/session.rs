@@ -124,14 +124,18 @@ impl Session {
     /// its view of it), and shrinks the window while commands are outstanding.
     pub fn max_cmd_sn(&self) -> u32 {
         let exp = self.exp_cmd_sn();
-        let free = self.queue_depth.saturating_sub(self.active.load(Ordering::Acquire));
+        let free = self
+            .queue_depth
+            .saturating_sub(self.active.load(Ordering::Acquire));
         let candidate = exp.wrapping_add(free).wrapping_sub(1);
         let mut cur = self.max_cmd_sn.load(Ordering::Acquire);
         while serial::gt(candidate, cur) {
-            match self
-                .max_cmd_sn
-                .compare_exchange(cur, candidate, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.max_cmd_sn.compare_exchange(
+                cur,
+                candidate,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return candidate,
                 Err(c) => cur = c,
             }
@@ -149,7 +153,12 @@ impl Session {
     /// Consumes `cmd_sn` if it is the next expected one.
     pub fn advance(&self, cmd_sn: u32) -> bool {
         self.exp_cmd_sn
-            .compare_exchange(cmd_sn, cmd_sn.wrapping_add(1), Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                cmd_sn,
+                cmd_sn.wrapping_add(1),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok()
     }
 
@@ -241,7 +250,10 @@ impl SessionRegistry {
     pub fn allocate_tsih(&self) -> u16 {
         let sessions = self.sessions.lock().unwrap();
         loop {
-            let t = self.next_tsih.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            let t = self
+                .next_tsih
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
             if t != 0 && !sessions.contains_key(&t) {
                 return t;
             }
@@ -255,7 +267,12 @@ impl SessionRegistry {
         let nexus = self.next_nexus.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(Session {
             tsih,
-            nexus: stable_nexus_id(&s.initiator, &s.isid, s.target.as_ref().map(|t| t.iqn.as_str()), nexus),
+            nexus: stable_nexus_id(
+                &s.initiator,
+                &s.isid,
+                s.target.as_ref().map(|t| t.iqn.as_str()),
+                nexus,
+            ),
             initiator: s.initiator,
             isid: s.isid,
             target: s.target,
@@ -294,7 +311,10 @@ impl SessionRegistry {
 
     pub fn unregister(&self, session: &Session) {
         let mut sessions = self.sessions.lock().unwrap();
-        if sessions.get(&session.tsih).is_some_and(|s| std::ptr::eq(&**s, session)) {
+        if sessions
+            .get(&session.tsih)
+            .is_some_and(|s| std::ptr::eq(&**s, session))
+        {
             sessions.remove(&session.tsih);
         }
     }
@@ -328,7 +348,12 @@ impl SessionRegistry {
 
 /// The I_T nexus id for unit attentions: stable across reconnects of the same initiator
 /// port, so a reconnect neither loses a pending UA nor creates a spurious one.
-fn stable_nexus_id(initiator: &str, isid: &[u8; 6], target: Option<&str>, fallback: u64) -> NexusId {
+fn stable_nexus_id(
+    initiator: &str,
+    isid: &[u8; 6],
+    target: Option<&str>,
+    fallback: u64,
+) -> NexusId {
     use sha2::{Digest, Sha256};
     let Some(target) = target else {
         return fallback | (1 << 63);

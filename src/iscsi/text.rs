@@ -310,7 +310,11 @@ pub fn send_targets(ctx: &TextContext<'_>, value: &str) -> Vec<u8> {
     let mut pairs: Vec<(String, String)> = Vec::new();
     for t in chosen {
         pairs.push(("TargetName".into(), t.name.clone()));
-        let portals = if t.portals.is_empty() { ctx.portals } else { &t.portals[..] };
+        let portals = if t.portals.is_empty() {
+            ctx.portals
+        } else {
+            &t.portals[..]
+        };
         let tpgt = t.portal_group_tag.unwrap_or(ctx.portal_group_tag);
         for a in addresses(ctx, portals) {
             pairs.push(("TargetAddress".into(), format!("{a},{tpgt}")));
