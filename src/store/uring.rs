@@ -22,6 +22,11 @@
 //!   the CQ has twice as many entries, so the SQ can never be full and the CQ never overflows.
 //! * **Batching.** The first submitter becomes the leader and calls `io_uring_enter` outside
 //!   the lock; others that push SQEs meanwhile just leave them for the leader's next enter.
+//! * **Lifetime.** The reaper is started lazily by the first request, on the runtime that
+//!   polls it (or on a thread when there is none), and restarted if that runtime goes away.
+//!   It holds the ring, so the ring and the file's fds are closed when it exits, shortly
+//!   after the `FileStore` is dropped and the last orphaned op has completed, not inside
+//!   `drop` itself.
 
 use super::aligned::{AlignedBuf, IO_ALIGN};
 use super::{check_range, BlockStore, IoFuture, StoreError, StoreResult, WriteMode};
@@ -1277,14 +1282,15 @@ mod tests {
 
     fn pattern(seed: u64, len: usize) -> Vec<u8> {
         let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        let mut v = vec![0u8; len.next_multiple_of(8)];
+        for chunk in v.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        v.truncate(len);
+        v
     }
 
     struct Rng(u64);
