@@ -414,32 +414,14 @@ impl ReplicatedVolume {
                         let _ = tx.send(Message::SyncUuid { uuid: u });
                     }
                     st.peer_disk = Some(DiskState::Inconsistent);
-                    st.resync = Some(Track {
-                        total: weight * 4096,
-                        done: 0,
-                        started: Instant::now(),
-                    });
-                    let why = if full {
-                        "full sync"
-                    } else {
-                        "bitmap-based resync"
-                    };
-                    self.set_conn(&mut st, ConnState::SyncSource, why);
+                    st.resync = Some(Track::start(weight * 4096));
+                    self.set_conn(&mut st, ConnState::SyncSource, sync_kind(full));
                     info!(volume = %self.cfg.name, "resync of {} bytes to the peer starts", weight * 4096);
                 }
                 Outcome::Target { full } => {
                     st.disk = DiskState::Inconsistent;
-                    st.resync = Some(Track {
-                        total: weight * 4096,
-                        done: 0,
-                        started: Instant::now(),
-                    });
-                    let why = if full {
-                        "full sync"
-                    } else {
-                        "bitmap-based resync"
-                    };
-                    self.set_conn(&mut st, ConnState::SyncTarget, why);
+                    st.resync = Some(Track::start(weight * 4096));
+                    self.set_conn(&mut st, ConnState::SyncTarget, sync_kind(full));
                 }
                 Outcome::Refuse { .. } => {}
             }
@@ -561,11 +543,7 @@ impl ReplicatedVolume {
                     }
                     if st.conn != ConnState::SyncTarget {
                         let total = lock(&self.md).md.bitmap().count() * 4096;
-                        st.resync = Some(Track {
-                            total,
-                            done: 0,
-                            started: Instant::now(),
-                        });
+                        st.resync = Some(Track::start(total));
                         self.set_conn(&mut st, ConnState::SyncTarget, "peer started a resync");
                     }
                     st.disk = DiskState::Inconsistent;
@@ -921,5 +899,14 @@ async fn manager(vol: Arc<ReplicatedVolume>, mut rx: mpsc::Receiver<Est>) {
             continue;
         }
         next = vol.run_connection(est, &mut rx).await;
+    }
+}
+
+/// The reason logged when a resync starts.
+fn sync_kind(full: bool) -> &'static str {
+    if full {
+        "full sync"
+    } else {
+        "bitmap-based resync"
     }
 }

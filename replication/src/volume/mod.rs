@@ -460,6 +460,15 @@ pub(crate) struct Track {
 }
 
 impl Track {
+    /// A resync of `total` bytes starting now.
+    pub(crate) fn start(total: u64) -> Track {
+        Track {
+            total,
+            done: 0,
+            started: Instant::now(),
+        }
+    }
+
     fn progress(&self) -> ResyncProgress {
         let total = self.total.max(self.done);
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);

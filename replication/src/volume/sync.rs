@@ -424,11 +424,7 @@ impl ReplicatedVolume {
             let Some(link) = st.link.as_ref() else { return };
             let _ = link.tx.send(Message::SyncUuid { uuid: sync_uuid });
             st.peer_disk = Some(DiskState::Inconsistent);
-            st.resync = Some(Track {
-                total: weight * 4096,
-                done: 0,
-                started: Instant::now(),
-            });
+            st.resync = Some(Track::start(weight * 4096));
             self.set_conn(
                 &mut st,
                 ConnState::SyncSource,
