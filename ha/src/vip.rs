@@ -742,6 +742,25 @@ mod tests {
 
     use std::process::Command;
 
+    /// Gives namespace `ns` a stale neighbour entry for the test VIP pointing at a wrong
+    /// MAC, which an unsolicited NA with the override flag must replace.
+    fn stale_neighbour(ns: &str) {
+        ip(&[
+            "-n",
+            ns,
+            "neigh",
+            "add",
+            "2001:db8::100",
+            "lladdr",
+            "02:00:00:00:00:99",
+            "dev",
+            "vb",
+            "nud",
+            "stale",
+        ])
+        .unwrap();
+    }
+
     fn ip(args: &[&str]) -> Result<(), String> {
         let out = Command::new("ip")
             .args(args)
@@ -870,20 +889,7 @@ mod tests {
 
         // A adds it (twice: idempotent), labelled, and announces it.
         // B has a stale entry pointing elsewhere: the override flag must replace it.
-        ip(&[
-            "-n",
-            &p.b,
-            "neigh",
-            "add",
-            "2001:db8::100",
-            "lladdr",
-            "02:00:00:00:00:99",
-            "dev",
-            "vb",
-            "nud",
-            "stale",
-        ])
-        .unwrap();
+        stale_neighbour(&p.b);
         let va = vip.clone();
         let mac_a = in_ns(&p.a, move || {
             Box::pin(async move {
@@ -965,20 +971,7 @@ mod tests {
             probe(&vb, Duration::from_millis(300)).await.unwrap()
         })));
         // B has a stale entry pointing elsewhere: the override flag must replace it.
-        ip(&[
-            "-n",
-            &p.b,
-            "neigh",
-            "add",
-            "2001:db8::100",
-            "lladdr",
-            "02:00:00:00:00:99",
-            "dev",
-            "vb",
-            "nud",
-            "stale",
-        ])
-        .unwrap();
+        stale_neighbour(&p.b);
         let va = vip.clone();
         let mac_a = in_ns(&p.a, move || {
             Box::pin(async move {
