@@ -27,9 +27,11 @@ command -v apt-get >/dev/null || die "apt-get not found: only Debian (bookworm) 
 #   qemu-utils, qemu-block-extra   qemu-img/qemu-io with iscsi:// URLs (the iscsi block module)
 #   drbd-utils        drbdmeta, the DRBD metadata oracle
 #   iproute2          ip netns / veth for the two-node tests
+#   iputils-ping, iputils-arping   reachability and the client's ARP view in the HA namespace tests
 #   dpkg-dev, build-essential, pkg-config, zlib1g-dev, libaio-dev, xz-utils   apt-get source + fio build
 PKGS=(libiscsi-bin libiscsi-dev tgt qemu-utils qemu-block-extra drbd-utils iproute2
-      dpkg-dev build-essential pkg-config zlib1g-dev libaio-dev xz-utils python3 procps)
+      dpkg-dev build-essential pkg-config zlib1g-dev libaio-dev xz-utils python3 procps
+      iputils-ping iputils-arping)
 # shellcheck disable=SC2206  # word splitting of the extra list is intended
 PKGS+=(${TWINSAN_DEPS_EXTRA:-})
 

@@ -87,10 +87,21 @@ fn fail<I: IntoIterator<Item = String>>(desc: I) -> Value {
 }
 
 impl TestXapi {
-    /// Starts both servers; host 0 is master.
+    /// Starts both servers on loopback (host 0 on 127.0.0.1, host 1 on 127.0.0.2); host 0 is
+    /// master.
     pub async fn start() -> std::io::Result<TestXapi> {
-        let a0 = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
-        let a1 = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+        Self::start_on([
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
+        ])
+        .await
+    }
+
+    /// Starts host 0's server on `addrs[0]` and host 1's on `addrs[1]`, same port; host 0 is
+    /// master. The listeners live in the network namespace of the calling thread, so a test can
+    /// serve hosts in other namespaces from a thread that entered a shared one.
+    pub async fn start_on(addrs: [IpAddr; 2]) -> std::io::Result<TestXapi> {
+        let [a0, a1] = addrs;
         // Find a port free on both loopback addresses.
         let mut tries = 0;
         let (l0, l1) = loop {

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod ha;
+pub mod netns;
 pub mod pair;
 pub mod proxy;
 pub mod raw;

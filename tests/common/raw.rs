@@ -54,7 +54,24 @@ impl Raw {
         header_digest: bool,
         data_digest: bool,
     ) -> std::io::Result<Raw> {
-        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        Self::try_login_at(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            initiator,
+            header_digest,
+            data_digest,
+            Duration::from_secs(10),
+        )
+    }
+
+    /// Like [`Raw::try_login`] on the portal `addr`, giving up connecting after `connect_limit`.
+    pub fn try_login_at(
+        addr: std::net::SocketAddr,
+        initiator: &str,
+        header_digest: bool,
+        data_digest: bool,
+        connect_limit: Duration,
+    ) -> std::io::Result<Raw> {
+        let stream = TcpStream::connect_timeout(&addr, connect_limit)?;
         stream.set_read_timeout(Some(Duration::from_millis(200)))?;
         stream.set_write_timeout(Some(Duration::from_secs(10)))?;
         stream.set_nodelay(true)?;
@@ -560,11 +577,22 @@ impl TagWriter {
     /// Logs in to 127.0.0.1:`port` and reads the capacity of LUN 0 (retrying unit
     /// attentions).
     pub fn connect(port: u16) -> std::io::Result<TagWriter> {
+        Self::connect_at(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(10),
+        )
+    }
+
+    /// Like [`TagWriter::connect`] on the portal `addr`.
+    pub fn connect_at(
+        addr: std::net::SocketAddr,
+        connect_limit: Duration,
+    ) -> std::io::Result<TagWriter> {
         let initiator = format!(
             "iqn.2026-11.org.twinsan.test:tagwriter-{:08x}",
             rand::random::<u32>()
         );
-        let mut raw = Raw::try_login(port, &initiator, false, false)?;
+        let mut raw = Raw::try_login_at(addr, &initiator, false, false, connect_limit)?;
         let immediate = raw.key("ImmediateData").unwrap_or("Yes").to_string();
         assert_eq!(
             immediate, "Yes",
