@@ -4,7 +4,7 @@
 //! error, not a silently ignored setting), then validation that names the key and says what
 //! is wrong. Every error names the file.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -37,9 +37,12 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     #[serde(default, rename = "target")]
     pub targets: Vec<TargetConfig>,
+    /// High availability (role loop, heartbeats, VIPs, alerts); absent = always serving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<crate::ha_config::HaConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Where generated identities and default LUN files live.
@@ -71,7 +74,7 @@ impl Default for ServerConfig {
 }
 
 /// Target-side limits for login negotiation (RFC 7143 §13). Unset keys take twinsan's defaults.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NegotiationConfig {
     pub max_recv_data_segment_length: Option<u32>,
@@ -87,14 +90,14 @@ pub struct NegotiationConfig {
     pub default_time2retain: Option<u32>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
     pub user: String,
     pub secret: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
     /// CHAP the initiator must pass for a discovery session.
@@ -103,7 +106,7 @@ pub struct DiscoveryConfig {
     pub mutual_chap: Option<Credentials>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub iqn: String,
@@ -130,7 +133,7 @@ fn default_tpgt() -> u16 {
     1
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LunConfig {
     pub number: u64,
@@ -167,7 +170,7 @@ pub struct LunConfig {
 
 /// A replicated volume (DRBD-like, protocol C). Both hosts configure the same `name`,
 /// `secret` and size; `listen`/`peer` mirror each other.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationConfig {
     /// Volume name, identical on both hosts (checked when the peers connect).
@@ -374,7 +377,7 @@ fn default_true() -> bool {
 }
 
 /// A size given as bytes or with a unit suffix (K, M, G, T with optional "iB"; powers of 1024).
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(try_from = "SizeRepr")]
 pub struct SizeValue(pub u64);
 
@@ -481,7 +484,15 @@ impl Config {
                     replication: None,
                 }],
             }],
+            ha: None,
         }
+    }
+
+    /// The effective configuration (defaults filled in) as JSON with secrets masked.
+    pub fn masked_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        crate::ha_config::mask_secrets(&mut v);
+        v
     }
 
     pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
@@ -685,6 +696,9 @@ impl Config {
                     }
                 }
             }
+        }
+        if let Some(ha) = &self.ha {
+            ha.validate(&err)?;
         }
         Ok(())
     }

@@ -23,6 +23,22 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// An HA operator command: manual-mode-enable, manual-mode-disable, become-primary,
+    /// become-secondary.
+    Ha {
+        action: String,
+    },
+    /// The effective configuration, secrets masked.
+    Get,
+    /// Recent log lines, then (unless `follow` is false) each new line.
+    Log {
+        #[serde(default = "default_follow")]
+        follow: bool,
+    },
+}
+
+fn default_follow() -> bool {
+    true
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -35,6 +51,9 @@ pub struct Status {
     /// `VolumeStatus` of each replicated volume, as JSON.
     #[serde(default)]
     pub volumes: Vec<serde_json::Value>,
+    /// The HA role loop's view (absent without `[ha]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -126,12 +145,35 @@ fn status(state: &ServerState, started: Instant) -> Status {
             .iter()
             .map(|v| serde_json::to_value(v.status()).unwrap_or_default())
             .collect(),
+        ha: None,
     }
 }
 
 async fn answer(state: &ServerState, started: Instant, line: &str) -> serde_json::Value {
     match serde_json::from_str::<Request>(line) {
-        Ok(Request::Status) => serde_json::json!({ "ok": true, "status": status(state, started) }),
+        Ok(Request::Status) => {
+            let mut st = status(state, started);
+            if let Some(h) = state.ha.get() {
+                st.ha = Some(h.status_json().await);
+            }
+            serde_json::json!({ "ok": true, "status": st })
+        }
+        Ok(Request::Ha { action }) => {
+            let Some(h) = state.ha.get() else {
+                return serde_json::json!({ "ok": false, "error": "HA is not configured (no [ha] table)" });
+            };
+            let Some(c) = crate::ha::Command::parse(&action) else {
+                return serde_json::json!({ "ok": false, "error": format!("unknown ha action `{action}`") });
+            };
+            match h.command(c).await {
+                Ok(message) => serde_json::json!({ "ok": true, "message": message }),
+                Err(reason) => serde_json::json!({ "ok": false, "error": reason }),
+            }
+        }
+        Ok(Request::Get) => serde_json::json!({ "ok": true, "config": state.effective_config }),
+        Ok(Request::Log { .. }) => {
+            serde_json::json!({ "ok": false, "error": "log is answered by stream_log" })
+        }
         Ok(Request::Replication {
             volume,
             action,
@@ -201,7 +243,37 @@ async fn client(stream: UnixStream, state: &ServerState, started: Instant) -> st
     // A bounded read: a client cannot make the daemon buffer without limit.
     let mut lines = BufReader::new(rd.take(1 << 20)).lines();
     while let Some(line) = lines.next_line().await? {
+        if let Ok(Request::Log { follow }) = serde_json::from_str::<Request>(&line) {
+            return stream_log(&mut wr, follow).await;
+        }
         let mut out = answer(state, started, &line).await.to_string();
+        out.push('\n');
+        wr.write_all(out.as_bytes()).await?;
+    }
+    Ok(())
+}
+
+/// `log`: the kept lines as `{"ok":true,"lines":[...]}`, then each new one as `{"line":...}`.
+async fn stream_log(
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    follow: bool,
+) -> std::io::Result<()> {
+    let (lines, mut rx) = crate::logbuf::snapshot_and_follow();
+    let mut out = serde_json::json!({ "ok": true, "lines": lines }).to_string();
+    out.push('\n');
+    wr.write_all(out.as_bytes()).await?;
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        let line = match rx.recv().await {
+            Ok(l) => l,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                format!("... {n} log lines skipped (reader too slow)")
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        };
+        let mut out = serde_json::json!({ "line": line }).to_string();
         out.push('\n');
         wr.write_all(out.as_bytes()).await?;
     }
@@ -212,6 +284,15 @@ async fn client(stream: UnixStream, state: &ServerState, started: Instant) -> st
 pub async fn request(
     path: &Path,
     request: serde_json::Value,
+) -> Result<serde_json::Value, ControlError> {
+    request_with_timeout(path, request, Duration::from_secs(10)).await
+}
+
+/// [`request`] with a custom answer deadline (role changes may take longer).
+pub async fn request_with_timeout(
+    path: &Path,
+    request: serde_json::Value,
+    timeout: Duration,
 ) -> Result<serde_json::Value, ControlError> {
     let stream = UnixStream::connect(path)
         .await
@@ -228,9 +309,9 @@ pub async fn request(
     line.push('\n');
     wr.write_all(line.as_bytes()).await.map_err(io)?;
     let mut lines = BufReader::new(rd).lines();
-    let reply = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+    let reply = tokio::time::timeout(timeout, lines.next_line())
         .await
-        .map_err(|_| ControlError::Protocol("no answer within 10 s".into()))?
+        .map_err(|_| ControlError::Protocol(format!("no answer within {} s", timeout.as_secs())))?
         .map_err(io)?
         .ok_or_else(|| ControlError::Protocol("connection closed without an answer".into()))?;
     let v: serde_json::Value =
@@ -318,6 +399,9 @@ pub fn render(s: &Status) -> String {
             n("resync_received_bytes") >> 20,
             n("write_errors")
         );
+    }
+    if let Some(ha) = &s.ha {
+        o.push_str(&crate::ha::render(ha));
     }
     let _ = writeln!(o, "sessions: {}", s.sessions.len());
     for x in &s.sessions {

@@ -5,9 +5,13 @@
 
 pub mod config;
 pub mod control;
+pub mod ha;
+pub mod ha_config;
 pub mod identity;
 pub mod iscsi;
+pub mod logbuf;
 pub mod scsi;
+pub mod sdnotify;
 pub mod server;
 pub mod store;
 pub mod volumes;

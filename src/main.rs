@@ -65,17 +65,63 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print the running daemon's effective configuration (secrets masked).
+    Get(DaemonArgs),
+    /// Print the daemon's recent log lines.
+    Log {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// Keep printing new lines until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// HA: enter manual mode (roles change only by command; persists across restarts).
+    ManualModeEnable(DaemonArgs),
+    /// HA: leave manual mode (refused until this host is in its native role).
+    ManualModeDisable(DaemonArgs),
+    /// HA, manual mode: make this host primary (refused while the peer is primary).
+    BecomePrimary(DaemonArgs),
+    /// HA, manual mode: make this host secondary.
+    BecomeSecondary(DaemonArgs),
+}
+
+/// Which daemon to talk to.
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// Configuration of the daemon to ask (its control socket); default: embedded config.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Control socket path (overrides the one from the configuration).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+fn socket_path(config: Option<PathBuf>, socket: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match (socket, config) {
+        (Some(s), _) => s,
+        (None, Some(c)) => Config::load(&c)?.server.control_socket_path(),
+        (None, None) => Config::embedded_default(std::path::Path::new("./twinsan-data"))
+            .server
+            .control_socket_path(),
+    })
+}
+
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_target(false)
-        .init();
+    twinsan::logbuf::init_tracing();
+    let cli_action = match &cli.command {
+        Command::ManualModeEnable(_) => Some("manual-mode-enable"),
+        Command::ManualModeDisable(_) => Some("manual-mode-disable"),
+        Command::BecomePrimary(_) => Some("become-primary"),
+        Command::BecomeSecondary(_) => Some("become-secondary"),
+        _ => None,
+    };
     match cli.command {
         Command::Serve { config, data_dir } => {
             let config = match config {
@@ -94,16 +140,8 @@ fn main() -> anyhow::Result<()> {
             socket,
             json,
         } => {
-            let path = match (socket, config) {
-                (Some(s), _) => s,
-                (None, Some(c)) => Config::load(&c)?.server.control_socket_path(),
-                (None, None) => Config::embedded_default(std::path::Path::new("./twinsan-data"))
-                    .server
-                    .control_socket_path(),
-            };
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let path = socket_path(config, socket)?;
+            let rt = client_runtime()?;
             let reply = rt.block_on(twinsan::control::request(
                 &path,
                 serde_json::json!({"command": "status"}),
@@ -168,6 +206,38 @@ fn main() -> anyhow::Result<()> {
             println!("{}: OK", config.display());
             Ok(())
         }
+        Command::Get(d) => {
+            let path = socket_path(d.config, d.socket)?;
+            print!(
+                "{}",
+                client_runtime()?.block_on(twinsan::ha::cli::get(&path))?
+            );
+            Ok(())
+        }
+        Command::Log { daemon, follow } => {
+            let path = socket_path(daemon.config, daemon.socket)?;
+            client_runtime()?.block_on(twinsan::ha::cli::log(&path, follow))
+        }
+        Command::ManualModeEnable(d)
+        | Command::ManualModeDisable(d)
+        | Command::BecomePrimary(d)
+        | Command::BecomeSecondary(d) => {
+            let action = match &cli_action {
+                Some(a) => *a,
+                None => unreachable!("set above"),
+            };
+            let path = socket_path(d.config, d.socket)?;
+            match client_runtime()?.block_on(twinsan::ha::cli::ha_action(&path, action)) {
+                Ok(msg) => {
+                    println!("{action}: {msg}");
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("{action}: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
     }
 }
 
@@ -180,17 +250,76 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
     }
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+    let ha = match &config.ha {
+        Some(_) => {
+            let h = twinsan::ha::start(&config, server.state()).await?;
+            let _ = server.state().ha.set(h.clone());
+            Some(h)
         }
-        tracing::info!("shutting down");
-        stop.cancel();
-    });
-    server.run(shutdown).await
+        None => None,
+    };
+    // Signals first stop the role loop (VIP removed, sessions dropped), then the server
+    // (listeners, control socket, volumes).
+    let signal = CancellationToken::new();
+    let shutdown = CancellationToken::new();
+    {
+        let (signal, shutdown, ha) = (signal.clone(), shutdown.clone(), ha.clone());
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal as unix_signal, SignalKind};
+            let mut term = unix_signal(SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("shutting down");
+            twinsan::sdnotify::notify("STOPPING=1");
+            signal.cancel();
+            if let Some(h) = ha {
+                h.shutdown().await;
+            }
+            shutdown.cancel();
+        });
+    }
+    if let Some(period) = twinsan::sdnotify::watchdog_interval() {
+        tokio::spawn(watchdog(period, ha.clone(), signal.clone()));
+    }
+    let run = tokio::spawn(server.run(shutdown));
+    twinsan::sdnotify::notify(&format!(
+        "READY=1\nSTATUS={}",
+        if ha.is_some() {
+            "serving; HA role loop started"
+        } else {
+            "serving"
+        }
+    ));
+    run.await.context("server task")?
+}
+
+/// Feeds the systemd watchdog at half its period, only while healthy: this task running shows
+/// the reactor is responsive, and the HA role loop must have gone round within one period.
+async fn watchdog(
+    period: std::time::Duration,
+    ha: Option<std::sync::Arc<twinsan::ha::HaHandle>>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(period / 2);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let stuck = ha
+            .as_ref()
+            .map(|h| h.loop_age())
+            .filter(|age| *age > period);
+        match stuck {
+            None => {
+                twinsan::sdnotify::notify("WATCHDOG=1");
+            }
+            Some(age) => tracing::warn!(
+                age_ms = age.as_millis() as u64,
+                "HA role loop unresponsive: not feeding the watchdog"
+            ),
+        }
+    }
 }

@@ -28,6 +28,10 @@ pub struct ServerState {
     pub portals: Vec<SocketAddr>,
     /// Replicated volumes behind LUNs.
     pub volumes: Vec<Arc<ReplicatedVolume>>,
+    /// The HA role loop, when `[ha]` is configured (set once it runs).
+    pub ha: std::sync::OnceLock<Arc<crate::ha::HaHandle>>,
+    /// The effective configuration with secrets masked (`twinsan get`).
+    pub effective_config: serde_json::Value,
 }
 
 pub struct Server {
@@ -50,7 +54,8 @@ impl Server {
             for l in &t.luns {
                 let mut store = open_store(l)?;
                 if l.replication.is_some() {
-                    let volume = crate::volumes::open(l, store).await?;
+                    // With [ha] the role loop promotes; every volume starts secondary.
+                    let volume = crate::volumes::open(l, store, config.ha.is_some()).await?;
                     info!(target = %t.iqn, lun = l.number, volume = volume.name(),
                         usable = volume.size(), "replicated volume open");
                     store = volume.store();
@@ -87,7 +92,8 @@ impl Server {
             }
         }
         let mut listeners = Vec::new();
-        for a in addrs {
+        // With [ha] the role loop binds the portals while this host is primary.
+        for a in addrs.into_iter().filter(|_| config.ha.is_none()) {
             let l = TcpListener::bind(a)
                 .await
                 .with_context(|| format!("cannot listen on portal {a}"))?;
@@ -100,12 +106,18 @@ impl Server {
             login: build_login_config(config),
             portals,
             volumes,
+            ha: std::sync::OnceLock::new(),
+            effective_config: config.masked_json(),
         });
         Ok(Server {
             state,
             listeners,
             control_socket: config.server.control_socket_path(),
         })
+    }
+
+    pub fn state(&self) -> Arc<ServerState> {
+        self.state.clone()
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
@@ -135,25 +147,7 @@ impl Server {
         for listener in self.listeners {
             let state = self.state.clone();
             let shutdown = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                let addr = listener.local_addr().ok();
-                info!(portal = ?addr, "listening");
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        r = listener.accept() => match r {
-                            Ok((stream, _)) => {
-                                tokio::spawn(crate::iscsi::connection::serve(stream, state.clone()));
-                            }
-                            Err(e) => {
-                                // EMFILE and friends: back off instead of spinning.
-                                error!(portal = ?addr, "accept failed: {e}");
-                                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                            }
-                        }
-                    }
-                }
-            }));
+            tasks.push(tokio::spawn(accept_loop(listener, state, shutdown)));
         }
         for t in tasks {
             let _ = t.await;
@@ -167,6 +161,28 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// Accepts iSCSI connections on `listener` until `stop`; dropping the listener closes the port.
+pub async fn accept_loop(listener: TcpListener, state: Arc<ServerState>, stop: CancellationToken) {
+    let addr = listener.local_addr().ok();
+    info!(portal = ?addr, "listening");
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    tokio::spawn(crate::iscsi::connection::serve(stream, state.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    error!(portal = ?addr, "accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    info!(portal = ?addr, "portal closed");
 }
 
 fn open_store(l: &LunConfig) -> anyhow::Result<Arc<dyn BlockStore>> {

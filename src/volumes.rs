@@ -52,13 +52,15 @@ pub fn volume_config(r: &ReplicationConfig) -> anyhow::Result<VolumeConfig> {
     Ok(c)
 }
 
-/// Opens the replicated volume of `lun` over its backing store.
+/// Opens the replicated volume of `lun` over its backing store, in its configured role or, with
+/// `ha` (the role loop decides), as secondary.
 pub async fn open(
     lun: &LunConfig,
     backing: Arc<dyn BlockStore>,
+    ha: bool,
 ) -> anyhow::Result<Arc<ReplicatedVolume>> {
     let r = lun.replication.as_ref().expect("replicated LUN");
-    let role = if r.role == "primary" {
+    let role = if r.role == "primary" && !ha {
         Role::Primary
     } else {
         Role::Secondary

@@ -1,6 +1,6 @@
 //! The floating IP (VIP): add/remove via rtnetlink, announce, and check that nobody else has it.
 //!
-//! * IPv4 VIPs carry the label `<ifname>:tsan`, so a VIP left behind by a crash is recognisable at
+//! * IPv4 VIPs carry the label `<ifname>:<label>` (default label `twinsan`), so a VIP left behind by a crash is recognisable at
 //!   start ([`VipManager::list_labelled`]). IPv6 has no address labels; IPv6 VIPs are found by their
 //!   configured address ([`VipManager::cleanup`] removes both kinds).
 //! * IPv6 VIPs are added with `IFA_F_NODAD`: the duplicate check is done by us before adding
@@ -23,8 +23,8 @@ use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMe
 use rtnetlink::packet_route::link::LinkAttribute;
 use tracing::{debug, info, warn};
 
-/// Label suffix marking our IPv4 VIPs.
-pub const LABEL_SUFFIX: &str = ":tsan";
+/// Default label marking our IPv4 VIPs (`<ifname>:twinsan`).
+pub const DEFAULT_LABEL: &str = "twinsan";
 
 /// VIP errors.
 #[derive(Debug, thiserror::Error)]
@@ -38,8 +38,8 @@ pub enum VipError {
     /// The interface does not exist.
     #[error("no interface named {0}")]
     NoInterface(String),
-    /// The interface name is too long for a label.
-    #[error("interface name {0} too long for an address label")]
+    /// The label is too long.
+    #[error("address label {0} is longer than 15 characters")]
     Label(String),
 }
 
@@ -52,21 +52,23 @@ pub struct Vip {
     pub prefix_len: u8,
     /// Interface (e.g. `bond1`, `xenbr1`).
     pub ifname: String,
+    /// IPv4 label suffix: the address is labelled `<ifname>:<label>`.
+    pub label: String,
 }
 
-/// The IPv4 label for an interface: `<ifname>:tsan`, shortened to fit the kernel's 15 characters.
-pub fn vip_label(ifname: &str) -> Result<String, VipError> {
-    for suffix in [LABEL_SUFFIX, ":ts"] {
-        let l = format!("{ifname}{suffix}");
-        if l.len() <= 15 {
-            return Ok(l);
-        }
+/// The IPv4 label `<ifname>:<label>`; the kernel allows 15 characters (IFNAMSIZ - 1).
+pub fn vip_label(ifname: &str, label: &str) -> Result<String, VipError> {
+    let l = format!("{ifname}:{label}");
+    if l.len() <= 15 {
+        Ok(l)
+    } else {
+        Err(VipError::Label(l))
     }
-    Err(VipError::Label(ifname.to_string()))
 }
 
-fn is_our_label(label: &str) -> bool {
-    label.ends_with(LABEL_SUFFIX) || label.ends_with(":ts")
+fn is_our_label(full: &str, label: &str) -> bool {
+    full.strip_suffix(label)
+        .is_some_and(|head| head.ends_with(':'))
 }
 
 /// rtnetlink address management for VIPs.
@@ -194,7 +196,7 @@ impl VipManager {
             IpAddr::V4(_) => req
                 .message_mut()
                 .attributes
-                .push(AddressAttribute::Label(vip_label(&vip.ifname)?)),
+                .push(AddressAttribute::Label(vip_label(&vip.ifname, &vip.label)?)),
             IpAddr::V6(_) => req
                 .message_mut()
                 .attributes
@@ -232,14 +234,18 @@ impl VipManager {
         Ok(removed)
     }
 
-    /// IPv4 addresses on `ifname` carrying our label.
-    pub async fn list_labelled(&self, ifname: &str) -> Result<Vec<(IpAddr, u8)>, VipError> {
+    /// IPv4 addresses on `ifname` carrying the label `<ifname>:<label>`.
+    pub async fn list_labelled(
+        &self,
+        ifname: &str,
+        label: &str,
+    ) -> Result<Vec<(IpAddr, u8)>, VipError> {
         let idx = self.ifindex(ifname).await?;
         Ok(self
             .addresses(idx)
             .await?
             .iter()
-            .filter(|m| msg_label(m).is_some_and(is_our_label))
+            .filter(|m| msg_label(m).is_some_and(|l| is_our_label(l, label)))
             .filter_map(|m| Some((msg_addr(m)?, m.header.prefix_len)))
             .collect())
     }
@@ -248,11 +254,11 @@ impl VipManager {
     /// the configured VIP itself. Returns what was removed.
     pub async fn cleanup(&self, vip: &Vip) -> Result<Vec<IpAddr>, VipError> {
         let mut gone = Vec::new();
-        for (addr, prefix_len) in self.list_labelled(&vip.ifname).await? {
+        for (addr, prefix_len) in self.list_labelled(&vip.ifname, &vip.label).await? {
             let v = Vip {
                 addr,
                 prefix_len,
-                ifname: vip.ifname.clone(),
+                ..vip.clone()
             };
             if self.remove(&v).await? {
                 warn!(%addr, "removed a VIP left behind");
@@ -670,11 +676,15 @@ mod tests {
 
     #[test]
     fn labels() {
-        assert_eq!(vip_label("bond1").unwrap(), "bond1:tsan");
-        assert_eq!(vip_label("xenbr10xyzw").unwrap(), "xenbr10xyzw:ts");
-        assert!(vip_label("averylonginterfa").is_err());
-        assert!(is_our_label("bond1:tsan"));
-        assert!(!is_our_label("bond1"));
+        assert_eq!(vip_label("bond1", "tsan").unwrap(), "bond1:tsan");
+        assert_eq!(
+            vip_label("xenbr1", DEFAULT_LABEL).unwrap(),
+            "xenbr1:twinsan"
+        );
+        assert!(vip_label("xenbr10xyzw", "twinsan").is_err());
+        assert!(is_our_label("bond1:tsan", "tsan"));
+        assert!(!is_our_label("bond1", "tsan"));
+        assert!(!is_our_label("bond1:xtsan", "tsan"));
     }
 
     #[test]
@@ -873,6 +883,7 @@ mod tests {
             addr: "192.0.2.100".parse().unwrap(),
             prefix_len: 24,
             ifname: "va".into(),
+            label: "tsan".into(),
         };
         let vip_b = Vip {
             ifname: "vb".into(),
@@ -898,7 +909,10 @@ mod tests {
                 m.add(&va).await.unwrap();
                 m.add(&va).await.unwrap();
                 assert!(m.is_local(&va).await.unwrap());
-                assert_eq!(m.list_labelled("va").await.unwrap(), vec![(va.addr, 24)]);
+                assert_eq!(
+                    m.list_labelled("va", "tsan").await.unwrap(),
+                    vec![(va.addr, 24)]
+                );
                 announce(&va, 3, Duration::from_millis(20)).await.unwrap();
                 m.mac("va").await.unwrap()
             })
@@ -939,7 +953,7 @@ mod tests {
                 gone.sort();
                 assert_eq!(gone, vec![va.addr, old.addr]);
                 assert!(!m.remove(&va).await.unwrap());
-                assert!(m.list_labelled("va").await.unwrap().is_empty());
+                assert!(m.list_labelled("va", "tsan").await.unwrap().is_empty());
                 assert!(matches!(
                     m.ifindex("nope0").await,
                     Err(VipError::NoInterface(_))
@@ -961,6 +975,7 @@ mod tests {
             addr: "2001:db8::100".parse().unwrap(),
             prefix_len: 64,
             ifname: "va".into(),
+            label: "tsan".into(),
         };
         let vip_b = Vip {
             ifname: "vb".into(),

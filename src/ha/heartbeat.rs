@@ -1,0 +1,486 @@
+//! Peer heartbeats: small authenticated UDP datagrams over the replication link and the
+//! management path. Each host tells the other its role (as [`HostRole::as_peer_state`]), whether
+//! it is in manual mode, and its name; silence for `peer_timeout` makes the path Unreachable.
+//!
+//! Wire format (all integers big-endian), 44 bytes + name + 32 bytes of MAC:
+//!
+//! ```text
+//! "TSHB" | version (1) | flags (bit 0 = manual) | state (1 = secondary, 2 = primary) | name len
+//! boot id (u64) | sequence (u64) | sender wall clock, ms since the Unix epoch (u64)
+//! name (UTF-8) | HMAC-SHA256(secret, everything before) (RFC 2104)
+//! ```
+//!
+//! Replay protection: within one boot id (random per daemon start) the sequence must grow; a new
+//! boot id is accepted only with a timestamp close to our clock and newer than the last accepted
+//! one, so a datagram recorded earlier cannot be replayed to fake a role.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+use twinsan_ha::role::{PeerPath, PeerState};
+
+const MAGIC: &[u8; 4] = b"TSHB";
+const VERSION: u8 = 1;
+const HEADER: usize = 4 + 4 + 24;
+const MAC_LEN: usize = 32;
+/// Largest datagram we send or accept.
+pub const MAX_DATAGRAM: usize = HEADER + 255 + MAC_LEN;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// One heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Beat {
+    /// Sender's node name.
+    pub node: String,
+    /// Sender's role as its peer must see it (Primary or Secondary).
+    pub state: PeerState,
+    /// Sender is in manual mode.
+    pub manual: bool,
+    /// Random per daemon start.
+    pub boot_id: u64,
+    /// Grows with every datagram of one boot.
+    pub seq: u64,
+    /// Sender's wall clock, ms since the Unix epoch.
+    pub unix_ms: u64,
+}
+
+/// Why a datagram was dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BeatError {
+    #[error("too short or too long ({0} bytes)")]
+    Length(usize),
+    #[error("not a twinsan heartbeat")]
+    Magic,
+    #[error("heartbeat version {0} not supported")]
+    Version(u8),
+    #[error("bad MAC (wrong secret or forged)")]
+    Mac,
+    #[error("bad field: {0}")]
+    Field(&'static str),
+    #[error("replayed or out of order (boot {boot:016x} seq {seq})")]
+    Replay { boot: u64, seq: u64 },
+    #[error("timestamp {skew_ms} ms away from our clock")]
+    Stale { skew_ms: i64 },
+}
+
+fn mac(secret: &[u8]) -> HmacSha256 {
+    // HMAC accepts keys of any length (RFC 2104 §3).
+    <HmacSha256 as Mac>::new_from_slice(secret).expect("HMAC takes any key length")
+}
+
+/// Encodes and authenticates a heartbeat. Names longer than 255 bytes are cut.
+pub fn encode(b: &Beat, secret: &[u8]) -> Vec<u8> {
+    let mut name = b.node.as_bytes();
+    if name.len() > 255 {
+        name = &name[..255];
+    }
+    let mut out = Vec::with_capacity(HEADER + name.len() + MAC_LEN);
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.push(u8::from(b.manual));
+    out.push(match b.state {
+        PeerState::Secondary => 1,
+        _ => 2,
+    });
+    out.push(name.len() as u8);
+    out.extend_from_slice(&b.boot_id.to_be_bytes());
+    out.extend_from_slice(&b.seq.to_be_bytes());
+    out.extend_from_slice(&b.unix_ms.to_be_bytes());
+    out.extend_from_slice(name);
+    let mut m = mac(secret);
+    m.update(&out);
+    out.extend_from_slice(&m.finalize().into_bytes());
+    out
+}
+
+/// Checks the MAC and decodes. Never panics on arbitrary input.
+pub fn decode(p: &[u8], secret: &[u8]) -> Result<Beat, BeatError> {
+    if p.len() < HEADER + MAC_LEN || p.len() > MAX_DATAGRAM {
+        return Err(BeatError::Length(p.len()));
+    }
+    if &p[0..4] != MAGIC {
+        return Err(BeatError::Magic);
+    }
+    if p[4] != VERSION {
+        return Err(BeatError::Version(p[4]));
+    }
+    let name_len = p[7] as usize;
+    if p.len() != HEADER + name_len + MAC_LEN {
+        return Err(BeatError::Length(p.len()));
+    }
+    let (body, tag) = p.split_at(HEADER + name_len);
+    let mut m = mac(secret);
+    m.update(body);
+    m.verify_slice(tag).map_err(|_| BeatError::Mac)?;
+    let state = match p[6] {
+        1 => PeerState::Secondary,
+        2 => PeerState::Primary,
+        _ => return Err(BeatError::Field("state")),
+    };
+    if p[5] & !1 != 0 {
+        return Err(BeatError::Field("flags"));
+    }
+    let u64_at = |i: usize| u64::from_be_bytes(p[i..i + 8].try_into().expect("8 bytes"));
+    let node = std::str::from_utf8(&p[HEADER..HEADER + name_len])
+        .map_err(|_| BeatError::Field("name"))?
+        .to_string();
+    Ok(Beat {
+        node,
+        state,
+        manual: p[5] & 1 != 0,
+        boot_id: u64_at(8),
+        seq: u64_at(16),
+        unix_ms: u64_at(24),
+    })
+}
+
+/// Replay filter for one path.
+#[derive(Debug, Clone)]
+pub struct ReplayGuard {
+    window_ms: u64,
+    last: Option<(u64, u64, u64)>,
+}
+
+impl ReplayGuard {
+    /// `window_ms`: how far a new boot's timestamp may be from our clock.
+    pub fn new(window_ms: u64) -> Self {
+        ReplayGuard {
+            window_ms,
+            last: None,
+        }
+    }
+
+    /// Accepts `b` (and remembers it) or says why not.
+    pub fn accept(&mut self, b: &Beat, now_ms: u64) -> Result<(), BeatError> {
+        match self.last {
+            Some((boot, seq, _)) if boot == b.boot_id => {
+                if b.seq <= seq {
+                    return Err(BeatError::Replay {
+                        boot: b.boot_id,
+                        seq: b.seq,
+                    });
+                }
+            }
+            last => {
+                let skew = b.unix_ms as i64 - now_ms as i64;
+                if skew.unsigned_abs() > self.window_ms {
+                    return Err(BeatError::Stale { skew_ms: skew });
+                }
+                if let Some((_, _, ts)) = last {
+                    if b.unix_ms <= ts {
+                        return Err(BeatError::Replay {
+                            boot: b.boot_id,
+                            seq: b.seq,
+                        });
+                    }
+                }
+            }
+        }
+        self.last = Some((b.boot_id, b.seq, b.unix_ms));
+        Ok(())
+    }
+}
+
+/// Wall clock in ms since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What this host announces; the sender tasks send at once when it changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalBeat {
+    pub state: PeerState,
+    pub manual: bool,
+}
+
+/// What the heartbeat tasks report to the role loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerReport {
+    pub path: PeerPath,
+    pub state: PeerState,
+    pub manual: bool,
+    pub node: String,
+}
+
+/// One heartbeat path (socket pair of addresses) with its settings.
+#[derive(Debug, Clone)]
+pub struct PathConfig {
+    pub path: PeerPath,
+    pub listen: SocketAddr,
+    pub peer: SocketAddr,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub node: String,
+    pub secret: Arc<Vec<u8>>,
+    pub boot_id: u64,
+    pub seq: Arc<AtomicU64>,
+}
+
+/// Runs one path until `stop`: sends our beat every interval and at once when `local` changes,
+/// receives the peer's, and reports each change of the peer's state (Unreachable after
+/// `timeout` of silence, counted from the start: a fresh node waits that long for an answer).
+pub async fn run_path(
+    cfg: PathConfig,
+    mut local: watch::Receiver<LocalBeat>,
+    tx: mpsc::Sender<PeerReport>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let sock = loop {
+        match UdpSocket::bind(cfg.listen).await {
+            Ok(s) => break s,
+            Err(e) => {
+                warn!(path = ?cfg.path, listen = %cfg.listen, "cannot bind heartbeat socket: {e}; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    info!(path = ?cfg.path, listen = %cfg.listen, peer = %cfg.peer, "heartbeats running");
+    let mut guard = ReplayGuard::new(cfg.timeout.as_millis() as u64 + 60_000);
+    let mut last_heard = Instant::now();
+    let mut reported: Option<(PeerState, bool)> = None;
+    let mut peer_state = PeerState::Unknown;
+    let mut peer_manual = false;
+    let mut peer_node = String::new();
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = [0u8; MAX_DATAGRAM + 1];
+    loop {
+        let mut send_now = false;
+        tokio::select! {
+            _ = stop.cancelled() => {
+                // A last beat so the peer sees our final role without waiting for a timeout.
+                let last = *local.borrow();
+                send(&sock, &cfg, last).await;
+                return;
+            }
+            _ = tick.tick() => send_now = true,
+            r = local.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                send_now = true;
+            }
+            r = sock.recv_from(&mut buf) => match r {
+                Ok((n, from)) => match decode(&buf[..n], &cfg.secret)
+                    .and_then(|b| guard.accept(&b, unix_ms()).map(|()| b))
+                {
+                    Ok(b) if b.node == cfg.node => {
+                        warn!(path = ?cfg.path, %from, "heartbeat carries our own node name: reflected or misconfigured; ignored");
+                    }
+                    Ok(b) => {
+                        last_heard = Instant::now();
+                        peer_state = b.state;
+                        peer_manual = b.manual;
+                        peer_node = b.node;
+                    }
+                    Err(e) => debug!(path = ?cfg.path, %from, "heartbeat dropped: {e}"),
+                },
+                Err(e) => {
+                    debug!(path = ?cfg.path, "heartbeat receive: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+        }
+        if send_now {
+            let beat = *local.borrow_and_update();
+            send(&sock, &cfg, beat).await;
+        }
+        if last_heard.elapsed() >= cfg.timeout {
+            peer_state = PeerState::Unreachable;
+        }
+        if reported != Some((peer_state, peer_manual)) && peer_state != PeerState::Unknown {
+            reported = Some((peer_state, peer_manual));
+            let r = PeerReport {
+                path: cfg.path,
+                state: peer_state,
+                manual: peer_manual,
+                node: peer_node.clone(),
+            };
+            if tx.send(r).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn send(sock: &UdpSocket, cfg: &PathConfig, local: LocalBeat) {
+    let beat = Beat {
+        node: cfg.node.clone(),
+        state: local.state,
+        manual: local.manual,
+        boot_id: cfg.boot_id,
+        seq: cfg.seq.fetch_add(1, Ordering::Relaxed) + 1,
+        unix_ms: unix_ms(),
+    };
+    if let Err(e) = sock.send_to(&encode(&beat, &cfg.secret), cfg.peer).await {
+        debug!(path = ?cfg.path, peer = %cfg.peer, "heartbeat send: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(seq: u64, ts: u64) -> Beat {
+        Beat {
+            node: "host-a".into(),
+            state: PeerState::Primary,
+            manual: true,
+            boot_id: 7,
+            seq,
+            unix_ms: ts,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let b = beat(1, 1_000_000);
+        let p = encode(&b, b"secret-1");
+        assert_eq!(p.len(), HEADER + 6 + MAC_LEN);
+        assert_eq!(decode(&p, b"secret-1"), Ok(b.clone()));
+        let s = Beat {
+            state: PeerState::Secondary,
+            manual: false,
+            ..b
+        };
+        assert_eq!(decode(&encode(&s, b"k"), b"k"), Ok(s));
+    }
+
+    #[test]
+    fn wrong_secret_and_tampering_fail() {
+        let p = encode(&beat(1, 5), b"secret-1");
+        assert_eq!(decode(&p, b"secret-2"), Err(BeatError::Mac));
+        for i in 0..p.len() {
+            let mut q = p.clone();
+            q[i] ^= 0x01;
+            assert!(
+                decode(&q, b"secret-1").is_err(),
+                "flip at byte {i} accepted"
+            );
+        }
+        assert!(matches!(
+            decode(&p[..p.len() - 1], b"secret-1"),
+            Err(BeatError::Length(_))
+        ));
+        assert!(decode(&[], b"x").is_err());
+        assert!(decode(&[0u8; MAX_DATAGRAM + 1], b"x").is_err());
+    }
+
+    #[test]
+    fn replays_are_refused() {
+        let now = 10_000_000;
+        let mut g = ReplayGuard::new(60_000);
+        assert!(g.accept(&beat(5, now), now).is_ok());
+        assert!(matches!(
+            g.accept(&beat(5, now), now),
+            Err(BeatError::Replay { .. })
+        ));
+        assert!(matches!(
+            g.accept(&beat(4, now + 1), now),
+            Err(BeatError::Replay { .. })
+        ));
+        assert!(g.accept(&beat(6, now + 1), now).is_ok());
+        // A restarted peer: new boot id, newer clock, sequence from 1 again.
+        let restarted = Beat {
+            boot_id: 8,
+            ..beat(1, now + 500)
+        };
+        assert!(g.accept(&restarted, now + 500).is_ok());
+        // An old boot's datagram recorded earlier is refused (older timestamp).
+        assert!(matches!(
+            g.accept(&beat(7, now + 2), now + 600),
+            Err(BeatError::Replay { .. })
+        ));
+        // A first datagram far from our clock is refused.
+        let mut fresh = ReplayGuard::new(60_000);
+        assert!(matches!(
+            fresh.accept(&beat(1, now - 120_000), now),
+            Err(BeatError::Stale { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn two_paths_see_each_other_and_time_out() {
+        let secret = Arc::new(b"loopback-secret".to_vec());
+        let a_addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        // Reserve two ports.
+        let pa = std::net::UdpSocket::bind(a_addr).unwrap();
+        let pb = std::net::UdpSocket::bind(a_addr).unwrap();
+        let (la, lb) = (pa.local_addr().unwrap(), pb.local_addr().unwrap());
+        drop((pa, pb));
+        let mk = |node: &str, listen, peer| PathConfig {
+            path: PeerPath::Replication,
+            listen,
+            peer,
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_millis(200),
+            node: node.into(),
+            secret: secret.clone(),
+            boot_id: rand::random(),
+            seq: Arc::new(AtomicU64::new(0)),
+        };
+        let (txa, mut rxa) = mpsc::channel(16);
+        let (txb, mut rxb) = mpsc::channel(16);
+        let (wa, ra) = watch::channel(LocalBeat {
+            state: PeerState::Secondary,
+            manual: false,
+        });
+        let (_wb, rb) = watch::channel(LocalBeat {
+            state: PeerState::Secondary,
+            manual: true,
+        });
+        let stop_a = tokio_util::sync::CancellationToken::new();
+        let stop_b = tokio_util::sync::CancellationToken::new();
+        let ta = tokio::spawn(run_path(mk("a", la, lb), ra, txa, stop_a.clone()));
+        let tb = tokio::spawn(run_path(mk("b", lb, la), rb, txb, stop_b.clone()));
+        async fn next(rx: &mut mpsc::Receiver<PeerReport>) -> PeerReport {
+            tokio::time::timeout(Duration::from_secs(2), rx.recv())
+                .await
+                .expect("report in time")
+                .expect("channel open")
+        }
+        let r = next(&mut rxa).await;
+        assert_eq!(
+            (r.state, r.manual, r.node.as_str()),
+            (PeerState::Secondary, true, "b")
+        );
+        let r = next(&mut rxb).await;
+        assert_eq!((r.state, r.manual), (PeerState::Secondary, false));
+        // A role change reaches the peer at once, not after the next tick.
+        let t0 = Instant::now();
+        wa.send(LocalBeat {
+            state: PeerState::Primary,
+            manual: false,
+        })
+        .unwrap();
+        let r = next(&mut rxb).await;
+        assert_eq!(r.state, PeerState::Primary);
+        assert!(t0.elapsed() < Duration::from_millis(100));
+        // A stops: B reports it Primary (the final beat), then Unreachable after the timeout.
+        stop_a.cancel();
+        ta.await.unwrap();
+        let t0 = Instant::now();
+        loop {
+            let r = next(&mut rxb).await;
+            if r.state == PeerState::Unreachable {
+                break;
+            }
+        }
+        assert!(t0.elapsed() >= Duration::from_millis(150));
+        stop_b.cancel();
+        tb.await.unwrap();
+    }
+}

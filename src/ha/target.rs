@@ -1,0 +1,135 @@
+//! Starting and stopping the iSCSI target for the role loop: the portals are bound only while
+//! this host is primary. Stopping is two steps (the role machine's DrainTarget / StopTarget):
+//! first the portals close and in-flight commands get a bounded time to finish, then every
+//! session is dropped (initiators reconnect to the VIP, which by then points at the new primary).
+
+use crate::server::ServerState;
+use anyhow::Context;
+use socket2::{Domain, Socket, Type};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// The portals of every target, bound or not.
+pub struct TargetControl {
+    state: Arc<ServerState>,
+    listening: Mutex<Vec<(CancellationToken, JoinHandle<()>)>>,
+}
+
+/// Binds a listening socket with `IP_FREEBIND`: the portal address may be the VIP, which the
+/// role machine adds only after the target is accepting logins.
+fn bind_portal(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv4() {
+        s.set_freebind_v4(true)?;
+    } else {
+        s.set_only_v6(true)?;
+        s.set_freebind_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    tokio::net::TcpListener::from_std(s.into())
+}
+
+impl TargetControl {
+    pub fn new(state: Arc<ServerState>) -> Self {
+        TargetControl {
+            state,
+            listening: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether the portals are bound.
+    pub fn serving(&self) -> bool {
+        !self
+            .listening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// Binds every portal and accepts logins. All or nothing.
+    pub async fn start(&self) -> anyhow::Result<()> {
+        if self.serving() {
+            return Ok(());
+        }
+        let mut listeners = Vec::new();
+        for a in &self.state.portals {
+            listeners
+                .push(bind_portal(*a).with_context(|| format!("cannot listen on portal {a}"))?);
+        }
+        let mut running = self.listening.lock().unwrap_or_else(|e| e.into_inner());
+        for l in listeners {
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(crate::server::accept_loop(
+                l,
+                self.state.clone(),
+                stop.clone(),
+            ));
+            running.push((stop, task));
+        }
+        info!(portals = ?self.state.portals, "target serving");
+        Ok(())
+    }
+
+    /// Closes the portals (no new logins); existing sessions go on.
+    pub async fn stop_listening(&self) {
+        let running =
+            std::mem::take(&mut *self.listening.lock().unwrap_or_else(|e| e.into_inner()));
+        for (stop, task) in running {
+            stop.cancel();
+            let _ = task.await;
+        }
+    }
+
+    fn in_flight(&self) -> u32 {
+        self.state
+            .sessions
+            .list()
+            .iter()
+            .map(|s| s.active_tasks())
+            .sum()
+    }
+
+    /// Closes the portals and waits up to `timeout` for in-flight commands to finish.
+    /// Returns the commands still running when it gave up.
+    pub async fn drain(&self, timeout: Duration) -> u32 {
+        self.stop_listening().await;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.in_flight();
+            if n == 0 {
+                return 0;
+            }
+            if Instant::now() >= deadline {
+                warn!(
+                    in_flight = n,
+                    "drain timeout: dropping sessions with commands in flight"
+                );
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Drops every session (their connections close) and waits briefly until they are gone.
+    pub async fn stop(&self) -> usize {
+        self.stop_listening().await;
+        let sessions = self.state.sessions.list();
+        let n = sessions.len();
+        for s in &sessions {
+            s.shutdown.cancel();
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.state.sessions.count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        info!(sessions = n, "target stopped");
+        n
+    }
+}

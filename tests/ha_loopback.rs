@@ -1,0 +1,291 @@
+//! The HA role loop of two real `twinsan` processes on loopback: standalone source, heartbeats
+//! over 127.0.0.1, a TCP witness held by the test, no VIP (VIPs need network namespaces: see the
+//! namespace acceptance tests). Checks start-up roles, operator commands and their refusals,
+//! the persisted manual mode, takeover after SIGKILL and that there is no automatic fail-back.
+
+mod common;
+
+use common::{bin, free_port, run, scratch_dir, text};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CLI: Duration = Duration::from_secs(30);
+
+fn free_udp() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Node {
+    name: &'static str,
+    dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    portal: u16,
+    child: Option<Child>,
+}
+
+impl Node {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        base: &Path,
+        name: &'static str,
+        hb: u16,
+        peer_hb: u16,
+        portal: u16,
+        witness_port: u16,
+        preferred: bool,
+    ) -> Node {
+        let dir = base.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("twinsan.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[server]
+data_dir = "{data}"
+
+[[target]]
+iqn = "iqn.2026-11.org.twinsan.test:ha"
+portals = ["127.0.0.1:{portal}"]
+
+[[target.lun]]
+number = 0
+path = "{img}"
+size = "16MiB"
+
+[ha]
+source = "standalone"
+node = "{name}"
+listen = "127.0.0.1:{hb}"
+peer = "127.0.0.1:{peer_hb}"
+secret = "loopback-ha-secret"
+heartbeat_interval_ms = 50
+peer_timeout_ms = 400
+witnesses = ["127.0.0.1"]
+witness_port = {witness_port}
+witness_interval_ms = 200
+witness_timeout_ms = 200
+preferred_primary = {preferred}
+"#,
+                data = dir.join("data").display(),
+                img = dir.join("lun0.img").display(),
+            ),
+        )
+        .unwrap();
+        Node {
+            name,
+            log: dir.join("twinsan.log"),
+            dir,
+            config,
+            portal,
+            child: None,
+        }
+    }
+
+    fn start(&mut self) {
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            Command::new(bin())
+                .args(["serve", "--config"])
+                .arg(&self.config)
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(logf.try_clone().unwrap())
+                .stderr(logf)
+                .spawn()
+                .unwrap(),
+        );
+        // Wait for the control socket.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.try_status().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: no control socket; log:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn cli(&self, args: &[&str]) -> (bool, String) {
+        let o = run(
+            Command::new(bin())
+                .args(args)
+                .arg("--config")
+                .arg(&self.config),
+            CLI,
+        );
+        (o.status.success(), text(&o))
+    }
+
+    fn try_status(&self) -> Option<serde_json::Value> {
+        let (ok, out) = self.cli(&["status", "--json"]);
+        if !ok {
+            return None;
+        }
+        let start = out.find('{')?;
+        serde_json::from_str(&out[start..]).ok()
+    }
+
+    fn ha(&self) -> serde_json::Value {
+        self.try_status()
+            .unwrap_or_else(|| panic!("{}: status failed; log:\n{}", self.name, self.log_text()))
+            ["ha"]
+            .clone()
+    }
+
+    fn wait_role(&self, role: &str, limit: Duration) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            let ha = self.ha();
+            if ha["role"] == role && ha["target_serving"] == (role == "primary") {
+                return t0.elapsed();
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "{}: not {role} within {limit:?}: {ha}\nlog:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn serving(&self) -> bool {
+        TcpStream::connect_timeout(
+            &format!("127.0.0.1:{}", self.portal).parse().unwrap(),
+            Duration::from_millis(200),
+        )
+        .is_ok()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[test]
+fn standalone_pair_on_loopback() {
+    let base = scratch_dir();
+    let witness = TcpListener::bind("127.0.0.1:0").unwrap();
+    let wport = witness.local_addr().unwrap().port();
+    let (hb_a, hb_b) = (free_udp(), free_udp());
+    let mut a = Node::new(base.path(), "a", hb_a, hb_b, free_port(), wport, true);
+    let mut b = Node::new(base.path(), "b", hb_b, hb_a, free_port(), wport, false);
+    a.start();
+    b.start();
+
+    // The preferred host becomes primary once it heard the peer is secondary.
+    a.wait_role("primary", Duration::from_secs(10));
+    b.wait_role("secondary", Duration::from_secs(5));
+    assert!(a.serving(), "primary's portal must accept connections");
+    assert!(!b.serving(), "secondary's portal must be closed");
+    let ha = b.ha();
+    assert_eq!(ha["peer_replication"], "primary", "{ha}");
+    assert_eq!(ha["peer_node"], "a", "{ha}");
+    assert_eq!(ha["witness"], true, "{ha}");
+    assert_eq!(ha["node"], "b");
+    assert_eq!(ha["source"], "standalone");
+    assert_eq!(a.ha()["counters"]["promotions"], 1);
+
+    // Operator rules: become-primary needs manual mode, and is refused while the peer is
+    // primary; manual mode persists in the state file.
+    let (ok, out) = b.cli(&["become-primary"]);
+    assert!(!ok && out.contains("manual mode"), "{out}");
+    let (ok, out) = b.cli(&["manual-mode-enable"]);
+    assert!(ok, "{out}");
+    let state = std::fs::read_to_string(b.dir.join("data/ha-state.toml")).unwrap();
+    assert!(state.contains("manual = true"), "{state}");
+    let (ok, out) = b.cli(&["become-primary"]);
+    assert!(!ok && out.contains("peer is primary"), "{out}");
+    assert_eq!(b.ha()["role"], "secondary");
+    assert!(b.ha()["counters"]["refusals"].as_u64().unwrap() >= 2);
+    // A sees B's manual flag through the heartbeats.
+    let t0 = Instant::now();
+    while a.ha()["peer_manual"] != true {
+        assert!(t0.elapsed() < Duration::from_secs(3), "{}", a.ha());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, out) = b.cli(&["manual-mode-disable"]);
+    assert!(ok, "{out}");
+    assert_eq!(b.ha()["manual"], false);
+
+    // `get` masks the secret; `log` returns recent lines.
+    let (ok, out) = b.cli(&["get"]);
+    assert!(
+        ok && out.contains("***") && !out.contains("loopback-ha-secret"),
+        "{out}"
+    );
+    let (ok, out) = b.cli(&["log"]);
+    assert!(ok && out.contains("operator command"), "{out}");
+
+    // Crash of the primary: B takes over once A is silent (400 ms) and the witness answers.
+    a.kill();
+    let took = b.wait_role("primary", Duration::from_secs(10));
+    assert!(b.serving());
+    eprintln!("takeover after SIGKILL: serving on b after {took:?}");
+    assert!(took < Duration::from_secs(3), "takeover took {took:?}");
+
+    // A returns: it stays secondary (no automatic fail-back, even though preferred).
+    a.start();
+    a.wait_role("secondary", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(1000));
+    let ha = a.ha();
+    assert_eq!(ha["role"], "secondary", "{ha}");
+    assert_eq!(ha["peer_replication"], "primary", "{ha}");
+    assert!(!a.serving());
+    assert_eq!(b.ha()["role"], "primary");
+
+    // Planned move back in manual mode: B steps down, A steps up.
+    for n in [&a, &b] {
+        let (ok, out) = n.cli(&["manual-mode-enable"]);
+        assert!(ok, "{out}");
+    }
+    let t0 = Instant::now();
+    let (ok, out) = b.cli(&["become-secondary"]);
+    assert!(ok, "{out}");
+    let t_demoted = t0.elapsed();
+    // A must hear that B is secondary before it may promote.
+    let t1 = Instant::now();
+    loop {
+        let (ok, out) = a.cli(&["become-primary"]);
+        if ok {
+            break;
+        }
+        assert!(
+            out.contains("peer is primary") && t1.elapsed() < Duration::from_secs(3),
+            "{out}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "planned switchover: demote {t_demoted:?}, promote done {:?} after",
+        t1.elapsed()
+    );
+    assert!(a.serving() && !b.serving());
+    drop(witness);
+}
