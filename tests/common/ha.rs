@@ -382,8 +382,10 @@ url = "http://{addr}:{port}/"
 user = "{user}"
 password = "{password}"
 timeout_ms = 2000
+host_uuid = "{uuid}"
 "#,
                 addr = netns::XAPI_ADDRS[i],
+                uuid = twinsan_ha::testxapi::host_uuid(i),
                 port = x.port,
                 user = twinsan_ha::testxapi::USER,
                 password = twinsan_ha::testxapi::PASSWORD,
