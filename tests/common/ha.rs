@@ -204,6 +204,9 @@ pub struct HaLab {
     pub smtp: Option<SmtpSink>,
     /// Usable size of the replicated volume.
     pub size_bytes: u64,
+    /// Host `i` is cut off the network ([`HaLab::host_down`]): a VIP still configured on its
+    /// downed interface answers nobody.
+    pub down: Arc<[AtomicBool; 2]>,
     // Dropped last (declaration order): the lab kills the daemons before the directory goes.
     pub lab: Lab,
     dir: Option<tempfile::TempDir>,
@@ -256,6 +259,7 @@ impl HaLab {
             xapi,
             smtp,
             size_bytes: 0,
+            down: Arc::new([AtomicBool::new(false), AtomicBool::new(false)]),
             lab,
             dir: Some(dir),
         };
@@ -609,6 +613,30 @@ xencenter = true
 
     pub fn dir(&self) -> PathBuf {
         self.dir.as_ref().unwrap().path().to_path_buf()
+    }
+
+    /// Takes host `i` off the network (LAN and replication link down), as a host that crashed
+    /// looks to everyone else.
+    pub fn host_down(&self, i: usize) {
+        let h = self.host(i);
+        h.note("links down");
+        self.down[i].store(true, Ordering::SeqCst);
+        h.ns.ip(&["link", "set", netns::LAN_IF, "down"]);
+        h.ns.ip(&["link", "set", netns::REPL_IF, "down"]);
+    }
+
+    /// Brings host `i`'s links up again.
+    pub fn host_up(&self, i: usize) {
+        let h = self.host(i);
+        h.note("links up");
+        h.ns.ip(&["link", "set", netns::REPL_IF, "up"]);
+        h.ns.ip(&["link", "set", netns::LAN_IF, "up"]);
+        self.down[i].store(false, Ordering::SeqCst);
+    }
+
+    /// Host `i` holds the VIP on a link that is up (so it answers ARP for it).
+    pub fn answers_vip(&self, i: usize) -> bool {
+        !self.down[i].load(Ordering::SeqCst) && self.host(i).has_vip()
     }
 }
 
@@ -1100,11 +1128,16 @@ impl VipMonitor {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let (a, b, client) = (lab.a.ns.clone(), lab.b.ns.clone(), lab.lab.client.clone());
+        let down = lab.down.clone();
         let thread = std::thread::spawn(move || {
             let t0 = Instant::now();
             let mut rep = VipReport::default();
             while !s.load(Ordering::SeqCst) && t0.elapsed() < limit {
-                let (on_a, on_b) = (Lab::has_addr(&a, VIP), Lab::has_addr(&b, VIP));
+                let up = |i: usize| !down[i].load(Ordering::SeqCst);
+                let (on_a, on_b) = (
+                    up(0) && Lab::has_addr(&a, VIP),
+                    up(1) && Lab::has_addr(&b, VIP),
+                );
                 let answers = arp_answers(&client);
                 let neigh = netns::neigh_macs(&client.ip(&["neigh", "show", VIP]));
                 rep.samples += 1;
@@ -1150,10 +1183,9 @@ impl Drop for VipMonitor {
 /// host `i` only; returns the time it took. Panics after `limit`.
 pub fn wait_serving_on(lab: &HaLab, i: usize, limit: Duration) -> Duration {
     let t0 = Instant::now();
-    let (me, other) = (lab.host(i).ns.clone(), lab.host(1 - i).ns.clone());
     let client = lab.lab.client.clone();
     loop {
-        if Lab::has_addr(&me, VIP) && !Lab::has_addr(&other, VIP) {
+        if lab.answers_vip(i) && !lab.answers_vip(1 - i) {
             let ok = client
                 .with(|| TagWriter::connect_at(vip_portal(), Duration::from_millis(500)).is_ok());
             if ok {
