@@ -519,6 +519,92 @@ fn sigkill_primary_xapi_peer_takes_over() {
     kill_primary_other_host_takes_over(Source::Xapi);
 }
 
+/// Only the primary's daemon is SIGKILLed (the host stays up): its kernel keeps the VIP, so B
+/// must not take the VIP while it answers from A (duplicate detection), and the client must never
+/// see two MACs. The service manager then restarts A's daemon (systemd `Restart=`), which cleans up
+/// the VIP left by the crash; service resumes on exactly one host, the client resumes, and every
+/// acknowledged write is on the new primary.
+#[test]
+fn sigkill_daemon_only_then_supervisor_restart() {
+    const REGION: u64 = 2048;
+    let Some(mut l) = HaLab::new_or_skip("killonly", HaSpec::new(Source::Standalone)) else {
+        return;
+    };
+    l.start_both();
+    l.wait_primary(0, PROMOTE);
+    let monitor = VipMonitor::start(&l, Duration::from_secs(120));
+    let progress = Arc::new(Progress::default());
+    let mut opts = WriteOpts::random(1, 0, REGION);
+    opts.queue_depth = 8;
+    let writer = spawn_resuming_writer(
+        &l.lab.client,
+        opts,
+        Duration::from_secs(15),
+        Duration::from_secs(20),
+        progress.clone(),
+    );
+    wait_acked(&progress, 500, Duration::from_secs(10), "before the kill");
+    l.kill(0);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        assert!(
+            !(l.a.has_vip() && l.b.has_vip()),
+            "B added the VIP while A's kernel still holds it"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("after 3 s: A VIP {}, B role {}", l.a.has_vip(), l.b.role());
+    l.start(0);
+    let t = Instant::now();
+    let serving = loop {
+        let (a, b) = (l.answers_vip(0), l.answers_vip(1));
+        if a != b {
+            let i = if a { 0 } else { 1 };
+            let role = l.host(i).role();
+            if role == "primary" {
+                break i;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no single primary 20 s after A's restart: A {} VIP {}, B {} VIP {}",
+            l.a.role(),
+            l.a.has_vip(),
+            l.b.role(),
+            l.b.has_vip()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "A restarted; {} serving {:.2?} later",
+        l.host(serving).label,
+        t.elapsed()
+    );
+    let rep = writer.join().unwrap();
+    eprintln!("client: {}", rep.summary());
+    assert!(
+        rep.rounds.len() >= 2 && rep.rounds.last().unwrap().good() > 0,
+        "the client did not resume: {}",
+        rep.summary()
+    );
+    assert_eq!(rep.failed(), 0, "{:?}", rep.notes());
+    l.wait_primary(serving, PROMOTE);
+    let vips = monitor.finish();
+    assert!(vips.violations.is_empty(), "{:#?}", vips.violations);
+    l.stop(1 - serving);
+    l.stop(serving);
+    for h in [&l.a, &l.b] {
+        let (problems, _) = check_acked(&h.image, &rep.acked, 0..REGION);
+        assert!(
+            problems.is_empty(),
+            "{}: {} acknowledged blocks lost or damaged, first: {:#?}",
+            h.label,
+            problems.len(),
+            &problems[..problems.len().min(10)]
+        );
+    }
+}
+
 /// With A primary and reachable, neither `become-primary` in manual mode nor a forged `master`
 /// pool.conf makes B a second primary; the client's I/O is never interrupted and its ARP view
 /// only ever shows A's MAC for the VIP.
