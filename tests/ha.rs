@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 
 /// Bound for a host to become primary and serving (start-up includes the peer handshake).
 const PROMOTE: Duration = Duration::from_secs(30);
+/// The tagged writers replace a connection that answers nothing for this long with commands
+/// outstanding, as open-iscsi does with its default NOP-Out interval and timeout (5 s each).
+const INITIATOR_STALL_LIMIT: Duration = Duration::from_secs(5);
 
 fn wait_acked(progress: &Progress, n: u64, limit: Duration, what: &str) {
     let deadline = Instant::now() + limit;
@@ -356,6 +359,8 @@ fn pool_master_flip_moves_vip_and_target_under_fio() {
     };
     l.start_both();
     l.wait_primary(0, PROMOTE);
+    let mac = |ns: &netns::Netns| Lab::mac(ns, netns::LAN_IF).to_ascii_lowercase();
+    let (mac_a, mac_b) = (mac(&l.lab.a), mac(&l.lab.b));
     let monitor = VipMonitor::start(&l, Duration::from_secs(120));
     let fio = spawn_fio(
         &l.lab.client,
@@ -380,7 +385,7 @@ fn pool_master_flip_moves_vip_and_target_under_fio() {
     let f = fio.join().unwrap();
     let vips = monitor.finish();
     eprintln!(
-        "fio: {} bytes written, {} read back and verified, {} I/Os logged; longest I/O {:.0?}, longest gap between completions {:.0?}; VIP monitor: {} samples, MACs {:?}",
+        "fio: {} bytes written, {} read back and verified, {} I/Os logged; longest I/O {:.3?}, longest gap between completions {:.3?}; VIP monitor: {} samples, MACs {:?}",
         f.bytes("write"),
         f.bytes("read"),
         f.completions,
@@ -394,6 +399,17 @@ fn pool_master_flip_moves_vip_and_target_under_fio() {
     }
     assert!(f.bytes("write") > 0);
     assert!(vips.violations.is_empty(), "{:#?}", vips.violations);
+    // The client's ARP view followed the VIP to B and back to A.
+    assert!(
+        vips.macs_seen.contains(&mac_a) && vips.macs_seen.contains(&mac_b),
+        "client saw {:?} answer for the VIP; A is {mac_a}, B is {mac_b}",
+        vips.macs_seen
+    );
+    assert_eq!(
+        l.lab.client_neigh(VIP),
+        vec![mac_a.clone()],
+        "client neighbour entry"
+    );
     assert!(
         f.max_latency < Duration::from_secs(20),
         "I/O stalled for {:.2?}",
@@ -729,7 +745,7 @@ fn manual_mode_rolling_maintenance() {
         &l.dir(),
         "rolling",
         "randwrite",
-        45,
+        30,
         32 * MIB,
         true,
     );
@@ -787,7 +803,7 @@ fn manual_mode_rolling_maintenance() {
     let f = fio.join().unwrap();
     let vips = monitor.finish();
     eprintln!(
-        "fio: {} bytes written, {} verified; longest I/O {:.0?}, longest gap {:.0?}",
+        "fio: {} bytes written, {} verified; longest I/O {:.3?}, longest gap {:.3?}",
         f.bytes("write"),
         f.bytes("read"),
         f.max_latency,
@@ -956,10 +972,12 @@ fn ha_switchover_benchmark() {
         let progress = Arc::new(Progress::default());
         let mut opts = WriteOpts::random(1, 0, 2048);
         opts.queue_depth = 8;
+        // Like open-iscsi's NOP-Out timeout: a connection that goes silent is replaced.
+        opts.stall_limit = Some(INITIATOR_STALL_LIMIT);
         let writer = spawn_resuming_writer(
             &client,
             opts,
-            Duration::from_secs(8),
+            Duration::from_secs(12),
             Duration::from_secs(15),
             progress.clone(),
         );
@@ -970,7 +988,13 @@ fn ha_switchover_benchmark() {
         wait_serving_on(l, to, Duration::from_secs(20));
         let serving = t.elapsed();
         let rep = writer.join().unwrap();
+        eprintln!("  client: {}", rep.summary());
         assert_eq!(rep.failed(), 0, "{:?}", rep.notes());
+        assert!(
+            rep.rounds.len() >= 2 && rep.rounds.last().unwrap().good() > 0,
+            "the client did not resume on the new primary: {}",
+            rep.summary()
+        );
         l.wait_primary(to, PROMOTE);
         (rep.max_pause(), serving, rep.good())
     };

@@ -848,6 +848,9 @@ pub struct ResumeReport {
     pub reconnects: Vec<Duration>,
     /// Why the run ended.
     pub end: String,
+    /// When the writer started, and when it stopped issuing (its time bound, or giving up).
+    pub started: Option<Instant>,
+    pub stopped: Option<Instant>,
 }
 
 impl ResumeReport {
@@ -863,7 +866,8 @@ impl ResumeReport {
         self.rounds.iter().flat_map(|r| r.notes.clone()).collect()
     }
 
-    /// The longest time without an acknowledged write, between the first and the last one.
+    /// The longest time without an acknowledged write, from the first acknowledgement until the
+    /// writer stopped issuing (so a connection that hangs to the end counts in full).
     pub fn max_pause(&self) -> Duration {
         let mut at: Vec<Instant> = self
             .rounds
@@ -871,12 +875,17 @@ impl ResumeReport {
             .flat_map(|r| r.done.iter().filter(|d| d.good).map(|d| d.at))
             .collect();
         at.sort();
+        if let (Some(&last), Some(stopped)) = (at.last(), self.stopped) {
+            if stopped > last {
+                at.push(stopped);
+            }
+        }
         at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
     }
 
     pub fn summary(&self) -> String {
         format!(
-            "{} connections, {} acked, {} failed, {} distinct blocks, reconnects {:?}, longest pause {:.0?}; rounds ended: {:?}; end: {}",
+            "{} connections, {} acked, {} failed, {} distinct blocks, reconnects {:.3?}, longest pause {:.3?}; rounds ended: {:?}; end: {}",
             self.rounds.len(),
             self.good(),
             self.failed(),
@@ -902,13 +911,17 @@ pub fn spawn_resuming_writer(
 ) -> JoinHandle<ResumeReport> {
     client.thread(move || {
         let t0 = Instant::now();
-        let mut rep = ResumeReport::default();
+        let mut rep = ResumeReport {
+            started: Some(t0),
+            ..ResumeReport::default()
+        };
         let mut lost_at: Option<Instant> = None;
         let mut round = 0u64;
         // Bounded by `total` and the reconnect limit; at most 1000 connections.
         while round < 1000 {
             if t0.elapsed() >= total || progress.stop.load(Ordering::SeqCst) {
                 rep.end = "done".into();
+                rep.stopped = Some(Instant::now().min(t0 + total));
                 break;
             }
             let try_from = lost_at.unwrap_or_else(Instant::now);
@@ -917,6 +930,7 @@ pub fn spawn_resuming_writer(
                 Err(e) => {
                     if try_from.elapsed() > reconnect_limit {
                         rep.end = format!("no login within {reconnect_limit:?}: {e}");
+                        rep.stopped = Some(Instant::now());
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(20));

@@ -469,6 +469,9 @@ pub struct WriteOpts {
     /// Percentage of writes sent with FUA.
     pub fua_percent: u32,
     pub seed: u64,
+    /// Give the connection up when commands are outstanding and nothing arrived for this long,
+    /// as an initiator's NOP-Out / replacement timeout does (open-iscsi: 5 s); None = wait.
+    pub stall_limit: Option<Duration>,
 }
 
 impl WriteOpts {
@@ -481,6 +484,7 @@ impl WriteOpts {
             max_time: Duration::from_secs(10),
             fua_percent: 10,
             seed: iteration.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x5eed,
+            stall_limit: None,
         }
     }
 
@@ -653,6 +657,7 @@ impl TagWriter {
         let mut counter: u64 = 0;
         let mut ended: Option<String> = None;
         let mut drain_deadline = None;
+        let mut last_rx = Instant::now();
         let limit = self.tag_blocks();
         'outer: loop {
             if ended.is_none() {
@@ -704,6 +709,10 @@ impl TagWriter {
                 let fua = rng.gen_range(0..100) < o.fua_percent;
                 let p = self.write_pdu(block, data.clone(), fua);
                 let itt = p.itt();
+                if pending.is_empty() {
+                    // The stall clock runs only while something is outstanding.
+                    last_rx = Instant::now();
+                }
                 pending.insert(itt, Pending { block, seq, data });
                 busy.insert(block);
                 rep.issued += 1;
@@ -728,8 +737,22 @@ impl TagWriter {
                 break;
             }
             let r = match self.raw.try_recv(Duration::from_millis(100)) {
-                Ok(Some(r)) => r,
-                Ok(None) => continue,
+                Ok(Some(r)) => {
+                    last_rx = Instant::now();
+                    r
+                }
+                Ok(None) => {
+                    if let Some(limit) = o.stall_limit {
+                        if !pending.is_empty() && last_rx.elapsed() > limit {
+                            ended = Some(format!(
+                                "connection lost: no response for {limit:?} with {} commands outstanding",
+                                pending.len()
+                            ));
+                            break;
+                        }
+                    }
+                    continue;
+                }
                 Err(e) => {
                     ended = Some(match ended {
                         Some(why) => format!("{why}; then connection lost: {e}"),
