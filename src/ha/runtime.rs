@@ -447,12 +447,17 @@ impl Runtime {
         }
     }
 
-    /// Planned stop: VIP, portals and sessions go; the volumes are shut down by the server.
+    /// Planned stop: portals and sessions go (while the VIP is still here, so initiators see
+    /// the connections close), then the VIP; the volumes are shut down by the server.
     async fn teardown(&mut self) {
-        info!("HA role loop stopping: removing VIP and stopping the target");
+        info!("HA role loop stopping: stopping the target and removing the VIP");
         if let Some(a) = self.announcing.take() {
             a.cancel();
         }
+        self.target
+            .drain(Duration::from_millis(self.ha.drain_timeout_ms))
+            .await;
+        self.target.stop().await;
         if let Some(m) = self.vip_mgr.clone() {
             for v in &self.vips {
                 if let Err(e) = m.remove(v).await {
@@ -460,10 +465,6 @@ impl Runtime {
                 }
             }
         }
-        self.target
-            .drain(Duration::from_millis(self.ha.drain_timeout_ms))
-            .await;
-        self.target.stop().await;
     }
 }
 
