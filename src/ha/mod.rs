@@ -466,6 +466,7 @@ pub async fn start(config: &Config, state: Arc<ServerState>) -> anyhow::Result<A
         published,
         state_path,
         announcing: None,
+        keeping: None,
         counters: Counters::default(),
         peer_wait,
         started,
