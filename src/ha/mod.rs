@@ -349,6 +349,7 @@ pub async fn start(config: &Config, state: Arc<ServerState>) -> anyhow::Result<A
     let target = Arc::new(target::TargetControl::new(state.clone()));
     let alerts_sent = Arc::new(AtomicU64::new(0));
     let alerter = runtime::build_alerter(&ha);
+    alerter.set_manual(manual);
     let mut tasks = Vec::new();
 
     // Heartbeats: one task per path.

@@ -92,7 +92,7 @@ impl Runtime {
             }
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tick.tick() => {}
+                _ = tick.tick() => self.fencing_check(),
                 input = rx.recv() => match input {
                     Some(Input::Command(c, reply)) => deferred.push_back((c, reply)),
                     Some(other) => self.input(other, &mut follow_ups, &mut pending).await,
@@ -101,6 +101,44 @@ impl Runtime {
             }
         }
         self.teardown().await;
+    }
+
+    /// Fencing hook (`fencing = "suspend-io"`): replication freezes writes when it loses the
+    /// peer, because the peer might be promoting. When the heartbeats show the peer is alive and
+    /// secondary on some path, it is not, and the writes resume. A peer silent on every path
+    /// keeps the volume frozen (it may have promoted itself): an operator decides, with
+    /// `twinsan replication resume-io` (as DRBD's fence-peer handler would).
+    fn fencing_check(&self) {
+        let s = self.machine.status();
+        let peer_secondary = s.peer_replication == PeerState::Secondary
+            || (self.ha.management_listen.is_some() && s.peer_management == PeerState::Secondary);
+        if s.role != HostRole::Primary || !peer_secondary {
+            return;
+        }
+        for v in &self.state.volumes {
+            if v.status().suspended {
+                warn!(
+                    volume = v.name(),
+                    "replication lost the peer but the heartbeats show it secondary: resuming I/O"
+                );
+                v.resume_io();
+                let alert = twinsan_ha::alerts::Alert::new(
+                    twinsan_ha::alerts::Severity::Warning,
+                    "TWINSAN_IO_RESUMED",
+                    format!(
+                        "volume {}: replication link lost; the peer is secondary (heartbeats): I/O resumed without replication",
+                        v.name()
+                    ),
+                );
+                let alerter = self.alerter.clone();
+                let sent = self.alerts_sent.clone();
+                tokio::spawn(async move {
+                    if alerter.raise(&alert).await.decision == twinsan_ha::alerts::Decision::Send {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        }
     }
 
     fn alive(&self) {
@@ -565,11 +603,7 @@ pub(super) fn build_alerter(ha: &HaConfig) -> Arc<Alerter> {
         helo_name: ha.node.clone(),
         timeout: Duration::from_secs(30),
     });
-    let alerter = Alerter::new(filter, smtp, ha.node.clone());
-    if ha.source == "manual" {
-        alerter.set_manual(true);
-    }
-    alerter
+    Alerter::new(filter, smtp, ha.node.clone())
 }
 
 /// Feeds pool.conf values (inotify, immediate) to the role loop.
