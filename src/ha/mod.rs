@@ -245,12 +245,14 @@ pub fn render(ha: &serde_json::Value) -> String {
             ""
         },
     );
-    let _ = writeln!(
-        o,
-        "  last signal: {} ({} ms ago)",
-        s("last_signal"),
-        s("last_signal_age_ms")
-    );
+    if ha["last_signal"].as_str().is_some_and(|x| !x.is_empty()) {
+        let _ = writeln!(
+            o,
+            "  last signal: {} ({} ms ago)",
+            s("last_signal"),
+            s("last_signal_age_ms")
+        );
+    }
     let _ = writeln!(
         o,
         "  peer {}: replication link {}, management {}, witness {}",
