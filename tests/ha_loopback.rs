@@ -40,15 +40,19 @@ impl Node {
         portal: u16,
         witness_port: u16,
         preferred: bool,
+        mgmt: (u16, u16),
     ) -> Node {
         let ha = format!(
             r#"source = "standalone"
+management_listen = "127.0.0.1:{}"
+management_peer = "127.0.0.1:{}"
 witnesses = ["127.0.0.1"]
 witness_port = {witness_port}
 witness_interval_ms = 200
 witness_timeout_ms = 200
 preferred_primary = {preferred}
-"#
+"#,
+            mgmt.0, mgmt.1
         );
         Node::with_ha(base, name, hb, peer_hb, portal, &ha, "")
     }
@@ -212,8 +216,27 @@ fn standalone_pair_on_loopback() {
     let witness = TcpListener::bind("127.0.0.1:0").unwrap();
     let wport = witness.local_addr().unwrap().port();
     let (hb_a, hb_b) = (free_udp(), free_udp());
-    let mut a = Node::new(base.path(), "a", hb_a, hb_b, free_port(), wport, true);
-    let mut b = Node::new(base.path(), "b", hb_b, hb_a, free_port(), wport, false);
+    let (mg_a, mg_b) = (free_udp(), free_udp());
+    let mut a = Node::new(
+        base.path(),
+        "a",
+        hb_a,
+        hb_b,
+        free_port(),
+        wport,
+        true,
+        (mg_a, mg_b),
+    );
+    let mut b = Node::new(
+        base.path(),
+        "b",
+        hb_b,
+        hb_a,
+        free_port(),
+        wport,
+        false,
+        (mg_b, mg_a),
+    );
     a.start();
     b.start();
 
@@ -224,6 +247,7 @@ fn standalone_pair_on_loopback() {
     assert!(!b.serving(), "secondary's portal must be closed");
     let ha = b.ha();
     assert_eq!(ha["peer_replication"], "primary", "{ha}");
+    assert_eq!(ha["peer_management"], "primary", "{ha}");
     assert_eq!(ha["peer_node"], "a", "{ha}");
     assert_eq!(ha["witness"], true, "{ha}");
     assert_eq!(ha["node"], "b");
