@@ -75,6 +75,10 @@ pub struct HaConfig {
     /// shorter wait is safe here).
     #[serde(default = "default_vip_probe_wait_ms")]
     pub vip_probe_wait_ms: u64,
+    /// The VIP is added with this lifetime and refreshed every second while primary, so the
+    /// kernel removes it by itself when the daemon is killed; 0 = permanent address.
+    #[serde(default = "default_vip_lifetime_secs")]
+    pub vip_lifetime_secs: u64,
     /// On demotion: how long in-flight SCSI commands may take to finish before their sessions
     /// are dropped anyway.
     #[serde(default = "default_drain_timeout_ms")]
@@ -191,6 +195,9 @@ fn default_vip_probe_count() -> u32 {
 }
 fn default_vip_probe_wait_ms() -> u64 {
     100
+}
+fn default_vip_lifetime_secs() -> u64 {
+    5
 }
 fn default_drain_timeout_ms() -> u64 {
     1000
@@ -408,6 +415,12 @@ impl HaConfig {
         if !(10..=5_000).contains(&self.vip_probe_wait_ms) {
             return e("vip_probe_wait_ms", "must be within 10..=5000".into());
         }
+        if self.vip_lifetime_secs != 0 && !(3..=3600).contains(&self.vip_lifetime_secs) {
+            return e(
+                "vip_lifetime_secs",
+                "must be 0 (permanent) or within 3..=3600".into(),
+            );
+        }
         if self.drain_timeout_ms > 60_000 {
             return e("drain_timeout_ms", "must be at most 60000".into());
         }
@@ -520,6 +533,11 @@ impl HaConfig {
         } else {
             PathBuf::from(&self.state_file)
         }
+    }
+
+    /// The VIP lifetime (None = permanent).
+    pub fn vip_lifetime(&self) -> Option<Duration> {
+        (self.vip_lifetime_secs > 0).then(|| Duration::from_secs(self.vip_lifetime_secs))
     }
 
     /// Validated VIPs.

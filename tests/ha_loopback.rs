@@ -40,6 +40,32 @@ impl Node {
         portal: u16,
         witness_port: u16,
         preferred: bool,
+        mgmt: (u16, u16),
+    ) -> Node {
+        let ha = format!(
+            r#"source = "standalone"
+management_listen = "127.0.0.1:{}"
+management_peer = "127.0.0.1:{}"
+witnesses = ["127.0.0.1"]
+witness_port = {witness_port}
+witness_interval_ms = 200
+witness_timeout_ms = 200
+preferred_primary = {preferred}
+"#,
+            mgmt.0, mgmt.1
+        );
+        Node::with_ha(base, name, hb, peer_hb, portal, &ha, "")
+    }
+
+    /// A node whose `[ha]` table gets `ha` (source and its keys) and `tail` (sub-tables).
+    fn with_ha(
+        base: &Path,
+        name: &'static str,
+        hb: u16,
+        peer_hb: u16,
+        portal: u16,
+        ha: &str,
+        tail: &str,
     ) -> Node {
         let dir = base.join(name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -60,18 +86,14 @@ path = "{img}"
 size = "16MiB"
 
 [ha]
-source = "standalone"
 node = "{name}"
 listen = "127.0.0.1:{hb}"
 peer = "127.0.0.1:{peer_hb}"
 secret = "loopback-ha-secret"
 heartbeat_interval_ms = 50
 peer_timeout_ms = 400
-witnesses = ["127.0.0.1"]
-witness_port = {witness_port}
-witness_interval_ms = 200
-witness_timeout_ms = 200
-preferred_primary = {preferred}
+{ha}
+{tail}
 "#,
                 data = dir.join("data").display(),
                 img = dir.join("lun0.img").display(),
@@ -194,8 +216,27 @@ fn standalone_pair_on_loopback() {
     let witness = TcpListener::bind("127.0.0.1:0").unwrap();
     let wport = witness.local_addr().unwrap().port();
     let (hb_a, hb_b) = (free_udp(), free_udp());
-    let mut a = Node::new(base.path(), "a", hb_a, hb_b, free_port(), wport, true);
-    let mut b = Node::new(base.path(), "b", hb_b, hb_a, free_port(), wport, false);
+    let (mg_a, mg_b) = (free_udp(), free_udp());
+    let mut a = Node::new(
+        base.path(),
+        "a",
+        hb_a,
+        hb_b,
+        free_port(),
+        wport,
+        true,
+        (mg_a, mg_b),
+    );
+    let mut b = Node::new(
+        base.path(),
+        "b",
+        hb_b,
+        hb_a,
+        free_port(),
+        wport,
+        false,
+        (mg_b, mg_a),
+    );
     a.start();
     b.start();
 
@@ -206,6 +247,7 @@ fn standalone_pair_on_loopback() {
     assert!(!b.serving(), "secondary's portal must be closed");
     let ha = b.ha();
     assert_eq!(ha["peer_replication"], "primary", "{ha}");
+    assert_eq!(ha["peer_management"], "primary", "{ha}");
     assert_eq!(ha["peer_node"], "a", "{ha}");
     assert_eq!(ha["witness"], true, "{ha}");
     assert_eq!(ha["node"], "b");
@@ -288,4 +330,92 @@ fn standalone_pair_on_loopback() {
     );
     assert!(a.serving() && !b.serving());
     drop(witness);
+}
+
+/// Source `xapi` against the in-process test XAPI: the pool master moves by XAPI alone
+/// (pool.conf unchanged), the storage role follows within a second, and promotions reach
+/// XenCenter as `message.create`.
+#[test]
+fn xapi_master_change_moves_the_role() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let xapi = rt
+        .block_on(twinsan_ha::testxapi::TestXapi::start())
+        .unwrap();
+    let base = scratch_dir();
+    let (hb_a, hb_b) = (free_udp(), free_udp());
+    let port = xapi.endpoint(0).port;
+    let node = |name: &'static str, i: usize, hb, peer_hb, pool: &str| {
+        let dir = base.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pool_conf = dir.join("pool.conf");
+        std::fs::write(&pool_conf, pool).unwrap();
+        let ha = format!(
+            "source = \"xapi\"\npool_conf = \"{}\"\n",
+            pool_conf.display()
+        );
+        let tail = format!(
+            r#"[ha.xapi]
+url = "http://{addr}:{port}/"
+user = "{user}"
+password = "{password}"
+host_uuid = "{uuid}"
+timeout_ms = 2000
+event_timeout_secs = 5
+
+[ha.alerts]
+startup_quiet_secs = 0
+"#,
+            addr = xapi.address(i),
+            user = twinsan_ha::testxapi::USER,
+            password = twinsan_ha::testxapi::PASSWORD,
+            uuid = twinsan_ha::testxapi::host_uuid(i),
+        );
+        Node::with_ha(base.path(), name, hb, peer_hb, free_port(), &ha, &tail)
+    };
+    let mut a = node("a", 0, hb_a, hb_b, "master");
+    let mut b = node("b", 1, hb_b, hb_a, "slave:127.0.0.1");
+    a.start();
+    b.start();
+    a.wait_role("primary", Duration::from_secs(10));
+    b.wait_role("secondary", Duration::from_secs(5));
+    let t0 = Instant::now();
+    while a.ha()["last_signal"] != "xapi: master" {
+        assert!(t0.elapsed() < Duration::from_secs(5), "{}", a.ha());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(a.ha()["confirmed"], true);
+
+    // The master moves in XAPI only.
+    let t0 = Instant::now();
+    xapi.set_master(1);
+    b.wait_role("primary", Duration::from_secs(5));
+    let took = t0.elapsed();
+    eprintln!("XAPI master change -> b serving after {took:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(b.serving() && !a.serving());
+    assert_eq!(a.ha()["role"], "secondary");
+    let ha = b.ha();
+    assert_eq!(ha["native"], "master", "{ha}");
+    assert_eq!(ha["confirmed"], true, "{ha}");
+
+    // XenCenter got the promotion messages (alerts are delivered in the background).
+    let t0 = Instant::now();
+    loop {
+        let n = xapi
+            .messages()
+            .iter()
+            .filter(|m| m.name == "TWINSAN_PRIMARY")
+            .count();
+        if n >= 2 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "messages: {:?}",
+            xapi.messages()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(xapi);
+    drop(rt);
 }

@@ -6,7 +6,11 @@
 //!
 //! * promote order: VIP probe (ARP duplicate detection) -> volumes to primary (stop if that fails)
 //!   -> target accepting logins -> VIP added -> gratuitous ARP;
-//! * demote order: VIP removed -> in-flight commands drained -> target stopped -> volumes to secondary;
+//! * demote order: in-flight commands drained (no new logins) -> target stopped (sessions closed)
+//!   -> VIP removed -> volumes to secondary. The sessions close while the VIP is still on this
+//!   host: a FIN sent from an address that is already gone never leaves the host, and an
+//!   initiator waiting for answers would only notice the dead connection after its own timeout
+//!   (30 s with libiscsi, measured). Draining first also lets in-flight answers reach it;
 //! * never two primaries: a reachable primary peer blocks every promotion (logged and alerted);
 //! * pool.conf alone never promotes at start-up: the peer is asked first (a returning old master
 //!   still says `master` until xapi rewrites it);
@@ -557,9 +561,9 @@ impl RoleMachine {
         self.role = HostRole::Demoting;
         self.stage = None;
         out.extend([
-            Action::RemoveVip,
             Action::DrainTarget,
             Action::StopTarget,
+            Action::RemoveVip,
             Action::DemoteVolumes,
         ]);
     }
@@ -842,9 +846,9 @@ mod tests {
 
     const PROMOTE_TAIL: [&str; 3] = ["StartTarget", "AddVip", "SendGratuitousArp"];
     const DEMOTE: [Action; 4] = [
-        Action::RemoveVip,
         Action::DrainTarget,
         Action::StopTarget,
+        Action::RemoveVip,
         Action::DemoteVolumes,
     ];
 
@@ -1151,7 +1155,7 @@ mod tests {
         assert!(has_alert(&a, "TWINSAN_PROMOTE_FAILED"));
         assert_eq!(
             names(&a),
-            vec!["RemoveVip", "DrainTarget", "StopTarget", "DemoteVolumes"]
+            vec!["DrainTarget", "StopTarget", "RemoveVip", "DemoteVolumes"]
         );
         finish_demotion(&mut m);
         // Not retried with unchanged inputs.

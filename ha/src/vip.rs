@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, CacheInfo};
 use rtnetlink::packet_route::link::LinkAttribute;
 use tracing::{debug, info, warn};
 
@@ -190,8 +190,26 @@ impl VipManager {
 
     /// Adds the VIP (labelled if IPv4, without kernel DAD if IPv6). Already present is fine.
     pub async fn add(&self, vip: &Vip) -> Result<(), VipError> {
+        self.add_for(vip, None).await
+    }
+
+    /// Adds the VIP, or refreshes it, with a limited lifetime: the kernel removes the address
+    /// by itself when `lifetime` passes without a refresh (`valid_lft`, as `ip addr add ...
+    /// valid_lft N` does; IPv4 address lifetimes exist since Linux 3.9). A daemon that refreshes
+    /// it while alive thus cannot leave it behind when it is killed. `None` = permanent.
+    pub async fn add_for(&self, vip: &Vip, lifetime: Option<Duration>) -> Result<(), VipError> {
         let idx = self.ifindex(&vip.ifname).await?;
         let mut req = self.handle.address().add(idx, vip.addr, vip.prefix_len);
+        if let Some(l) = lifetime {
+            let secs = l.as_secs().clamp(1, u32::MAX as u64 - 1) as u32;
+            req = req.replace();
+            let mut info = CacheInfo::default();
+            info.ifa_preferred = secs;
+            info.ifa_valid = secs;
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::CacheInfo(info));
+        }
         match vip.addr {
             IpAddr::V4(_) => req
                 .message_mut()
@@ -204,7 +222,7 @@ impl VipManager {
         }
         match req.execute().await {
             Ok(()) => {
-                info!(addr = %vip.addr, ifname = %vip.ifname, "VIP added");
+                debug!(addr = %vip.addr, ifname = %vip.ifname, ?lifetime, "VIP added or refreshed");
                 Ok(())
             }
             Err(e) if netlink_errno(&e) == Some(libc::EEXIST) => {
@@ -966,6 +984,22 @@ mod tests {
         assert!(!in_ns(&p.b, move || Box::pin(async move {
             probe(&vb, Duration::from_millis(300)).await.unwrap()
         })));
+
+        // A VIP with a lifetime disappears by itself when nobody refreshes it (killed daemon).
+        let va = vip.clone();
+        in_ns(&p.a, move || {
+            Box::pin(async move {
+                let m = VipManager::new().unwrap();
+                m.add_for(&va, Some(Duration::from_secs(1))).await.unwrap();
+                m.add_for(&va, Some(Duration::from_secs(1))).await.unwrap();
+                assert!(m.is_local(&va).await.unwrap());
+                let t0 = Instant::now();
+                while m.is_local(&va).await.unwrap() {
+                    assert!(t0.elapsed() < Duration::from_secs(5), "VIP did not expire");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        });
     }
 
     #[test]

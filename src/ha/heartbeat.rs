@@ -257,6 +257,7 @@ pub async fn run_path(
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = [0u8; MAX_DATAGRAM + 1];
+    let mut warned: Option<bool> = None;
     loop {
         let mut send_now = false;
         tokio::select! {
@@ -285,6 +286,14 @@ pub async fn run_path(
                         peer_state = b.state;
                         peer_manual = b.manual;
                         peer_node = b.node;
+                    }
+                    Err(e @ (BeatError::Stale { .. } | BeatError::Mac)) => {
+                        // Configuration problems an operator must see (once per kind).
+                        let kind = matches!(e, BeatError::Mac);
+                        if warned != Some(kind) {
+                            warned = Some(kind);
+                            warn!(path = ?cfg.path, %from, "heartbeat dropped: {e} (check `secret` and the clocks of both hosts)");
+                        }
                     }
                     Err(e) => debug!(path = ?cfg.path, %from, "heartbeat dropped: {e}"),
                 },

@@ -245,12 +245,14 @@ pub fn render(ha: &serde_json::Value) -> String {
             ""
         },
     );
-    let _ = writeln!(
-        o,
-        "  last signal: {} ({} ms ago)",
-        s("last_signal"),
-        s("last_signal_age_ms")
-    );
+    if ha["last_signal"].as_str().is_some_and(|x| !x.is_empty()) {
+        let _ = writeln!(
+            o,
+            "  last signal: {} ({} ms ago)",
+            s("last_signal"),
+            s("last_signal_age_ms")
+        );
+    }
     let _ = writeln!(
         o,
         "  peer {}: replication link {}, management {}, witness {}",
@@ -349,6 +351,7 @@ pub async fn start(config: &Config, state: Arc<ServerState>) -> anyhow::Result<A
     let target = Arc::new(target::TargetControl::new(state.clone()));
     let alerts_sent = Arc::new(AtomicU64::new(0));
     let alerter = runtime::build_alerter(&ha);
+    alerter.set_manual(manual);
     let mut tasks = Vec::new();
 
     // Heartbeats: one task per path.
@@ -466,6 +469,7 @@ pub async fn start(config: &Config, state: Arc<ServerState>) -> anyhow::Result<A
         published,
         state_path,
         announcing: None,
+        keeping: None,
         counters: Counters::default(),
         peer_wait,
         started,

@@ -40,6 +40,8 @@ pub(super) struct Runtime {
     pub state_path: PathBuf,
     /// Cancels the gratuitous-ARP sender still running after a promotion.
     pub announcing: Option<CancellationToken>,
+    /// Cancels the task refreshing the VIPs' lifetime while primary.
+    pub keeping: Option<CancellationToken>,
     pub counters: Counters,
     /// How long a promotion waits for replication to notice that a silent peer is gone.
     pub peer_wait: Duration,
@@ -90,7 +92,7 @@ impl Runtime {
             }
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tick.tick() => {}
+                _ = tick.tick() => self.fencing_check(),
                 input = rx.recv() => match input {
                     Some(Input::Command(c, reply)) => deferred.push_back((c, reply)),
                     Some(other) => self.input(other, &mut follow_ups, &mut pending).await,
@@ -99,6 +101,44 @@ impl Runtime {
             }
         }
         self.teardown().await;
+    }
+
+    /// Fencing hook (`fencing = "suspend-io"`): replication freezes writes when it loses the
+    /// peer, because the peer might be promoting. When the heartbeats show the peer is alive and
+    /// secondary on some path, it is not, and the writes resume. A peer silent on every path
+    /// keeps the volume frozen (it may have promoted itself): an operator decides, with
+    /// `twinsan replication resume-io` (as DRBD's fence-peer handler would).
+    fn fencing_check(&self) {
+        let s = self.machine.status();
+        let peer_secondary = s.peer_replication == PeerState::Secondary
+            || (self.ha.management_listen.is_some() && s.peer_management == PeerState::Secondary);
+        if s.role != HostRole::Primary || !peer_secondary {
+            return;
+        }
+        for v in &self.state.volumes {
+            if v.status().suspended {
+                warn!(
+                    volume = v.name(),
+                    "replication lost the peer but the heartbeats show it secondary: resuming I/O"
+                );
+                v.resume_io();
+                let alert = twinsan_ha::alerts::Alert::new(
+                    twinsan_ha::alerts::Severity::Warning,
+                    "TWINSAN_IO_RESUMED",
+                    format!(
+                        "volume {}: replication link lost; the peer is secondary (heartbeats): I/O resumed without replication",
+                        v.name()
+                    ),
+                );
+                let alerter = self.alerter.clone();
+                let sent = self.alerts_sent.clone();
+                tokio::spawn(async move {
+                    if alerter.raise(&alert).await.decision == twinsan_ha::alerts::Decision::Send {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        }
     }
 
     fn alive(&self) {
@@ -190,7 +230,6 @@ impl Runtime {
         pending: &mut Option<Pending>,
     ) {
         debug!(?ev, "role event");
-        let before = self.machine.role();
         let actions = self.machine.handle(ev);
         // Tell the peer at once when we leave Secondary (before any promotion step runs) or
         // settle again.
@@ -210,10 +249,6 @@ impl Runtime {
                 follow_ups.push_back(ev);
             }
         }
-        let after = self.machine.role();
-        if before != after {
-            info!(from = ?before, to = ?after, "role changed");
-        }
         self.publish();
     }
 
@@ -232,6 +267,7 @@ impl Runtime {
         });
         let mut p = self.published.lock().unwrap_or_else(|e| e.into_inner());
         if p.status.role != role {
+            info!(from = ?p.status.role, to = ?role, "role changed");
             match role {
                 HostRole::Primary => self.counters.promotions += 1,
                 HostRole::Secondary if p.status.role == HostRole::Demoting => {
@@ -270,13 +306,22 @@ impl Runtime {
             },
             Action::AddVip => {
                 let m = self.vip_mgr.clone()?;
+                let lifetime = self.ha.vip_lifetime();
                 for v in &self.vips {
-                    if let Err(e) = m.add(v).await {
+                    if let Err(e) = m.add_for(v, lifetime).await {
                         error!(vip = %v.addr, interface = %v.ifname, "cannot add the VIP: {e}");
                         return Some(Event::PromoteStepFailed {
                             detail: format!("adding VIP {}: {e}", v.addr),
                         });
                     }
+                    info!(vip = %v.addr, interface = %v.ifname, ?lifetime, "VIP added");
+                }
+                if let Some(l) = lifetime {
+                    let stop = CancellationToken::new();
+                    if let Some(old) = self.keeping.replace(stop.clone()) {
+                        old.cancel();
+                    }
+                    tokio::spawn(keep_vips(m, self.vips.clone(), l, stop));
                 }
                 None
             }
@@ -302,6 +347,9 @@ impl Runtime {
             Action::RemoveVip => {
                 if let Some(a) = self.announcing.take() {
                     a.cancel();
+                }
+                if let Some(k) = self.keeping.take() {
+                    k.cancel();
                 }
                 if let Some(m) = self.vip_mgr.clone() {
                     for v in &self.vips {
@@ -370,7 +418,34 @@ impl Runtime {
     /// 100 ms) because the peer was already asked over the heartbeat paths and a long probe
     /// would add directly to the I/O pause of every switchover. A probe that cannot be sent
     /// counts as "in use": no promotion on a guess.
+    ///
+    /// When the peer is silent on every path, an answering VIP is most likely the address a
+    /// killed daemon left on the peer's interface: it expires after `vip_lifetime_secs`, so the
+    /// probe is repeated until then before giving up.
     async fn probe_vips(&self) -> bool {
+        let deadline = match self.ha.vip_lifetime() {
+            Some(l) if self.peer_unreachable_everywhere() => {
+                Instant::now() + l + Duration::from_secs(1)
+            }
+            _ => Instant::now(),
+        };
+        let mut logged = false;
+        loop {
+            if !self.probe_vips_once().await {
+                return false;
+            }
+            if Instant::now() >= deadline {
+                return true;
+            }
+            if !logged {
+                info!("the VIP still answers while the peer is silent: waiting for its lifetime to end");
+                logged = true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn probe_vips_once(&self) -> bool {
         let wait = Duration::from_millis(self.ha.vip_probe_wait_ms);
         let count = self.ha.vip_probe_count;
         let results = futures::future::join_all(self.vips.iter().map(|v| async move {
@@ -388,6 +463,12 @@ impl Runtime {
         }))
         .await;
         results.into_iter().any(|x| x)
+    }
+
+    fn peer_unreachable_everywhere(&self) -> bool {
+        let s = self.machine.status();
+        s.peer_replication == PeerState::Unreachable
+            && (self.ha.management_listen.is_none() || s.peer_management == PeerState::Unreachable)
     }
 
     fn peer_not_primary(&self) -> bool {
@@ -447,11 +528,19 @@ impl Runtime {
         }
     }
 
-    /// Planned stop: VIP, portals and sessions go; the volumes are shut down by the server.
+    /// Planned stop: portals and sessions go (while the VIP is still here, so initiators see
+    /// the connections close), then the VIP; the volumes are shut down by the server.
     async fn teardown(&mut self) {
-        info!("HA role loop stopping: removing VIP and stopping the target");
+        info!("HA role loop stopping: stopping the target and removing the VIP");
         if let Some(a) = self.announcing.take() {
             a.cancel();
+        }
+        self.target
+            .drain(Duration::from_millis(self.ha.drain_timeout_ms))
+            .await;
+        self.target.stop().await;
+        if let Some(k) = self.keeping.take() {
+            k.cancel();
         }
         if let Some(m) = self.vip_mgr.clone() {
             for v in &self.vips {
@@ -460,10 +549,27 @@ impl Runtime {
                 }
             }
         }
-        self.target
-            .drain(Duration::from_millis(self.ha.drain_timeout_ms))
-            .await;
-        self.target.stop().await;
+    }
+}
+
+/// Refreshes the VIPs' lifetime every second (at most a third of it) until `stop`.
+async fn keep_vips(
+    m: Arc<VipManager>,
+    vips: Vec<Vip>,
+    lifetime: Duration,
+    stop: CancellationToken,
+) {
+    let period = (lifetime / 3).min(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        for v in &vips {
+            if let Err(e) = m.add_for(v, Some(lifetime)).await {
+                warn!(vip = %v.addr, "cannot refresh the VIP's lifetime: {e}");
+            }
+        }
     }
 }
 
@@ -497,11 +603,7 @@ pub(super) fn build_alerter(ha: &HaConfig) -> Arc<Alerter> {
         helo_name: ha.node.clone(),
         timeout: Duration::from_secs(30),
     });
-    let alerter = Alerter::new(filter, smtp, ha.node.clone());
-    if ha.source == "manual" {
-        alerter.set_manual(true);
-    }
-    alerter
+    Alerter::new(filter, smtp, ha.node.clone())
 }
 
 /// Feeds pool.conf values (inotify, immediate) to the role loop.

@@ -118,18 +118,26 @@ impl TargetControl {
     }
 
     /// Drops every session (their connections close) and waits briefly until they are gone.
+    /// A connection accepted just before the portals closed may still finish its login: the
+    /// sessions are cancelled again for a while so that such a late one goes too.
     pub async fn stop(&self) -> usize {
         self.stop_listening().await;
-        let sessions = self.state.sessions.list();
-        let n = sessions.len();
-        for s in &sessions {
-            s.shutdown.cancel();
-        }
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while self.state.sessions.count() > 0 && Instant::now() < deadline {
+        let started = Instant::now();
+        let mut dropped = std::collections::HashSet::new();
+        loop {
+            for s in self.state.sessions.list() {
+                s.shutdown.cancel();
+                dropped.insert(s.tsih);
+            }
+            let elapsed = started.elapsed();
+            let empty = self.state.sessions.count() == 0;
+            if (empty && elapsed >= Duration::from_millis(20)) || elapsed >= Duration::from_secs(1)
+            {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        info!(sessions = n, "target stopped");
-        n
+        info!(sessions = dropped.len(), "target stopped");
+        dropped.len()
     }
 }
