@@ -900,7 +900,8 @@ impl ResumeReport {
 
 /// Writes tagged blocks to the VIP from the client namespace for `total`, logging in again
 /// whenever the connection is lost (at most `reconnect_limit` of trying each time), as an
-/// initiator with a replacement timeout does. Round `k` tags its writes with iteration
+/// initiator with a replacement timeout does (each login attempt gives up after 250 ms, so the
+/// measured pause is not rounded up to a long connect timeout). Round `k` tags its writes with iteration
 /// `opts.iteration + k`, so sequence numbers grow across rounds.
 pub fn spawn_resuming_writer(
     client: &Netns,
@@ -925,7 +926,7 @@ pub fn spawn_resuming_writer(
                 break;
             }
             let try_from = lost_at.unwrap_or_else(Instant::now);
-            let mut w = match TagWriter::connect_at(vip_portal(), Duration::from_secs(1)) {
+            let mut w = match TagWriter::connect_at(vip_portal(), Duration::from_millis(250)) {
                 Ok(w) => w,
                 Err(e) => {
                     if try_from.elapsed() > reconnect_limit {
