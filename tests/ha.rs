@@ -1043,7 +1043,10 @@ fn ha_switchover_benchmark() {
          (A, B, client on a bridge; direct replication link), 64 MiB replicated LUN; the client writes tagged 4 KiB blocks at queue \
          depth 8 to the VIP and logs in again when its connection drops. \"I/O pause\" is the longest time without an acknowledged \
          write; \"serving\" is the time from the operator command / pool master change until an iSCSI login through the VIP \
-         reaches the new host (VIP only on it).\n\n",
+         reaches the new host (VIP only on it). The serving times are upper bounds: each poll round runs `ip addr` in both \
+         host namespaces and a login from the client, which takes tens to hundreds of ms on a loaded machine; the client's \
+         pause is the precise measure. The writer gives up a connection that answers nothing for 5 s with commands \
+         outstanding (open-iscsi's default NOP-Out timeout) and retries logins every 250 ms.\n\n",
         std::env::var("HA_BENCH_NOTE").unwrap_or_else(|_| "2-core shared VM".into())
     ));
     md.push_str("| measurement | goal | min ms | median ms | mean ms | max ms |\n|---|---|---|---|---|---|\n");
