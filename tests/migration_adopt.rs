@@ -715,22 +715,35 @@ fn adopted_in_sync_hosts_connect_without_resync_and_hand_back() {
     assert_eq!(ra["version"], "v09");
     assert_eq!(rb["version"], "v08");
     assert_eq!(ra["bits_set"], 0);
-    p.start();
+    // Both start as Secondary (as after `drbdadm down` on both): the handshake finds equal
+    // current UUIDs and connects without a resync; then A is promoted while connected, so
+    // no new data generation starts either.
+    p.a.start("secondary");
+    p.b.start("secondary");
     let (a, b) = p.wait_in_sync(SYNC);
     eprintln!("A: {}\nB: {}", a.brief(), b.brief());
-    assert_eq!(
-        a.resync_sent_bytes + a.resync_received_bytes,
-        0,
-        "{}",
-        a.brief()
+    for v in [&a, &b] {
+        assert_eq!(
+            v.resync_sent_bytes + v.resync_received_bytes,
+            0,
+            "{}",
+            v.brief()
+        );
+        assert!(v.resync.is_none(), "{}", v.brief());
+        assert_eq!(v.current_uuid & !1, base.current, "{}", v.brief());
+    }
+    assert!(
+        !p.a.log_text().contains("resync of") && !p.b.log_text().contains("resync of"),
+        "a resync was started"
     );
-    assert_eq!(
-        b.resync_sent_bytes + b.resync_received_bytes,
-        0,
-        "{}",
-        b.brief()
-    );
+    p.a.act_ok("primary", &[]);
+    let (a, _) = p.wait_in_sync(SYNC);
+    assert_eq!(a.role, "Primary");
     assert_eq!(a.current_uuid & !1, base.current);
+    assert_eq!(a.resync_sent_bytes, 0);
+    // `drbdadm secondary` then `down` on both: a primary that loses its peer would start a
+    // new data generation, as DRBD does.
+    p.a.act_ok("secondary", &[]);
     p.stop_both();
     p.assert_identical();
     assert_eq!(sha_range(&p.a.image, 0, p.size_bytes), hashes.0);
@@ -827,6 +840,9 @@ fn host_with_n_bits_set_resyncs_exactly_those_blocks() {
     assert_eq!(a.resync_sent_bytes, n * 4096, "{}", a.brief());
     assert_eq!(b.resync_received_bytes, n * 4096, "{}", b.brief());
     assert_eq!(a.resync_received_bytes + b.resync_sent_bytes, 0);
+    // `drbdadm secondary` then `down` on both: a primary that loses its peer would start a
+    // new data generation, as DRBD does.
+    p.a.act_ok("secondary", &[]);
     p.stop_both();
     p.assert_identical();
     // Back to DRBD: both in the same generation, nothing out of sync.
@@ -882,8 +898,7 @@ fn drbd_to_twinsan_to_drbd_keeps_data_and_bitmap() {
     assert_eq!(get_gi("v08", &p.a.image, "internal"), gi_before);
     assert_eq!(sha_range(&p.a.image, 0, p.size_bytes), data_before);
 
-    // Primary without a peer, writing: like DRBD it starts a new generation (the old
-    // current UUID becomes the bitmap UUID) and the written blocks join the bitmap.
+    // Primary without a peer, writing: the written blocks join the bitmap.
     p.a.start("primary");
     p.a.wait("volume up", SYNC, |v| v.role == "Primary");
     let written: Vec<u64> = vec![3, 1000, 1001, 5000];
@@ -897,10 +912,16 @@ fn drbd_to_twinsan_to_drbd_keeps_data_and_bitmap() {
     let mut expect: BTreeSet<u64> = r.bits.clone();
     expect.extend(written.iter().copied());
     assert_eq!(dump_num(&dump, "bits-set"), expect.len() as u64, "{dump}");
+    // A bitmap UUID was already set, so (DRBD's drbd_uuid_new_current rule) the generation
+    // stays; the UUIDs DRBD reads back are the ones twinsan showed.
+    assert_eq!((v.current_uuid & !1, v.bitmap_uuid), (r.current, r.bitmap));
     let gi = get_gi("v08", &p.a.image, "internal");
     assert_eq!(
-        &gi[..33],
-        &format!("{:016X}:{:016X}", v.current_uuid & !1, r.current),
+        &gi[..67],
+        &format!(
+            "{:016X}:{:016X}:{:016X}:{:016X}",
+            r.current, r.bitmap, r.history[0], r.history[1]
+        ),
         "{gi}"
     );
     let show = must(
