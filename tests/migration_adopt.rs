@@ -132,6 +132,8 @@ struct Restore {
     device_uuid: u64,
     /// Out-of-sync bits (4 KiB blocks).
     bits: BTreeSet<u64>,
+    /// v09: the peer slot (peer node id) holding the bitmap UUID, and its bitmap index.
+    peer: (usize, i32),
 }
 
 impl Restore {
@@ -148,8 +150,8 @@ impl Restore {
                 self.current, self.flags
             );
             for p in 0..32 {
-                let (idx, bm, fl) = if p == 0 {
-                    (0, self.bitmap, 0x11)
+                let (idx, bm, fl) = if p == self.peer.0 {
+                    (self.peer.1, self.bitmap, 0x11)
                 } else {
                     (-1, 0, 0)
                 };
@@ -398,6 +400,7 @@ fn report_case(c: &Case) {
         la_size: usable,
         device_uuid: 0xDE1C_E000_0000_0042,
         bits: bits.clone(),
+        peer: (0, 0),
     };
     r.restore(&meta_file, c.layout);
     let layout = match c.layout {
@@ -593,6 +596,7 @@ fn adopt_refusals_change_nothing() {
         la_size: 64 * MIB / 512,
         device_uuid: 1,
         bits: BTreeSet::new(),
+        peer: (0, 0),
     }
     .restore(&meta, "flex-external");
     let cfg = host_config(
@@ -618,6 +622,7 @@ fn adopt_refusals_change_nothing() {
         la_size: usable,
         device_uuid: 1,
         bits: BTreeSet::new(),
+        peer: (0, 0),
     }
     .restore(&d, "internal");
     let cfg = host_config(&dir.join("c3"), &d, "internal", "secondary", Some(32 * MIB));
@@ -695,6 +700,7 @@ fn adopted_in_sync_hosts_connect_without_resync_and_hand_back() {
         la_size: usable,
         device_uuid: 0x1,
         bits: BTreeSet::new(),
+        peer: (0, 0),
     };
     drbd_host(&p.a.image, &base);
     drbd_host(
@@ -810,6 +816,7 @@ fn host_with_n_bits_set_resyncs_exactly_those_blocks() {
             la_size: usable,
             device_uuid: 0xA,
             bits: blocks.clone(),
+            peer: (0, 0),
         },
     );
     drbd_host(
@@ -823,6 +830,7 @@ fn host_with_n_bits_set_resyncs_exactly_those_blocks() {
             la_size: usable,
             device_uuid: 0xB,
             bits: BTreeSet::new(),
+            peer: (0, 0),
         },
     );
     let ra = adopt_json(&p.a.config, &[]);
@@ -877,6 +885,7 @@ fn drbd_to_twinsan_to_drbd_keeps_data_and_bitmap() {
         la_size: usable,
         device_uuid: 0x4A4D,
         bits,
+        peer: (0, 0),
     };
     drbd_host(&p.a.image, &r);
     let dump_before = dump_body("v08", &p.a.image, "internal");
@@ -941,4 +950,89 @@ fn drbd_to_twinsan_to_drbd_keeps_data_and_bitmap() {
         "blocks other than the written ones changed: {changed:?}"
     );
     assert_eq!(changed.len(), written.len(), "the writes must have landed");
+}
+
+/// v09 -> v08 in place. Case 1: the peer owns bitmap index 0 (what DRBD 9 writes).
+/// Case 2: the bitmap UUID sits in peer slot 1 without a bitmap index (as `drbdmeta
+/// set-gi --node-id=1` leaves it), where drbdmeta's own conversion drops it.
+fn convert_case(peer: (usize, i32)) {
+    let (_t, dir) = scratch(&format!("convert-{}", peer.0));
+    let img = dir.join("disk.img");
+    sparse(&img, 32 * MIB);
+    let usable = internal_usable_sectors(32 * MIB, 1, AlGeometry::default());
+    scribble(&img, usable * 512, 200, 41);
+    let data_hash = sha_range(&img, 0, usable * 512);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xC0);
+    let bits: BTreeSet<u64> = (0..29).map(|_| rng.gen_range(0..usable / 8)).collect();
+    let r = Restore {
+        version: "v09",
+        current: 0xC0DE_0000_0000_0010,
+        bitmap: 0xC0DE_0000_0000_0020,
+        history: [0xC0DE_0000_0000_0030, 0xC0DE_0000_0000_0040],
+        flags: (MdFlags::CONSISTENT | MdFlags::WAS_UP_TO_DATE | MdFlags::AL_CLEAN).bits(),
+        la_size: usable,
+        device_uuid: 0xC0DE,
+        bits: bits.clone(),
+        peer,
+    };
+    create_md("v09", &img, "internal", 1);
+    r.restore(&img, "internal");
+
+    // For comparison, drbdmeta's own conversion (create-md v08 over v09) on a copy.
+    let copy = dir.join("drbdmeta-converted.img");
+    sparse_copy(&img, &copy);
+    must(
+        drbdmeta(&[], "v08", &copy, "internal", &["create-md"]),
+        "create-md (convert)",
+    );
+    let theirs = get_gi("v08", &copy, "internal");
+    eprintln!("peer slot {peer:?}: drbdmeta's own v09 -> v08 conversion: get-gi {theirs}");
+
+    let cfg = host_config(&dir.join("cfg"), &img, "internal", "secondary", None);
+    let before = sha_file(&img);
+    let dry = adopt_json(&cfg, &["--dry-run", "--convert-to-v08"]);
+    assert_eq!(sha_file(&img), before, "dry run wrote");
+    let rep = adopt_json(&cfg, &["--convert-to-v08"]);
+    // UUIDs kept, bitmap UUID included; consistent, up-to-date and the peer slot's
+    // "connected" become the v08 flags (drbdmeta maps them the same way).
+    let expect_gi = format!(
+        "{:016X}:{:016X}:{:016X}:{:016X}:1:1:0:1:0:0:0",
+        r.current, r.bitmap, r.history[0], r.history[1],
+    );
+    if peer == (0, 0) {
+        assert_eq!(theirs, expect_gi, "same result as drbdmeta's conversion");
+    }
+    for j in [&dry, &rep] {
+        assert_eq!(j["version_found"], "v09");
+        assert_eq!(j["version"], "v08");
+        assert_eq!(j["get_gi"].as_str().unwrap(), expect_gi, "{j}");
+        assert_eq!(j["bits_set"].as_u64().unwrap(), bits.len() as u64);
+    }
+    // DRBD 8.4's tools read the converted metadata: same UUIDs, flags, size and bitmap;
+    // the data did not change.
+    assert_eq!(get_gi("v08", &img, "internal"), expect_gi);
+    let dump = dump_body("v08", &img, "internal");
+    assert_eq!(dump_num(&dump, "bits-set"), bits.len() as u64);
+    assert_eq!(dump_num(&dump, "la-size-sect"), usable);
+    assert_eq!(dump_num(&dump, "device-uuid"), 0xC0DE);
+    let show = must(
+        drbdmeta(&[], "v08", &img, "internal", &["show-gi"]),
+        "show-gi",
+    );
+    assert!(
+        show.stdout.contains("UpToDate") && show.stdout.contains("meta-data: clean"),
+        "{}",
+        show.stdout
+    );
+    assert!(
+        !drbdmeta(&node_opt("v09"), "v09", &img, "internal", &["get-gi"]).ok,
+        "still v09"
+    );
+    assert_eq!(sha_range(&img, 0, usable * 512), data_hash);
+}
+
+#[test]
+fn convert_to_v08_keeps_the_bitmap_uuid() {
+    convert_case((0, 0));
+    convert_case((1, -1));
 }
