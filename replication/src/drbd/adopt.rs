@@ -859,3 +859,257 @@ impl std::fmt::Display for AdoptReport {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drbd::uuid::GenerationUuids;
+    use sha2::Digest;
+    use std::os::unix::fs::FileExt;
+
+    const MIB: u64 = 1 << 20;
+
+    fn file(dir: &Path, name: &str, size: u64) -> PathBuf {
+        let p = dir.join(name);
+        File::create(&p).unwrap().set_len(size).unwrap();
+        p
+    }
+
+    fn digest(p: &Path) -> Vec<u8> {
+        sha2::Sha256::digest(std::fs::read(p).unwrap()).to_vec()
+    }
+
+    fn target(meta: &Path, layout: Layout, data: &Path) -> AdoptTarget {
+        AdoptTarget {
+            meta_path: meta.to_owned(),
+            layout,
+            data_path: data.to_owned(),
+            configured_size: None,
+            want_primary: false,
+        }
+    }
+
+    /// Internal v08 metadata with UUIDs, `bits` out-of-sync blocks and UpToDate flags.
+    fn drbd_like(path: &Path, version: MdVersion, bits: u64) -> GenerationUuids {
+        let mut md = Metadata::create(path, Layout::Internal, 0, version).unwrap();
+        let s = md.data_sectors();
+        md.set_effective_size(s).unwrap();
+        let u = GenerationUuids::new(0xAAAA_0000_0000_0010, 0xBBBB_0000_0000_0020, [0xC0, 0xD0]);
+        md.set_uuids(&u).unwrap();
+        md.set_flags(MdFlags::CONSISTENT | MdFlags::WAS_UP_TO_DATE | MdFlags::AL_CLEAN);
+        md.bitmap_mut().set_bits(100, 100 + bits).unwrap();
+        md.flush().unwrap();
+        u
+    }
+
+    #[test]
+    fn clean_metadata_is_used_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = file(dir.path(), "d", 16 * MIB);
+        File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .write_all_at(&[0x5A; 8192], 4096)
+            .unwrap();
+        let u = drbd_like(&p, MdVersion::V08, 7);
+        let before = digest(&p);
+        for dry_run in [true, false] {
+            let r = adopt(
+                &target(&p, Layout::Internal, &p),
+                AdoptOptions {
+                    dry_run,
+                    convert_to_v08: false,
+                },
+            )
+            .unwrap();
+            assert_eq!(r.bits_set, 7);
+            assert_eq!((r.current_uuid, r.bitmap_uuid), (u.current, u.bitmap));
+            assert_eq!(r.disk_state, "UpToDate");
+            assert!(r.changes.is_empty(), "{:?}", r.changes);
+            assert_eq!(
+                r.get_gi,
+                "AAAA000000000010:BBBB000000000020:00000000000000C0:00000000000000D0:1:1:0:0:0:0:0"
+            );
+            assert!(r.to_string().contains("bits-set 7"));
+        }
+        assert_eq!(digest(&p), before, "nothing may be written");
+    }
+
+    #[test]
+    fn unclean_primary_gets_its_activity_log_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = file(dir.path(), "d", 32 * MIB);
+        drbd_like(&p, MdVersion::V09, 3);
+        let mut md = Metadata::open(&p, Layout::Internal).unwrap();
+        md.mark_unclean(true).unwrap();
+        let mut al = md.new_activity_log(61).unwrap();
+        for e in [2u32, 5] {
+            if let Some(w) = al.activate(e).unwrap() {
+                md.write_al(&w).unwrap();
+            }
+        }
+        drop(md);
+        let before = digest(&p);
+        let t = target(&p, Layout::Internal, &p);
+        let dry = adopt(
+            &t,
+            AdoptOptions {
+                dry_run: true,
+                convert_to_v08: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(digest(&p), before, "dry run wrote");
+        assert_eq!(dry.state_found, "unclean");
+        assert_eq!(dry.al_hot_extents, vec![2, 5]);
+        assert_eq!(dry.bits_set, 3 + 2 * 1024);
+        let r = adopt(&t, AdoptOptions::default()).unwrap();
+        assert_eq!(r.bits_set, dry.bits_set);
+        assert_eq!(r.get_gi, dry.get_gi);
+        let md = Metadata::open(&p, Layout::Internal).unwrap();
+        assert_eq!(md.state(), MetaState::Clean);
+        assert_eq!(md.bitmap().count(), 3 + 2048);
+        assert!(md.flags().contains(MdFlags::PRIMARY_IND), "flags are kept");
+        assert!(r.warnings.iter().any(|w| w.contains("crashed primary")));
+    }
+
+    #[test]
+    fn full_sync_flag_sets_every_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = file(dir.path(), "d", 16 * MIB);
+        drbd_like(&p, MdVersion::V08, 1);
+        let mut md = Metadata::open(&p, Layout::Internal).unwrap();
+        let mut f = md.flags();
+        f.insert(MdFlags::FULL_SYNC);
+        md.set_flags(f);
+        md.flush().unwrap();
+        let bits = md.bitmap().bits();
+        drop(md);
+        let r = adopt(&target(&p, Layout::Internal, &p), AdoptOptions::default()).unwrap();
+        assert_eq!(r.bits_set, bits);
+        let md = Metadata::open(&p, Layout::Internal).unwrap();
+        assert!(!md.flags().contains(MdFlags::FULL_SYNC));
+        assert_eq!(md.bitmap().count(), bits);
+    }
+
+    fn refused(t: &AdoptTarget, files: &[&Path]) -> AdoptError {
+        let before: Vec<_> = files.iter().map(|f| digest(f)).collect();
+        let e = adopt(t, AdoptOptions::default()).unwrap_err();
+        assert!(e.is_refusal(), "{e}");
+        let after: Vec<_> = files.iter().map(|f| digest(f)).collect();
+        assert_eq!(before, after, "refusal wrote: {e}");
+        e
+    }
+
+    #[test]
+    fn refusals_explain_and_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+
+        // Flexible external metadata where internal is configured: says what is there.
+        let m = file(d, "m", 4 * MIB);
+        Metadata::create(&m, Layout::FlexExternal, 8 * MIB, MdVersion::V08).unwrap();
+        let e = refused(&target(&m, Layout::Internal, &m), &[&m]);
+        assert!(matches!(e, AdoptError::NoMetadata { .. }), "{e}");
+        assert!(e.to_string().contains("flexible external"), "{e}");
+
+        // v09 with two bitmap slots (flexible external: the size does not depend on it).
+        let m2 = file(d, "m2", 4 * MIB);
+        let data = file(d, "data", 8 * MIB);
+        Metadata::create(&m2, Layout::FlexExternal, 8 * MIB, MdVersion::V09).unwrap();
+        File::options()
+            .write(true)
+            .open(&m2)
+            .unwrap()
+            .write_all_at(&2u32.to_be_bytes(), 88)
+            .unwrap();
+        let e = refused(&target(&m2, Layout::FlexExternal, &data), &[&m2, &data]);
+        assert!(
+            matches!(e, AdoptError::TooManyPeerSlots { max_peers: 2 }),
+            "{e}"
+        );
+
+        // The data device shrank below DRBD's size.
+        let m3 = file(d, "m3", 4 * MIB);
+        let mut md = Metadata::create(&m3, Layout::FlexExternal, 8 * MIB, MdVersion::V08).unwrap();
+        md.set_effective_size(8 * MIB / 512).unwrap();
+        md.set_uuids(&GenerationUuids::new(0x10, 0, [0, 0]))
+            .unwrap();
+        md.flush().unwrap();
+        let small = file(d, "small", 4 * MIB);
+        let e = refused(&target(&m3, Layout::FlexExternal, &small), &[&m3, &small]);
+        assert!(matches!(e, AdoptError::DataAreaTooSmall { .. }), "{e}");
+
+        // A current UUID of 0.
+        let mut md = Metadata::open_with_data_size(&m3, Layout::FlexExternal, 8 * MIB).unwrap();
+        md.set_uuids(&GenerationUuids::new(0, 0, [0, 0])).unwrap();
+        md.flush().unwrap();
+        let e = refused(&target(&m3, Layout::FlexExternal, &data), &[&m3, &data]);
+        assert!(matches!(e, AdoptError::BadUuids(_)), "{e}");
+
+        // Inconsistent, configured primary.
+        let p = file(d, "inc", 16 * MIB);
+        Metadata::create(&p, Layout::Internal, 0, MdVersion::V08).unwrap();
+        let mut t = target(&p, Layout::Internal, &p);
+        t.want_primary = true;
+        let e = refused(&t, &[&p]);
+        assert!(matches!(e, AdoptError::NotUpToDateForPrimary { .. }), "{e}");
+
+        // External metadata on the data file itself.
+        let e = refused(&target(&m, Layout::FlexExternal, &m), &[&m]);
+        assert!(matches!(e, AdoptError::Overlap { .. }), "{e}");
+    }
+
+    #[test]
+    fn v09_to_v08_keeps_the_bitmap_uuid() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = file(dir.path(), "d", 16 * MIB);
+        let u = drbd_like(&p, MdVersion::V09, 5);
+        let r = adopt(
+            &target(&p, Layout::Internal, &p),
+            AdoptOptions {
+                dry_run: false,
+                convert_to_v08: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (r.version_found.as_str(), r.version.as_str()),
+            ("v09", "v08")
+        );
+        let md = Metadata::open(&p, Layout::Internal).unwrap();
+        assert_eq!(md.version(), MdVersion::V08);
+        assert_eq!(md.uuids(), u);
+        assert_eq!(md.bitmap().count(), 5);
+        assert_eq!(md.state(), MetaState::Clean);
+    }
+
+    #[test]
+    fn get_gi_matches_drbdmeta_columns() {
+        // Lines printed by drbdmeta 9.22 get-gi for these values.
+        let f = MdFlags(0x151);
+        assert_eq!(
+            get_gi_line(
+                MdVersion::V09,
+                0xAAAA_0000_0000_0000,
+                0xBBBB_0000_0000_0000,
+                &[0xCCCC_0000_0000_0000, 0xDDDD_0000_0000_0000],
+                f,
+                PeerFlags::empty()
+            ),
+            "AAAA000000000000:BBBB000000000000:CCCC000000000000:DDDD000000000000:1:1:0:1:0:1:0:0:0:0:0:0"
+        );
+        assert_eq!(
+            get_gi_line(
+                MdVersion::V08,
+                0xAAAA_0000_0000_0000,
+                0xBBBB_0000_0000_0000,
+                &[0xCCCC_0000_0000_0000, 0xDDDD_0000_0000_0000],
+                MdFlags(0x41 | 0x10),
+                PeerFlags::empty()
+            ),
+            "AAAA000000000000:BBBB000000000000:CCCC000000000000:DDDD000000000000:1:1:0:0:0:0:1"
+        );
+    }
+}
