@@ -165,7 +165,8 @@ fn main() -> anyhow::Result<()> {
                     dry_run,
                     convert_to_v08,
                 };
-                let report = twinsan::adopt::adopt_volume(lun, opts)?;
+                let report =
+                    twinsan::adopt::adopt_volume(lun, &c.server.control_socket_path(), opts)?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {

@@ -898,6 +898,13 @@ fn drbd_to_twinsan_to_drbd_keeps_data_and_bitmap() {
     adopt_json(&p.a.config, &[]);
     p.a.start("secondary");
     p.a.wait("volume up", SYNC, |v| v.connection == "Connecting");
+    // Adopting under a running daemon is refused.
+    let o = adopt_cmd(&p.a.config, &[]);
+    assert!(
+        !o.status.success() && text(&o).contains("daemon is running"),
+        "{}",
+        text(&o)
+    );
     let v = p.a.vol();
     assert_eq!(v.out_of_sync_bytes, r.bits.len() as u64 * 4096);
     assert_eq!(v.current_uuid, r.current);
