@@ -425,7 +425,7 @@ fn report_case(c: &Case) {
         hot.sort_unstable();
     }
     let limit = usable * 512;
-    scribble(&data, limit, 300, 7);
+    scribble(&data, limit, 24, 7);
     let data_hash = sha_range(&data, 0, usable * 512);
     // drbdmeta's view, from a copy after its own apply-al.
     let oracle = dir.join("oracle.img");
@@ -967,7 +967,7 @@ fn convert_case(peer: (usize, i32)) {
     let img = dir.join("disk.img");
     sparse(&img, 32 * MIB);
     let usable = internal_usable_sectors(32 * MIB, 1, AlGeometry::default());
-    scribble(&img, usable * 512, 200, 41);
+    scribble(&img, usable * 512, 24, 41);
     let data_hash = sha_range(&img, 0, usable * 512);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xC0);
     let bits: BTreeSet<u64> = (0..29).map(|_| rng.gen_range(0..usable / 8)).collect();
