@@ -10,7 +10,9 @@
 //!   metadata overlapping the data, Inconsistent disk configured primary) exit non-zero,
 //!   explain, and leave every byte of metadata and data as it was (SHA-256 before/after).
 //! * Two hosts adopted from in-sync DRBD metadata connect with zero resync bytes; with N
-//!   bits set on one host exactly N * 4096 bytes move (status JSON counters).
+//!   bits set on one host exactly N * 4096 bytes move (status JSON counters), also when the
+//!   N bits come from replaying a crashed DRBD primary's activity log.
+//! * `--convert-to-v08` keeps the bitmap UUID, where drbdmeta's own conversion can drop it.
 //! * Hand back: after a clean stop drbdmeta reads the metadata (dump-md, show-gi) with the
 //!   right UUIDs and flags; DRBD -> twinsan -> DRBD keeps data and bitmap.
 
@@ -1042,4 +1044,72 @@ fn convert_case(peer: (usize, i32)) {
 fn convert_to_v08_keeps_the_bitmap_uuid() {
     convert_case((0, 0));
     convert_case((1, -1));
+}
+
+/// A DRBD primary crashed while connected (same generation on both, its metadata unclean
+/// with an activity log): adopt replays the log like `drbdmeta apply-al`, twinsan treats the
+/// node as a crashed primary (as DRBD's attach does), and exactly the replayed extents plus
+/// the bitmap's own bits move to the peer.
+#[test]
+fn crashed_drbd_primary_resyncs_its_activity_log_extents() {
+    let mut p = Pair::new(PairSpec {
+        image_bytes: 64 * MIB,
+        init: Init::Prepared,
+        ..PairSpec::default()
+    });
+    let usable = usable_64m();
+    p.size_bytes = usable * 512;
+    scribble(&p.a.image, p.size_bytes, 40, 51);
+    fs::copy(&p.a.image, &p.b.image).unwrap();
+    let bits: BTreeSet<u64> = [7u64, 4000, 4001, 9000, 15000].into_iter().collect();
+    let base = Restore {
+        version: "v08",
+        current: 0xC4A5_0000_0000_1000,
+        bitmap: 0,
+        history: [0xC4A5_0000_0000_0100, 0],
+        flags: (MdFlags::CONSISTENT | MdFlags::WAS_UP_TO_DATE | MdFlags::PRIMARY_IND).bits(),
+        la_size: usable,
+        device_uuid: 0xC4,
+        bits: bits.clone(),
+        peer: (0, 0),
+    };
+    drbd_host(&p.a.image, &base);
+    let mut md = Metadata::open(&p.a.image, Layout::Internal).unwrap();
+    let mut al = md.new_activity_log(61).unwrap();
+    for e in [1u32, 3] {
+        if let Some(w) = al.activate(e).unwrap() {
+            md.write_al(&w).unwrap();
+        }
+    }
+    drop(md);
+    drbd_host(
+        &p.b.image,
+        &Restore {
+            flags: (MdFlags::CONSISTENT | MdFlags::WAS_UP_TO_DATE | MdFlags::AL_CLEAN).bits(),
+            bits: BTreeSet::new(),
+            device_uuid: 0xC5,
+            ..base.clone()
+        },
+    );
+    let ra = adopt_json(&p.a.config, &[]);
+    assert_eq!(ra["state_found"], "unclean");
+    assert_eq!(ra["al_hot_extents"], serde_json::json!([1, 3]));
+    let in_al = bits
+        .iter()
+        .filter(|b| (1024..2048).contains(*b) || (3072..4096).contains(*b))
+        .count() as u64;
+    let n = bits.len() as u64 + 2048 - in_al;
+    assert_eq!(ra["bits_set"].as_u64().unwrap(), n, "{ra}");
+    adopt_json(&p.b.config, &[]);
+    p.a.start("secondary");
+    p.b.start("secondary");
+    let (a, b) = p.wait_in_sync(SYNC);
+    eprintln!(
+        "crashed primary with {n} bits after the AL replay: A resync sent {} bytes, B received {}",
+        a.resync_sent_bytes, b.resync_received_bytes
+    );
+    assert_eq!(a.resync_sent_bytes, n * 4096, "{}", a.brief());
+    assert_eq!(b.resync_received_bytes, n * 4096, "{}", b.brief());
+    p.stop_both();
+    p.assert_identical();
 }
