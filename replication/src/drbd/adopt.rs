@@ -625,9 +625,13 @@ pub fn adopt(target: &AdoptTarget, opts: AdoptOptions) -> Result<AdoptReport, Ad
             }
             Err(e) => return Err(e.into()),
         }
-        changes.push(
-            "metadata marked clean (AL_CLEAN, v08 clean magic), activity log re-initialised".into(),
-        );
+        changes.push(format!(
+            "metadata marked clean ({}), activity log re-initialised",
+            match sb.version {
+                MdVersion::V08 => "AL_CLEAN and the v08 clean magic",
+                MdVersion::V09 => "AL_CLEAN",
+            }
+        ));
     }
     let mut flags = flags_found;
     flags.insert(MdFlags::AL_CLEAN);
@@ -813,9 +817,17 @@ impl std::fmt::Display for AdoptReport {
         )?;
         writeln!(f, "  current-uuid 0x{:016X};", self.current_uuid)?;
         writeln!(f, "  bitmap-uuid 0x{:016X};", self.bitmap_uuid)?;
+        // All 32 v09 entries are in the JSON; the text stops after the last non-zero one.
+        let used = self
+            .history_uuids
+            .iter()
+            .rposition(|&h| h != 0)
+            .map_or(0, |p| p + 1)
+            .max(2);
         let hist: Vec<String> = self
             .history_uuids
             .iter()
+            .take(used)
             .map(|h| format!("0x{h:016X}"))
             .collect();
         writeln!(f, "  history-uuids {};", hist.join(" "))?;
