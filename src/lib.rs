@@ -3,6 +3,7 @@
 //! This crate is the iSCSI target: the iSCSI protocol (`iscsi`), SCSI command handling
 //! (`scsi`), block stores over io_uring (`store`), configuration and the server.
 
+pub mod adopt;
 pub mod config;
 pub mod control;
 pub mod ha;

@@ -41,7 +41,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Replicated volumes: `create-md` (daemon stopped) or an action on the running daemon:
+    /// Replicated volumes: `create-md` or `adopt` (existing DRBD metadata; daemon stopped),
+    /// or an action on the running daemon:
     /// primary, secondary, verify, discard-my-data, invalidate, connect, disconnect, resume-io.
     Replication {
         action: String,
@@ -59,6 +60,15 @@ enum Command {
         /// primary: promote even if the local disk is not UpToDate.
         #[arg(long)]
         force: bool,
+        /// adopt: check and report only, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// adopt: rewrite v09 metadata as v08 (the bitmap UUID is kept).
+        #[arg(long)]
+        convert_to_v08: bool,
+        /// adopt: print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Validate a configuration file and print what it defines.
     CheckConfig {
@@ -162,6 +172,9 @@ fn main() -> anyhow::Result<()> {
             initial_sync,
             skip_token,
             force,
+            dry_run,
+            convert_to_v08,
+            json,
         } => {
             let c = Config::load(&config)?;
             let lun = c
@@ -182,6 +195,20 @@ fn main() -> anyhow::Result<()> {
                     skip_token.as_deref(),
                 )?;
                 println!("{volume}: metadata created, usable size {usable} bytes");
+                return Ok(());
+            }
+            if action == "adopt" {
+                let opts = twinsan_replication::drbd::adopt::AdoptOptions {
+                    dry_run,
+                    convert_to_v08,
+                };
+                let report =
+                    twinsan::adopt::adopt_volume(lun, &c.server.control_socket_path(), opts)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{volume}: {report}");
+                }
                 return Ok(());
             }
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -16,8 +16,8 @@ use super::activity_log::{self, ActivityLog, AlError, AlReplay, AlWrite};
 use super::bitmap::{BitmapError, OutOfSyncBitmap};
 use super::layout::{AlGeometry, Geometry, Layout, LayoutError};
 use super::superblock::{
-    MdFlags, MdVersion, MetaState, Superblock, SuperblockError, DRBD_MD_MAGIC_08, DRBD_PEERS_MAX,
-    HISTORY_UUIDS_V08,
+    MdFlags, MdVersion, MetaState, PeerFlags, PeerMd, Superblock, SuperblockError,
+    DRBD_MD_MAGIC_08, DRBD_PEERS_MAX, HISTORY_UUIDS_V08,
 };
 use super::uuid::GenerationUuids;
 use super::{MD_BLOCK_SIZE, SECTOR_SIZE};
@@ -82,6 +82,9 @@ pub enum MetadataError {
     /// Bad v09 peer slot.
     #[error("peer slot {0} is outside 0 .. 31")]
     BadPeerSlot(usize),
+    /// A format conversion that cannot be done.
+    #[error("cannot convert: {0}")]
+    Convert(String),
     /// la-size beyond the data the bitmap covers.
     #[error("last agreed size {sectors} sectors exceeds the {limit} sectors this metadata covers")]
     SizeTooLarge {
@@ -123,6 +126,22 @@ impl CreateOptions {
             node_id: -1,
         }
     }
+}
+
+/// What [`Metadata::convert_to_v08`] could not carry over (v08 has no place
+/// for it); everything else, the bitmap UUID included, is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct V08Conversion {
+    /// Non-zero history UUIDs beyond the two v08 keeps.
+    pub dropped_history: Vec<u64>,
+    /// v09-only device flags (quorum).
+    pub dropped_flags: MdFlags,
+    /// Peer flags without a v08 equivalent (fencing, seen, exists).
+    pub dropped_peer_flags: PeerFlags,
+    /// The v09 node id (v08 has none).
+    pub node_id: i32,
+    /// The bitmap's data generation tag (v08 has none).
+    pub bitmap_dagtag: u64,
 }
 
 /// What [`Metadata::apply_al`] did.
@@ -178,9 +197,13 @@ impl Metadata {
     }
 
     fn open_file(path: &Path) -> Result<File> {
+        Self::open_file_mode(path, true)
+    }
+
+    fn open_file_mode(path: &Path, writable: bool) -> Result<File> {
         OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(writable)
             .open(path)
             .map_err(|source| MetadataError::Io {
                 path: path.to_owned(),
@@ -290,7 +313,28 @@ impl Metadata {
     /// recorded one covers the whole data area. See also
     /// [`Metadata::open_with_data_size`].
     pub fn open(path: impl AsRef<Path>, layout: Layout) -> Result<Metadata> {
-        Self::open_inner(path.as_ref(), layout, None)
+        Self::open_inner(path.as_ref(), layout, None, true)
+    }
+
+    /// Opens existing metadata read-only (for inspection: every write method
+    /// fails). `data_size` as in [`Metadata::open_with_data_size`]; `None`
+    /// behaves like [`Metadata::open`].
+    pub fn open_read_only(
+        path: impl AsRef<Path>,
+        layout: Layout,
+        data_size: Option<u64>,
+    ) -> Result<Metadata> {
+        if let Some(d) = data_size {
+            if d % SECTOR_SIZE != 0 {
+                return Err(MetadataError::UnalignedDataSize(d));
+            }
+        }
+        Self::open_inner(
+            path.as_ref(),
+            layout,
+            data_size.map(|d| d / SECTOR_SIZE),
+            false,
+        )
     }
 
     /// Opens existing metadata with a bitmap covering `data_size` bytes.
@@ -302,7 +346,7 @@ impl Metadata {
         if data_size % SECTOR_SIZE != 0 {
             return Err(MetadataError::UnalignedDataSize(data_size));
         }
-        Self::open_inner(path.as_ref(), layout, Some(data_size / SECTOR_SIZE))
+        Self::open_inner(path.as_ref(), layout, Some(data_size / SECTOR_SIZE), true)
     }
 
     /// Reads and checks the superblock only (no bitmap), e.g. to inspect
@@ -347,8 +391,13 @@ impl Metadata {
         Ok((sb, geometry))
     }
 
-    fn open_inner(path: &Path, layout: Layout, data_sectors: Option<u64>) -> Result<Metadata> {
-        let file = Self::open_file(path)?;
+    fn open_inner(
+        path: &Path,
+        layout: Layout,
+        data_sectors: Option<u64>,
+        writable: bool,
+    ) -> Result<Metadata> {
+        let file = Self::open_file_mode(path, writable)?;
         let dev = device_size(&file, path)?;
         let (sb, geometry) = Self::read_sb(&file, path, layout, dev)?;
         if sb.max_peers != 1 {
@@ -501,6 +550,152 @@ impl Metadata {
         }
         self.peer_slot = slot;
         Ok(())
+    }
+
+    /// v09: flags of the peer slot [`Metadata::peer_slot`]; `None` for v08.
+    pub fn peer_flags(&self) -> Option<PeerFlags> {
+        match self.sb.version {
+            MdVersion::V08 => None,
+            MdVersion::V09 => self.sb.peers.get(self.peer_slot).map(|p| p.flags),
+        }
+    }
+
+    /// v09: replaces the flags of the peer slot (in memory); ignored for v08.
+    pub fn set_peer_flags(&mut self, flags: PeerFlags) {
+        if self.sb.version == MdVersion::V09 {
+            if let Some(p) = self.sb.peers.get_mut(self.peer_slot) {
+                p.flags = flags;
+            }
+        }
+    }
+
+    /// v09: gives the peer slot [`Metadata::peer_slot`] bitmap slot 0 (in
+    /// memory), the way a DRBD 9 kernel does when it first connects to that
+    /// peer, so that [`Metadata::open`] picks the same slot next time. Returns
+    /// whether anything changed. No-op for v08.
+    pub fn assign_bitmap_slot(&mut self) -> bool {
+        if self.sb.version != MdVersion::V09 {
+            return false;
+        }
+        let slot = self.peer_slot;
+        let mut changed = false;
+        for (i, p) in self.sb.peers.iter_mut().enumerate() {
+            let want = if i == slot {
+                0
+            } else if p.bitmap_index == 0 {
+                -1
+            } else {
+                p.bitmap_index
+            };
+            if p.bitmap_index != want {
+                p.bitmap_index = want;
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Rewrites v09 metadata with one bitmap slot as v08 in place and `fsync`s
+    /// (the layout is identical: same offsets, and a one-slot v09 bitmap is
+    /// byte-identical to a v08 bitmap). Unlike `drbdmeta create-md` on v09
+    /// metadata, the bitmap UUID of the peer slot is kept. The metadata must
+    /// be clean (apply the activity log first). See [`V08Conversion`] for
+    /// what v08 cannot hold.
+    pub fn convert_to_v08(&mut self) -> Result<V08Conversion> {
+        if self.state() != MetaState::Clean {
+            return Err(MetadataError::Convert(
+                "the metadata is unclean; replay the activity log first".into(),
+            ));
+        }
+        let (sb, report) = self.v08_superblock()?;
+        self.sb = sb;
+        self.peer_slot = 0;
+        self.write_superblock()?;
+        Ok(report)
+    }
+
+    /// The clean v08 superblock [`Metadata::convert_to_v08`] would write, and what it
+    /// drops; nothing is written.
+    pub fn v08_superblock(&self) -> Result<(Superblock, V08Conversion)> {
+        if self.sb.version != MdVersion::V09 {
+            return Err(MetadataError::Convert("the metadata is already v08".into()));
+        }
+        if self.sb.max_peers != 1 {
+            return Err(MetadataError::Convert(format!(
+                "v09 metadata with {} bitmap slots cannot become v08 (one slot)",
+                self.sb.max_peers
+            )));
+        }
+        let old = self.sb.clone();
+        let peer = old
+            .peers
+            .get(self.peer_slot)
+            .copied()
+            .unwrap_or(PeerMd::UNUSED);
+        let mut sb = Superblock::new(MdVersion::V08, 1);
+        // Device flags v08 and v09 share (drbd_meta_data.h / 8.4 drbd_int.h).
+        let shared = MdFlags::CONSISTENT
+            | MdFlags::PRIMARY_IND
+            | MdFlags::WAS_UP_TO_DATE
+            | MdFlags::CRASHED_PRIMARY
+            | MdFlags::AL_CLEAN
+            | MdFlags::AL_DISABLED;
+        let mut flags = MdFlags(old.flags.bits() & shared.bits());
+        // Per-peer flags that 8.4 keeps as device flags.
+        flags.set(
+            MdFlags::CONNECTED_IND,
+            peer.flags.contains(PeerFlags::CONNECTED),
+        );
+        flags.set(
+            MdFlags::PEER_OUT_DATED,
+            peer.flags.contains(PeerFlags::OUTDATED),
+        );
+        flags.set(
+            MdFlags::FULL_SYNC,
+            peer.flags.contains(PeerFlags::FULL_SYNC),
+        );
+        sb.flags = flags;
+        sb.effective_size = old.effective_size;
+        sb.current_uuid = old.current_uuid;
+        sb.bitmap_uuid = peer.bitmap_uuid;
+        sb.history_uuids = old
+            .history_uuids
+            .iter()
+            .copied()
+            .take(HISTORY_UUIDS_V08)
+            .collect();
+        sb.device_uuid = old.device_uuid;
+        sb.md_size_sect = old.md_size_sect;
+        sb.al_offset = old.al_offset;
+        sb.al_nr_extents = old.al_nr_extents;
+        sb.bm_offset = old.bm_offset;
+        sb.la_peer_max_bio_size = old.la_peer_max_bio_size;
+        sb.al_stripes = old.al_stripes;
+        sb.al_stripe_size_4k = old.al_stripe_size_4k;
+        sb.mark_clean();
+        sb.validate().map_err(|source| MetadataError::Superblock {
+            path: self.path.clone(),
+            offset: self.geometry.md_offset,
+            layout: self.geometry.layout,
+            source,
+        })?;
+        let report = V08Conversion {
+            dropped_history: old
+                .history_uuids
+                .iter()
+                .skip(HISTORY_UUIDS_V08)
+                .copied()
+                .filter(|&h| h != 0)
+                .collect(),
+            dropped_flags: MdFlags(old.flags.bits() & !shared.bits()),
+            dropped_peer_flags: PeerFlags(
+                peer.flags.bits()
+                    & !(PeerFlags::CONNECTED | PeerFlags::OUTDATED | PeerFlags::FULL_SYNC).bits(),
+            ),
+            node_id: old.node_id,
+            bitmap_dagtag: peer.bitmap_dagtag,
+        };
+        Ok((sb, report))
     }
 
     /// Generation UUIDs (current, bitmap UUID of the peer slot, history).

@@ -13,8 +13,10 @@
 //! * [`activity_log`]: activity-log transactions (read, replay, write).
 //! * [`uuid`]: generation UUIDs and DRBD 8.4's `drbd_uuid_compare`.
 //! * [`metadata`]: all of the above over a file or block device.
+//! * [`adopt`]: checking and adopting an existing DRBD resource's metadata.
 
 pub mod activity_log;
+pub mod adopt;
 pub mod bitmap;
 pub mod layout;
 pub mod metadata;

@@ -1031,8 +1031,8 @@ fn open_metadata(
         r => r?,
     };
     let mut crashed_primary = md.flags().contains(MdFlags::CRASHED_PRIMARY);
+    let was_primary = md.flags().contains(MdFlags::PRIMARY_IND);
     if md.state() == MetaState::Unclean {
-        let was_primary = md.flags().contains(MdFlags::PRIMARY_IND);
         let report = md.apply_al()?;
         warn!(
             volume = %name,
@@ -1041,10 +1041,12 @@ fn open_metadata(
             bits_newly_set = report.bits_newly_set,
             "metadata was not closed cleanly: activity log replayed into the bitmap"
         );
-        if was_primary {
-            // drbd_nl.c attach: MDF_PRIMARY_IND at attach -> CRASHED_PRIMARY.
-            crashed_primary = true;
-        }
+    }
+    if was_primary {
+        // drbd_nl.c attach: MDF_PRIMARY_IND at attach -> CRASHED_PRIMARY, clean or not
+        // (clean metadata with it set comes from DRBD, e.g. a primary stopped without
+        // demoting; twinsan itself clears it on every clean stop).
+        crashed_primary = true;
     }
     let mut f = md.flags();
     f.set(MdFlags::CRASHED_PRIMARY, crashed_primary);
