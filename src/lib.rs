@@ -6,6 +6,7 @@
 pub mod config;
 pub mod control;
 pub mod identity;
+pub mod import;
 pub mod iscsi;
 pub mod scsi;
 pub mod server;

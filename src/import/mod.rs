@@ -1,0 +1,586 @@
+//! `twinsan import`: turns the configuration of the stack twinsan replaces (drbd.conf, tgt's
+//! targets.conf or IET's ietd.conf + initiators.allow, iscsi-ha.conf) into one twinsan TOML
+//! configuration for one host, with a comment on every value naming the file and line it
+//! came from.
+//!
+//! The parsers (`drbd_conf`, `tgt_conf`, `ietd_conf`, `iscsi_ha_conf`) are pure functions over
+//! text; this module reads the files (expanding includes), joins what they say (a LUN backed
+//! by `/dev/drbdN` becomes the DRBD resource's lower-level disk with a replication table)
+//! and renders the result.
+
+pub mod drbd_conf;
+pub mod ietd_conf;
+pub mod iscsi_ha_conf;
+pub mod tgt_conf;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Where a value came from: file and 1-based line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl Origin {
+    pub fn new(file: &Path, line: usize) -> Origin {
+        Origin {
+            file: file.to_path_buf(),
+            line,
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// A file the importer cannot use: which file, which line, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{line}: {message}", file.display())]
+pub struct ImportError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub message: String,
+}
+
+impl ImportError {
+    pub fn new(file: &Path, line: usize, message: impl Into<String>) -> ImportError {
+        ImportError {
+            file: file.to_path_buf(),
+            line,
+            message: message.into(),
+        }
+    }
+    pub fn at(origin: &Origin, message: impl Into<String>) -> ImportError {
+        Self::new(&origin.file, origin.line, message)
+    }
+}
+
+/// Something the importer could not carry over, with where it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    pub at: Origin,
+    pub message: String,
+}
+
+impl Warning {
+    pub fn new(at: &Origin, message: impl Into<String>) -> Warning {
+        Warning {
+            at: at.clone(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.at, self.message)
+    }
+}
+
+/// A TOML basic string literal.
+pub fn toml_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+/// One `key = value` line of the output with the comment saying where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub key: String,
+    /// TOML literal.
+    pub value: String,
+    pub origin: String,
+}
+
+impl Entry {
+    pub fn new(key: &str, value: String, origin: impl fmt::Display) -> Entry {
+        Entry {
+            key: key.to_string(),
+            value,
+            origin: origin.to_string(),
+        }
+    }
+}
+
+/// A target as the old stack served it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportedTarget {
+    pub iqn: String,
+    pub at: Origin,
+    pub entries: Vec<Entry>,
+    pub luns: Vec<ImportedLun>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportedLun {
+    pub number: u64,
+    /// Comment for the number: the `lun` line, or how tgt-admin numbered it.
+    pub number_origin: String,
+    pub path: String,
+    pub at: Origin,
+    /// Everything but `number` and `path`.
+    pub entries: Vec<Entry>,
+}
+
+/// Target-side negotiation limits, set from tgt/IET keys (`[negotiation]`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Negotiation {
+    pub entries: Vec<Entry>,
+}
+
+impl Negotiation {
+    /// Maps one iSCSI negotiation key of targets.conf / ietd.conf (RFC 7143 §13 names).
+    /// twinsan's limits are global: the same key with another value on a second target is
+    /// reported and the first value kept.
+    pub fn map(
+        &mut self,
+        key: &str,
+        value: &str,
+        at: &Origin,
+        warnings: &mut Vec<Warning>,
+    ) -> Result<bool, ImportError> {
+        let number = |min: u32, max: u32| -> Result<String, ImportError> {
+            let n: u32 = value
+                .parse()
+                .map_err(|_| ImportError::at(at, format!("{key} `{value}` is not a number")))?;
+            if n < min || n > max {
+                return Err(ImportError::at(
+                    at,
+                    format!("{key} {n} is outside {min}..={max} (RFC 7143 §13)"),
+                ));
+            }
+            Ok(n.to_string())
+        };
+        let boolean = || -> Result<String, ImportError> {
+            match value.to_ascii_lowercase().as_str() {
+                "yes" | "1" | "true" => Ok("true".into()),
+                "no" | "0" | "false" => Ok("false".into()),
+                _ => Err(ImportError::at(
+                    at,
+                    format!("{key} `{value}` is not Yes or No"),
+                )),
+            }
+        };
+        let digests = || -> Result<String, ImportError> {
+            let mut list = Vec::new();
+            for d in value.split(',').map(str::trim) {
+                match d.to_ascii_lowercase().as_str() {
+                    "none" => list.push("\"None\""),
+                    "crc32c" => list.push("\"CRC32C\""),
+                    _ => {
+                        return Err(ImportError::at(
+                            at,
+                            format!("{key}: `{d}` is not a digest (None, CRC32C)"),
+                        ))
+                    }
+                }
+            }
+            Ok(format!("[{}]", list.join(", ")))
+        };
+        let (tk, lit) = match key.to_ascii_lowercase().as_str() {
+            "maxrecvdatasegmentlength" => {
+                ("max_recv_data_segment_length", number(512, (1 << 24) - 1)?)
+            }
+            "maxburstlength" => ("max_burst_length", number(512, (1 << 24) - 1)?),
+            "firstburstlength" => ("first_burst_length", number(512, (1 << 24) - 1)?),
+            "immediatedata" => ("immediate_data", boolean()?),
+            "initialr2t" => ("initial_r2t", boolean()?),
+            "maxoutstandingr2t" => ("max_outstanding_r2t", number(1, 65535)?),
+            "headerdigest" => ("header_digest", digests()?),
+            "datadigest" => ("data_digest", digests()?),
+            "defaulttime2wait" => ("default_time2wait", number(0, 3600)?),
+            "defaulttime2retain" => ("default_time2retain", number(0, 3600)?),
+            "maxxmitdatasegmentlength" => {
+                warnings.push(Warning::new(at, format!("{key} {value}: twinsan sends at most what the initiator's MaxRecvDataSegmentLength allows; nothing to set")));
+                return Ok(true);
+            }
+            "maxconnections" => {
+                if value != "1" {
+                    warnings.push(Warning::new(at, format!("{key} {value}: twinsan runs one connection per session (MC/S is not offered); initiators use multipath instead")));
+                }
+                return Ok(true);
+            }
+            "datapduinorder" | "datasequenceinorder" => {
+                if !matches!(value.to_ascii_lowercase().as_str(), "yes" | "1") {
+                    warnings.push(Warning::new(
+                        at,
+                        format!("{key} {value}: twinsan requires in-order data (Yes)"),
+                    ));
+                }
+                return Ok(true);
+            }
+            "errorrecoverylevel" => {
+                if value != "0" {
+                    warnings.push(Warning::new(
+                        at,
+                        format!("{key} {value}: twinsan offers ErrorRecoveryLevel 0 only"),
+                    ));
+                }
+                return Ok(true);
+            }
+            "ifmarker" | "ofmarker" | "ifmarkint" | "ofmarkint" => {
+                warnings.push(Warning::new(
+                    at,
+                    format!("{key}: markers are not offered (RFC 7143 removed them); ignored"),
+                ));
+                return Ok(true);
+            }
+            _ => return Ok(false),
+        };
+        if let Some(prev) = self.entries.iter().find(|e| e.key == tk) {
+            if prev.value != lit {
+                warnings.push(Warning::new(at, format!("{key} {value}: twinsan's negotiation limits are global; keeping {} from {}", prev.value, prev.origin)));
+            }
+            return Ok(true);
+        }
+        self.entries.push(Entry::new(tk, lit, at));
+        Ok(true)
+    }
+}
+
+/// Reads a file for the importer.
+fn read(path: &Path) -> Result<String, ImportError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ImportError::new(path, 0, format!("cannot read: {e}")))
+}
+
+/// Files an include pattern names: `*` and `?` in the last path component, sorted (as
+/// drbdadm and Config::General's glob do); relative patterns are relative to `base`.
+pub fn expand_glob(pattern: &str, base: &Path, at: &Origin) -> Result<Vec<PathBuf>, ImportError> {
+    let p = Path::new(pattern);
+    let p = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    };
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    if !name.contains(['*', '?']) {
+        return Ok(vec![p]);
+    }
+    let dir = p.parent().unwrap_or(Path::new("."));
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        ImportError::at(
+            at,
+            format!("include {pattern}: cannot list {}: {e}", dir.display()),
+        )
+    })?;
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|e| wildcard(&name, &e.file_name().to_string_lossy()))
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+fn wildcard(pattern: &str, name: &str) -> bool {
+    fn m(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => m(&p[1..], n) || (!n.is_empty() && m(p, &n[1..])),
+            (Some(b'?'), Some(_)) => m(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => m(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    m(pattern.as_bytes(), name.as_bytes())
+}
+
+/// Reads drbd.conf with its includes expanded in place (at most 16 levels deep).
+pub fn load_drbd(path: &Path) -> Result<Vec<drbd_conf::Stmt>, ImportError> {
+    fn load(path: &Path, depth: usize) -> Result<Vec<drbd_conf::Stmt>, ImportError> {
+        let text = read(path)?;
+        let mut out = Vec::new();
+        for s in drbd_conf::parse(&text, path)? {
+            if s.words[0] == "include" {
+                if depth > 16 {
+                    return Err(ImportError::at(
+                        &s.at,
+                        "includes nested more than 16 deep (a loop?)",
+                    ));
+                }
+                let pattern = s
+                    .words
+                    .get(1)
+                    .ok_or_else(|| ImportError::at(&s.at, "`include` needs a file or pattern"))?;
+                let base = path.parent().unwrap_or(Path::new("."));
+                for f in expand_glob(pattern, base, &s.at)? {
+                    out.extend(load(&f, depth + 1)?);
+                }
+            } else {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+    load(path, 0)
+}
+
+/// What `twinsan import` was given.
+#[derive(Debug, Clone, Default)]
+pub struct ImportRequest {
+    pub host: String,
+    pub drbd: Option<PathBuf>,
+    pub tgt: Option<PathBuf>,
+    pub ietd: Option<PathBuf>,
+    pub initiators_allow: Option<PathBuf>,
+    pub iscsi_ha: Option<PathBuf>,
+    /// Portals to serve on (default: the iscsi-ha VIP, else 0.0.0.0:3260 as tgt/IET did).
+    pub portals: Vec<String>,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// The generated configuration and what could not be carried over.
+#[derive(Debug, Clone)]
+pub struct ImportResult {
+    pub toml: String,
+    pub warnings: Vec<Warning>,
+}
+
+/// Reads the given files and renders the twinsan configuration.
+pub fn import(req: &ImportRequest) -> Result<ImportResult, ImportError> {
+    let mut warnings = Vec::new();
+    let mut negotiation = Negotiation::default();
+    let mut discovery: Vec<Entry> = Vec::new();
+    let mut targets: Vec<ImportedTarget> = Vec::new();
+    let no_file = Path::new("<command line>");
+    if req.tgt.is_some() && req.ietd.is_some() {
+        return Err(ImportError::new(
+            no_file,
+            0,
+            "give --tgt or --ietd, not both (one host ran one target)",
+        ));
+    }
+    if let Some(path) = &req.tgt {
+        let files = tgt_conf::load(path)?;
+        let out = tgt_conf::targets(&files, &mut negotiation, &mut warnings)?;
+        discovery.extend(out.discovery);
+        targets.extend(out.targets);
+    }
+    if let Some(path) = &req.ietd {
+        let text = read(path)?;
+        let allow = match &req.initiators_allow {
+            Some(p) => Some((read(p)?, p.clone())),
+            None => None,
+        };
+        let out = ietd_conf::targets(
+            &text,
+            path,
+            allow.as_ref().map(|(t, p)| (t.as_str(), p.as_path())),
+            &mut negotiation,
+            &mut warnings,
+        )?;
+        discovery.extend(out.discovery);
+        targets.extend(out.targets);
+    } else if let Some(p) = &req.initiators_allow {
+        return Err(ImportError::new(
+            p,
+            0,
+            "--initiators-allow goes with --ietd",
+        ));
+    }
+    if targets.is_empty() {
+        return Err(ImportError::new(
+            no_file,
+            0,
+            "no targets: give --tgt targets.conf or --ietd ietd.conf",
+        ));
+    }
+
+    let resources = match &req.drbd {
+        Some(path) => {
+            let stmts = load_drbd(path)?;
+            let (r, w) = drbd_conf::resources(&stmts, &req.host)?;
+            warnings.extend(w);
+            r
+        }
+        None => Vec::new(),
+    };
+    let ha = match &req.iscsi_ha {
+        Some(path) => Some(iscsi_ha_conf::parse(&read(path)?, path, &mut warnings)?),
+        None => None,
+    };
+
+    // Portals.
+    let portals: Vec<Entry> = if !req.portals.is_empty() {
+        req.portals
+            .iter()
+            .map(|p| Entry::new("", toml_str(p), "--portal"))
+            .collect()
+    } else if let Some(h) = &ha {
+        vec![Entry::new(
+            "",
+            toml_str(&format!("{}:3260", h.vip.0)),
+            format!("DRBD_VIRTUAL_IP at {} (iscsi port 3260)", h.vip.1),
+        )]
+    } else {
+        warnings.push(Warning::new(&Origin::new(no_file, 0), "no --portal and no iscsi-ha VIP: serving on 0.0.0.0:3260 like tgt/IET (SendTargets then advertises 0.0.0.0; set portals to the address initiators use)"));
+        vec![Entry::new(
+            "",
+            toml_str("0.0.0.0:3260"),
+            "tgt/IET default (all addresses, port 3260)",
+        )]
+    };
+
+    // LUNs backed by DRBD devices get the lower-level disk and a replication table.
+    let mut used = vec![false; resources.len()];
+    let mut out = String::new();
+    out.push_str(&format!(
+        "# twinsan configuration generated by `twinsan import` for host {}.\n# Every value says where it came from; check it, then `twinsan check-config --config FILE`.\n\n",
+        req.host
+    ));
+    out.push_str("[server]\n");
+    let data_dir = req
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/var/lib/twinsan"));
+    out.push_str(&line(
+        "data_dir",
+        &toml_str(&data_dir.to_string_lossy()),
+        "--data-dir (default /var/lib/twinsan)",
+    ));
+    out.push('\n');
+    if !negotiation.entries.is_empty() {
+        out.push_str("[negotiation]\n");
+        for e in &negotiation.entries {
+            out.push_str(&line(&e.key, &e.value, &e.origin));
+        }
+        out.push('\n');
+    }
+    if !discovery.is_empty() {
+        out.push_str("[discovery]\n");
+        for e in &discovery {
+            out.push_str(&line(&e.key, &e.value, &e.origin));
+        }
+        out.push('\n');
+    }
+    for t in &targets {
+        out.push_str("[[target]]\n");
+        out.push_str(&line("iqn", &toml_str(&t.iqn), &t.at));
+        out.push_str("portals = [\n");
+        for p in &portals {
+            out.push_str(&format!("    {},  # {}\n", p.value, p.origin));
+        }
+        out.push_str("]\n");
+        for e in &t.entries {
+            out.push_str(&line(&e.key, &e.value, &e.origin));
+        }
+        for l in &t.luns {
+            out.push_str("\n[[target.lun]]\n");
+            out.push_str(&line("number", &l.number.to_string(), &l.number_origin));
+            let resource = resources.iter().position(|r| {
+                r.device.0 == l.path
+                    || l.path == format!("/dev/drbd/by-res/{}", r.name)
+                    || l.path == format!("/dev/drbd/by-res/{}/0", r.name)
+                    || r.minor.is_some_and(|m| l.path == format!("/dev/drbd{m}"))
+            });
+            match resource {
+                Some(i) => {
+                    let r = &resources[i];
+                    if used[i] {
+                        return Err(ImportError::at(
+                            &l.at,
+                            format!("{} (DRBD resource {}) backs a second LUN", l.path, r.name),
+                        ));
+                    }
+                    used[i] = true;
+                    out.push_str(&line(
+                        "path",
+                        &toml_str(&r.disk.0),
+                        format!(
+                            "{}: `disk` of DRBD resource {} (the LUN's backing-store {} at {})",
+                            r.disk.1, r.name, l.path, l.at
+                        ),
+                    ));
+                    for e in &l.entries {
+                        out.push_str(&line(&e.key, &e.value, &e.origin));
+                    }
+                    out.push_str("\n[target.lun.replication]\n");
+                    for (k, v, o) in &r.replication {
+                        out.push_str(&line(k, v, o));
+                    }
+                    if ha.is_none() {
+                        out.push_str(&line(
+                            "role",
+                            &toml_str("secondary"),
+                            "start-up role until an operator promotes (without [ha])",
+                        ));
+                    }
+                }
+                None => {
+                    if l.path.starts_with("/dev/drbd") {
+                        if req.drbd.is_some() {
+                            return Err(ImportError::at(&l.at, format!("{} is a DRBD device but no resource in the DRBD configuration has it for host {}", l.path, req.host)));
+                        }
+                        warnings.push(Warning::new(&l.at, format!("{} is a DRBD device: pass --drbd drbd.conf so twinsan serves the lower-level disk and replicates it", l.path)));
+                    }
+                    out.push_str(&line("path", &toml_str(&l.path), &l.at));
+                    for e in &l.entries {
+                        out.push_str(&line(&e.key, &e.value, &e.origin));
+                    }
+                }
+            }
+        }
+        out.push('\n');
+    }
+    for (i, r) in resources.iter().enumerate() {
+        if !used[i] {
+            warnings.push(Warning::new(
+                &r.at,
+                format!(
+                    "DRBD resource {} ({}) is not exported by any target; not imported",
+                    r.name, r.device.0
+                ),
+            ));
+        }
+    }
+    if let Some(h) = &ha {
+        let link = resources.iter().find(|_| true);
+        out.push_str(&iscsi_ha_conf::render(h, &req.host, link, &mut warnings)?);
+    }
+    Ok(ImportResult {
+        toml: out,
+        warnings,
+    })
+}
+
+/// `key = value  # origin`
+fn line(key: &str, value: &str, origin: impl fmt::Display) -> String {
+    format!("{key} = {value}  # {origin}\n")
+}
+
+/// Validates generated TOML with twinsan's own configuration parser. The `[ha]` tables
+/// (contract in the HA daemon) are checked there once that daemon reads them; until then
+/// they are cut off before validation.
+pub fn check_generated(toml: &str, name: &Path) -> Result<(), crate::config::ConfigError> {
+    let probe = crate::config::Config::parse(toml, name);
+    match probe {
+        Err(crate::config::ConfigError::Syntax { ref message, .. })
+            if message.contains("unknown field `ha`") =>
+        {
+            let cut = toml
+                .find("\n[ha]\n")
+                .map(|i| &toml[..i + 1])
+                .unwrap_or(toml);
+            crate::config::Config::parse(cut, name).map(|_| ())
+        }
+        other => other.map(|_| ()),
+    }
+}
