@@ -308,6 +308,24 @@ struct HostValues {
 
 fn host_values(stmts: &[Stmt], v: &mut HostValues) -> Result<(), ImportError> {
     for s in stmts {
+        let max_words = match s.words[0].as_str() {
+            "device" => 4,
+            "disk" if s.block.is_none() => 2,
+            "meta-disk" | "flexible-meta-disk" | "address" => 3,
+            _ => usize::MAX,
+        };
+        let stray_device_word =
+            s.words[0] == "device" && s.words.len() > 2 && s.words[2] != "minor";
+        if s.words.len() > max_words || stray_device_word {
+            return Err(ImportError::at(
+                &s.at,
+                format!(
+                    "`{}` has too many values (`{}`): is a `;` missing?",
+                    s.words[0],
+                    s.words[1..].join(" ")
+                ),
+            ));
+        }
         match s.words[0].as_str() {
             "device" => {
                 // device /dev/drbdN [minor N]; | device minor N;

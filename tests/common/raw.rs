@@ -54,6 +54,17 @@ impl Raw {
         header_digest: bool,
         data_digest: bool,
     ) -> std::io::Result<Raw> {
+        Self::try_login_to(port, IQN, initiator, header_digest, data_digest)
+    }
+
+    /// Logs in to target `target` on 127.0.0.1:`port` as `initiator` (no CHAP).
+    pub fn try_login_to(
+        port: u16,
+        target: &str,
+        initiator: &str,
+        header_digest: bool,
+        data_digest: bool,
+    ) -> std::io::Result<Raw> {
         let stream = TcpStream::connect(("127.0.0.1", port))?;
         stream.set_read_timeout(Some(Duration::from_millis(200)))?;
         stream.set_write_timeout(Some(Duration::from_secs(10)))?;
@@ -74,7 +85,7 @@ impl Raw {
         let dig = |on: bool| if on { "CRC32C" } else { "None" };
         let text = encode_text(&[
             ("InitiatorName", initiator),
-            ("TargetName", IQN),
+            ("TargetName", target),
             ("SessionType", "Normal"),
             ("HeaderDigest", dig(header_digest)),
             ("DataDigest", dig(data_digest)),
