@@ -71,6 +71,10 @@ enum Command {
         /// tgt's targets.conf.
         #[arg(long)]
         tgt: Option<PathBuf>,
+        /// Saved `tgtadm --lld iscsi --mode target --op show` of the running tgtd (its tids
+        /// and SCSI ID/SN win over targets.conf).
+        #[arg(long)]
+        tgt_show: Option<PathBuf>,
         /// IET's ietd.conf.
         #[arg(long)]
         ietd: Option<PathBuf>,
@@ -189,6 +193,7 @@ fn main() -> anyhow::Result<()> {
             host,
             drbd,
             tgt,
+            tgt_show,
             ietd,
             initiators_allow,
             iscsi_ha,
@@ -200,6 +205,7 @@ fn main() -> anyhow::Result<()> {
                 host,
                 drbd,
                 tgt,
+                tgt_show,
                 ietd,
                 initiators_allow,
                 iscsi_ha,

@@ -211,6 +211,50 @@ fn tgt_identity_is_byte_identical_after_import() {
     assert!(o.status.success(), "import: {}", text(&o));
     let c = check_config(&config);
     assert!(c.status.success(), "check-config: {}", text(&c));
+
+    // The same import guided by the running tgtd's own account of tids and SCSI ID/SN
+    // (what the migration guide tells operators to save) agrees with the files.
+    let show_path = d.join("tgtadm-show.txt");
+    std::fs::write(
+        &show_path,
+        &tgtd
+            .tgtadm(&["--lld", "iscsi", "--mode", "target", "--op", "show"])
+            .stdout,
+    )
+    .unwrap();
+    let guided = d.join("guided.toml");
+    let o = import(&[
+        "--host",
+        "xen1",
+        "--tgt",
+        conf_path.to_str().unwrap(),
+        "--tgt-show",
+        show_path.to_str().unwrap(),
+        "--portal",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+        d.join("data").to_str().unwrap(),
+        "--output",
+        guided.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "import --tgt-show: {}", text(&o));
+    assert!(
+        !text(&o).contains("differs") && !text(&o).contains("not in the running"),
+        "{}",
+        text(&o)
+    );
+    let values = |p: &Path| -> Vec<String> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                l.starts_with("tgt_tid") || l.starts_with("scsi_") || l.starts_with("number")
+            })
+            .map(|l| l.split("  #").next().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(values(&config), values(&guided));
+
     let mut server = Server::start_with_config(d, &config, port);
 
     let ls = run(
@@ -427,7 +471,7 @@ fn imported_ietd_configuration_serves_with_iet_identity() {
     assert_eq!(&ids[3].1[8..24], b"IET\0\0\0\0\0sr1-lun0");
     // LUN 4 without ScsiId: IET's MD5 of target name and LUN, serial = its hex.
     let ids = raw_identity(port, "iqn.2026-11.org.twinsan.test:iet-sr1", 4);
-    let scsi_id = &ids[3].1[16..40];
+    let scsi_id = &ids[3].1[16..32];
     let sn: String = scsi_id.iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(String::from_utf8_lossy(&ids[2].1[4..]), sn);
     // The initiators.allow name rule holds: another initiator is refused.

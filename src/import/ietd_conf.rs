@@ -143,13 +143,13 @@ pub fn targets(
                         },
                         "scsiid" => {
                             if v.is_empty() || v.len() > crate::scsi::compat::IET_ID_LEN {
-                                return Err(ImportError::at(&at, format!("ScsiId `{v}` must be 1..=24 characters (IET's limit)")));
+                                return Err(ImportError::at(&at, format!("ScsiId `{v}` must be 1..=16 characters (IET's limit)")));
                             }
                             entries.push(Entry::new("scsi_id", toml_str(v), &at));
                         }
                         "scsisn" => {
                             if v.is_empty() || v.len() > crate::scsi::compat::IET_SN_LEN || !v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-                                return Err(ImportError::at(&at, format!("ScsiSN `{v}` must be 1..=48 printable characters (IET's limit)")));
+                                return Err(ImportError::at(&at, format!("ScsiSN `{v}` must be 1..=32 printable characters (IET's limit)")));
                             }
                             entries.push(Entry::new("scsi_sn", toml_str(v), &at));
                         }

@@ -339,6 +339,9 @@ pub struct ImportRequest {
     pub host: String,
     pub drbd: Option<PathBuf>,
     pub tgt: Option<PathBuf>,
+    /// Saved `tgtadm --lld iscsi --mode target --op show` of the running tgtd: its tids and
+    /// SCSI ID/SN win over what targets.conf implies.
+    pub tgt_show: Option<PathBuf>,
     pub ietd: Option<PathBuf>,
     pub initiators_allow: Option<PathBuf>,
     pub iscsi_ha: Option<PathBuf>,
@@ -370,9 +373,16 @@ pub fn import(req: &ImportRequest) -> Result<ImportResult, ImportError> {
     }
     if let Some(path) = &req.tgt {
         let files = tgt_conf::load(path)?;
-        let out = tgt_conf::targets(&files, &mut negotiation, &mut warnings)?;
+        let show = match &req.tgt_show {
+            Some(p) => Some(tgt_conf::parse_show(&read(p)?, p)?),
+            None => None,
+        };
+        let out = tgt_conf::targets(&files, show.as_ref(), &mut negotiation, &mut warnings)?;
         discovery.extend(out.discovery);
         targets.extend(out.targets);
+    }
+    if req.tgt_show.is_some() && req.tgt.is_none() {
+        return Err(ImportError::new(no_file, 0, "--tgt-show goes with --tgt"));
     }
     if let Some(path) = &req.ietd {
         let text = read(path)?;

@@ -216,6 +216,93 @@ pub fn load(path: &Path) -> Result<Vec<TgtFile>, ImportError> {
     Ok(out)
 }
 
+/// The state of a running tgtd: `tgtadm --lld iscsi --mode target --op show` output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TgtShow {
+    pub file: std::path::PathBuf,
+    pub targets: Vec<ShowTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShowTarget {
+    pub iqn: String,
+    pub tid: u32,
+    pub at: Origin,
+    pub luns: Vec<ShowLun>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShowLun {
+    pub lun: u64,
+    pub scsi_id: String,
+    pub scsi_sn: String,
+    pub at: Origin,
+}
+
+/// Parses `tgtadm --mode target --op show` output: `Target N: IQN`, then per LUN
+/// `LUN: n`, `SCSI ID: ...`, `SCSI SN: ...` (values verbatim, inner spaces included).
+pub fn parse_show(text: &str, file: &Path) -> Result<TgtShow, ImportError> {
+    let mut show = TgtShow {
+        file: file.to_path_buf(),
+        targets: Vec::new(),
+    };
+    for (i, raw) in text.lines().enumerate() {
+        let at = Origin::new(file, i + 1);
+        let l = raw.trim_start();
+        if let Some(rest) = raw.strip_prefix("Target ") {
+            let (tid, iqn) = rest
+                .split_once(": ")
+                .ok_or_else(|| ImportError::at(&at, "expected `Target N: IQN`"))?;
+            let tid = tid
+                .parse()
+                .map_err(|_| ImportError::at(&at, format!("`{tid}` is not a target id")))?;
+            show.targets.push(ShowTarget {
+                iqn: iqn.trim().to_string(),
+                tid,
+                at,
+                luns: Vec::new(),
+            });
+        } else if let Some(n) = l.strip_prefix("LUN: ") {
+            let t = show
+                .targets
+                .last_mut()
+                .ok_or_else(|| ImportError::at(&at, "LUN before any Target"))?;
+            let lun = n
+                .trim()
+                .parse()
+                .map_err(|_| ImportError::at(&at, format!("`{n}` is not a LUN number")))?;
+            t.luns.push(ShowLun {
+                lun,
+                scsi_id: String::new(),
+                scsi_sn: String::new(),
+                at,
+            });
+        } else if let Some(v) = l.strip_prefix("SCSI ID: ") {
+            let lun = show
+                .targets
+                .last_mut()
+                .and_then(|t| t.luns.last_mut())
+                .ok_or_else(|| ImportError::at(&at, "SCSI ID before any LUN"))?;
+            lun.scsi_id = v.to_string();
+        } else if let Some(v) = l.strip_prefix("SCSI SN: ") {
+            let lun = show
+                .targets
+                .last_mut()
+                .and_then(|t| t.luns.last_mut())
+                .ok_or_else(|| ImportError::at(&at, "SCSI SN before any LUN"))?;
+            lun.scsi_sn = v.to_string();
+        }
+    }
+    if show.targets.is_empty() {
+        return Err(ImportError::new(
+            file,
+            0,
+            "no `Target N: IQN` line: is this `tgtadm --mode target --op show` output?",
+        ));
+    }
+    Ok(show)
+}
+
 /// What targets.conf says, in twinsan terms.
 #[derive(Debug, Clone, Default)]
 pub struct TgtImport {
@@ -239,6 +326,7 @@ fn credentials(v: &str, at: &Origin, key: &str) -> Result<String, ImportError> {
 /// would have produced them.
 pub fn targets(
     files: &[TgtFile],
+    show: Option<&TgtShow>,
     negotiation: &mut Negotiation,
     warnings: &mut Vec<Warning>,
 ) -> Result<TgtImport, ImportError> {
@@ -299,6 +387,34 @@ pub fn targets(
                     max_tid + 1
                 ),
             ),
+        };
+        let shown = show.and_then(|sh| sh.targets.iter().find(|x| x.iqn == t.iqn));
+        let (tid, tid_origin) = match shown {
+            Some(st) => {
+                if st.tid != tid {
+                    warnings.push(Warning::new(
+                        &st.at,
+                        format!(
+                            "target {}: the running tgtd has tid {}, targets.conf order gives {tid}; using the running tid",
+                            t.iqn, st.tid
+                        ),
+                    ));
+                }
+                (st.tid, format!("tid of the running tgtd ({})", st.at))
+            }
+            None => {
+                if let Some(sh) = show {
+                    warnings.push(Warning::new(
+                        &t.at,
+                        format!(
+                            "target {} is not in {} (not running in tgtd?): tid from targets.conf order",
+                            t.iqn,
+                            sh.file.display()
+                        ),
+                    ));
+                }
+                (tid, tid_origin)
+            }
         };
         max_tid = max_tid.max(tid);
         if let Some((_, v, at)) = opt("driver") {
@@ -482,6 +598,48 @@ pub fn targets(
                     e.push(Entry::new(key, toml_str(&v), at));
                 }
             }
+            // What the running tgtd presents wins over what the files say.
+            if let Some(sl) = shown.and_then(|st| st.luns.iter().find(|l| l.lun == number)) {
+                let configured = |e: &[Entry], key: &str| {
+                    e.iter().find(|x| x.key == key).map(|x| x.value.clone())
+                };
+                for (key, running, default) in [
+                    (
+                        "scsi_id",
+                        &sl.scsi_id,
+                        crate::scsi::compat::tgt_default_scsi_id(tid, number),
+                    ),
+                    (
+                        "scsi_sn",
+                        &sl.scsi_sn,
+                        crate::scsi::compat::tgt_default_scsi_sn(tid, number),
+                    ),
+                ] {
+                    let effective = configured(&e, key).unwrap_or_else(|| toml_str(&default));
+                    if effective != toml_str(running) {
+                        if configured(&e, key).is_some() {
+                            warnings.push(Warning::new(
+                                &sl.at,
+                                format!("LUN {number} of {}: the running tgtd's {key} `{running}` differs from targets.conf; using the running value", t.iqn),
+                            ));
+                        }
+                        e.retain(|x| x.key != key);
+                        e.push(Entry::new(
+                            key,
+                            toml_str(running),
+                            format!("running tgtd ({})", sl.at),
+                        ));
+                    }
+                }
+            } else if shown.is_some() {
+                warnings.push(Warning::new(
+                    &s.at,
+                    format!(
+                        "LUN {number} of {} is not in the running tgtd: identity from targets.conf",
+                        t.iqn
+                    ),
+                ));
+            }
             if let Some((_, v, at)) = get("readonly") {
                 if matches!(v.as_str(), "1" | "yes" | "on") {
                     e.push(Entry::new("read_only", "true".into(), at));
@@ -634,7 +792,7 @@ mod tests {
         let f = parse(text, Path::new("/etc/tgt/targets.conf"))?;
         let mut w = Vec::new();
         let mut n = Negotiation::default();
-        let r = targets(&[f], &mut n, &mut w)?;
+        let r = targets(&[f], None, &mut n, &mut w)?;
         Ok((r, w))
     }
 
@@ -673,6 +831,29 @@ mod tests {
             .entries
             .iter()
             .any(|e| e.key == "chap" && e.origin.ends_with(":15")));
+    }
+
+    #[test]
+    fn running_tgtd_state_wins() {
+        let f = parse(CONF, Path::new("targets.conf")).unwrap();
+        // tgtd numbered b first (targets added one by one), and LUN 2 of a got another id.
+        let show_text = "Target 1: iqn.2001-04.com.example:b\n    LUN information:\n        LUN: 1\n            SCSI ID: SHARED\n            SCSI SN: beaf11\nTarget 2: iqn.2001-04.com.example:a\n    LUN information:\n        LUN: 2\n            SCSI ID: IET     00020002\n            SCSI SN: OTHER-SN\n";
+        let show = parse_show(show_text, Path::new("show.txt")).unwrap();
+        let mut w = Vec::new();
+        let r = targets(&[f], Some(&show), &mut Negotiation::default(), &mut w).unwrap();
+        let a = &r.targets[0];
+        assert_eq!(val(&a.luns[1], "tgt_tid").as_deref(), Some("2"));
+        assert_eq!(val(&a.luns[1], "scsi_sn").as_deref(), Some("\"OTHER-SN\""));
+        // The default id for tid 2, LUN 2 is what tgtd shows: nothing to pin.
+        assert_eq!(val(&a.luns[1], "scsi_id"), None);
+        assert!(w
+            .iter()
+            .any(|w| w.message.contains("using the running tid")));
+        // LUN 1 of a is not in the show output: warned.
+        assert!(w.iter().any(|w| w
+            .message
+            .contains("LUN 1 of iqn.2001-04.com.example:a is not in the running tgtd")));
+        assert!(parse_show("nothing\n", Path::new("s")).is_err());
     }
 
     #[test]

@@ -13,19 +13,21 @@
 //!   hex digits of `scsi_id` (non-hex characters count as 0). tgt's defaults when scsi_id /
 //!   scsi_sn are not configured: `"IET     %04x%04x"` (tid, lun) and `"beaf%d%d"`.
 //! * IET: standard INQUIRY of 64 bytes (SPC-2, version descriptors SAM-2, iSCSI, SPC-2 ...);
-//!   VPD 0x00 lists 0x00, 0x80, 0x83 only; VPD 0x80 a 16-byte field (or 48 when the serial is
+//!   VPD 0x00 lists 0x00, 0x80, 0x83 only; VPD 0x80 a 16-byte field (or 32 when the serial is
 //!   longer) right-aligned; VPD 0x83 one T10 vendor-id designator, "IET" NUL padded to 8 bytes
-//!   then the 24-byte binary ScsiId. IET's default ScsiId is MD5(target name || LUN as 32-bit
-//!   little-endian), its default ScsiSN the 48 lowercase hex digits of the 24-byte ScsiId.
+//!   then the 16-byte binary ScsiId. IET's default ScsiId is MD5(target name || LUN as 32-bit
+//!   little-endian), its default ScsiSN the 32 lowercase hex digits of the ScsiId. (IET could
+//!   not run here: its kernel module is gone from current kernels, so this layout is taken
+//!   from iscsitarget 1.4.x's kernel/target_disk.c and volume.c, not captured on the wire.)
 
 use md5::{Digest, Md5};
 
 /// tgt's SCSI_ID_LEN and SCSI_SN_LEN (usr/tgtd.h, 1.0.x).
 pub const TGT_ID_LEN: usize = 36;
 pub const TGT_SN_LEN: usize = 36;
-/// IET's SCSI_ID_LEN and SCSI_SN_LEN (kernel/iscsi.h).
-pub const IET_ID_LEN: usize = 24;
-pub const IET_SN_LEN: usize = 48;
+/// IET's SCSI_ID_LEN and SCSI_SN_LEN (include/iet_u.h, iscsitarget 1.4.x).
+pub const IET_ID_LEN: usize = 16;
+pub const IET_SN_LEN: usize = 32;
 
 /// The identity of a LUN as tgt or IET presented it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,9 +41,9 @@ pub enum CompatIdentity {
         numeric_id: u64,
     },
     Iet {
-        /// The 24-byte binary ScsiId.
+        /// The 16-byte binary ScsiId.
         scsi_id: [u8; IET_ID_LEN],
-        /// ScsiSN (at most 48 bytes).
+        /// ScsiSN (at most 32 bytes).
         scsi_sn: String,
     },
 }
@@ -57,17 +59,17 @@ pub fn tgt_default_scsi_sn(tid: u32, lun: u64) -> String {
 }
 
 /// IET's default ScsiId: MD5 of the target name followed by the LUN as a 32-bit
-/// little-endian number (kernel/volume.c `gen_scsiid` on x86), zero padded to 24 bytes.
+/// little-endian number (kernel/volume.c `gen_scsiid` on x86).
 pub fn iet_default_scsi_id(target_name: &str, lun: u32) -> [u8; IET_ID_LEN] {
     let mut h = Md5::new();
     h.update(target_name.as_bytes());
     h.update(lun.to_le_bytes());
     let mut id = [0u8; IET_ID_LEN];
-    id[..16].copy_from_slice(&h.finalize());
+    id.copy_from_slice(&h.finalize());
     id
 }
 
-/// An IET ScsiId given in ietd.conf (`ScsiId=...`): its bytes, zero padded to 24.
+/// An IET ScsiId given in ietd.conf (`ScsiId=...`): its bytes, zero padded to 16.
 pub fn iet_scsi_id_from_text(text: &str) -> [u8; IET_ID_LEN] {
     let mut id = [0u8; IET_ID_LEN];
     let b = text.as_bytes();
@@ -76,7 +78,7 @@ pub fn iet_scsi_id_from_text(text: &str) -> [u8; IET_ID_LEN] {
     id
 }
 
-/// IET's default ScsiSN: the ScsiId's 24 bytes as 48 lowercase hex digits.
+/// IET's default ScsiSN: the ScsiId's 16 bytes as 32 lowercase hex digits.
 pub fn iet_default_scsi_sn(scsi_id: &[u8; IET_ID_LEN]) -> String {
     hex::encode(scsi_id)
 }
@@ -259,10 +261,10 @@ mod tests {
         assert_eq!(&inq[8..36], b"IET     VIRTUAL-DISK    0   ");
         assert_eq!(hex::encode(id.supported_vpd_pages()), "00000003008083");
         let sn = id.unit_serial_number();
-        assert_eq!(sn.len(), 4 + 48);
+        assert_eq!(sn.len(), 4 + 32);
         assert_eq!(&sn[4..], id.serial().as_bytes());
         let d = id.device_identification();
-        assert_eq!(&d[..8], &[0, 0x83, 0, 36, 1, 1, 0, 32]);
+        assert_eq!(&d[..8], &[0, 0x83, 0, 28, 1, 1, 0, 24]);
         assert_eq!(&d[8..16], b"IET\0\0\0\0\0");
         assert_eq!(&d[16..], &scsi_id);
         let short = CompatIdentity::Iet {
