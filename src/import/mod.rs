@@ -414,6 +414,7 @@ pub fn import(req: &ImportRequest) -> Result<ImportResult, ImportError> {
         ));
     }
 
+    warn_shared_identities(&targets, &mut warnings);
     let resources = match &req.drbd {
         Some(path) => {
             let stmts = load_drbd(path)?;
@@ -571,6 +572,32 @@ pub fn import(req: &ImportRequest) -> Result<ImportResult, ImportError> {
     })
 }
 
+/// tgt applies a target-level scsi_id / scsi_sn to every LUN of the target, so two disks
+/// can carry the same designators. twinsan reproduces that (it is what initiators saw) but
+/// says so: multipath and XenServer may take such LUNs for one disk.
+fn warn_shared_identities(targets: &[ImportedTarget], warnings: &mut Vec<Warning>) {
+    for key in ["scsi_id", "scsi_sn"] {
+        let mut seen: Vec<(&str, &str, u64)> = Vec::new();
+        for t in targets {
+            for l in &t.luns {
+                if let Some(e) = l.entries.iter().find(|e| e.key == key) {
+                    if let Some((_, iqn, n)) = seen.iter().find(|(v, _, _)| *v == e.value) {
+                        warnings.push(Warning::new(
+                            &l.at,
+                            format!(
+                                "{key} {} is shared by LUN {} of {} and LUN {n} of {iqn}: both keep it, as tgt presented them, but initiators may take them for one disk",
+                                e.value, l.number, t.iqn
+                            ),
+                        ));
+                    } else {
+                        seen.push((&e.value, &t.iqn, l.number));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// `key = value  # origin`
 fn line(key: &str, value: &str, origin: impl fmt::Display) -> String {
     format!("{key} = {value}  # {origin}\n")
@@ -592,5 +619,76 @@ pub fn check_generated(toml: &str, name: &Path) -> Result<(), crate::config::Con
             crate::config::Config::parse(cut, name).map(|_| ())
         }
         other => other.map(|_| ()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_and_strings() {
+        assert!(wildcard("*.res", "r0.res"));
+        assert!(wildcard("r?.res", "r1.res"));
+        assert!(!wildcard("*.res", "r0.res.bak"));
+        assert_eq!(toml_str("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["b.res", "a.res", "c.conf"] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        let at = Origin::new(Path::new("drbd.conf"), 2);
+        let got = expand_glob("*.res", dir.path(), &at).unwrap();
+        let names: Vec<_> = got
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(names, ["a.res", "b.res"]);
+        let e = expand_glob("missing/*.res", dir.path(), &at).unwrap_err();
+        assert_eq!((e.line, e.file.as_path()), (2, Path::new("drbd.conf")));
+    }
+
+    #[test]
+    fn negotiation_is_global_and_conflicts_are_reported() {
+        let mut n = Negotiation::default();
+        let mut w = Vec::new();
+        let a = Origin::new(Path::new("t.conf"), 3);
+        let b = Origin::new(Path::new("t.conf"), 9);
+        assert!(n.map("MaxBurstLength", "262144", &a, &mut w).unwrap());
+        assert!(n.map("MaxBurstLength", "1048576", &b, &mut w).unwrap());
+        assert_eq!(n.entries.len(), 1);
+        assert!(
+            w[0].to_string()
+                .starts_with("t.conf:9: MaxBurstLength 1048576"),
+            "{}",
+            w[0]
+        );
+        assert!(!n.map("Bogus", "1", &a, &mut w).unwrap());
+        assert!(n.map("FirstBurstLength", "12", &a, &mut w).is_err());
+    }
+
+    #[test]
+    fn shared_tgt_identities_are_reported() {
+        let lun = |n: u64, id: &str| ImportedLun {
+            number: n,
+            number_origin: String::new(),
+            path: format!("/dev/x{n}"),
+            at: Origin::new(Path::new("targets.conf"), n as usize),
+            entries: vec![Entry::new("scsi_id", toml_str(id), "x")],
+        };
+        let t = ImportedTarget {
+            iqn: "iqn.2001-04.com.example:a".into(),
+            at: Origin::new(Path::new("targets.conf"), 1),
+            entries: Vec::new(),
+            luns: vec![lun(1, "SAME"), lun(2, "SAME"), lun(3, "OTHER")],
+        };
+        let mut w = Vec::new();
+        warn_shared_identities(&[t], &mut w);
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].to_string()
+                .starts_with("targets.conf:2: scsi_id \"SAME\" is shared by LUN 2"),
+            "{}",
+            w[0]
+        );
     }
 }
