@@ -556,3 +556,81 @@ fn broken_files_fail_with_file_line_and_reason() {
         assert!(!t.contains("panicked"), "{t}");
     }
 }
+
+#[test]
+fn drbd_backed_lun_is_served_from_the_lower_disk_after_import() {
+    let dir = scratch_dir();
+    let d = dir.path();
+    sparse(&d.join("lower1.img"), 128 << 20);
+    sparse(&d.join("plain.img"), 64 << 20);
+    let (link, port) = (free_port(), free_port());
+    std::fs::write(
+        d.join("drbd.conf"),
+        format!(
+            "resource r1 {{\n  net {{ shared-secret \"replication-secret\"; }}\n  on xen1 {{ device /dev/drbd1; disk {d}/lower1.img; address 127.0.0.1:{link}; meta-disk internal; }}\n  on xen2 {{ device /dev/drbd1; disk /dev/sdb1; address 127.0.0.2:{link}; meta-disk internal; }}\n}}\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("targets.conf"),
+        format!(
+            "<target iqn.2026-11.org.twinsan.test:e2e>\n  backing-store /dev/drbd1\n  backing-store {}/plain.img\n</target>\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    let config = d.join("twinsan.toml");
+    let o = import(&[
+        "--host",
+        "xen1",
+        "--drbd",
+        d.join("drbd.conf").to_str().unwrap(),
+        "--tgt",
+        d.join("targets.conf").to_str().unwrap(),
+        "--portal",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+        d.join("data").to_str().unwrap(),
+        "--output",
+        config.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let toml = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        toml.contains(&format!("path = \"{}/lower1.img\"", d.display())),
+        "{toml}"
+    );
+    // New metadata here (adopting existing DRBD metadata is `replication adopt`'s job).
+    let o = run(
+        Command::new(bin())
+            .args([
+                "replication",
+                "create-md",
+                "--volume",
+                "r1",
+                "--initial-sync",
+                "full",
+                "--config",
+            ])
+            .arg(&config),
+        Duration::from_secs(30),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let _server = Server::start_with_config(d, &config, port);
+    let ls = run(
+        Command::new(tool("iscsi-ls")).args(["-s", &format!("iscsi://127.0.0.1:{port}")]),
+        Duration::from_secs(30),
+    );
+    let ls = text(&ls);
+    // LUN 1 is the DRBD device's usable size (lower disk minus internal metadata), as tgt
+    // served /dev/drbd1; LUN 2 the plain file.
+    assert!(
+        ls.contains("Lun:1    Type:DIRECT_ACCESS (Size:127M)"),
+        "{ls}"
+    );
+    assert!(
+        ls.contains("Lun:2    Type:DIRECT_ACCESS (Size:63M)"),
+        "{ls}"
+    );
+}

@@ -73,13 +73,9 @@ pub fn parse(text: &str, file: &Path) -> Result<TgtFile, ImportError> {
                 ));
             }
             match name.as_str() {
-                "backing-store" | "direct-store" => match store.take() {
-                    Some(s) => target
-                        .as_mut()
-                        .expect("a store is inside a target")
-                        .stores
-                        .push(s),
-                    None => {
+                "backing-store" | "direct-store" => match (store.take(), target.as_mut()) {
+                    (Some(s), Some(t)) => t.stores.push(s),
+                    _ => {
                         return Err(ImportError::at(
                             &at,
                             format!("`{l}` without an open <{name}>"),
