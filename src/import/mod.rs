@@ -691,4 +691,75 @@ mod tests {
             w[0]
         );
     }
+
+    /// Garbage never panics any parser: every input gives a value or an ImportError.
+    #[test]
+    fn parsers_survive_random_input() {
+        use rand::{Rng, SeedableRng};
+        const ALPHABET: &[&str] = &[
+            "{",
+            "}",
+            ";",
+            "\"",
+            "#",
+            "\n",
+            " ",
+            "<",
+            ">",
+            "</",
+            "=",
+            ",",
+            "[",
+            "]",
+            "on",
+            "resource",
+            "target",
+            "backing-store",
+            "Lun",
+            "Target",
+            "Path=",
+            "LUN: ",
+            "SCSI ID: ",
+            "Target 1: ",
+            "include",
+            "device",
+            "meta-disk",
+            "address",
+            "é",
+            "0",
+            "99999999999",
+            "DRBD_VIRTUAL_IP",
+            "'",
+            "\\",
+            "lun",
+            "disk",
+            "net",
+            "common",
+            "volume",
+            "minor",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..3000 {
+            let n = rng.gen_range(0..40);
+            let text: String = (0..n)
+                .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())])
+                .collect();
+            let f = Path::new("fuzz");
+            if let Ok(stmts) = drbd_conf::parse(&text, f) {
+                let _ = drbd_conf::resources(&stmts, "on");
+            }
+            if let Ok(t) = tgt_conf::parse(&text, f) {
+                let _ = tgt_conf::targets(&[t], None, &mut Negotiation::default(), &mut Vec::new());
+            }
+            let _ = tgt_conf::parse_show(&text, f);
+            let _ = ietd_conf::targets(
+                &text,
+                f,
+                Some((&text, f)),
+                &mut Negotiation::default(),
+                &mut Vec::new(),
+            );
+            let _ = iscsi_ha_conf::parse(&text, f, &mut Vec::new());
+        }
+    }
 }
