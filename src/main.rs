@@ -89,6 +89,10 @@ enum Command {
         /// data_dir of the generated configuration (default /var/lib/twinsan).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Identity rehearsal: serve every LUN from a small sparse file in DIR, without
+        /// replication or [ha], to compare its identity with the running target first.
+        #[arg(long, value_name = "DIR")]
+        rehearsal: Option<PathBuf>,
         /// Output file (default: stdout).
         #[arg(long, short)]
         output: Option<PathBuf>,
@@ -199,6 +203,7 @@ fn main() -> anyhow::Result<()> {
             iscsi_ha,
             portal,
             data_dir,
+            rehearsal,
             output,
         } => {
             let req = twinsan::import::ImportRequest {
@@ -211,6 +216,7 @@ fn main() -> anyhow::Result<()> {
                 iscsi_ha,
                 portals: portal,
                 data_dir,
+                rehearsal,
             };
             let result = twinsan::import::import(&req)?;
             for w in &result.warnings {

@@ -298,6 +298,35 @@ fn tgt_identity_is_byte_identical_after_import() {
     }
     eprintln!("identity of 4 LUNs on 2 targets byte-identical: {compared} bytes compared");
     server.assert_alive();
+
+    // The rehearsal the migration guide runs before switching anything: same identity from
+    // stand-in files, next to the running tgtd.
+    let rport = free_port();
+    let rconfig = d.join("rehearsal.toml");
+    let o = import(&[
+        "--host",
+        "xen1",
+        "--tgt",
+        conf_path.to_str().unwrap(),
+        "--portal",
+        &format!("127.0.0.1:{rport}"),
+        "--data-dir",
+        d.join("rehearsal-data").to_str().unwrap(),
+        "--rehearsal",
+        d.join("rehearsal").to_str().unwrap(),
+        "--output",
+        rconfig.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "import --rehearsal: {}", text(&o));
+    std::fs::create_dir_all(d.join("rehearsal")).unwrap();
+    let _rehearsal = Server::start_with_config(d, &rconfig, rport);
+    for (t, lun) in [(TGT_A, 1u64), (TGT_A, 2), (TGT_B, 1), (TGT_B, 3)] {
+        assert_eq!(
+            raw_identity(tgt_port, t, lun),
+            raw_identity(rport, t, lun),
+            "rehearsal {t}/{lun}"
+        );
+    }
 }
 
 fn hex(b: &[u8]) -> String {

@@ -348,6 +348,10 @@ pub struct ImportRequest {
     /// Portals to serve on (default: the iscsi-ha VIP, else 0.0.0.0:3260 as tgt/IET did).
     pub portals: Vec<String>,
     pub data_dir: Option<PathBuf>,
+    /// Identity rehearsal: every LUN on a small sparse file under this directory, no
+    /// replication and no `[ha]`, so the imported identity can be compared with the running
+    /// target (iscsi-inq) before anything is switched.
+    pub rehearsal: Option<PathBuf>,
 }
 
 /// The generated configuration and what could not be carried over.
@@ -482,7 +486,7 @@ pub fn import(req: &ImportRequest) -> Result<ImportResult, ImportError> {
         }
         out.push('\n');
     }
-    for t in &targets {
+    for (ti, t) in targets.iter().enumerate() {
         out.push_str("[[target]]\n");
         out.push_str(&line("iqn", &toml_str(&t.iqn), &t.at));
         out.push_str("portals = [\n");
@@ -496,6 +500,23 @@ pub fn import(req: &ImportRequest) -> Result<ImportResult, ImportError> {
         for l in &t.luns {
             out.push_str("\n[[target.lun]]\n");
             out.push_str(&line("number", &l.number.to_string(), &l.number_origin));
+            if let Some(dir) = &req.rehearsal {
+                let file = dir.join(format!("target{ti}-lun{}.img", l.number));
+                out.push_str(&line(
+                    "path",
+                    &toml_str(&file.to_string_lossy()),
+                    format!("--rehearsal stand-in for {} ({})", l.path, l.at),
+                ));
+                out.push_str(&line(
+                    "size",
+                    &toml_str("64MiB"),
+                    "--rehearsal: identity does not depend on the size",
+                ));
+                for e in &l.entries {
+                    out.push_str(&line(&e.key, &e.value, &e.origin));
+                }
+                continue;
+            }
             let resource = resources.iter().position(|r| {
                 r.device.0 == l.path
                     || l.path == format!("/dev/drbd/by-res/{}", r.name)
@@ -552,7 +573,7 @@ pub fn import(req: &ImportRequest) -> Result<ImportResult, ImportError> {
         out.push('\n');
     }
     for (i, r) in resources.iter().enumerate() {
-        if !used[i] {
+        if !used[i] && req.rehearsal.is_none() {
             warnings.push(Warning::new(
                 &r.at,
                 format!(
@@ -562,7 +583,7 @@ pub fn import(req: &ImportRequest) -> Result<ImportResult, ImportError> {
             ));
         }
     }
-    if let Some(h) = &ha {
+    if let (Some(h), None) = (&ha, &req.rehearsal) {
         let link = resources.iter().find(|_| true);
         out.push_str(&iscsi_ha_conf::render(h, &req.host, link, &mut warnings)?);
     }
