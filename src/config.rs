@@ -974,6 +974,43 @@ naa = "600140512345678901234567890abcde"
     }
 
     #[test]
+    fn identity_mode_keys_are_checked() {
+        let no_naa = GOOD.replace("naa = \"600140512345678901234567890abcde\"\n", "");
+        let with = |base: &str, extra: &str| {
+            base.replace(
+                "block_size = 4096\n",
+                &format!("block_size = 4096\n{extra}\n"),
+            )
+        };
+        let c = parse(&with(
+            &no_naa,
+            "identity = \"tgt\"\ntgt_tid = 2\nscsi_sn = \"beaf21\"",
+        ))
+        .unwrap();
+        assert_eq!(c.targets[0].luns[0].identity, IdentityMode::Tgt);
+        assert_eq!(
+            invalid_key(&with(&no_naa, "identity = \"tgt\"")),
+            "target[0].lun[0].tgt_tid"
+        );
+        assert_eq!(
+            invalid_key(&with(&no_naa, "scsi_id = \"x\"")),
+            "target[0].lun[0].scsi_id"
+        );
+        assert_eq!(
+            invalid_key(&with(
+                &no_naa,
+                "identity = \"iet\"\nscsi_id = \"0123456789abcdefX\""
+            )),
+            "target[0].lun[0].scsi_id"
+        );
+        // naa is twinsan's own identity: it cannot be combined with tgt's.
+        assert_eq!(
+            invalid_key(&with(GOOD, "identity = \"tgt\"\ntgt_tid = 1")),
+            "target[0].lun[0].naa"
+        );
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("512M").unwrap(), 512 << 20);
         assert_eq!(parse_size("2 GiB").unwrap(), 2 << 30);
