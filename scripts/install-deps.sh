@@ -23,7 +23,8 @@ command -v apt-get >/dev/null || die "apt-get not found: only Debian (bookworm) 
 # Packages the tests and benchmarks use (see /work/shared/reference/real-clients.md):
 #   libiscsi-bin      iscsi-test-cu (conformance), iscsi-ls/-inq/-readcapacity16/-perf probes
 #   libiscsi-dev      fio's libiscsi engine (build), pkg-config file
-#   tgt               the incumbent target, side-by-side benchmark and conformance baseline
+#   tgt               the incumbent target: benchmark and conformance baseline, and the reference
+#                     for the tgt-compatible disk identity (tests/migration_import.rs, tgt-admin)
 #   qemu-utils, qemu-block-extra   qemu-img/qemu-io with iscsi:// URLs (the iscsi block module)
 #   drbd-utils        drbdmeta, the DRBD metadata oracle
 #   iproute2          ip netns / veth for the two-node tests

@@ -166,6 +166,31 @@ pub struct LunConfig {
     pub t10_vendor_specific: Option<String>,
     /// Replicate this LUN synchronously to the peer host.
     pub replication: Option<ReplicationConfig>,
+    /// Whose disk identity the LUN presents: twinsan's own (default), or exactly what tgt
+    /// or IET presented (standard INQUIRY, VPD 0x00/0x80/0x83), for migrations.
+    #[serde(default)]
+    pub identity: IdentityMode,
+    /// identity = "tgt": the target id (tid) tgt gave this LUN's target; tgt's default
+    /// identity is derived from it and the LUN number.
+    pub tgt_tid: Option<u32>,
+    /// identity = "tgt" / "iet": tgt's `scsi_id` or IET's `ScsiId`, when one was configured.
+    pub scsi_id: Option<String>,
+    /// identity = "tgt" / "iet": tgt's `scsi_sn` or IET's `ScsiSN`, when one was configured.
+    pub scsi_sn: Option<String>,
+}
+
+/// Which target's disk identity a LUN presents.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityMode {
+    /// twinsan's own: configured or derived from IQN and LUN, persisted (see identity.rs).
+    #[default]
+    Twinsan,
+    /// Byte-identical to tgt 1.0.x for the same tid, LUN, scsi_id, scsi_sn, vendor_id,
+    /// product_id and product_rev.
+    Tgt,
+    /// Byte-identical to IET for the same target name, LUN, ScsiId and ScsiSN.
+    Iet,
 }
 
 /// A replicated volume (DRBD-like, protocol C). Both hosts configure the same `name`,
@@ -482,6 +507,10 @@ impl Config {
                     naa: None,
                     t10_vendor_specific: None,
                     replication: None,
+                    identity: IdentityMode::Twinsan,
+                    tgt_tid: None,
+                    scsi_id: None,
+                    scsi_sn: None,
                 }],
             }],
             ha: None,
@@ -686,6 +715,9 @@ impl Config {
                         return Err(err(format!("{lk}.naa"), m));
                     }
                 }
+                if let Err((key, m)) = check_identity_mode(l) {
+                    return Err(err(format!("{lk}.{key}"), m));
+                }
                 if let Some(r) = &l.replication {
                     r.validate(&format!("{lk}.replication"), &err)?;
                     if !replication_names.insert(r.name.clone()) {
@@ -702,6 +734,75 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The identity-mode keys of one LUN: which keys each mode needs or refuses, and the field
+/// lengths tgt (usr/tgtd.h) and IET (kernel/iscsi.h) accept.
+fn check_identity_mode(l: &LunConfig) -> Result<(), (&'static str, String)> {
+    use crate::scsi::compat::{IET_ID_LEN, IET_SN_LEN, TGT_ID_LEN, TGT_SN_LEN};
+    let printable = |v: &str| v.bytes().all(|b| (0x20..0x7f).contains(&b));
+    let (id_max, sn_max) = match l.identity {
+        IdentityMode::Twinsan => {
+            for (key, set) in [
+                ("tgt_tid", l.tgt_tid.is_some()),
+                ("scsi_id", l.scsi_id.is_some()),
+                ("scsi_sn", l.scsi_sn.is_some()),
+            ] {
+                if set {
+                    return Err((
+                        key,
+                        "only applies with identity = \"tgt\" or \"iet\" (use serial / naa for twinsan's own identity)".into(),
+                    ));
+                }
+            }
+            return Ok(());
+        }
+        IdentityMode::Tgt => {
+            match l.tgt_tid {
+                None => {
+                    return Err((
+                        "tgt_tid",
+                        "identity = \"tgt\" needs the target id tgt used (`tgtadm --mode target --op show`)".into(),
+                    ))
+                }
+                Some(0) => return Err(("tgt_tid", "tgt target ids start at 1".into())),
+                Some(_) => {}
+            }
+            (TGT_ID_LEN, TGT_SN_LEN)
+        }
+        IdentityMode::Iet => {
+            if l.tgt_tid.is_some() {
+                return Err(("tgt_tid", "only applies with identity = \"tgt\"".into()));
+            }
+            (IET_ID_LEN, IET_SN_LEN)
+        }
+    };
+    for (key, val, max) in [
+        ("scsi_id", &l.scsi_id, id_max),
+        ("scsi_sn", &l.scsi_sn, sn_max),
+    ] {
+        if let Some(v) = val {
+            if v.is_empty() || v.len() > max || !printable(v) {
+                return Err((
+                    key,
+                    format!("`{v}` must be 1..={max} printable ASCII characters"),
+                ));
+            }
+        }
+    }
+    for (key, set) in [
+        ("naa", l.naa.is_some()),
+        ("serial", l.serial.is_some()),
+        ("t10_vendor_specific", l.t10_vendor_specific.is_some()),
+    ] {
+        if set {
+            return Err((
+                key,
+                "does not apply with a tgt/IET identity (set scsi_id / scsi_sn instead)".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_credentials(
@@ -884,6 +985,43 @@ naa = "600140512345678901234567890abcde"
         );
         assert_eq!(parse_meta("/m").unwrap(), MetaDisk::External("/m".into()));
         assert!(parse_meta("/dev/x[a]").is_err());
+    }
+
+    #[test]
+    fn identity_mode_keys_are_checked() {
+        let no_naa = GOOD.replace("naa = \"600140512345678901234567890abcde\"\n", "");
+        let with = |base: &str, extra: &str| {
+            base.replace(
+                "block_size = 4096\n",
+                &format!("block_size = 4096\n{extra}\n"),
+            )
+        };
+        let c = parse(&with(
+            &no_naa,
+            "identity = \"tgt\"\ntgt_tid = 2\nscsi_sn = \"beaf21\"",
+        ))
+        .unwrap();
+        assert_eq!(c.targets[0].luns[0].identity, IdentityMode::Tgt);
+        assert_eq!(
+            invalid_key(&with(&no_naa, "identity = \"tgt\"")),
+            "target[0].lun[0].tgt_tid"
+        );
+        assert_eq!(
+            invalid_key(&with(&no_naa, "scsi_id = \"x\"")),
+            "target[0].lun[0].scsi_id"
+        );
+        assert_eq!(
+            invalid_key(&with(
+                &no_naa,
+                "identity = \"iet\"\nscsi_id = \"0123456789abcdefX\""
+            )),
+            "target[0].lun[0].scsi_id"
+        );
+        // naa is twinsan's own identity: it cannot be combined with tgt's.
+        assert_eq!(
+            invalid_key(&with(GOOD, "identity = \"tgt\"\ntgt_tid = 1")),
+            "target[0].lun[0].naa"
+        );
     }
 
     #[test]

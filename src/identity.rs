@@ -7,7 +7,8 @@
 //! `<data_dir>/identity.toml`; from then on the persisted value wins, so a later change in the
 //! derivation can never alter an existing disk's identity.
 
-use crate::config::{parse_naa, LunConfig, TargetConfig};
+use crate::config::{parse_naa, IdentityMode, LunConfig, TargetConfig};
+use crate::scsi::compat::{self, CompatIdentity};
 use crate::scsi::LunIdentity;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -75,6 +76,9 @@ impl IdentityStore {
         target: &TargetConfig,
         lun: &LunConfig,
     ) -> Result<LunIdentity, IdentityError> {
+        if lun.identity != IdentityMode::Twinsan {
+            return Ok(compat_identity(target, lun));
+        }
         let key_target = target.iqn.to_ascii_lowercase();
         let stored = self
             .state
@@ -127,6 +131,7 @@ impl IdentityStore {
             target_port_name: format!("{},t,0x{:04x}", target.iqn, target.tpgt),
             relative_port: 1,
             port_group: None,
+            compat: None,
         })
     }
 
@@ -153,6 +158,62 @@ impl IdentityStore {
             }
         }
         Ok(())
+    }
+}
+
+/// The identity tgt or IET presented for this LUN: nothing derived from twinsan's own
+/// scheme and nothing persisted, since the configuration (tid, LUN, scsi_id, scsi_sn)
+/// determines it completely.
+fn compat_identity(target: &TargetConfig, lun: &LunConfig) -> LunIdentity {
+    let (compat, revision) = match lun.identity {
+        IdentityMode::Tgt => {
+            let tid = lun.tgt_tid.unwrap_or(1);
+            (
+                CompatIdentity::Tgt {
+                    scsi_id: lun
+                        .scsi_id
+                        .clone()
+                        .unwrap_or_else(|| compat::tgt_default_scsi_id(tid, lun.number)),
+                    scsi_sn: lun
+                        .scsi_sn
+                        .clone()
+                        .unwrap_or_else(|| compat::tgt_default_scsi_sn(tid, lun.number)),
+                    numeric_id: (u64::from(tid) << 32) | lun.number,
+                },
+                "0001",
+            )
+        }
+        _ => {
+            let scsi_id = match &lun.scsi_id {
+                Some(text) => compat::iet_scsi_id_from_text(text),
+                None => compat::iet_default_scsi_id(&target.iqn, lun.number as u32),
+            };
+            let scsi_sn = lun
+                .scsi_sn
+                .clone()
+                .unwrap_or_else(|| compat::iet_default_scsi_sn(&scsi_id));
+            (CompatIdentity::Iet { scsi_id, scsi_sn }, "0")
+        }
+    };
+    let naa = match &compat {
+        CompatIdentity::Tgt { numeric_id, .. } => {
+            let mut b = numeric_id.to_be_bytes();
+            b[0] |= 0x30;
+            b.to_vec()
+        }
+        CompatIdentity::Iet { .. } => Vec::new(),
+    };
+    LunIdentity {
+        vendor: lun.vendor.clone().unwrap_or_else(|| "IET".into()),
+        product: lun.product.clone().unwrap_or_else(|| "VIRTUAL-DISK".into()),
+        revision: lun.revision.clone().unwrap_or_else(|| revision.into()),
+        serial: compat.serial().to_string(),
+        naa,
+        t10_vendor_specific: String::new(),
+        target_port_name: format!("{},t,0x{:04x}", target.iqn, target.tpgt),
+        relative_port: 1,
+        port_group: None,
+        compat: Some(compat),
     }
 }
 

@@ -9,6 +9,7 @@ pub mod control;
 pub mod ha;
 pub mod ha_config;
 pub mod identity;
+pub mod import;
 pub mod iscsi;
 pub mod logbuf;
 pub mod scsi;

@@ -70,6 +70,43 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a twinsan configuration from drbd.conf + targets.conf (tgt) or ietd.conf (IET)
+    /// + iscsi-ha.conf, for one host; every value is commented with its source file:line.
+    Import {
+        /// Which `on NAME { }` section of drbd.conf is this host.
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        drbd: Option<PathBuf>,
+        /// tgt's targets.conf.
+        #[arg(long)]
+        tgt: Option<PathBuf>,
+        /// Saved `tgtadm --lld iscsi --mode target --op show` of the running tgtd (its tids
+        /// and SCSI ID/SN win over targets.conf).
+        #[arg(long)]
+        tgt_show: Option<PathBuf>,
+        /// IET's ietd.conf.
+        #[arg(long)]
+        ietd: Option<PathBuf>,
+        /// IET's initiators.allow (with --ietd).
+        #[arg(long)]
+        initiators_allow: Option<PathBuf>,
+        #[arg(long)]
+        iscsi_ha: Option<PathBuf>,
+        /// Portal(s) to serve on (default: the iscsi-ha VIP, else 0.0.0.0:3260).
+        #[arg(long)]
+        portal: Vec<String>,
+        /// data_dir of the generated configuration (default /var/lib/twinsan).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Identity rehearsal: serve every LUN from a small sparse file in DIR, without
+        /// replication or [ha], to compare its identity with the running target first.
+        #[arg(long, value_name = "DIR")]
+        rehearsal: Option<PathBuf>,
+        /// Output file (default: stdout).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
     /// Validate a configuration file and print what it defines.
     CheckConfig {
         #[arg(long, short)]
@@ -219,6 +256,54 @@ fn main() -> anyhow::Result<()> {
                 serde_json::json!({"command": "replication", "volume": volume, "action": action, "force": force}),
             ))?;
             println!("{volume}: {action} done");
+            Ok(())
+        }
+        Command::Import {
+            host,
+            drbd,
+            tgt,
+            tgt_show,
+            ietd,
+            initiators_allow,
+            iscsi_ha,
+            portal,
+            data_dir,
+            rehearsal,
+            output,
+        } => {
+            let req = twinsan::import::ImportRequest {
+                host,
+                drbd,
+                tgt,
+                tgt_show,
+                ietd,
+                initiators_allow,
+                iscsi_ha,
+                portals: portal,
+                data_dir,
+                rehearsal,
+            };
+            let result = twinsan::import::import(&req)?;
+            for w in &result.warnings {
+                eprintln!("warning: {w}");
+            }
+            // The output must be a configuration twinsan accepts; check before writing.
+            let name = output
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("<generated>"));
+            twinsan::import::check_generated(&result.toml, &name)?;
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, &result.toml)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!(
+                        "wrote {} ({} warnings)",
+                        path.display(),
+                        result.warnings.len()
+                    );
+                }
+                None => print!("{}", result.toml),
+            }
             Ok(())
         }
         Command::CheckConfig { config } => {

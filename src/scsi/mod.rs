@@ -5,6 +5,7 @@
 //! length: the transport truncates to the initiator's expected length and reports residuals).
 
 pub mod cdb;
+pub mod compat;
 pub mod sbc;
 pub mod sense;
 pub mod spc;
@@ -103,6 +104,9 @@ pub struct LunIdentity {
     pub relative_port: u16,
     /// Target port group (designator type 5), presented when `Some`.
     pub port_group: Option<u16>,
+    /// When set, standard INQUIRY and VPD 0x00/0x80/0x83 are exactly what tgt or IET
+    /// presented for this LUN (migration without changing the disk's identity).
+    pub compat: Option<compat::CompatIdentity>,
 }
 
 /// Per-LUN settings the SCSI layer needs.

@@ -566,6 +566,7 @@ mod tests {
                 target_port_name: "iqn.x,t,0x0001".into(),
                 relative_port: 1,
                 port_group: None,
+                compat: None,
             },
             write_cache: true,
             thin_provisioning: thin,

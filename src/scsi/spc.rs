@@ -79,6 +79,9 @@ fn standard_inquiry_with(byte0: u8, identity: &LunIdentity) -> Vec<u8> {
 /// Standard INQUIRY data (SPC-4 6.4.2), 96 bytes: direct-access block device, SPC-4,
 /// HISUP, command queuing, not removable, no protection information, no ALUA (TPGS=0).
 pub fn standard_inquiry(identity: &LunIdentity) -> Vec<u8> {
+    if let Some(compat) = &identity.compat {
+        return compat.standard_inquiry(&identity.vendor, &identity.product, &identity.revision);
+    }
     standard_inquiry_with(0x00, identity)
 }
 
@@ -95,6 +98,7 @@ pub fn missing_lun_inquiry(identity: Option<&LunIdentity>) -> Vec<u8> {
         target_port_name: String::new(),
         relative_port: 0,
         port_group: None,
+        compat: None,
     };
     standard_inquiry_with(NO_LOGICAL_UNIT, identity.unwrap_or(&blank))
 }
@@ -173,6 +177,16 @@ pub fn inquiry_vpd(
     limits: &BlockLimits,
 ) -> Result<Vec<u8>, Sense> {
     let thin = settings.thin_provisioning;
+    if let Some(compat) = &settings.identity.compat {
+        // Pages tgt/IET presented come out byte for byte as they did; the block pages
+        // (B0h-B2h) stay twinsan's, and are answered even where IET did not list them.
+        match page {
+            0x00 => return Ok(compat.supported_vpd_pages()),
+            0x80 => return Ok(compat.unit_serial_number()),
+            0x83 => return Ok(compat.device_identification()),
+            _ => {}
+        }
+    }
     Ok(match page {
         0x00 => vpd_page(0x00, &VPD_PAGES),
         0x80 => vpd_page(
@@ -596,6 +610,7 @@ mod tests {
             target_port_name: "iqn.2024-01.org.example:store,t,0x0001".into(),
             relative_port: 1,
             port_group: Some(7),
+            compat: None,
         }
     }
 

@@ -454,6 +454,7 @@ mod tests {
             target_port_name: "iqn.2024-01.org.example:t,t,0x0001".into(),
             relative_port: 1,
             port_group: None,
+            compat: None,
         }
     }
 

@@ -54,8 +54,20 @@ impl Raw {
         header_digest: bool,
         data_digest: bool,
     ) -> std::io::Result<Raw> {
+        Self::try_login_to(port, IQN, initiator, header_digest, data_digest)
+    }
+
+    /// Logs in to target `target` on 127.0.0.1:`port` as `initiator` (no CHAP).
+    pub fn try_login_to(
+        port: u16,
+        target: &str,
+        initiator: &str,
+        header_digest: bool,
+        data_digest: bool,
+    ) -> std::io::Result<Raw> {
         Self::try_login_at(
             std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            target,
             initiator,
             header_digest,
             data_digest,
@@ -63,9 +75,10 @@ impl Raw {
         )
     }
 
-    /// Like [`Raw::try_login`] on the portal `addr`, giving up connecting after `connect_limit`.
+    /// Logs in to `target` on the portal `addr`, giving up connecting after `connect_limit`.
     pub fn try_login_at(
         addr: std::net::SocketAddr,
+        target: &str,
         initiator: &str,
         header_digest: bool,
         data_digest: bool,
@@ -91,7 +104,7 @@ impl Raw {
         let dig = |on: bool| if on { "CRC32C" } else { "None" };
         let text = encode_text(&[
             ("InitiatorName", initiator),
-            ("TargetName", IQN),
+            ("TargetName", target),
             ("SessionType", "Normal"),
             ("HeaderDigest", dig(header_digest)),
             ("DataDigest", dig(data_digest)),
@@ -596,7 +609,7 @@ impl TagWriter {
             "iqn.2026-11.org.twinsan.test:tagwriter-{:08x}",
             rand::random::<u32>()
         );
-        let mut raw = Raw::try_login_at(addr, &initiator, false, false, connect_limit)?;
+        let mut raw = Raw::try_login_at(addr, IQN, &initiator, false, false, connect_limit)?;
         let immediate = raw.key("ImmediateData").unwrap_or("Yes").to_string();
         assert_eq!(
             immediate, "Yes",
