@@ -1013,7 +1013,8 @@ impl FileStore {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let mut buf = AlignedBuf::zeroed(len);
+        // Every byte is overwritten by the read, or zeroed below when the file ends early.
+        let mut buf = AlignedBuf::recycled(len);
         let mut done = 0usize;
         let mut retries = 0u32;
         while done < len {
@@ -1030,8 +1031,11 @@ impl FileStore {
             let (res, keep) = unsafe { self.run(entry, Keep::Buf(buf)) }.await?;
             buf = keep.into_buf();
             match res {
-                // EOF: the file shrank underneath us. The rest of the buffer stays zero.
-                0 => break,
+                // EOF: the file shrank underneath us. The rest reads as zeroes.
+                0 => {
+                    buf.as_mut_slice()[done..].fill(0);
+                    break;
+                }
                 n if n > 0 => {
                     done += n as usize;
                     retries = 0;
