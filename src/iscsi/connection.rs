@@ -263,6 +263,7 @@ async fn run(
         out,
         gathers: HashMap::new(),
         held: Vec::new(),
+        early_data_out: HashMap::new(),
         tags: TransferTags(1),
         text_negotiation: TextNegotiation::new(),
         logout_response: None,
@@ -402,6 +403,9 @@ struct FeatureConnection {
     gathers: HashMap<u32, PendingWrite>,
     /// Commands that arrived ahead of ExpCmdSN (§4.2.2.1), delivered in order.
     held: Vec<Pdu>,
+    /// Unsolicited Data-Out that arrived for a held command, by ITT; replayed when the
+    /// command is dispatched. At most FirstBurstLength bytes per command.
+    early_data_out: HashMap<u32, Vec<Pdu>>,
     tags: TransferTags,
     text_negotiation: TextNegotiation,
     /// Sent once running commands have answered, then the connection closes.
@@ -562,6 +566,7 @@ impl FeatureConnection {
     }
 
     fn scsi_command(&mut self, pdu: Pdu) {
+        let early = self.early_data_out.remove(&pdu.itt()).unwrap_or_default();
         let hdr = match ScsiCommandHeader::parse(&pdu) {
             Ok(h) => h,
             Err(why) => {
@@ -634,8 +639,9 @@ impl FeatureConnection {
                     if !r2ts.is_empty() {
                         self.out.send(r2ts);
                     }
+                    let itt = hdr.itt;
                     self.gathers.insert(
-                        hdr.itt,
+                        itt,
                         PendingWrite {
                             gather: g,
                             hdr,
@@ -643,6 +649,9 @@ impl FeatureConnection {
                             residual,
                         },
                     );
+                    for p in early {
+                        self.data_out(p);
+                    }
                 }
             }
         }
@@ -651,6 +660,9 @@ impl FeatureConnection {
     fn data_out(&mut self, pdu: Pdu) {
         let itt = pdu.itt();
         let Some(pending) = self.gathers.get_mut(&itt) else {
+            if self.hold_early_data_out(&pdu) {
+                return;
+            }
             debug!(
                 itt,
                 "Data-Out for no pending write (completed or aborted): ignored"
@@ -685,6 +697,36 @@ impl FeatureConnection {
                 self.out.send(r2ts);
             }
         }
+    }
+
+    /// Keeps unsolicited Data-Out for a command still held for CmdSN order: the initiator
+    /// sends it right behind the command (§4.2.2.1 only orders commands), so it can arrive
+    /// before the command may run. Returns whether the PDU was kept.
+    fn hold_early_data_out(&mut self, pdu: &Pdu) -> bool {
+        let itt = pdu.itt();
+        if pdu.field20() != RESERVED_TAG
+            || !self
+                .held
+                .iter()
+                .any(|c| c.itt() == itt && c.opcode() == Some(Opcode::ScsiCommand))
+        {
+            return false;
+        }
+        let kept = self.early_data_out.entry(itt).or_default();
+        let bytes: usize = kept.iter().map(|p| p.data.len()).sum();
+        if bytes + pdu.data.len() > self.params.first_burst as usize {
+            warn!(
+                itt,
+                "unsolicited Data-Out beyond FirstBurstLength for a held command: dropped"
+            );
+            return true;
+        }
+        debug!(
+            itt,
+            "unsolicited Data-Out for a command held for CmdSN order: kept"
+        );
+        kept.push(pdu.clone());
+        true
     }
 
     /// Answers a command without executing it.
@@ -774,6 +816,8 @@ impl FeatureConnection {
                         let tmf_sn = pdu.field24();
                         if self.session.in_window(ref_cmd_sn) && serial::lt(ref_cmd_sn, tmf_sn) {
                             self.held.retain(|p| p.field24() != ref_cmd_sn);
+                            self.early_data_out
+                                .retain(|itt, _| self.held.iter().any(|p| p.itt() == *itt));
                             if self.session.advance(ref_cmd_sn) {
                                 debug!(
                                     ref_cmd_sn,
@@ -911,6 +955,7 @@ impl FeatureConnection {
         }
         self.closing = true;
         self.gathers.clear();
+        self.early_data_out.clear();
         self.logout_response = Some(p);
     }
 }
