@@ -130,6 +130,54 @@ fn cmdsn_far_outside_window_is_ignored() {
     other_session_works(&s);
 }
 
+/// A write sent ahead of ExpCmdSN waits for the gap to fill (§4.2.2.1); the unsolicited
+/// Data-Out that follows it right away must not be lost meanwhile.
+#[test]
+fn unsolicited_data_out_for_a_held_command_is_kept() {
+    let dir = scratch_dir();
+    let s = Server::start(dir.path(), "", None, "");
+    let mut r = Raw::login(s.port, false, false);
+    let gap = r.cmd_sn;
+    r.cmd_sn = gap.wrapping_add(1);
+    let payload: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+    // WRITE(10) of 16 blocks at LBA 40: 4 KiB immediate, 4 KiB unsolicited Data-Out.
+    let cdb = [0x2a, 0, 0, 0, 0, 40, 0, 0, 16, 0];
+    let mut w = r.scsi_command(0, &cdb, 0, Some(Bytes::from(payload[..4096].to_vec())));
+    w.set_flags(w.flags() & !0x80); // F=0: unsolicited Data-Out follows
+    w.set_u32_at(20, 8192);
+    let itt = w.itt();
+    r.send(w);
+    let mut d = Pdu::new(Opcode::DataOut);
+    d.set_flags(0x80);
+    d.set_itt(itt);
+    d.set_u32_at(20, RESERVED_TAG);
+    d.set_u32_at(36, 0);
+    d.set_u32_at(40, 4096);
+    d.set_data(Bytes::from(payload[4096..].to_vec()));
+    r.send(d);
+    // Nothing can complete before the gap is filled.
+    assert!(r.recv(Duration::from_millis(300)).is_none());
+    let fill = r.test_unit_ready(gap);
+    r.send(fill);
+    let resp = r
+        .wait_for(|p| p.itt() == itt && p.opcode() == Some(Opcode::ScsiResponse))
+        .expect("the held write completes once its CmdSN comes up");
+    assert_eq!(resp.bhs[3], 0, "GOOD");
+    let (status, data, _) = r
+        .scsi_sync(
+            0,
+            &[0x28, 0, 0, 0, 0, 40, 0, 0, 16, 0],
+            8192,
+            Duration::from_secs(10),
+        )
+        .expect("read back");
+    assert_eq!(status, 0);
+    assert!(
+        data == payload,
+        "both halves of the write reached the medium"
+    );
+}
+
 #[test]
 fn garbage_and_truncated_input_never_crash_the_server() {
     let dir = scratch_dir();

@@ -1,8 +1,12 @@
 //! One iSCSI connection: login phase, then the full-feature phase (RFC 7143 §4, §7, §11).
 //!
-//! The reader half runs the protocol; commands execute in their own tasks; one writer task
-//! owns the socket's write half and stamps StatSN, ExpCmdSN and MaxCmdSN into every PDU as it
-//! is sent, so responses leave in StatSN order whatever order commands finish in.
+//! The reader half runs the protocol. A command is first polled once right in the reader
+//! (a page-cache read completes there, with no task hop); one that has to wait for the
+//! store continues in its own task. Responses go through the [`Outbox`]: StatSN, ExpCmdSN
+//! and MaxCmdSN are stamped into every PDU in the order the PDUs are queued, so responses
+//! leave in StatSN order whatever order commands finish in. When nothing is queued the
+//! sender writes to the socket itself; a writer task takes over whatever the socket did not
+//! accept at once and everything queued meanwhile.
 
 use super::ffp::{build_response, reject, DataInLimits, Residual, ScsiCommandHeader, WriteGather};
 use super::negotiation::SessionType;
@@ -14,12 +18,14 @@ use crate::server::ServerState;
 use bytes::Bytes;
 use futures::StreamExt;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Waker};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tracing::{debug, info, warn, Instrument};
@@ -39,26 +45,167 @@ pub struct FeatureParams {
     pub cid: u16,
 }
 
-/// Messages to the writer task.
-enum Out {
-    Pdus(Vec<Pdu>),
-    /// Flush what is queued, then shut the socket down.
-    Close,
+/// Bytes the writer task gathers into one vectored write at most.
+const MAX_WRITE_BATCH: usize = 4 << 20;
+
+/// The sending side of a connection, shared by the reader, command tasks and the writer task.
+#[derive(Clone)]
+struct Outbox(Arc<OutboxShared>);
+
+struct OutboxShared {
+    wr: OwnedWriteHalf,
+    session: Arc<Session>,
+    params: FeatureParams,
+    state: Mutex<OutState>,
+    /// Hands the socket to the writer task.
+    wake_writer: Notify,
 }
 
-#[derive(Clone)]
-struct Outbox(mpsc::UnboundedSender<Out>);
+struct OutState {
+    stat_sn: u32,
+    /// Encoded PDUs not yet handed to the socket, in StatSN order.
+    queued: WireBatch,
+    /// What a direct write left over (the socket was full), sent before `queued`.
+    leftover: Vec<Bytes>,
+    /// Someone (a direct sender or the writer task) owns the socket; others only queue.
+    busy: bool,
+    /// The socket was handed to the writer task (it stays `busy` until the task is done).
+    writer_owns: bool,
+    /// Flush what is queued, then shut the socket down; later PDUs are dropped.
+    closing: bool,
+    /// The socket failed; nothing more is sent.
+    failed: bool,
+}
+
+impl OutboxShared {
+    fn lock(&self) -> MutexGuard<'_, OutState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 impl Outbox {
-    fn send(&self, pdus: Vec<Pdu>) {
-        let _ = self.0.send(Out::Pdus(pdus));
+    fn new(
+        wr: OwnedWriteHalf,
+        session: Arc<Session>,
+        params: FeatureParams,
+        stat_sn: u32,
+    ) -> Outbox {
+        Outbox(Arc::new(OutboxShared {
+            wr,
+            session,
+            params,
+            state: Mutex::new(OutState {
+                stat_sn,
+                queued: WireBatch::default(),
+                leftover: Vec::new(),
+                busy: false,
+                writer_owns: false,
+                closing: false,
+                failed: false,
+            }),
+            wake_writer: Notify::new(),
+        }))
     }
+
+    /// Stamps and queues `pdus`. If the socket is free and no other command is outstanding
+    /// (so no other response is about to follow), writes them right away, as much as the
+    /// socket takes without blocking; the writer task sends the rest.
+    fn send(&self, pdus: Vec<Pdu>) {
+        let sh = &*self.0;
+        let mut st = sh.lock();
+        if st.closing || st.failed {
+            return;
+        }
+        for mut p in pdus {
+            stamp(&mut p, &sh.session, &mut st.stat_sn);
+            st.queued
+                .push(&p, sh.params.header_digest, sh.params.data_digest);
+        }
+        if st.busy {
+            return;
+        }
+        st.busy = true;
+        if sh.session.active_tasks() > 0 {
+            // More responses are coming: let the writer task gather them into one write
+            // (one syscall for many PDUs at high queue depth).
+            st.writer_owns = true;
+            drop(st);
+            sh.wake_writer.notify_one();
+            return;
+        }
+        let segments = st.queued.take();
+        drop(st);
+        let result = write_now(&sh.wr, segments);
+        let mut st = sh.lock();
+        match result {
+            Ok(rest) => st.leftover = rest,
+            Err(e) => {
+                debug!("write failed: {e}");
+                st.failed = true;
+            }
+        }
+        if st.leftover.is_empty() && st.queued.is_empty() && !st.closing && !st.failed {
+            st.busy = false;
+        } else {
+            // Stays busy: the writer task owns the socket until everything is out.
+            st.writer_owns = true;
+            drop(st);
+            sh.wake_writer.notify_one();
+        }
+    }
+
     fn one(&self, pdu: Pdu) {
         self.send(vec![pdu]);
     }
+
+    /// Flushes what is queued, then shuts the socket down (the writer task ends).
     fn close(&self) {
-        let _ = self.0.send(Out::Close);
+        let mut st = self.0.lock();
+        st.closing = true;
+        if !st.busy {
+            st.busy = true;
+            st.writer_owns = true;
+            drop(st);
+            self.0.wake_writer.notify_one();
+        }
     }
+}
+
+/// Writes as much of `segments` as the socket takes without blocking; returns the rest.
+fn write_now(wr: &OwnedWriteHalf, mut segments: Vec<Bytes>) -> std::io::Result<Vec<Bytes>> {
+    while !segments.is_empty() {
+        let n = {
+            let slices: Vec<std::io::IoSlice<'_>> = segments
+                .iter()
+                .take(64)
+                .map(|s| std::io::IoSlice::new(s))
+                .collect();
+            match wr.try_write_vectored(&slices) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(segments),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+                Err(e) => return Err(e),
+            }
+        };
+        consume(&mut segments, n);
+    }
+    Ok(segments)
+}
+
+/// Drops the first `n` bytes of `segments`.
+fn consume(segments: &mut Vec<Bytes>, mut n: usize) {
+    let mut whole = 0;
+    for s in segments.iter_mut() {
+        if n >= s.len() {
+            n -= s.len();
+            whole += 1;
+        } else {
+            let _ = s.split_to(n);
+            break;
+        }
+    }
+    segments.drain(..whole);
 }
 
 /// Serves one accepted TCP connection until it closes.
@@ -106,19 +253,17 @@ async fn run(
     let session = logged_in.session;
     let span = tracing::info_span!("session", tsih = session.tsih, initiator = %session.initiator,
         target = session.target.as_ref().map(|t| t.iqn.as_str()).unwrap_or("discovery"));
-    let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(
-        write_loop(wr, rx, session.clone(), params, logged_in.next_stat_sn)
-            .instrument(span.clone()),
-    );
+    let out = Outbox::new(wr, session.clone(), params, logged_in.next_stat_sn);
+    let writer = tokio::spawn(write_loop(out.clone()).instrument(span.clone()));
     let mut conn = FeatureConnection {
         local,
         state: state.clone(),
         session: session.clone(),
         params,
-        out: Outbox(tx),
+        out,
         gathers: HashMap::new(),
         held: Vec::new(),
+        early_data_out: HashMap::new(),
         tags: TransferTags(1),
         text_negotiation: TextNegotiation::new(),
         logout_response: None,
@@ -150,66 +295,55 @@ async fn run(
     result
 }
 
-async fn write_loop(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Out>,
-    session: Arc<Session>,
-    params: FeatureParams,
-    mut stat_sn: u32,
-) {
-    let mut batch = WireBatch::default();
-    let mut closing = false;
-    while !closing {
-        let Some(first) = rx.recv().await else { break };
-        // Everything already queued goes out in one vectored write.
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                Out::Pdus(pdus) => {
-                    for mut p in pdus {
-                        stamp(&mut p, &session, &mut stat_sn);
-                        batch.push(&p, params.header_digest, params.data_digest);
+/// The writer task: owns the socket while a direct send could not finish (socket full) and
+/// until everything queued meanwhile is out; then gives it back (`busy = false`).
+async fn write_loop(out: Outbox) {
+    let sh = &*out.0;
+    loop {
+        sh.wake_writer.notified().await;
+        if !sh.lock().writer_owns {
+            continue;
+        }
+        loop {
+            let mut segments = {
+                let mut st = sh.lock();
+                if st.failed {
+                    return;
+                }
+                let mut segments = std::mem::take(&mut st.leftover);
+                if st.queued.len() < MAX_WRITE_BATCH || segments.is_empty() {
+                    segments.extend(st.queued.take());
+                }
+                if segments.is_empty() {
+                    if st.closing {
+                        drop(st);
+                        // SAFETY: shutdown(2) on the socket this half refers to; it stays
+                        // open as long as `out` holds the write half.
+                        unsafe { libc::shutdown(sh.wr.as_ref().as_raw_fd(), libc::SHUT_WR) };
+                        return;
+                    }
+                    st.busy = false;
+                    st.writer_owns = false;
+                    break;
+                }
+                segments
+            };
+            while !segments.is_empty() {
+                let result = match sh.wr.writable().await {
+                    Ok(()) => write_now(&sh.wr, segments),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(rest) => segments = rest,
+                    Err(e) => {
+                        debug!("write failed: {e}");
+                        sh.lock().failed = true;
+                        return;
                     }
                 }
-                Out::Close => closing = true,
-            }
-            if batch.len() < 4 << 20 && !closing {
-                next = rx.try_recv().ok();
-            }
-        }
-        if let Err(e) = write_segments(&mut wr, batch.take()).await {
-            debug!("write failed: {e}");
-            break;
-        }
-    }
-    let _ = wr.shutdown().await;
-}
-
-async fn write_segments(wr: &mut OwnedWriteHalf, segments: Vec<Bytes>) -> std::io::Result<()> {
-    let (mut idx, mut off) = (0usize, 0usize);
-    while idx < segments.len() {
-        let mut slices = Vec::with_capacity((segments.len() - idx).min(64));
-        slices.push(std::io::IoSlice::new(&segments[idx][off..]));
-        for s in segments.iter().skip(idx + 1).take(63) {
-            slices.push(std::io::IoSlice::new(s));
-        }
-        let mut n = wr.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 {
-            let left = segments[idx].len() - off;
-            if n >= left {
-                n -= left;
-                idx += 1;
-                off = 0;
-            } else {
-                off += n;
-                n = 0;
             }
         }
     }
-    Ok(())
 }
 
 /// Fills StatSN (§4.2.2.2), ExpCmdSN and MaxCmdSN as the PDU leaves.
@@ -269,6 +403,9 @@ struct FeatureConnection {
     gathers: HashMap<u32, PendingWrite>,
     /// Commands that arrived ahead of ExpCmdSN (§4.2.2.1), delivered in order.
     held: Vec<Pdu>,
+    /// Unsolicited Data-Out that arrived for a held command, by ITT; replayed when the
+    /// command is dispatched. At most FirstBurstLength bytes per command.
+    early_data_out: HashMap<u32, Vec<Pdu>>,
     tags: TransferTags,
     text_negotiation: TextNegotiation,
     /// Sent once running commands have answered, then the connection closes.
@@ -429,6 +566,7 @@ impl FeatureConnection {
     }
 
     fn scsi_command(&mut self, pdu: Pdu) {
+        let early = self.early_data_out.remove(&pdu.itt()).unwrap_or_default();
         let hdr = match ScsiCommandHeader::parse(&pdu) {
             Ok(h) => h,
             Err(why) => {
@@ -501,8 +639,9 @@ impl FeatureConnection {
                     if !r2ts.is_empty() {
                         self.out.send(r2ts);
                     }
+                    let itt = hdr.itt;
                     self.gathers.insert(
-                        hdr.itt,
+                        itt,
                         PendingWrite {
                             gather: g,
                             hdr,
@@ -510,6 +649,9 @@ impl FeatureConnection {
                             residual,
                         },
                     );
+                    for p in early {
+                        self.data_out(p);
+                    }
                 }
             }
         }
@@ -518,6 +660,9 @@ impl FeatureConnection {
     fn data_out(&mut self, pdu: Pdu) {
         let itt = pdu.itt();
         let Some(pending) = self.gathers.get_mut(&itt) else {
+            if self.hold_early_data_out(&pdu) {
+                return;
+            }
             debug!(
                 itt,
                 "Data-Out for no pending write (completed or aborted): ignored"
@@ -542,7 +687,7 @@ impl FeatureConnection {
             return;
         }
         if pending.gather.complete() {
-            let mut p = self.gathers.remove(&itt).expect("present");
+            let p = self.gathers.remove(&itt).expect("present");
             let data = p.gather.take_data();
             self.execute(p.task, p.hdr, data, Some(p.residual));
         } else {
@@ -552,6 +697,36 @@ impl FeatureConnection {
                 self.out.send(r2ts);
             }
         }
+    }
+
+    /// Keeps unsolicited Data-Out for a command still held for CmdSN order: the initiator
+    /// sends it right behind the command (§4.2.2.1 only orders commands), so it can arrive
+    /// before the command may run. Returns whether the PDU was kept.
+    fn hold_early_data_out(&mut self, pdu: &Pdu) -> bool {
+        let itt = pdu.itt();
+        if pdu.field20() != RESERVED_TAG
+            || !self
+                .held
+                .iter()
+                .any(|c| c.itt() == itt && c.opcode() == Some(Opcode::ScsiCommand))
+        {
+            return false;
+        }
+        let kept = self.early_data_out.entry(itt).or_default();
+        let bytes: usize = kept.iter().map(|p| p.data.len()).sum();
+        if bytes + pdu.data.len() > self.params.first_burst as usize {
+            warn!(
+                itt,
+                "unsolicited Data-Out beyond FirstBurstLength for a held command: dropped"
+            );
+            return true;
+        }
+        debug!(
+            itt,
+            "unsolicited Data-Out for a command held for CmdSN order: kept"
+        );
+        kept.push(pdu.clone());
+        true
     }
 
     /// Answers a command without executing it.
@@ -589,7 +764,7 @@ impl FeatureConnection {
         let session = self.session.clone();
         let out = self.out.clone();
         let limits = self.limits();
-        tokio::spawn(async move {
+        let mut command = Box::pin(async move {
             let req = ScsiRequest {
                 cdb: hdr.cdb.clone(),
                 data_out,
@@ -602,6 +777,17 @@ impl FeatureConnection {
             task.complete_with(|| out.send(pdus));
             task.finished();
         });
+        // One poll right here: a command the store finishes at once (a page-cache hit)
+        // answers without a task hop. The no-op waker is safe because a command still
+        // pending is spawned, and the task's first poll registers its own waker everywhere
+        // the command waits.
+        if command
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_pending()
+        {
+            tokio::spawn(command);
+        }
     }
 
     /// Task management (§11.5, SAM-5 §7). The response is sent once every affected task has
@@ -630,6 +816,8 @@ impl FeatureConnection {
                         let tmf_sn = pdu.field24();
                         if self.session.in_window(ref_cmd_sn) && serial::lt(ref_cmd_sn, tmf_sn) {
                             self.held.retain(|p| p.field24() != ref_cmd_sn);
+                            self.early_data_out
+                                .retain(|itt, _| self.held.iter().any(|p| p.itt() == *itt));
                             if self.session.advance(ref_cmd_sn) {
                                 debug!(
                                     ref_cmd_sn,
@@ -767,6 +955,7 @@ impl FeatureConnection {
         }
         self.closing = true;
         self.gathers.clear();
+        self.early_data_out.clear();
         self.logout_response = Some(p);
     }
 }

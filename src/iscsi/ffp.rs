@@ -6,6 +6,7 @@
 
 use super::pdu::{Opcode, Pdu, RESERVED_TAG};
 use crate::scsi::{ScsiResponse, Status};
+use crate::store::AlignedBuf;
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// Fields of a SCSI Command PDU (§11.3).
@@ -222,7 +223,11 @@ pub struct WriteGather {
     pub lun: u64,
     /// Bytes the command will consume (min of the CDB's need and ExpectedDataTransferLength).
     pub transfer_len: u32,
-    buf: BytesMut,
+    /// Page-aligned (and pooled), so an O_DIRECT store writes it without another copy. It is
+    /// recycled memory: bytes no Data-Out covered are zeroed by `take_data`.
+    buf: AlignedBuf,
+    /// Byte ranges of `buf` written so far: sorted, disjoint, not adjacent.
+    covered: Vec<(u32, u32)>,
     received: u32,
     /// Unsolicited data is accepted in [0, unsolicited_end).
     unsolicited_end: u32,
@@ -254,14 +259,17 @@ impl WriteGather {
         } else {
             first_burst.min(cmd.expected_len).max(imm_len)
         };
-        let mut buf = BytesMut::zeroed(transfer_len as usize);
+        let mut buf = AlignedBuf::recycled(transfer_len as usize);
         let take = imm_len.min(transfer_len) as usize;
-        buf[..take].copy_from_slice(&immediate[..take]);
+        buf.as_mut_slice()[..take].copy_from_slice(&immediate[..take]);
+        let mut covered = Vec::new();
+        cover(&mut covered, 0, take as u32);
         WriteGather {
             itt: cmd.itt,
             lun: cmd.lun,
             transfer_len,
             buf,
+            covered,
             received: take as u32,
             unsolicited_end,
             unsolicited_open: !cmd.final_bit && !initial_r2t && unsolicited_end > imm_len,
@@ -346,8 +354,9 @@ impl WriteGather {
         // Data past what the command uses (residual underflow) is accepted and dropped.
         if offset < self.transfer_len {
             let copy_end = data_end.min(self.transfer_len);
-            self.buf[offset as usize..copy_end as usize]
+            self.buf.as_mut_slice()[offset as usize..copy_end as usize]
                 .copy_from_slice(&pdu.data[..(copy_end - offset) as usize]);
+            cover(&mut self.covered, offset, copy_end);
             self.received += copy_end - offset;
         }
         if ttt == RESERVED_TAG {
@@ -377,10 +386,42 @@ impl WriteGather {
         Ok(())
     }
 
-    /// The gathered data (call when `complete()`).
-    pub fn take_data(&mut self) -> Bytes {
-        std::mem::take(&mut self.buf).freeze()
+    /// The gathered data (call when `complete()`). Ranges no Data-Out wrote (possible only
+    /// when an initiator sent overlapping Data-Out) read as zeroes, never as stale memory.
+    pub fn take_data(self) -> Bytes {
+        let mut buf = self.buf;
+        let bytes = buf.as_mut_slice();
+        let mut at = 0usize;
+        for &(start, end) in &self.covered {
+            bytes[at..start as usize].fill(0);
+            at = end as usize;
+        }
+        bytes[at..].fill(0);
+        buf.into_bytes()
     }
+}
+
+/// Adds `[start, end)` to `ranges` (sorted, disjoint, not adjacent), merging neighbours.
+fn cover(ranges: &mut Vec<(u32, u32)>, start: u32, end: u32) {
+    if start >= end {
+        return;
+    }
+    // Data-Out usually arrives in offset order: extending the last range is the fast path.
+    if let Some(last) = ranges.last_mut() {
+        if last.0 <= start && start <= last.1 {
+            last.1 = last.1.max(end);
+            return;
+        }
+    }
+    let first = ranges.partition_point(|r| r.1 < start);
+    let mut merged = (start, end);
+    let mut last = first;
+    while last < ranges.len() && ranges[last].0 <= end {
+        merged.0 = merged.0.min(ranges[last].0);
+        merged.1 = merged.1.max(ranges[last].1);
+        last += 1;
+    }
+    ranges.splice(first..last, [merged]);
 }
 
 #[cfg(test)]
@@ -526,6 +567,42 @@ mod tests {
             g.data_out(&data_out(5, 0, 0, 512, true)),
             Err(DataOutError::ShortSequence { .. })
         ));
+    }
+
+    #[test]
+    fn coverage_merges_ranges() {
+        let mut r = Vec::new();
+        cover(&mut r, 0, 10);
+        cover(&mut r, 10, 20);
+        assert_eq!(r, vec![(0, 20)]);
+        cover(&mut r, 30, 40);
+        cover(&mut r, 25, 26);
+        assert_eq!(r, vec![(0, 20), (25, 26), (30, 40)]);
+        cover(&mut r, 5, 31);
+        assert_eq!(r, vec![(0, 40)]);
+        cover(&mut r, 50, 50);
+        assert_eq!(r, vec![(0, 40)]);
+    }
+
+    #[test]
+    fn overlapping_data_out_leaves_no_stale_bytes() {
+        // Fill a pooled buffer of the size class with garbage so a recycled one is dirty.
+        let mut dirty = AlignedBuf::recycled(3 * 4096);
+        dirty.as_mut_slice().fill(0xee);
+        drop(dirty);
+        let c = cmd(false, true, 3 * 4096, false);
+        let mut g = WriteGather::new(&c, 3 * 4096, Bytes::new(), 3 * 4096, false, 65536, 1);
+        // The same first 4 KiB twice, then the last 4 KiB: "received" counts 12 KiB.
+        g.data_out(&data_out(RESERVED_TAG, 0, 0, 4096, false))
+            .unwrap();
+        g.data_out(&data_out(RESERVED_TAG, 1, 0, 4096, false))
+            .unwrap();
+        g.data_out(&data_out(RESERVED_TAG, 2, 8192, 4096, true))
+            .unwrap();
+        assert!(g.complete());
+        let d = g.take_data();
+        assert!(d[4096..8192].iter().all(|&b| b == 0), "gap reads as zeroes");
+        assert!(d[8192..].iter().all(|&b| b == 16));
     }
 
     #[test]
