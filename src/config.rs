@@ -180,7 +180,7 @@ pub struct LunConfig {
 }
 
 /// Which target's disk identity a LUN presents.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum IdentityMode {
     /// twinsan's own: configured or derived from IQN and LUN, persisted (see identity.rs).
