@@ -345,19 +345,7 @@ impl Runtime {
                 None
             }
             Action::RemoveVip => {
-                if let Some(a) = self.announcing.take() {
-                    a.cancel();
-                }
-                if let Some(k) = self.keeping.take() {
-                    k.cancel();
-                }
-                if let Some(m) = self.vip_mgr.clone() {
-                    for v in &self.vips {
-                        if let Err(e) = m.remove(v).await {
-                            error!(vip = %v.addr, "cannot remove the VIP: {e}");
-                        }
-                    }
-                }
+                self.remove_vips().await;
                 None
             }
             Action::DrainTarget => {
@@ -539,6 +527,14 @@ impl Runtime {
             .drain(Duration::from_millis(self.ha.drain_timeout_ms))
             .await;
         self.target.stop().await;
+        self.remove_vips().await;
+    }
+
+    /// Stops announcing and refreshing the VIPs, then removes them from the interface.
+    async fn remove_vips(&mut self) {
+        if let Some(a) = self.announcing.take() {
+            a.cancel();
+        }
         if let Some(k) = self.keeping.take() {
             k.cancel();
         }
