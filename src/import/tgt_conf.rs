@@ -36,6 +36,38 @@ pub struct TgtStore {
     pub options: Vec<(String, String, Origin)>,
 }
 
+/// Per-LUN tgt options twinsan maps (or deliberately accepts, like `allow-in-use`).
+const MAPPED_LUN_OPTIONS: &[&str] = &[
+    "lun",
+    "scsi_id",
+    "scsi_sn",
+    "vendor_id",
+    "product_id",
+    "product_rev",
+    "readonly",
+    "write-cache",
+    "block-size",
+    "bs-type",
+    "device-type",
+    "bsoflags",
+    "allow-in-use",
+];
+
+/// Per-LUN tgt options that exist but have no twinsan equivalent: each gets a warning.
+const UNMAPPED_LUN_OPTIONS: &[&str] = &[
+    "params",
+    "mode_page",
+    "removable",
+    "sense_format",
+    "online",
+    "path",
+    "lbppbe",
+    "la_lba",
+    "optimal_xfer_gran",
+    "optimal_xfer_len",
+    "bsopts",
+];
+
 /// `<name arg>` / `</name>` / `key value` / `key = value`.
 fn split_kv(line: &str) -> (String, String) {
     let line = line.trim();
@@ -687,19 +719,7 @@ pub fn targets(
                     at,
                 ));
             }
-            for name in [
-                "params",
-                "mode_page",
-                "removable",
-                "sense_format",
-                "online",
-                "path",
-                "lbppbe",
-                "la_lba",
-                "optimal_xfer_gran",
-                "optimal_xfer_len",
-                "bsopts",
-            ] {
+            for name in UNMAPPED_LUN_OPTIONS {
                 if let Some((_, v, at)) = get(name) {
                     warnings.push(Warning::new(
                         &at,
@@ -711,33 +731,8 @@ pub fn targets(
                 }
             }
             for (k, _, at) in &s.options {
-                if ![
-                    "lun",
-                    "scsi_id",
-                    "scsi_sn",
-                    "vendor_id",
-                    "product_id",
-                    "product_rev",
-                    "readonly",
-                    "write-cache",
-                    "block-size",
-                    "bs-type",
-                    "device-type",
-                    "bsoflags",
-                    "params",
-                    "mode_page",
-                    "removable",
-                    "sense_format",
-                    "online",
-                    "path",
-                    "lbppbe",
-                    "la_lba",
-                    "optimal_xfer_gran",
-                    "optimal_xfer_len",
-                    "bsopts",
-                    "allow-in-use",
-                ]
-                .contains(&k.as_str())
+                if !MAPPED_LUN_OPTIONS.contains(&k.as_str())
+                    && !UNMAPPED_LUN_OPTIONS.contains(&k.as_str())
                 {
                     warnings.push(Warning::new(
                         at,
