@@ -647,14 +647,22 @@ fn drbd_backed_lun_is_served_from_the_lower_disk_after_import() {
         Duration::from_secs(30),
     );
     let ls = text(&ls);
-    // LUN 1 is the DRBD device's usable size (lower disk minus internal metadata), as tgt
-    // served /dev/drbd1; LUN 2 the plain file.
+    // The DRBD LUN is the device's usable size (lower disk minus internal metadata), as tgt
+    // served /dev/drbd1. tgt-admin numbers backing stores in byte-wise path order, so which
+    // LUN is which depends on where the scratch directory lives (/check/... sorts before
+    // /dev/drbd1, /tmp/... after).
+    let plain = format!("{}/plain.img", d.display());
+    let (drbd_lun, plain_lun) = if "/dev/drbd1" < plain.as_str() {
+        (1, 2)
+    } else {
+        (2, 1)
+    };
     assert!(
-        ls.contains("Lun:1    Type:DIRECT_ACCESS (Size:127M)"),
+        ls.contains(&format!("Lun:{drbd_lun}    Type:DIRECT_ACCESS (Size:127M)")),
         "{ls}"
     );
     assert!(
-        ls.contains("Lun:2    Type:DIRECT_ACCESS (Size:63M)"),
+        ls.contains(&format!("Lun:{plain_lun}    Type:DIRECT_ACCESS (Size:63M)")),
         "{ls}"
     );
 }
