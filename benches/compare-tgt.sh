@@ -28,6 +28,7 @@
 #                               Compare like with like: TWINSAN_DIRECT=false against tgt's
 #                               default (buffered), TWINSAN_DIRECT=true against
 #                               TGT_BSOPTS="--bsoflags direct".
+#   TWINSAN_WORKER_THREADS=0    twinsan's `server.worker_threads` (0 = half the CPUs)
 #   TWINSAN_BIN=<repo>/target/release/twinsan   TWINSAN_FIO=<fio with libiscsi>
 #   RUST_LOG=warn               log level for twinsan while measuring
 set -euo pipefail
@@ -162,6 +163,7 @@ twinsan_config() {
     cat <<TOML
 [server]
 data_dir = "$WORK/twinsan-data"
+worker_threads = ${TWINSAN_WORKER_THREADS:-0}
 
 [[target]]
 iqn = "$TWINSAN_IQN"
@@ -305,7 +307,7 @@ facts = [
     ["machine", "$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(awk '/MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo)"],
     ["kernel", "$(uname -r)"],
     ["tgt", "$tgt_ver (tgtd, bstype rdwr${TGT_BSOPTS:+, $TGT_BSOPTS}, portal $HOST:$TGT_PORT)"],
-    ["twinsan", "$twinsan_ver (direct = ${TWINSAN_DIRECT:-true}, portal $HOST:$TWINSAN_PORT)"],
+    ["twinsan", "$twinsan_ver (direct = ${TWINSAN_DIRECT:-true}, worker_threads = ${TWINSAN_WORKER_THREADS:-0}, portal $HOST:$TWINSAN_PORT)"],
     ["client", "$("$FIO" --version) with libiscsi engine, libiscsi $libiscsi_ver, one job, one session per run"],
     ["backing file", "$SIZE_MIB MiB on $fs_type ($FILE), filled with random data before the first job; both servers serve the same file, one at a time"],
     ["per job", "$RAMP s ramp + $RUNTIME s measured (--time_based), $order_note, repetitions: $REPEAT, wall time $BENCH_SECS s"],

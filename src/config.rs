@@ -58,6 +58,22 @@ pub struct ServerConfig {
     /// Unix socket the `twinsan status` family of commands talks to; default
     /// `<data_dir>/twinsan.sock`.
     pub control_socket: Option<PathBuf>,
+    /// Threads running the async runtime; 0 = half the CPUs (at least one), leaving the
+    /// rest to the kernel's TCP stack, io_uring workers and the page cache copies.
+    pub worker_threads: usize,
+}
+
+impl ServerConfig {
+    /// The runtime's thread count after resolving `worker_threads = 0`.
+    pub fn effective_worker_threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get() / 2)
+                .unwrap_or(1)
+                .max(1),
+            n => n,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -69,6 +85,7 @@ impl Default for ServerConfig {
             queue_depth: 128,
             login_timeout_secs: 15,
             control_socket: None,
+            worker_threads: 0,
         }
     }
 }
@@ -536,6 +553,15 @@ impl Config {
                 "no target configured: add a [[target]] table".into(),
             ));
         }
+        if self.server.worker_threads > 1024 {
+            return Err(err(
+                "server.worker_threads".into(),
+                format!(
+                    "{} is outside 0..=1024 (0 = half the CPUs)",
+                    self.server.worker_threads
+                ),
+            ));
+        }
         if self.server.queue_depth == 0 || self.server.queue_depth > 4096 {
             return Err(err(
                 "server.queue_depth".into(),
@@ -933,6 +959,20 @@ naa = "600140512345678901234567890abcde"
             invalid_key(&GOOD.replace("\"1GiB\"", "1000")),
             "target[0].lun[0].size"
         );
+        assert_eq!(
+            invalid_key(&GOOD.replace("data_dir = \"/tmp/x\"", "worker_threads = 5000")),
+            "server.worker_threads"
+        );
+    }
+
+    #[test]
+    fn worker_threads_default_to_half_the_cpus() {
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.server.worker_threads, 0);
+        assert_eq!(c.server.effective_worker_threads(), (cpus / 2).max(1));
+        let c = parse(&GOOD.replace("data_dir = \"/tmp/x\"", "worker_threads = 3")).unwrap();
+        assert_eq!(c.server.effective_worker_threads(), 3);
     }
 
     #[test]

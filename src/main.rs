@@ -176,6 +176,7 @@ fn main() -> anyhow::Result<()> {
                 None => Config::embedded_default(&data_dir),
             };
             tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.server.effective_worker_threads())
                 .enable_all()
                 .thread_name("twinsan")
                 .build()

@@ -9,7 +9,8 @@
 mod common;
 
 use common::ha::{
-    spawn_fio, spawn_resuming_writer, wait_serving_on, HaLab, HaSpec, Source, VipMonitor, MIB, VIP,
+    spawn_fio, spawn_resuming_writer, wait_client_writes_through, wait_serving_on, HaLab, HaSpec,
+    Source, VipMonitor, MIB, VIP,
 };
 use common::netns::{self, Lab};
 use common::raw::{check_acked, Progress, TagWriter, WriteOpts, TAG_BLOCK};
@@ -758,6 +759,8 @@ fn manual_mode_rolling_maintenance() {
         "storage moved to B: serving after {:.2?} ({to_b:.2?} after become-primary)",
         t.elapsed()
     );
+    // As an operator would, see the client's I/O flow through B before touching A.
+    wait_client_writes_through(&l, 1, 256 * 1024, Duration::from_secs(20));
     // Not in native roles (B primary, pool master A): leaving manual mode is refused.
     let o = l.b.cli(&["manual-mode-disable"]);
     assert!(
@@ -781,6 +784,7 @@ fn manual_mode_rolling_maintenance() {
         "storage moved back to A: serving after {:.2?} ({to_a:.2?})",
         t.elapsed()
     );
+    wait_client_writes_through(&l, 0, 256 * 1024, Duration::from_secs(20));
     ok_cli(&l.a, &["manual-mode-disable"]);
     ok_cli(&l.b, &["manual-mode-disable"]);
     l.wait("both out of manual mode, A primary", PROMOTE, |a, b| {

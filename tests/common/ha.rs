@@ -186,6 +186,15 @@ impl HaHost {
         }
     }
 
+    /// Bytes of application writes this host replicated to its peer (`sent_bytes`).
+    pub fn replicated_bytes(&self) -> Option<u64> {
+        self.status_json().ok()?["volumes"]
+            .as_array()?
+            .iter()
+            .find(|v| v["name"] == VOLUME)?["sent_bytes"]
+            .as_u64()
+    }
+
     pub fn has_vip(&self) -> bool {
         Lab::has_addr(&self.ns, VIP)
     }
@@ -1196,6 +1205,33 @@ impl Drop for VipMonitor {
 
 /// Polls from the client namespace until an iSCSI login to the VIP works and the VIP is held by
 /// host `i` only; returns the time it took. Panics after `limit`.
+/// Waits until host `i` replicates at least `bytes` more of the client's writes: the
+/// client has found the new primary and its I/O flows again (an operator checks this
+/// before taking the other host down).
+pub fn wait_client_writes_through(lab: &HaLab, i: usize, bytes: u64, limit: Duration) {
+    let h = lab.host(i);
+    let t0 = Instant::now();
+    let mut base = None;
+    loop {
+        if let Some(now) = h.replicated_bytes() {
+            let b = *base.get_or_insert(now);
+            if now >= b + bytes {
+                return;
+            }
+        }
+        if t0.elapsed() > limit {
+            panic!(
+                "{}: client writes did not flow through it within {limit:?} (replicated {:?}, started at {:?}; {})",
+                h.label,
+                h.replicated_bytes(),
+                base,
+                h.vol_brief()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn wait_serving_on(lab: &HaLab, i: usize, limit: Duration) -> Duration {
     let t0 = Instant::now();
     let client = lab.lab.client.clone();
