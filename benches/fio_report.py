@@ -76,14 +76,16 @@ def main() -> int:
         fields = parts[0].split("__")
         if len(fields) != 3 or fields[1] not in jobs_by_name:
             continue
-        server, job, _rep = fields
+        server, job, rep = fields
         path = os.path.join(raw_dir, fname)
         if parts[1] == "failed":
             with open(path, encoding="utf-8", errors="replace") as f:
                 errors.setdefault((server, job), []).append(f.read().strip() or "failed")
             continue
         try:
-            runs.setdefault((server, job), []).append(summarise(load_fio_json(path), jobs_by_name[job]["rw"]))
+            summary = summarise(load_fio_json(path), jobs_by_name[job]["rw"])
+            summary["rep"] = rep
+            runs.setdefault((server, job), []).append(summary)
         except (ValueError, KeyError, IndexError) as e:
             errors.setdefault((server, job), []).append(f"{fname}: {e}")
 
@@ -96,6 +98,13 @@ def main() -> int:
         spread = (rs[0]["iops"], rs[-1]["iops"]) if len(rs) > 1 else None
         return med, spread
 
+    def paired_ratios(job: str) -> list[float]:
+        """twinsan/tgt per repetition: both ran back to back, so a slow spell of a shared
+        machine hits both sides of a pair alike, unlike the medians taken separately."""
+        tgt = {r["rep"]: r["iops"] for r in runs.get(("tgt", job), [])}
+        tw = {r["rep"]: r["iops"] for r in runs.get(("twinsan", job), [])}
+        return [tw[k] / tgt[k] for k in sorted(tgt, key=int) if k in tw and tgt[k] > 0]
+
     out = []
     out.append(f"# twinsan vs tgt: fio over libiscsi ({meta.get('date', '')})")
     out.append("")
@@ -106,8 +115,11 @@ def main() -> int:
     cols = ["job"]
     for s in servers:
         cols.append(f"{s} IOPS")
+    paired = have_both and int(meta.get("repeat", 1)) > 1
     if have_both:
         cols.append("ratio twinsan/tgt (IOPS)")
+    if paired:
+        cols.append("median paired ratio")
     for s in servers:
         cols.append(f"{s} MiB/s")
     for s in servers:
@@ -130,6 +142,11 @@ def main() -> int:
         if have_both:
             a, b = picked["tgt"][0], picked["twinsan"][0]
             row.append(f"{b['iops'] / a['iops']:.2f}" if a and b and a["iops"] > 0 else "n/a")
+        if paired:
+            pr = paired_ratios(name)
+            row.append(f"{statistics.median(pr):.2f}" if pr else "n/a")
+            if pr:
+                spreads.append(f"{name} twinsan/tgt per repetition: " + ", ".join(f"{x:.2f}" for x in pr))
         for key, digits in (("mibs", 1), ("lat_mean_us", 1), ("lat_p99_us", 1)):
             for s in servers:
                 r = picked[s][0]
@@ -140,7 +157,10 @@ def main() -> int:
                 any_error = True
     if spreads:
         out.append("")
-        out.append(f"Median of {meta.get('repeat', '?')} repetitions shown; IOPS range per job:")
+        out.append(
+            f"Median of {meta.get('repeat', '?')} repetitions shown (per server; the paired ratio is "
+            "the median of the per-repetition ratios); IOPS range per job:"
+        )
         out.append("")
         out.extend(f"- {x}" for x in spreads)
     if any_error:
