@@ -165,34 +165,33 @@ impl HaHost {
         }
     }
 
+    /// The test volume's entry in `status --json`.
+    pub fn volume(&self) -> Result<serde_json::Value, String> {
+        self.status_json()?["volumes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|v| v["name"] == VOLUME))
+            .cloned()
+            .ok_or_else(|| format!("no volume {VOLUME}"))
+    }
+
     /// Replication state of the volume, brief.
     pub fn vol_brief(&self) -> String {
-        match self.status_json() {
-            Ok(s) => s["volumes"]
-                .as_array()
-                .and_then(|a| a.iter().find(|v| v["name"] == VOLUME))
-                .map(|v| {
-                    format!(
-                        "{} {} {}/{} oos {}",
-                        v["role"].as_str().unwrap_or("?"),
-                        v["connection"].as_str().unwrap_or("?"),
-                        v["disk_state"].as_str().unwrap_or("?"),
-                        v["peer_disk_state"].as_str().unwrap_or("-"),
-                        v["out_of_sync_bytes"]
-                    )
-                })
-                .unwrap_or_else(|| format!("no volume {VOLUME}")),
+        match self.volume() {
+            Ok(v) => format!(
+                "{} {} {}/{} oos {}",
+                v["role"].as_str().unwrap_or("?"),
+                v["connection"].as_str().unwrap_or("?"),
+                v["disk_state"].as_str().unwrap_or("?"),
+                v["peer_disk_state"].as_str().unwrap_or("-"),
+                v["out_of_sync_bytes"]
+            ),
             Err(e) => e,
         }
     }
 
     /// Bytes of application writes this host replicated to its peer (`sent_bytes`).
     pub fn replicated_bytes(&self) -> Option<u64> {
-        self.status_json().ok()?["volumes"]
-            .as_array()?
-            .iter()
-            .find(|v| v["name"] == VOLUME)?["sent_bytes"]
-            .as_u64()
+        self.volume().ok()?["sent_bytes"].as_u64()
     }
 
     pub fn has_vip(&self) -> bool {
@@ -584,16 +583,11 @@ xencenter = true
         let deadline = Instant::now() + limit;
         loop {
             let ok = |h: &HaHost| {
-                h.status_json().is_ok_and(|s| {
-                    s["volumes"].as_array().is_some_and(|a| {
-                        a.iter().any(|v| {
-                            v["name"] == VOLUME
-                                && v["connection"] == "Connected"
-                                && v["disk_state"] == "UpToDate"
-                                && v["peer_disk_state"] == "UpToDate"
-                                && v["out_of_sync_bytes"] == 0
-                        })
-                    })
+                h.volume().is_ok_and(|v| {
+                    v["connection"] == "Connected"
+                        && v["disk_state"] == "UpToDate"
+                        && v["peer_disk_state"] == "UpToDate"
+                        && v["out_of_sync_bytes"] == 0
                 })
             };
             if ok(&self.a) && ok(&self.b) {
@@ -1203,8 +1197,6 @@ impl Drop for VipMonitor {
     }
 }
 
-/// Polls from the client namespace until an iSCSI login to the VIP works and the VIP is held by
-/// host `i` only; returns the time it took. Panics after `limit`.
 /// Waits until host `i` replicates at least `bytes` more of the client's writes: the
 /// client has found the new primary and its I/O flows again (an operator checks this
 /// before taking the other host down).
@@ -1232,6 +1224,8 @@ pub fn wait_client_writes_through(lab: &HaLab, i: usize, bytes: u64, limit: Dura
     }
 }
 
+/// Polls from the client namespace until an iSCSI login to the VIP works and the VIP is held by
+/// host `i` only; returns the time it took. Panics after `limit`.
 pub fn wait_serving_on(lab: &HaLab, i: usize, limit: Duration) -> Duration {
     let t0 = Instant::now();
     let client = lab.lab.client.clone();
