@@ -61,6 +61,9 @@ pub struct ServerConfig {
     /// Threads running the async runtime; 0 = half the CPUs (at least one), leaving the
     /// rest to the kernel's TCP stack, io_uring workers and the page cache copies.
     pub worker_threads: usize,
+    /// How LUN files reach the kernel: "auto" (io_uring where the kernel has it, else I/O
+    /// threads), "io_uring" (refuse to start without it) or "threads".
+    pub io_engine: crate::store::IoEngineSetting,
 }
 
 impl ServerConfig {
@@ -86,6 +89,7 @@ impl Default for ServerConfig {
             login_timeout_secs: 15,
             control_socket: None,
             worker_threads: 0,
+            io_engine: crate::store::IoEngineSetting::Auto,
         }
     }
 }

@@ -69,6 +69,9 @@ pub struct LunStatus {
     pub block_size: u32,
     pub read_only: bool,
     pub store: String,
+    /// The I/O engine serving this LUN (`io_uring` or `threads`).
+    #[serde(default)]
+    pub engine: String,
     pub naa: String,
     pub serial: String,
 }
@@ -117,6 +120,7 @@ fn status(state: &ServerState, started: Instant) -> Status {
                     block_size: lu.block_size(),
                     read_only: lu.settings().read_only,
                     store: lu.store().describe(),
+                    engine: lu.store().engine().to_string(),
                     naa: hex::encode(&lu.settings().identity.naa),
                     serial: lu.settings().identity.serial.clone(),
                 })
@@ -339,11 +343,12 @@ pub fn render(s: &Status) -> String {
         for l in &t.luns {
             let _ = writeln!(
                 o,
-                "  lun {:<3} {:>8} MiB  bs {:<4} {} naa {} serial {}\n          {}",
+                "  lun {:<3} {:>8} MiB  bs {:<4} {} engine {} naa {} serial {}\n          {}",
                 l.number,
                 l.size_bytes >> 20,
                 l.block_size,
                 if l.read_only { "ro" } else { "rw" },
+                l.engine,
                 l.naa,
                 l.serial,
                 l.store

@@ -7,7 +7,7 @@ use crate::iscsi::login::LoginConfig;
 use crate::iscsi::login_driver::build_login_config;
 use crate::iscsi::session::{SessionRegistry, TargetEntry};
 use crate::scsi::{LunSettings, ScsiTarget};
-use crate::store::{BlockStore, FileStore, FileStoreOptions};
+use crate::store::{choose_engine, open_file_store, BlockStore, EngineChoice, FileStoreOptions};
 use anyhow::Context;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -47,12 +47,20 @@ impl Server {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
         let mut identities = IdentityStore::open(data_dir)?;
+        let engine = choose_engine(config.server.io_engine)?;
+        info!(
+            engine = engine.engine.as_str(),
+            setting = engine.setting.as_str(),
+            "I/O engine {} ({})",
+            engine.engine.as_str(),
+            engine.reason
+        );
         let mut targets = HashMap::new();
         let mut volumes = Vec::new();
         for t in &config.targets {
             let mut luns = Vec::new();
             for l in &t.luns {
-                let mut store = open_store(l)?;
+                let mut store = open_store(l, &engine)?;
                 if l.replication.is_some() {
                     // With [ha] the role loop promotes; every volume starts secondary.
                     let volume = crate::volumes::open(l, store, config.ha.is_some()).await?;
@@ -185,12 +193,12 @@ pub async fn accept_loop(listener: TcpListener, state: Arc<ServerState>, stop: C
     info!(portal = ?addr, "portal closed");
 }
 
-fn open_store(l: &LunConfig) -> anyhow::Result<Arc<dyn BlockStore>> {
+fn open_store(l: &LunConfig, engine: &EngineChoice) -> anyhow::Result<Arc<dyn BlockStore>> {
     let mut opts = FileStoreOptions::new(&l.path);
     opts.read_only = l.read_only;
     opts.direct = l.direct;
     opts.create_size = l.size.map(|s| s.0);
-    let store = FileStore::open(opts)
+    let store = open_file_store(opts, engine)
         .with_context(|| format!("LUN {}: cannot open {}", l.number, l.path.display()))?;
     let size = store.size();
     if size < l.block_size as u64 {
@@ -218,7 +226,7 @@ fn open_store(l: &LunConfig) -> anyhow::Result<Arc<dyn BlockStore>> {
             );
         }
     }
-    Ok(Arc::new(store))
+    Ok(store)
 }
 
 /// The URL a libiscsi client uses to reach LUN `lun` of `target` on `portal`.

@@ -210,6 +210,12 @@ pub fn vpd_logical_block_provisioning(thin: bool) -> Vec<u8> {
 /// Maps a store failure on the range starting at `lba` to sense data (never a panic).
 fn store_error(e: StoreError, lba: u64, writing: bool) -> Sense {
     match e {
+        StoreError::Io(err)
+            if writing && matches!(err.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+        {
+            warn!(lba, error = %err, "backing store is full: write refused");
+            Sense::space_allocation_failed(lba)
+        }
         StoreError::Io(err) => {
             warn!(lba, writing, error = %err, "medium error");
             if writing {
@@ -551,6 +557,19 @@ mod tests {
     use super::*;
     use crate::scsi::cdb::{opcode, parse};
     use crate::scsi::LunIdentity;
+
+    #[test]
+    fn full_backing_store_is_data_protect_not_a_medium_error() {
+        let io = |errno| StoreError::Io(std::io::Error::from_raw_os_error(errno));
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let s = store_error(io(errno), 77, true);
+            assert_eq!((s.key, s.asc, s.ascq), (SenseKey::DataProtect, 0x27, 0x07));
+        }
+        let s = store_error(io(libc::EIO), 5, true);
+        assert_eq!((s.key, s.asc, s.ascq), (SenseKey::MediumError, 0x0C, 0x00));
+        let s = store_error(io(libc::EIO), 5, false);
+        assert_eq!((s.key, s.asc, s.ascq), (SenseKey::MediumError, 0x11, 0x00));
+    }
 
     fn settings(read_only: bool, thin: bool) -> LunSettings {
         LunSettings {

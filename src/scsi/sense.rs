@@ -110,6 +110,11 @@ impl Sense {
     pub const fn write_protected() -> Self {
         Self::new(SenseKey::DataProtect, 0x27, 0x00)
     }
+    /// DATA PROTECT 27/07 SPACE ALLOCATION FAILED WRITE PROTECT (SBC-3 4.7.3.7): a thin LUN
+    /// whose backing store is full. Not a medium error: the disk is healthy, it needs space.
+    pub const fn space_allocation_failed(lba: u64) -> Self {
+        Self::new(SenseKey::DataProtect, 0x27, 0x07).with_info(lba)
+    }
     /// MEDIUM ERROR 11/00 UNRECOVERED READ ERROR at `lba`.
     pub const fn unrecovered_read_error(lba: u64) -> Self {
         Self::new(SenseKey::MediumError, 0x11, 0x00).with_info(lba)

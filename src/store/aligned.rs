@@ -162,6 +162,11 @@ impl AlignedBuf {
         self.ptr.as_ptr()
     }
 
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid (and initialised) for len bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: ptr is valid (and initialised) for len bytes and uniquely borrowed.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }

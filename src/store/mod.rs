@@ -1,14 +1,209 @@
 //! Block stores: where a LUN's bytes live.
 //!
 //! The trait and the in-memory test store live in the replication crate (which wraps stores
-//! and so sits below this crate); this module adds the io_uring store for files and block
-//! devices and re-exports the shared pieces.
+//! and so sits below this crate); this module adds the stores for files and block devices,
+//! with two engines: io_uring ([`UringStore`], Linux 5.1+) and a bounded pool of I/O threads
+//! ([`ThreadStore`], for kernels without io_uring such as XenServer / XCP-ng dom0's 4.19).
+//! [`choose_engine`] picks one at start; [`open_file_store`] opens a LUN with it.
 
 mod aligned;
+mod backing;
+mod sys;
+mod threads;
 mod uring;
 
+#[cfg(test)]
+mod tests;
+
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
 pub use aligned::AlignedBuf;
+pub use backing::{FileStoreOptions, OpenError};
+pub use threads::ThreadStore;
 pub use twinsan_replication::store::{
     check_range, BlockStore, IoFuture, MemStore, StoreError, StoreResult, WriteMode,
 };
-pub use uring::{FileStore, FileStoreOptions};
+pub use uring::UringStore;
+
+/// `[server] io_engine`: how file stores reach the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoEngineSetting {
+    /// io_uring where the kernel offers it, else threads.
+    #[default]
+    Auto,
+    /// io_uring or refuse to start.
+    IoUring,
+    /// The I/O thread pool, whatever the kernel offers.
+    Threads,
+}
+
+impl IoEngineSetting {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoEngineSetting::Auto => "auto",
+            IoEngineSetting::IoUring => "io_uring",
+            IoEngineSetting::Threads => "threads",
+        }
+    }
+}
+
+/// The engine in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoEngine {
+    IoUring,
+    Threads,
+}
+
+impl IoEngine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoEngine::IoUring => "io_uring",
+            IoEngine::Threads => "threads",
+        }
+    }
+}
+
+/// The engine decided at start, and why (for the one log line that says so).
+#[derive(Debug, Clone)]
+pub struct EngineChoice {
+    pub setting: IoEngineSetting,
+    pub engine: IoEngine,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(
+        "server.io_engine = \"io_uring\", but this kernel refuses io_uring: {0}; \
+         set server.io_engine = \"auto\" or \"threads\""
+    )]
+    IoUringUnavailable(String),
+}
+
+/// Why `io_uring_setup` failed, in words an operator can act on.
+fn ring_refusal(e: &std::io::Error) -> String {
+    let why = match e.raw_os_error() {
+        Some(libc::ENOSYS) => "the kernel has no io_uring (added in Linux 5.1)",
+        Some(libc::EPERM) => {
+            "not permitted (a seccomp filter such as a container's default profile, \
+             or sysctl kernel.io_uring_disabled)"
+        }
+        Some(libc::EINVAL) => "the kernel does not accept the ring parameters",
+        Some(libc::ENOMEM) => "not enough locked memory for the ring (RLIMIT_MEMLOCK)",
+        _ => "unexpected error",
+    };
+    format!("io_uring_setup failed with {} ({why})", sys::errno_name(e))
+}
+
+/// Picks the engine once at start. `auto` probes io_uring with a tiny ring and falls back to
+/// threads when the kernel refuses it; a forced `io_uring` that is refused is an error naming
+/// the key.
+pub fn choose_engine(setting: IoEngineSetting) -> Result<EngineChoice, EngineError> {
+    choose_engine_with(setting, || io_uring::IoUring::new(4).map(drop))
+}
+
+fn choose_engine_with(
+    setting: IoEngineSetting,
+    probe: impl FnOnce() -> std::io::Result<()>,
+) -> Result<EngineChoice, EngineError> {
+    let (engine, reason) = match setting {
+        IoEngineSetting::Threads => (IoEngine::Threads, "configured".to_owned()),
+        IoEngineSetting::IoUring => match probe() {
+            Ok(()) => (IoEngine::IoUring, "configured".to_owned()),
+            Err(e) => return Err(EngineError::IoUringUnavailable(ring_refusal(&e))),
+        },
+        IoEngineSetting::Auto => match probe() {
+            Ok(()) => (
+                IoEngine::IoUring,
+                "auto: the kernel offers io_uring".to_owned(),
+            ),
+            Err(e) => (IoEngine::Threads, format!("auto: {}", ring_refusal(&e))),
+        },
+    };
+    Ok(EngineChoice {
+        setting,
+        engine,
+        reason,
+    })
+}
+
+/// Opens a file or block device with the chosen engine. Under `auto`, a ring that the kernel
+/// refuses for this one store (locked-memory limit reached after several LUNs) falls back to
+/// threads for it, with a warning.
+pub fn open_file_store(
+    opts: FileStoreOptions,
+    choice: &EngineChoice,
+) -> Result<Arc<dyn BlockStore>, OpenError> {
+    match choice.engine {
+        IoEngine::Threads => Ok(Arc::new(ThreadStore::open(opts)?)),
+        IoEngine::IoUring => match UringStore::open(opts.clone()) {
+            Ok(s) => Ok(Arc::new(s)),
+            Err(OpenError::RingSetup { path, source })
+                if choice.setting == IoEngineSetting::Auto =>
+            {
+                tracing::warn!(path = %path.display(), reason = %ring_refusal(&source),
+                    "cannot set up an io_uring for this store; it uses I/O threads");
+                Ok(Arc::new(ThreadStore::open(opts)?))
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
+
+#[cfg(test)]
+mod choice_tests {
+    use super::*;
+
+    fn refused(errno: i32) -> impl FnOnce() -> std::io::Result<()> {
+        move || Err(std::io::Error::from_raw_os_error(errno))
+    }
+
+    #[test]
+    fn auto_falls_back_and_says_why() {
+        for (errno, words) in [
+            (libc::ENOSYS, "ENOSYS (the kernel has no io_uring"),
+            (libc::EPERM, "EPERM (not permitted"),
+            (libc::EINVAL, "EINVAL"),
+        ] {
+            let c = choose_engine_with(IoEngineSetting::Auto, refused(errno)).unwrap();
+            assert_eq!(c.engine, IoEngine::Threads);
+            assert!(c.reason.contains(words), "{}", c.reason);
+        }
+        let c = choose_engine_with(IoEngineSetting::Auto, || Ok(())).unwrap();
+        assert_eq!(c.engine, IoEngine::IoUring);
+    }
+
+    #[test]
+    fn forced_io_uring_refused_names_the_key() {
+        let e = choose_engine_with(IoEngineSetting::IoUring, refused(libc::ENOSYS)).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("server.io_engine"), "{msg}");
+        assert!(msg.contains("ENOSYS"), "{msg}");
+    }
+
+    #[test]
+    fn forced_threads_never_probes() {
+        let c = choose_engine_with(IoEngineSetting::Threads, || panic!("probed")).unwrap();
+        assert_eq!(c.engine, IoEngine::Threads);
+    }
+
+    #[test]
+    fn setting_parses_from_toml_names() {
+        #[derive(Deserialize)]
+        struct T {
+            e: IoEngineSetting,
+        }
+        for (s, want) in [
+            ("auto", IoEngineSetting::Auto),
+            ("io_uring", IoEngineSetting::IoUring),
+            ("threads", IoEngineSetting::Threads),
+        ] {
+            let t: T = toml::from_str(&format!("e = \"{s}\"")).unwrap();
+            assert_eq!(t.e, want);
+            assert_eq!(want.as_str(), s);
+        }
+        assert!(toml::from_str::<T>("e = \"aio\"").is_err());
+    }
+}

@@ -99,4 +99,8 @@ impl BlockStore for StdFileStore {
             self.size
         )
     }
+
+    fn engine(&self) -> &'static str {
+        "std::fs"
+    }
 }

@@ -96,4 +96,8 @@ impl BlockStore for MemStore {
     fn describe(&self) -> String {
         format!("memory store, {} bytes", self.size())
     }
+
+    fn engine(&self) -> &'static str {
+        "memory"
+    }
 }

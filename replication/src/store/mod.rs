@@ -1,5 +1,6 @@
 //! The block-store abstraction every layer of twinsan shares: the iSCSI target serves a
-//! `BlockStore`, the io_uring file store implements it, and a replicated volume wraps one.
+//! `BlockStore`, the file stores (io_uring or I/O threads) implement it, and a replicated
+//! volume wraps one.
 //!
 //! A store is a flat array of bytes addressed by byte offset. Callers guarantee that every
 //! request is inside `size()` and a multiple of the LUN's block size.
@@ -51,6 +52,8 @@ pub trait BlockStore: Send + Sync + 'static {
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
     /// A line for the log: path, direct or buffered, and why.
     fn describe(&self) -> String;
+    /// The I/O engine under this store (`io_uring`, `threads`, ...), for `twinsan status`.
+    fn engine(&self) -> &'static str;
 }
 
 /// Checks that `[offset, offset+len)` lies within a store of `size` bytes.

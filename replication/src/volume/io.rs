@@ -345,4 +345,8 @@ impl BlockStore for VolumeStore {
             self.vol.data.describe()
         )
     }
+
+    fn engine(&self) -> &'static str {
+        self.vol.data.engine()
+    }
 }

@@ -1,0 +1,559 @@
+//! What both I/O engines share about a backing file or block device: opening it (O_DIRECT
+//! with a buffered fallback, alignment from statx, block-device size and sector size), which
+//! fd serves a request, the page-cache fast path for reads, the discard fallbacks, and the
+//! description for the log and `twinsan status`. The engines ([`super::uring`],
+//! [`super::threads`]) differ only in how a request reaches the kernel.
+
+use super::aligned::{AlignedBuf, IO_ALIGN};
+use super::sys::{self, errno_name};
+use super::StoreError;
+use bytes::Bytes;
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+/// How a file store is opened.
+#[derive(Debug, Clone)]
+pub struct FileStoreOptions {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Try O_DIRECT; falls back to buffered I/O (with a warning) where the filesystem refuses.
+    pub direct: bool,
+    /// Create a sparse file of this size if `path` does not exist. An existing file is used
+    /// as it is, whatever its size.
+    pub create_size: Option<u64>,
+    /// Requests in flight at most (io_uring: ring entries).
+    pub queue_depth: u32,
+}
+
+impl FileStoreOptions {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        FileStoreOptions {
+            path: path.into(),
+            ..Default::default()
+        }
+    }
+}
+
+impl Default for FileStoreOptions {
+    fn default() -> Self {
+        FileStoreOptions {
+            path: PathBuf::new(),
+            read_only: false,
+            direct: true,
+            create_size: None,
+            queue_depth: 256,
+        }
+    }
+}
+
+/// Why a store could not be opened; always names the path so the config error is findable.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{}: {what}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel refused to set up an io_uring for this store.
+    #[error("{}: io_uring setup: {source}", .path.display())]
+    RingSetup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: size {size} bytes is not a non-zero multiple of 512", .path.display())]
+    BadSize { path: PathBuf, size: u64 },
+    #[error("{}: not a regular file or block device", .path.display())]
+    NotFileOrDevice { path: PathBuf },
+    #[error("{}: queue_depth {depth} is out of range 1..=32768", .path.display())]
+    BadQueueDepth { path: PathBuf, depth: u32 },
+}
+
+/// Lets callers that only know `StoreError` use `?`; the path context stays in the message.
+impl From<OpenError> for StoreError {
+    fn from(e: OpenError) -> Self {
+        let kind = match &e {
+            OpenError::Io { source, .. } | OpenError::RingSetup { source, .. } => source.kind(),
+            _ => io::ErrorKind::InvalidInput,
+        };
+        StoreError::Io(io::Error::new(kind, e))
+    }
+}
+
+/// Index in [`Backing::files`] of the fd opened as requested (O_DIRECT when available).
+pub const MAIN: usize = 0;
+/// Index of the buffered fd that serves requests O_DIRECT cannot take.
+pub const BUFFERED: usize = 1;
+/// Linux caps one read/write at MAX_RW_COUNT; asking for more only produces short counts.
+pub const MAX_CHUNK: usize = 0x7fff_f000;
+/// EINTR/EAGAIN results are retried this many times in a row before giving up.
+pub const MAX_RETRIES: u32 = 1000;
+/// Size of the shared zero buffer used when the backing store cannot deallocate.
+pub const ZERO_CHUNK: usize = 1 << 20;
+
+/// Discard methods in order of preference; a store only ever moves down the list.
+const DISCARD_PUNCH: u8 = 0;
+const DISCARD_ZERO_RANGE: u8 = 1;
+#[cfg(test)]
+const DISCARD_WRITE: u8 = 2;
+
+#[cfg(any(
+    target_arch = "powerpc",
+    target_arch = "powerpc64",
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "sparc",
+    target_arch = "sparc64"
+))]
+const IOC_READ: u32 = 2 << 29;
+#[cfg(not(any(
+    target_arch = "powerpc",
+    target_arch = "powerpc64",
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "sparc",
+    target_arch = "sparc64"
+)))]
+const IOC_READ: u32 = 2 << 30;
+/// `_IOR(0x12, 114, u64)`; libc does not export it.
+const BLKGETSIZE64: u32 = IOC_READ | (8 << 16) | (0x12 << 8) | 114;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    RegularFile,
+    BlockDevice,
+}
+
+#[derive(Debug)]
+pub enum IoMode {
+    /// Requests aligned to these go to the O_DIRECT fd, others to the buffered one.
+    Direct {
+        offset_align: u32,
+        mem_align: u32,
+        /// The filesystem did not report its alignment (statx), so it is a guess.
+        guessed: bool,
+    },
+    Buffered {
+        reason: String,
+    },
+}
+
+/// Test-only knobs that reproduce conditions this machine cannot (a filesystem refusing
+/// O_DIRECT, a 4 KiB-sector device, an fd the kernel rejects).
+#[derive(Default)]
+pub struct OpenHooks {
+    pub refuse_direct: bool,
+    pub offset_align: Option<u32>,
+    pub rdonly_main_fd: bool,
+}
+
+/// What happens after one fallocate attempt of a discard.
+pub enum DiscardStep {
+    /// The range is deallocated (or zeroed): done.
+    Done,
+    /// Try the next method.
+    Next,
+}
+
+/// An open backing file or device and the facts both engines route requests by.
+pub struct Backing {
+    pub path: PathBuf,
+    pub kind: Kind,
+    pub size: u64,
+    pub read_only: bool,
+    pub io_mode: IoMode,
+    pub logical_block_size: u32,
+    /// `files[MAIN]`, and in direct mode `files[BUFFERED]`.
+    pub files: Vec<File>,
+    discard_method: AtomicU8,
+    warned_unaligned: AtomicBool,
+    /// Cleared when the kernel refuses `preadv2(RWF_NOWAIT)` (before 4.14), so the fast path
+    /// is not tried again.
+    nowait_reads: AtomicBool,
+    zeroes: OnceLock<Bytes>,
+}
+
+fn open_err(path: &Path, what: &'static str, source: io::Error) -> OpenError {
+    OpenError::Io {
+        path: path.to_owned(),
+        what,
+        source,
+    }
+}
+
+fn open_fd(path: &Path, read_only: bool, flags: i32) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(flags)
+        .open(path)
+}
+
+fn blk_size(fd: RawFd) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+    let rc = unsafe { libc::ioctl(fd, BLKGETSIZE64 as _, &mut size as *mut u64) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+fn blk_logical_block_size(fd: RawFd) -> io::Result<u32> {
+    let mut ssz: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer.
+    let rc = unsafe { libc::ioctl(fd, libc::BLKSSZGET, &mut ssz as *mut libc::c_int) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ssz.max(512) as u32)
+}
+
+/// `(mem_align, offset_align)` from statx(STATX_DIOALIGN), or None if the kernel (before 6.1)
+/// or filesystem does not report it. `offset_align == 0` means "no direct I/O on this file".
+fn statx_dio(fd: RawFd) -> Option<(u32, u32)> {
+    let stx = sys::statx(fd, libc::STATX_DIOALIGN).ok()?;
+    if stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return None;
+    }
+    Some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
+}
+
+fn create_sparse(path: &Path, size: u64) -> Result<(), OpenError> {
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        // Backing files hold a whole disk's data; keep them private.
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(f) => {
+            f.set_len(size)
+                .map_err(|e| open_err(path, "size new file", e))?;
+            tracing::info!(path = %path.display(), size, "created sparse backing file");
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(open_err(path, "create", e)),
+    }
+}
+
+impl Backing {
+    /// Opens (and with `create_size`, creates) the backing file or device.
+    pub fn open(opts: &FileStoreOptions, hooks: OpenHooks) -> Result<Backing, OpenError> {
+        let path = opts.path.as_path();
+        if !(1..=32768).contains(&opts.queue_depth) {
+            return Err(OpenError::BadQueueDepth {
+                path: path.to_owned(),
+                depth: opts.queue_depth,
+            });
+        }
+        if let Some(size) = opts.create_size {
+            if size == 0 || size % 512 != 0 {
+                return Err(OpenError::BadSize {
+                    path: path.to_owned(),
+                    size,
+                });
+            }
+            create_sparse(path, size)?;
+        }
+        let meta = std::fs::metadata(path).map_err(|e| open_err(path, "stat", e))?;
+        let kind = if meta.file_type().is_block_device() {
+            Kind::BlockDevice
+        } else if meta.is_file() {
+            Kind::RegularFile
+        } else {
+            return Err(OpenError::NotFileOrDevice {
+                path: path.to_owned(),
+            });
+        };
+        let ro = opts.read_only;
+        let open_buffered = || open_fd(path, ro, 0).map_err(|e| open_err(path, "open", e));
+
+        let (mut main, refused) = if opts.direct {
+            let r = if hooks.refuse_direct {
+                Err(io::Error::from_raw_os_error(libc::EINVAL))
+            } else {
+                open_fd(path, ro, libc::O_DIRECT)
+            };
+            match r {
+                Ok(f) => (f, None),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(path = %path.display(), errno = %errno_name(&e),
+                        "O_DIRECT refused by the filesystem; using buffered I/O");
+                    (
+                        open_buffered()?,
+                        Some(format!(
+                            "O_DIRECT refused by filesystem: {}",
+                            errno_name(&e)
+                        )),
+                    )
+                }
+                Err(e) => return Err(open_err(path, "open", e)),
+            }
+        } else {
+            (open_buffered()?, Some("O_DIRECT not requested".to_owned()))
+        };
+
+        let (size, lbs) = match kind {
+            Kind::BlockDevice => (
+                blk_size(main.as_raw_fd()).map_err(|e| open_err(path, "BLKGETSIZE64", e))?,
+                blk_logical_block_size(main.as_raw_fd())
+                    .map_err(|e| open_err(path, "BLKSSZGET", e))?,
+            ),
+            Kind::RegularFile => (
+                main.metadata()
+                    .map_err(|e| open_err(path, "stat", e))?
+                    .len(),
+                512,
+            ),
+        };
+        if size == 0 || size % 512 != 0 {
+            return Err(OpenError::BadSize {
+                path: path.to_owned(),
+                size,
+            });
+        }
+
+        let io_mode = match refused {
+            Some(reason) => IoMode::Buffered { reason },
+            None => match statx_dio(main.as_raw_fd()) {
+                Some((_, 0)) => {
+                    let reason = "filesystem reports no direct I/O for this file".to_owned();
+                    tracing::warn!(path = %path.display(), "{reason}; using buffered I/O");
+                    main = open_buffered()?;
+                    IoMode::Buffered { reason }
+                }
+                Some((mem, off)) => IoMode::Direct {
+                    offset_align: off.max(lbs),
+                    mem_align: mem.max(1),
+                    guessed: false,
+                },
+                // Not reported: the fs block size is the safe guess for files, the logical
+                // block size for devices.
+                None => IoMode::Direct {
+                    offset_align: match kind {
+                        Kind::BlockDevice => lbs,
+                        Kind::RegularFile => (meta.blksize() as u32).max(512),
+                    },
+                    mem_align: IO_ALIGN as u32,
+                    guessed: true,
+                },
+            },
+        };
+        let io_mode = match (io_mode, hooks.offset_align) {
+            (IoMode::Direct { mem_align, .. }, Some(offset_align)) => IoMode::Direct {
+                offset_align,
+                mem_align,
+                guessed: false,
+            },
+            (m, _) => m,
+        };
+        let logical_block_size = match (&io_mode, kind) {
+            (_, Kind::BlockDevice) => lbs,
+            (IoMode::Direct { offset_align, .. }, Kind::RegularFile) => *offset_align,
+            (IoMode::Buffered { .. }, Kind::RegularFile) => 512,
+        };
+
+        if hooks.rdonly_main_fd {
+            let flags = match io_mode {
+                IoMode::Direct { .. } => libc::O_DIRECT,
+                IoMode::Buffered { .. } => 0,
+            };
+            main = open_fd(path, true, flags).map_err(|e| open_err(path, "open", e))?;
+        }
+        let mut files = vec![main];
+        if let IoMode::Direct { .. } = io_mode {
+            files.push(open_buffered()?);
+        }
+        Ok(Backing {
+            path: path.to_owned(),
+            kind,
+            size,
+            read_only: ro,
+            io_mode,
+            logical_block_size,
+            files,
+            discard_method: AtomicU8::new(DISCARD_PUNCH),
+            warned_unaligned: AtomicBool::new(false),
+            nowait_reads: AtomicBool::new(true),
+            zeroes: OnceLock::new(),
+        })
+    }
+
+    #[cfg(test)]
+    pub fn is_direct(&self) -> bool {
+        matches!(self.io_mode, IoMode::Direct { .. })
+    }
+
+    pub fn fd(&self, index: usize) -> RawFd {
+        self.files[index].as_raw_fd()
+    }
+
+    /// Picks the fd for one request: O_DIRECT needs offset, length and memory aligned.
+    pub fn route(&self, pos: u64, len: usize, addr: usize) -> usize {
+        match self.io_mode {
+            IoMode::Buffered { .. } => MAIN,
+            IoMode::Direct {
+                offset_align,
+                mem_align,
+                ..
+            } => {
+                let a = u64::from(offset_align);
+                if pos % a != 0 || len as u64 % a != 0 {
+                    if !self.warned_unaligned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            path = %self.path.display(),
+                            offset = pos,
+                            len,
+                            align = offset_align,
+                            "request not aligned to the device's direct-I/O block size; \
+                             such requests use a buffered fd (logged once per store)"
+                        );
+                    }
+                    BUFFERED
+                } else if addr % mem_align as usize != 0 {
+                    BUFFERED
+                } else {
+                    MAIN
+                }
+            }
+        }
+    }
+
+    /// Whether a write buffer at `addr` can go to the O_DIRECT fd without a copy.
+    pub fn direct_mem_aligned(&self, addr: usize) -> bool {
+        match self.io_mode {
+            IoMode::Direct { mem_align, .. } => addr % mem_align as usize == 0,
+            IoMode::Buffered { .. } => true,
+        }
+    }
+
+    /// Reads what the page cache already holds of `[pos, pos + buf.len())` with one
+    /// `preadv2(RWF_NOWAIT)` (Linux 4.14), which never waits for the device: a cache hit
+    /// costs one syscall on the calling thread instead of a trip through the engine. Only for
+    /// buffered stores (O_DIRECT reads always go to the device). Returns the bytes read (0 on
+    /// a miss or any error; the engine then does the read and reports real errors).
+    pub fn read_cached(&self, pos: u64, buf: &mut [u8]) -> usize {
+        if !matches!(self.io_mode, IoMode::Buffered { .. })
+            || buf.is_empty()
+            || !self.nowait_reads.load(Ordering::Relaxed)
+        {
+            return 0;
+        }
+        let len = buf.len().min(MAX_CHUNK);
+        match sys::preadv2(self.fd(MAIN), &mut buf[..len], pos, libc::RWF_NOWAIT) {
+            Ok(n) => n,
+            Err(e) => {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
+                ) && self.nowait_reads.swap(false, Ordering::Relaxed)
+                {
+                    tracing::info!(path = %self.path.display(), errno = %errno_name(&e),
+                        "kernel has no preadv2(RWF_NOWAIT); page-cache reads go through the engine");
+                }
+                0
+            }
+        }
+    }
+
+    /// The fallocate modes a discard should try now, best first, with their method number.
+    pub fn discard_modes(&self) -> impl Iterator<Item = (u8, i32)> + '_ {
+        [
+            (
+                DISCARD_PUNCH,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            ),
+            (
+                DISCARD_ZERO_RANGE,
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            ),
+        ]
+        .into_iter()
+        .filter(|(method, _)| self.discard_method.load(Ordering::Relaxed) <= *method)
+    }
+
+    /// Judges one fallocate result (`errno`, 0 for success) of discard method `method`.
+    /// Punch hole on a block device is a write-zeroes/unmap that guarantees zeroes.
+    pub fn discard_step(
+        &self,
+        method: u8,
+        mode: i32,
+        errno: i32,
+    ) -> Result<DiscardStep, StoreError> {
+        match errno {
+            0 => Ok(DiscardStep::Done),
+            libc::EOPNOTSUPP => {
+                tracing::info!(path = %self.path.display(), mode,
+                    "fallocate mode not supported; discard falls back to the next method");
+                self.discard_method.fetch_max(method + 1, Ordering::Relaxed);
+                Ok(DiscardStep::Next)
+            }
+            // Misaligned for this device: only this request takes the slow path.
+            libc::EINVAL => Ok(DiscardStep::Next),
+            e => Err(StoreError::Io(io::Error::from_raw_os_error(e))),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn force_discard_by_writing(&self) {
+        self.discard_method.store(DISCARD_WRITE, Ordering::Relaxed);
+    }
+
+    /// A shared buffer of [`ZERO_CHUNK`] zero bytes, aligned for O_DIRECT.
+    pub fn zeroes(&self) -> Bytes {
+        self.zeroes
+            .get_or_init(|| AlignedBuf::zeroed(ZERO_CHUNK).into_bytes())
+            .clone()
+    }
+
+    /// The log and status line: path, kind, size, direct or buffered and why, then `engine`.
+    pub fn describe(&self, engine: &str) -> String {
+        let mut s = format!("{}: ", self.path.display());
+        match self.kind {
+            Kind::RegularFile => s.push_str("regular file"),
+            Kind::BlockDevice => {
+                let _ = write!(
+                    s,
+                    "block device (logical block {})",
+                    self.logical_block_size
+                );
+            }
+        }
+        let _ = write!(s, ", {} bytes, ", self.size);
+        match &self.io_mode {
+            IoMode::Direct {
+                offset_align,
+                guessed,
+                ..
+            } => {
+                let _ = write!(
+                    s,
+                    "O_DIRECT (requests not aligned to {offset_align} bytes use buffered I/O{})",
+                    if *guessed {
+                        "; alignment not reported by the filesystem, guessed"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            IoMode::Buffered { reason } => {
+                let _ = write!(s, "buffered I/O ({reason})");
+            }
+        }
+        if self.read_only {
+            s.push_str(", read-only");
+        }
+        let _ = write!(s, ", {engine}");
+        s
+    }
+}

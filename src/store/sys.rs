@@ -1,0 +1,127 @@
+//! System calls the stores need that glibc 2.17 (CentOS 7, the XenServer / XCP-ng dom0
+//! userland) does not wrap: `statx` (glibc 2.28), `preadv2` / `pwritev2` (glibc 2.26). Calling
+//! them through `libc::syscall` keeps the binary free of newer symbol versions; the kernel
+//! decides whether they exist (ENOSYS on kernels older than the call).
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// `preadv2(fd, [buf], pos, flags)`: bytes read.
+pub fn preadv2(fd: RawFd, buf: &mut [u8], pos: u64, flags: i32) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: the iovec points into `buf`, valid for writes for its length. On 64-bit
+    // targets the kernel takes the whole offset in pos_l and ignores pos_h.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_preadv2,
+            fd,
+            &iov as *const libc::iovec,
+            1,
+            pos as libc::c_long,
+            0 as libc::c_long,
+            flags,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// `pwritev2(fd, [buf], pos, flags)`: bytes written.
+pub fn pwritev2(fd: RawFd, buf: &[u8], pos: u64, flags: i32) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: the iovec points into `buf`, valid for reads for its length; see preadv2.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_pwritev2,
+            fd,
+            &iov as *const libc::iovec,
+            1,
+            pos as libc::c_long,
+            0 as libc::c_long,
+            flags,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// `statx(fd, "", AT_EMPTY_PATH, mask)`.
+pub fn statx(fd: RawFd, mask: u32) -> io::Result<libc::statx> {
+    // SAFETY: all-zero is a valid statx.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a valid C string and stx is writable for its size.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_statx,
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            mask,
+            &mut stx as *mut libc::statx,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stx)
+}
+
+/// The symbolic name of an errno for log lines and status ("ENOSYS", else "errno N").
+pub fn errno_name(e: &io::Error) -> String {
+    let name = match e.raw_os_error() {
+        Some(libc::EINVAL) => "EINVAL",
+        Some(libc::EOPNOTSUPP) => "EOPNOTSUPP",
+        Some(libc::ENOSYS) => "ENOSYS",
+        Some(libc::EPERM) => "EPERM",
+        Some(libc::ENOMEM) => "ENOMEM",
+        Some(libc::EACCES) => "EACCES",
+        Some(n) => return format!("errno {n}"),
+        None => return e.to_string(),
+    };
+    name.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn raw_vectored_calls_and_statx() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[7u8; 8192]).unwrap();
+        let fd = f.as_raw_fd();
+        assert_eq!(
+            pwritev2(fd, &[1u8; 512], 4096, libc::RWF_DSYNC).unwrap(),
+            512
+        );
+        let mut buf = [0u8; 1024];
+        assert_eq!(preadv2(fd, &mut buf, 3584, 0).unwrap(), 1024);
+        assert!(buf[..512].iter().all(|&b| b == 7));
+        assert!(buf[512..].iter().all(|&b| b == 1));
+        // Past the end: 0 bytes, not an error.
+        assert_eq!(preadv2(fd, &mut buf, 1 << 20, 0).unwrap(), 0);
+        let stx = statx(fd, libc::STATX_SIZE).unwrap();
+        assert_eq!(stx.stx_size, 8192);
+        let bad = preadv2(-1, &mut buf, 0, 0).unwrap_err();
+        assert_eq!(bad.raw_os_error(), Some(libc::EBADF));
+        assert_eq!(
+            errno_name(&io::Error::from_raw_os_error(libc::ENOSYS)),
+            "ENOSYS"
+        );
+        assert_eq!(errno_name(&io::Error::from_raw_os_error(5)), "errno 5");
+    }
+}
