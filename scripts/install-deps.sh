@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Install everything twinsan's tests and benchmarks need on a Debian bookworm machine,
-# then build fio with the libiscsi engine (scripts/build-fio.sh).
+# then build fio with the libiscsi engine (scripts/build-fio.sh) and install the tools of
+# the portable build and the packages (scripts/build-portable.sh): cargo-zigbuild, cargo-deb,
+# cargo-generate-rpm (cargo install --locked --root $TWINSAN_TOOLS) and zig (PyPI ziglang,
+# pip install --target $TWINSAN_TOOLS/ziglang-VERSION), pinned versions.
 #
 # Idempotent and non-interactive; run as root. When everything is already present it
 # does no network access at all and returns in well under a second.
@@ -9,6 +12,7 @@
 #   TWINSAN_TOOLS        cache dir for built tools (default /var/cache/twinsan-tools)
 #   TWINSAN_DEPS_EXTRA   extra Debian packages to install too (e.g. "tshark")
 #   TWINSAN_SKIP_FIO=1   do not build fio
+#   TWINSAN_SKIP_PACKAGING_TOOLS=1   do not install cargo-zigbuild, zig, cargo-deb, cargo-generate-rpm
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/common.sh
@@ -30,9 +34,10 @@ command -v apt-get >/dev/null || die "apt-get not found: only Debian (bookworm) 
 #   iproute2          ip netns / veth for the two-node tests
 #   iputils-ping, iputils-arping   reachability and the client's ARP view in the HA namespace tests
 #   dpkg-dev, build-essential, pkg-config, zlib1g-dev, libaio-dev, xz-utils   apt-get source + fio build
+#   rpm               rpm -qlp / -qcp / rpm2archive for the package test (scripts/test-packaging.sh)
 PKGS=(libiscsi-bin libiscsi-dev tgt qemu-utils qemu-block-extra drbd-utils iproute2
       dpkg-dev build-essential pkg-config zlib1g-dev libaio-dev xz-utils python3 procps
-      iputils-ping iputils-arping)
+      iputils-ping iputils-arping rpm)
 # shellcheck disable=SC2206  # word splitting of the extra list is intended
 PKGS+=(${TWINSAN_DEPS_EXTRA:-})
 
@@ -65,11 +70,29 @@ for p in "${PKGS[@]}"; do installed "$p" || missing+=("$p"); done
 need_fio=0
 if [ "${TWINSAN_SKIP_FIO:-0}" != 1 ] && ! fio_ok; then need_fio=1; fi
 
-if [ "${#missing[@]}" -eq 0 ] && [ "$need_fio" -eq 0 ]; then
-    log "all dependencies present and ${TWINSAN_TOOLS}/bin/fio-libiscsi works ($(elapsed "$T_ALL") s)"
+# Tools of scripts/build-portable.sh, pinned (a version change here reinstalls).
+CARGO_TOOLS=(cargo-zigbuild@0.24.1 cargo-deb@3.8.0 cargo-generate-rpm@0.21.1)
+ZIGLANG_VERSION=0.15.2
+cargo_tool_ok() {  # cargo_tool_ok NAME@VERSION
+    local name="${1%@*}" version="${1#*@}"
+    [ -x "${TWINSAN_TOOLS}/bin/${name}" ] \
+        && "${TWINSAN_TOOLS}/bin/${name}" --version 2>/dev/null | grep -qF "$version"
+}
+zig_ok() {
+    local zig="${TWINSAN_TOOLS}/ziglang-${ZIGLANG_VERSION}/ziglang/zig"
+    [ -x "$zig" ] && [ "$("$zig" version 2>/dev/null)" = "$ZIGLANG_VERSION" ]
+}
+missing_tools=()
+if [ "${TWINSAN_SKIP_PACKAGING_TOOLS:-0}" != 1 ]; then
+    for t in "${CARGO_TOOLS[@]}"; do cargo_tool_ok "$t" || missing_tools+=("$t"); done
+    zig_ok || missing_tools+=("ziglang==${ZIGLANG_VERSION}")
+fi
+
+if [ "${#missing[@]}" -eq 0 ] && [ "$need_fio" -eq 0 ] && [ "${#missing_tools[@]}" -eq 0 ]; then
+    log "all dependencies present, ${TWINSAN_TOOLS}/bin/fio-libiscsi works, packaging tools cached ($(elapsed "$T_ALL") s)"
     exit 0
 fi
-log "missing packages: ${missing[*]:-none}; fio-libiscsi needs building: $([ "$need_fio" = 1 ] && echo yes || echo no)"
+log "missing packages: ${missing[*]:-none}; fio-libiscsi needs building: $([ "$need_fio" = 1 ] && echo yes || echo no); packaging tools: ${missing_tools[*]:-cached}"
 
 # deb-src is needed for `apt-get source fio`; enable it before the one apt-get update.
 enable_deb_src() {
@@ -134,6 +157,30 @@ fi
 
 if [ "${TWINSAN_SKIP_FIO:-0}" != 1 ]; then
     timed "build fio with libiscsi" bash scripts/build-fio.sh
+fi
+
+# Packaging tools into the tool cache: cargo builds them from crates.io (a few minutes on
+# 2 cores, once), pip unpacks zig from PyPI's ziglang wheel. Each lands under its final name
+# only when complete.
+install_cargo_tool() {  # NAME@VERSION
+    cargo_tool_ok "$1" && return 0
+    cargo install --locked --root "$TWINSAN_TOOLS" "$1"
+}
+install_zig() {
+    local dir="${TWINSAN_TOOLS}/ziglang-${ZIGLANG_VERSION}"
+    zig_ok && return 0
+    rm -rf "${dir}.tmp" "$dir"
+    python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "${dir}.tmp" \
+        "ziglang==${ZIGLANG_VERSION}"
+    mv "${dir}.tmp" "$dir"
+    zig_ok
+}
+if [ "${#missing_tools[@]}" -gt 0 ]; then
+    command -v cargo >/dev/null || die "cargo not found: needed to install ${missing_tools[*]}"
+    for t in "${CARGO_TOOLS[@]}"; do
+        timed "cargo install ${t}" install_cargo_tool "$t"
+    done
+    timed "pip install ziglang==${ZIGLANG_VERSION}" install_zig
 fi
 
 TIMINGS+=("install-deps total"$'\t'"$(elapsed "$T_ALL")")

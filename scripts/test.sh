@@ -10,6 +10,9 @@
 #   6. cargo nextest run --workspace --release --no-fail-fast   (cargo test if nextest is missing)
 #      with TWINSAN_BIN=<repo>/target/release/twinsan and TWINSAN_FIO=<fio with libiscsi>
 #      exported for the integration tests.
+#   7. scripts/test-packaging.sh: the dom0 binary (cargo zigbuild, glibc 2.17 symbol versions,
+#      NEEDED libraries, serves the embedded default) and the rpm / deb built from it
+#      (file lists, config marking, unit identical to packaging/twinsan.service).
 # fmt/clippy failures do not stop the run (you see every problem at once); a failed
 # build does. Exit status is non-zero if any step failed. Every step is time-bounded.
 #
@@ -18,6 +21,7 @@
 #   TWINSAN_FAIL_FAST=1     stop at the first failing step
 #   TWINSAN_TEST_FILTER=... extra arguments for nextest / cargo test (word-split)
 #   TWINSAN_TOOLS           tool cache (default /var/cache/twinsan-tools)
+#   TWINSAN_SKIP_PACKAGING=1  skip step 7 (e.g. the packaging tools are not installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
@@ -88,7 +92,9 @@ fi
 lint_tooling() {
     local rc=0
     if command -v shellcheck >/dev/null; then
-        shellcheck -x -S warning scripts/*.sh scripts/lib/*.sh benches/*.sh .ci/run || rc=1
+        shellcheck -x -S warning scripts/*.sh scripts/lib/*.sh benches/*.sh .ci/run \
+            packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm \
+            packaging/rpm/*.sh || rc=1
     else
         log "shellcheck not installed; skipping shell lint"
     fi
@@ -128,6 +134,13 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     log "cargo-nextest not found; falling back to cargo test"
     step "cargo test --release" 3000 cargo test --workspace --release --no-fail-fast "${FILTER[@]}" || true
+fi
+
+# 7. the dom0 binary and the packages (a second release build, by zig: a few minutes)
+if [ "${TWINSAN_SKIP_PACKAGING:-0}" != 1 ]; then
+    step "test-packaging.sh (dom0 binary, rpm, deb)" 2400 bash scripts/test-packaging.sh || true
+else
+    log "TWINSAN_SKIP_PACKAGING=1: not building or checking the portable binary and packages"
 fi
 
 finish
