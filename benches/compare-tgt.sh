@@ -4,14 +4,17 @@
 #
 # Usage: benches/compare-tgt.sh
 #
-# For every job, tgt runs first and twinsan right after (each server is started fresh for
-# the job and stopped by PID afterwards; with BENCH_REPEAT>1 even repetitions swap the
-# order), so both see the same machine state as closely as possible. The backing file is filled with random data once before the first job, so
+# For every job, tgt and then twinsan with each of its I/O engines (io_uring, threads) run
+# back to back (each server is started fresh for the job and stopped by PID afterwards;
+# with BENCH_REPEAT>1 the order rotates every repetition), so all see the same machine
+# state as closely as possible. The backing file is filled with random data once before the first job, so
 # reads never hit holes. Writes a markdown report to benches/results/compare-tgt-<date>.md
 # and prints it; raw fio JSON and server logs are kept in target/bench/<stamp>/.
 #
 # Environment (all optional):
 #   BENCH_ONLY=tgt|twinsan      run one server only (default: both)
+#   TWINSAN_ENGINES=io_uring,threads   twinsan's `server.io_engine` values to run, each as a
+#                               server of its own (twinsan-io_uring, twinsan-threads)
 #   BENCH_RUNTIME=20            seconds measured per job (fio --runtime, --time_based)
 #   BENCH_RAMP=3                seconds of ramp before measuring (fio --ramp_time)
 #   BENCH_JOBS=a,b              subset of jobs by name (default: all six, see JOBS below)
@@ -60,10 +63,18 @@ JOBS=(
     "seqwrite-1m-qd8|write|1M|8"
 )
 
+TWINSAN_SERVERS=()
+IFS=',' read -r -a engines <<<"${TWINSAN_ENGINES:-io_uring,threads}"
+for e in "${engines[@]}"; do
+    case "$e" in
+        io_uring|threads) TWINSAN_SERVERS+=("twinsan-$e") ;;
+        *) die "TWINSAN_ENGINES: unknown engine '${e}' (io_uring, threads)" ;;
+    esac
+done
 case "${BENCH_ONLY:-both}" in
-    both) SERVERS=(tgt twinsan) ;;
+    both) SERVERS=(tgt "${TWINSAN_SERVERS[@]}") ;;
     tgt) SERVERS=(tgt) ;;
-    twinsan) SERVERS=(twinsan) ;;
+    twinsan) SERVERS=("${TWINSAN_SERVERS[@]}") ;;
     *) die "BENCH_ONLY must be tgt, twinsan or both (got '${BENCH_ONLY}')" ;;
 esac
 for v in RUNTIME RAMP REPEAT SIZE_MIB; do
@@ -96,7 +107,7 @@ for s in "${SERVERS[@]}"; do
             [ "$(id -u)" -eq 0 ] || die "tgtd needs root"
             if port_open "$HOST" "$TGT_PORT"; then die "${HOST}:${TGT_PORT} (TGT_PORT) is already in use"; fi
             ;;
-        twinsan)
+        twinsan-*)
             [ -x "$TWINSAN_BIN" ] || die "twinsan binary not found at ${TWINSAN_BIN}: build it with
     cargo build --release --bin twinsan
 or point TWINSAN_BIN at it, or run only the tgt half with BENCH_ONLY=tgt"
@@ -159,11 +170,12 @@ fi
 FILE="$(cd "$(dirname "$FILE")" && pwd)/$(basename "$FILE")"
 
 # ------------------------------------------------------------------ servers
-twinsan_config() {
+twinsan_config() {  # engine
     cat <<TOML
 [server]
 data_dir = "$WORK/twinsan-data"
 worker_threads = ${TWINSAN_WORKER_THREADS:-0}
+io_engine = "$1"
 
 [[target]]
 iqn = "$TWINSAN_IQN"
@@ -176,11 +188,11 @@ direct = ${TWINSAN_DIRECT:-true}
 TOML
 }
 
-twinsan_start() {
-    local logf="$1"
+twinsan_start() {  # engine logfile
+    local engine="$1" logf="$2"
     mkdir -p "$WORK/twinsan-data"
-    twinsan_config >"$WORK/twinsan.toml"
-    cp "$WORK/twinsan.toml" "$RAW/twinsan.toml"
+    twinsan_config "$engine" >"$WORK/twinsan.toml"
+    cp "$WORK/twinsan.toml" "$RAW/twinsan-${engine}.toml"
     "$TWINSAN_BIN" serve --config "$WORK/twinsan.toml" >>"$logf" 2>&1 &
     TWINSAN_PID=$!
     if ! wait_port "$HOST" "$TWINSAN_PORT" 30 "$TWINSAN_PID"; then
@@ -191,7 +203,7 @@ twinsan_start() {
         wait "$TWINSAN_PID" 2>/dev/null && true
         local rc=$?
         TWINSAN_PID=""
-        die "twinsan exited at startup (exit ${rc}): ${TWINSAN_BIN} serve --config ${RAW}/twinsan.toml; log: ${logf}"
+        die "twinsan exited at startup (exit ${rc}): ${TWINSAN_BIN} serve --config ${RAW}/twinsan-${engine}.toml; log: ${logf}"
     fi
 }
 
@@ -200,7 +212,7 @@ twinsan_stop() { stop_pid "$TWINSAN_PID" 15; TWINSAN_PID=""; }
 server_start() {
     case "$1" in
         tgt) tgt_start "$HOST" "$TGT_PORT" "$TGT_IQN" "$FILE" "$RAW/tgtd.$2.log" ;;
-        twinsan) twinsan_start "$RAW/twinsan.log" ;;
+        twinsan-*) twinsan_start "${1#twinsan-}" "$RAW/$1.log" ;;
     esac
     # A login + INQUIRY proves the target is usable before fio relies on it.
     local url iqn port
@@ -220,7 +232,7 @@ server_start() {
 server_stop() {
     case "$1" in
         tgt) tgt_stop ;;
-        twinsan) twinsan_stop ;;
+        twinsan-*) twinsan_stop ;;
     esac
 }
 server_iqn() { if [ "$1" = tgt ]; then echo "$TGT_IQN"; else echo "$TWINSAN_IQN"; fi; }
@@ -250,18 +262,20 @@ run_job() {  # server job-spec rep
 }
 
 # Fail fast, before spending minutes on tgt, if twinsan cannot start and serve LUN 1.
-if [[ " ${SERVERS[*]} " == *" twinsan "* ]]; then
-    log "checking that twinsan starts and serves ${TWINSAN_IQN} LUN 1"
-    server_start twinsan smoke
-    server_stop twinsan
-fi
+for server in "${TWINSAN_SERVERS[@]}"; do
+    [[ " ${SERVERS[*]} " == *" ${server} "* ]] || continue
+    log "checking that ${server} starts and serves ${TWINSAN_IQN} LUN 1"
+    server_start "$server" smoke
+    server_stop "$server"
+done
 
 LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
 T0="$(now_s)"
 for ((rep = 1; rep <= REPEAT; rep++)); do
-    # Odd repetitions run tgt first, even ones twinsan first, so order effects cancel out.
-    order=("${SERVERS[@]}")
-    if [ $((rep % 2)) -eq 0 ] && [ "${#SERVERS[@]}" -eq 2 ]; then order=("${SERVERS[1]}" "${SERVERS[0]}"); fi
+    # The order rotates by one server every repetition, so order effects cancel out.
+    n="${#SERVERS[@]}"
+    order=()
+    for ((k = 0; k < n; k++)); do order+=("${SERVERS[$(((k + rep - 1) % n))]}"); done
     for spec in "${JOBS[@]}"; do
         for server in "${order[@]}"; do
             server_start "$server" "${spec%%|*}.$rep"
@@ -273,7 +287,7 @@ done
 BENCH_SECS="$(elapsed "$T0")"
 LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"
 order_note="order per job: ${SERVERS[*]}"
-[ "${#SERVERS[@]}" -eq 2 ] && [ "$REPEAT" -gt 1 ] && order_note="${order_note} (swapped on even repetitions)"
+[ "${#SERVERS[@]}" -ge 2 ] && [ "$REPEAT" -gt 1 ] && order_note="${order_note} (rotated by one every repetition)"
 busy_note=""
 if awk -v l="${LOAD_START%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
     busy_note="The machine was busy when the run started (1-min load ${LOAD_START%% *} on $(nproc) CPUs): other work competed for CPU; absolute numbers are low, the ratio is what counts."
@@ -284,7 +298,7 @@ fi
 tgt_ver="$(dpkg-query -W -f='${Version}' tgt 2>/dev/null || echo unknown)"
 libiscsi_ver="$(dpkg-query -W -f='${Version}' libiscsi7 2>/dev/null || echo unknown)"
 twinsan_ver="not run"
-if [[ " ${SERVERS[*]} " == *" twinsan "* ]]; then
+if [ "${#TWINSAN_SERVERS[@]}" -gt 0 ] && [ "${BENCH_ONLY:-both}" != tgt ]; then
     twinsan_ver="$("$TWINSAN_BIN" --version 2>/dev/null | head -n1 || true)"
     twinsan_ver="${twinsan_ver:-unknown} ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no commit'))"
 fi
@@ -307,7 +321,7 @@ facts = [
     ["machine", "$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(awk '/MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo)"],
     ["kernel", "$(uname -r)"],
     ["tgt", "$tgt_ver (tgtd, bstype rdwr${TGT_BSOPTS:+, $TGT_BSOPTS}, portal $HOST:$TGT_PORT)"],
-    ["twinsan", "$twinsan_ver (direct = ${TWINSAN_DIRECT:-true}, worker_threads = ${TWINSAN_WORKER_THREADS:-0}, portal $HOST:$TWINSAN_PORT)"],
+    ["twinsan", "$twinsan_ver (direct = ${TWINSAN_DIRECT:-true}, worker_threads = ${TWINSAN_WORKER_THREADS:-0}, io_engine = ${TWINSAN_ENGINES:-io_uring,threads} each as its own server, portal $HOST:$TWINSAN_PORT)"],
     ["client", "$("$FIO" --version) with libiscsi engine, libiscsi $libiscsi_ver, one job, one session per run"],
     ["backing file", "$SIZE_MIB MiB on $fs_type ($FILE), filled with random data before the first job; both servers serve the same file, one at a time"],
     ["per job", "$RAMP s ramp + $RUNTIME s measured (--time_based), $order_note, repetitions: $REPEAT, wall time $BENCH_SECS s"],

@@ -5,7 +5,7 @@ Usage:
     fio_report.py RAW_DIR META_JSON
 
 RAW_DIR holds one fio JSON output per run, named SERVER__JOB__REP.json (SERVER is tgt or
-twinsan; a run that failed has SERVER__JOB__REP.failed with the reason instead). META_JSON
+twinsan-ENGINE; a run that failed has SERVER__JOB__REP.failed with the reason instead). META_JSON
 has "jobs" (ordered list of {name, rw, bs, iodepth}), "servers" (list) and "facts"
 (ordered list of [label, value]) for the header.
 
@@ -98,11 +98,11 @@ def main() -> int:
         spread = (rs[0]["iops"], rs[-1]["iops"]) if len(rs) > 1 else None
         return med, spread
 
-    def paired_ratios(job: str) -> list[float]:
-        """twinsan/tgt per repetition: both ran back to back, so a slow spell of a shared
+    def paired_ratios(server: str, job: str) -> list[float]:
+        """server/tgt per repetition: both ran back to back, so a slow spell of a shared
         machine hits both sides of a pair alike, unlike the medians taken separately."""
         tgt = {r["rep"]: r["iops"] for r in runs.get(("tgt", job), [])}
-        tw = {r["rep"]: r["iops"] for r in runs.get(("twinsan", job), [])}
+        tw = {r["rep"]: r["iops"] for r in runs.get((server, job), [])}
         return [tw[k] / tgt[k] for k in sorted(tgt, key=int) if k in tw and tgt[k] > 0]
 
     out = []
@@ -111,15 +111,16 @@ def main() -> int:
     for label, value in meta.get("facts", []):
         out.append(f"- **{label}**: {value}")
     out.append("")
-    have_both = "tgt" in servers and "twinsan" in servers
+    # Every twinsan engine is compared with tgt.
+    others = [s for s in servers if s != "tgt"] if "tgt" in servers else []
     cols = ["job"]
     for s in servers:
         cols.append(f"{s} IOPS")
-    paired = have_both and int(meta.get("repeat", 1)) > 1
-    if have_both:
-        cols.append("ratio twinsan/tgt (IOPS)")
-    if paired:
-        cols.append("median paired ratio")
+    paired = bool(others) and int(meta.get("repeat", 1)) > 1
+    for s in others:
+        cols.append(f"ratio {s}/tgt (IOPS)")
+        if paired:
+            cols.append(f"median paired ratio {s}/tgt")
     for s in servers:
         cols.append(f"{s} MiB/s")
     for s in servers:
@@ -139,14 +140,14 @@ def main() -> int:
             row.append(fmt(r["iops"]) if r else "**FAILED**")
             if spread:
                 spreads.append(f"{name} {s}: {fmt(spread[0])} .. {fmt(spread[1])} IOPS")
-        if have_both:
-            a, b = picked["tgt"][0], picked["twinsan"][0]
+        for s in others:
+            a, b = picked["tgt"][0], picked[s][0]
             row.append(f"{b['iops'] / a['iops']:.2f}" if a and b and a["iops"] > 0 else "n/a")
-        if paired:
-            pr = paired_ratios(name)
-            row.append(f"{statistics.median(pr):.2f}" if pr else "n/a")
-            if pr:
-                spreads.append(f"{name} twinsan/tgt per repetition: " + ", ".join(f"{x:.2f}" for x in pr))
+            if paired:
+                pr = paired_ratios(s, name)
+                row.append(f"{statistics.median(pr):.2f}" if pr else "n/a")
+                if pr:
+                    spreads.append(f"{name} {s}/tgt per repetition: " + ", ".join(f"{x:.2f}" for x in pr))
         for key, digits in (("mibs", 1), ("lat_mean_us", 1), ("lat_p99_us", 1)):
             for s in servers:
                 r = picked[s][0]

@@ -80,6 +80,24 @@ fn conformance(suites: &[&str], s: &Server, limit: Duration) -> (CuCounts, Strin
 /// The suites issue 2 requires with zero failures, each run on its own.
 #[test]
 fn conformance_required_suites_have_zero_failures() {
+    required_suites_have_zero_failures();
+}
+
+/// Issue 9: the same on a kernel without io_uring (XenServer dom0's 4.19: ENOSYS).
+#[test]
+fn conformance_required_suites_without_io_uring_enosys() {
+    deny_io_uring(libc::ENOSYS);
+    required_suites_have_zero_failures();
+}
+
+/// Issue 9: io_uring refused by policy (a container's seccomp profile: EPERM).
+#[test]
+fn conformance_required_suites_without_io_uring_eperm() {
+    deny_io_uring(libc::EPERM);
+    required_suites_have_zero_failures();
+}
+
+fn required_suites_have_zero_failures() {
     let dir = scratch_dir();
     let mut s = Server::start(dir.path(), "", None, "");
     let suites = [
@@ -177,6 +195,22 @@ fn write_random(path: &std::path::Path, len: usize, seed: u64) {
 
 #[test]
 fn qemu_img_roundtrip_is_identical() {
+    qemu_img_roundtrip();
+}
+
+#[test]
+fn qemu_img_roundtrip_without_io_uring_enosys() {
+    deny_io_uring(libc::ENOSYS);
+    qemu_img_roundtrip();
+}
+
+#[test]
+fn qemu_img_roundtrip_without_io_uring_eperm() {
+    deny_io_uring(libc::EPERM);
+    qemu_img_roundtrip();
+}
+
+fn qemu_img_roundtrip() {
     let dir = scratch_dir();
     let s = Server::start(dir.path(), "", None, "");
     let src = dir.path().join("src.raw");
@@ -260,9 +294,25 @@ fn assert_fio_ok(o: &std::process::Output) {
 
 #[test]
 fn fio_random_write_verify_qd32_30s() {
+    fio_random_write_verify(30);
+}
+
+#[test]
+fn fio_random_write_verify_without_io_uring_enosys() {
+    deny_io_uring(libc::ENOSYS);
+    fio_random_write_verify(20);
+}
+
+#[test]
+fn fio_random_write_verify_without_io_uring_eperm() {
+    deny_io_uring(libc::EPERM);
+    fio_random_write_verify(20);
+}
+
+fn fio_random_write_verify(secs: u32) {
     let dir = scratch_dir();
     let mut s = Server::start(dir.path(), "", None, "");
-    let o = fio_verify(&s.url(0), "verify", "0", "512m", 30);
+    let o = fio_verify(&s.url(0), "verify", "0", "512m", secs);
     assert_fio_ok(&o);
     s.assert_alive();
 }

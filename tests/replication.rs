@@ -150,16 +150,32 @@ fn fio_verify_workload_leaves_replicas_identical() {
 
 #[test]
 fn no_acknowledged_write_is_lost_when_primary_is_killed() {
+    primary_killed_loses_no_acknowledged_write(20);
+}
+
+/// Issue 9: the same crash check with both daemons on a kernel without io_uring.
+#[test]
+fn no_acknowledged_write_is_lost_without_io_uring_enosys() {
+    deny_io_uring(libc::ENOSYS);
+    primary_killed_loses_no_acknowledged_write(8);
+}
+
+#[test]
+fn no_acknowledged_write_is_lost_without_io_uring_eperm() {
+    deny_io_uring(libc::EPERM);
+    primary_killed_loses_no_acknowledged_write(4);
+}
+
+fn primary_killed_loses_no_acknowledged_write(iterations: u64) {
     // Each iteration uses a fresh pair (create-md skip-identical, no initial sync): the
     // kill happens at a random moment 0.1..3 s into a QD 8..16 workload of tagged 4 KiB
     // writes to 2048 blocks (so most blocks are overwritten several times), then B is
     // stopped with SIGTERM and its backing file is checked against every acknowledgement.
-    const ITERATIONS: u64 = 20;
     const REGION: u64 = 2048;
     let t0 = Instant::now();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
     let (mut total_acked, mut total_newer) = (0u64, 0u64);
-    for it in 1..=ITERATIONS {
+    for it in 1..=iterations {
         let ti = Instant::now();
         let mut p = Pair::new(PairSpec::default());
         p.start();
@@ -243,7 +259,7 @@ fn no_acknowledged_write_is_lost_when_primary_is_killed() {
         total_newer += newer;
     }
     eprintln!(
-        "{ITERATIONS} kills, {total_acked} acknowledged writes verified on the secondary ({total_newer} blocks held a newer write), {:.2?} in all",
+        "{iterations} kills, {total_acked} acknowledged writes verified on the secondary ({total_newer} blocks held a newer write), {:.2?} in all",
         t0.elapsed()
     );
 }
@@ -372,6 +388,23 @@ fn assert_acked_on_both(p: &Pair, runs: &[&std::collections::BTreeMap<u64, u64>]
 
 #[test]
 fn secondary_killed_then_restarted_resyncs_only_changes() {
+    secondary_killed_then_restarted_resyncs();
+}
+
+/// Issue 9: bitmap resync with both daemons on a kernel without io_uring.
+#[test]
+fn secondary_resync_without_io_uring_enosys() {
+    deny_io_uring(libc::ENOSYS);
+    secondary_killed_then_restarted_resyncs();
+}
+
+#[test]
+fn secondary_resync_without_io_uring_eperm() {
+    deny_io_uring(libc::EPERM);
+    secondary_killed_then_restarted_resyncs();
+}
+
+fn secondary_killed_then_restarted_resyncs() {
     let mut p = Pair::new(PairSpec::default());
     p.start();
     p.wait_in_sync(SYNC);

@@ -12,8 +12,10 @@ pub mod raw;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 pub const IQN: &str = "iqn.2026-11.org.twinsan.test:disk";
@@ -24,6 +26,93 @@ pub fn bin() -> PathBuf {
     std::env::var_os("TWINSAN_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_twinsan")))
+}
+
+/// When non-zero, every daemon this test process starts has `io_uring_setup` fail with this
+/// errno. Process-wide because nextest runs each test in a process of its own.
+static DENY_IO_URING: AtomicI32 = AtomicI32::new(0);
+
+/// Makes every `twinsan serve` this test starts see a kernel without io_uring: a seccomp
+/// filter installed in the child before exec answers `io_uring_setup` with `errno` (ENOSYS as
+/// on XenServer's 4.19 dom0 kernel, EPERM as under a container's default seccomp profile).
+/// Unlike strace's fault injection, the daemon keeps its own PID, so SIGKILL tests still kill
+/// the daemon itself.
+pub fn deny_io_uring(errno: i32) {
+    DENY_IO_URING.store(errno, Ordering::SeqCst);
+}
+
+/// The fallback line the daemon must log when io_uring was denied with `errno`.
+fn expected_fallback(errno: i32) -> String {
+    let name = match errno {
+        libc::ENOSYS => "ENOSYS",
+        libc::EPERM => "EPERM",
+        _ => "errno",
+    };
+    format!("I/O engine threads (auto: io_uring_setup failed with {name}")
+}
+
+/// Installs a seccomp filter that fails `io_uring_setup` with `errno`. Runs in the forked
+/// child before exec: only async-signal-safe system calls.
+fn install_io_uring_filter(errno: i32) -> std::io::Result<()> {
+    const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+    const SYS_IO_URING_SETUP: u32 = 425;
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const BPF_JEQ_K: u16 = 0x05 | 0x10; // BPF_JMP | BPF_JEQ | BPF_K
+    const BPF_RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    let stmt = |code, k| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |k, jt, jf| libc::sock_filter {
+        code: BPF_JEQ_K,
+        jt,
+        jf,
+        k,
+    };
+    // seccomp_data: nr at offset 0, arch at offset 4.
+    let filter = [
+        stmt(BPF_LD_W_ABS, 4),
+        jump(AUDIT_ARCH_X86_64, 1, 0),
+        stmt(BPF_RET_K, SECCOMP_RET_ALLOW),
+        stmt(BPF_LD_W_ABS, 0),
+        jump(SYS_IO_URING_SETUP, 0, 1),
+        stmt(BPF_RET_K, SECCOMP_RET_ERRNO | (errno as u32 & 0xffff)),
+        stmt(BPF_RET_K, SECCOMP_RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: prctl with valid arguments; `prog` and `filter` outlive the call.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// `twinsan` as a command, with io_uring denied when the test asked for it.
+pub fn twinsan_command() -> Command {
+    let mut cmd = Command::new(bin());
+    let errno = DENY_IO_URING.load(Ordering::SeqCst);
+    if errno != 0 {
+        // SAFETY: the closure only makes system calls (prctl), which are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || install_io_uring_filter(errno));
+        }
+    }
+    cmd
 }
 
 /// A tool the test needs; the test suite's install step provides it, so a missing one fails.
@@ -113,7 +202,7 @@ impl Server {
             .append(true)
             .open(&log)
             .unwrap();
-        let child = Command::new(bin())
+        let child = twinsan_command()
             .args(["serve", "--config"])
             .arg(config)
             .env(
@@ -140,6 +229,7 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                self.assert_engine();
                 return;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
@@ -156,6 +246,18 @@ impl Server {
             self.port,
             self.log_text()
         );
+    }
+
+    /// With io_uring denied, the daemon must have said so and chosen the threads engine.
+    fn assert_engine(&self) {
+        let errno = DENY_IO_URING.load(Ordering::SeqCst);
+        if errno != 0 {
+            let log = self.log_text();
+            assert!(
+                log.contains(&expected_fallback(errno)),
+                "io_uring was denied ({errno}) but the daemon did not log the fallback:\n{log}"
+            );
+        }
     }
 
     pub fn portal(&self) -> String {
