@@ -157,7 +157,7 @@ fn no_acknowledged_write_is_lost_when_primary_is_killed() {
 #[test]
 fn no_acknowledged_write_is_lost_without_io_uring_enosys() {
     deny_io_uring(libc::ENOSYS);
-    primary_killed_loses_no_acknowledged_write(8);
+    primary_killed_loses_no_acknowledged_write(20);
 }
 
 #[test]

@@ -90,18 +90,41 @@ fn ring_refusal(e: &std::io::Error) -> String {
             "not permitted (a seccomp filter such as a container's default profile, \
              or sysctl kernel.io_uring_disabled)"
         }
-        Some(libc::EINVAL) => "the kernel does not accept the ring parameters",
+        Some(libc::EINVAL) => {
+            "the kernel's io_uring lacks the operations twinsan uses (READ, WRITE, FALLOCATE: 5.6)"
+        }
         Some(libc::ENOMEM) => "not enough locked memory for the ring (RLIMIT_MEMLOCK)",
         _ => "unexpected error",
     };
     format!("io_uring_setup failed with {} ({why})", sys::errno_name(e))
 }
 
+/// Sets up a tiny ring and asks which operations it supports: 5.1-5.5 kernels accept
+/// `io_uring_setup` but lack the READ / WRITE / FALLOCATE opcodes the store uses (5.6), and
+/// have no IORING_REGISTER_PROBE either, which fails with EINVAL there.
+fn probe_io_uring() -> std::io::Result<()> {
+    use io_uring::opcode;
+    let ring = io_uring::IoUring::new(4)?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    let needed = [
+        opcode::Read::CODE,
+        opcode::Write::CODE,
+        opcode::Fsync::CODE,
+        opcode::Fallocate::CODE,
+    ];
+    if needed.iter().all(|&code| probe.is_supported(code)) {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+    }
+}
+
 /// Picks the engine once at start. `auto` probes io_uring with a tiny ring and falls back to
 /// threads when the kernel refuses it; a forced `io_uring` that is refused is an error naming
 /// the key.
 pub fn choose_engine(setting: IoEngineSetting) -> Result<EngineChoice, EngineError> {
-    choose_engine_with(setting, || io_uring::IoUring::new(4).map(drop))
+    choose_engine_with(setting, probe_io_uring)
 }
 
 fn choose_engine_with(
@@ -181,6 +204,12 @@ mod choice_tests {
         let msg = e.to_string();
         assert!(msg.contains("server.io_engine"), "{msg}");
         assert!(msg.contains("ENOSYS"), "{msg}");
+    }
+
+    /// This machine's kernel (6.x) has every opcode the store uses.
+    #[test]
+    fn probe_accepts_a_kernel_with_the_needed_opcodes() {
+        probe_io_uring().unwrap();
     }
 
     #[test]
