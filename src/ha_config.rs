@@ -83,6 +83,17 @@ pub struct HaConfig {
     /// are dropped anyway.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
+    /// With `[ha.xapi]`: once this host serves, plug the unattached PBDs of the iSCSI SRs that
+    /// name one of its target IQNs (XenServer does not always plug them after a hard reboot:
+    /// xapi tried before the target was up). iscsi-ha's `replug_pbd`.
+    #[serde(default = "default_true")]
+    pub replug_pbds: bool,
+    /// Rounds of PBD plugging before giving up with an alert.
+    #[serde(default = "default_replug_attempts")]
+    pub replug_attempts: u32,
+    /// Pause before the second round; doubled for each further round, at most 60 s.
+    #[serde(default = "default_replug_backoff_ms")]
+    pub replug_backoff_ms: u64,
     /// Live XAPI session and `event.from` long-poll (xapi source).
     #[serde(default)]
     pub xapi: Option<HaXapiConfig>,
@@ -201,6 +212,12 @@ fn default_vip_lifetime_secs() -> u64 {
 }
 fn default_drain_timeout_ms() -> u64 {
     1000
+}
+fn default_replug_attempts() -> u32 {
+    8
+}
+fn default_replug_backoff_ms() -> u64 {
+    2000
 }
 fn default_xapi_user() -> String {
     "root".into()
@@ -424,6 +441,12 @@ impl HaConfig {
         if self.drain_timeout_ms > 60_000 {
             return e("drain_timeout_ms", "must be at most 60000".into());
         }
+        if !(1..=100).contains(&self.replug_attempts) {
+            return e("replug_attempts", "must be within 1..=100".into());
+        }
+        if !(10..=600_000).contains(&self.replug_backoff_ms) {
+            return e("replug_backoff_ms", "must be within 10..=600000".into());
+        }
         if let Some(x) = &self.xapi {
             if let Err(m) = parse_xapi_url(&x.url, &x.fingerprint) {
                 let key = if m.starts_with("fingerprint") {
@@ -544,6 +567,19 @@ impl HaConfig {
     pub fn vip_list(&self) -> Vec<Vip> {
         self.vips.iter().filter_map(|v| parse_vip(v).ok()).collect()
     }
+
+    /// Whether the PBD replug runs: `replug_pbds` and a live XAPI to ask (`[ha.xapi]`).
+    pub fn replug_enabled(&self) -> bool {
+        self.replug_pbds && self.xapi.is_some()
+    }
+
+    /// The PBD replug's round count and first pause.
+    pub fn replug_schedule(&self) -> (u32, Duration) {
+        (
+            self.replug_attempts,
+            Duration::from_millis(self.replug_backoff_ms),
+        )
+    }
 }
 
 /// Replaces every value whose key names a secret with "***" (for `twinsan get`).
@@ -638,6 +674,8 @@ to = ["ops@example.org"]
             ha.state_file_path(Path::new("/var/lib/twinsan")),
             Path::new("/var/lib/twinsan/ha-state.toml")
         );
+        assert!(ha.replug_pbds && ha.replug_enabled());
+        assert_eq!(ha.replug_schedule(), (8, Duration::from_secs(2)));
         let x = ha.xapi.unwrap();
         let ep = parse_xapi_url(&x.url, &x.fingerprint).unwrap();
         assert_eq!((ep.host.as_str(), ep.port), ("127.0.0.1", 443));
@@ -702,6 +740,35 @@ to = ["ops@example.org"]
             "ha.heartbeat_interval_ms"
         );
         assert_eq!(key_of(&with("vip_probe_count = 0")), "ha.vip_probe_count");
+        assert_eq!(key_of(&with("replug_attempts = 0")), "ha.replug_attempts");
+        assert_eq!(key_of(&with("replug_attempts = 101")), "ha.replug_attempts");
+        assert_eq!(
+            key_of(&with("replug_backoff_ms = 5")),
+            "ha.replug_backoff_ms"
+        );
+        assert_eq!(
+            key_of(&with("replug_backoff_ms = 600001")),
+            "ha.replug_backoff_ms"
+        );
+    }
+
+    #[test]
+    fn replug_keys() {
+        let with = |k: &str| HA.replacen("secret =", &format!("{k}\nsecret ="), 1);
+        let ha = parse(&with("replug_pbds = false")).unwrap().ha.unwrap();
+        assert!(!ha.replug_enabled());
+        let ha = parse(&with("replug_attempts = 3\nreplug_backoff_ms = 50"))
+            .unwrap()
+            .ha
+            .unwrap();
+        assert_eq!(ha.replug_schedule(), (3, Duration::from_millis(50)));
+        // Without [ha.xapi] there is nobody to ask.
+        let no_xapi = HA.replacen("[ha.xapi]", "[ha.unused]", 1);
+        let start = no_xapi.find("[ha.unused]").unwrap();
+        let end = no_xapi.find("[[ha.vip]]").unwrap();
+        let no_xapi = format!("{}{}", &no_xapi[..start], &no_xapi[end..]);
+        let ha = parse(&no_xapi).unwrap().ha.unwrap();
+        assert!(ha.replug_pbds && !ha.replug_enabled());
     }
 
     #[test]

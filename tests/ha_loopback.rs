@@ -332,6 +332,46 @@ fn standalone_pair_on_loopback() {
     drop(witness);
 }
 
+/// A node following test XAPI host `i` (pool.conf says `pool`), with `ha` added to its `[ha]`
+/// table; alerts are not muted after start.
+fn xapi_node(
+    base: &Path,
+    xapi: &twinsan_ha::testxapi::TestXapi,
+    name: &'static str,
+    i: usize,
+    (hb, peer_hb): (u16, u16),
+    pool: &str,
+    ha: &str,
+) -> Node {
+    let dir = base.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pool_conf = dir.join("pool.conf");
+    std::fs::write(&pool_conf, pool).unwrap();
+    let ha = format!(
+        "source = \"xapi\"\npool_conf = \"{}\"\n{ha}",
+        pool_conf.display()
+    );
+    let tail = format!(
+        r#"[ha.xapi]
+url = "http://{addr}:{port}/"
+user = "{user}"
+password = "{password}"
+host_uuid = "{uuid}"
+timeout_ms = 2000
+event_timeout_secs = 5
+
+[ha.alerts]
+startup_quiet_secs = 0
+"#,
+        addr = xapi.address(i),
+        port = xapi.endpoint(i).port,
+        user = twinsan_ha::testxapi::USER,
+        password = twinsan_ha::testxapi::PASSWORD,
+        uuid = twinsan_ha::testxapi::host_uuid(i),
+    );
+    Node::with_ha(base, name, hb, peer_hb, free_port(), &ha, &tail)
+}
+
 /// Source `xapi` against the in-process test XAPI: the pool master moves by XAPI alone
 /// (pool.conf unchanged), the storage role follows within a second, and promotions reach
 /// XenCenter as `message.create`.
@@ -343,34 +383,8 @@ fn xapi_master_change_moves_the_role() {
         .unwrap();
     let base = scratch_dir();
     let (hb_a, hb_b) = (free_udp(), free_udp());
-    let port = xapi.endpoint(0).port;
-    let node = |name: &'static str, i: usize, hb, peer_hb, pool: &str| {
-        let dir = base.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let pool_conf = dir.join("pool.conf");
-        std::fs::write(&pool_conf, pool).unwrap();
-        let ha = format!(
-            "source = \"xapi\"\npool_conf = \"{}\"\n",
-            pool_conf.display()
-        );
-        let tail = format!(
-            r#"[ha.xapi]
-url = "http://{addr}:{port}/"
-user = "{user}"
-password = "{password}"
-host_uuid = "{uuid}"
-timeout_ms = 2000
-event_timeout_secs = 5
-
-[ha.alerts]
-startup_quiet_secs = 0
-"#,
-            addr = xapi.address(i),
-            user = twinsan_ha::testxapi::USER,
-            password = twinsan_ha::testxapi::PASSWORD,
-            uuid = twinsan_ha::testxapi::host_uuid(i),
-        );
-        Node::with_ha(base.path(), name, hb, peer_hb, free_port(), &ha, &tail)
+    let node = |name, i, hb, peer_hb, pool: &str| {
+        xapi_node(base.path(), &xapi, name, i, (hb, peer_hb), pool, "")
     };
     let mut a = node("a", 0, hb_a, hb_b, "master");
     let mut b = node("b", 1, hb_b, hb_a, "slave:127.0.0.1");
@@ -416,6 +430,125 @@ startup_quiet_secs = 0
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    drop(xapi);
+    drop(rt);
+}
+
+/// iscsi-ha's `replug_pbd`: once a host serves, the unplugged PBDs (every host's) of the iSCSI
+/// SRs naming its target IQN are plugged through XAPI, with retries; what still fails after the
+/// last round is alerted (XenCenter message); another target's SR is never touched. A new
+/// primary (after a master change) checks again.
+#[test]
+fn xapi_replugs_the_pbds_of_our_iscsi_srs() {
+    const OURS: &str = "iqn.2026-11.org.twinsan.test:ha";
+    const FAILED: &str = "TWINSAN_PBD_PLUG_FAILED";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let xapi = rt
+        .block_on(twinsan_ha::testxapi::TestXapi::start())
+        .unwrap();
+    let dc = |iqn| {
+        [
+            ("target", "127.0.0.1"),
+            ("port", "3260"),
+            ("targetIQN", iqn),
+        ]
+    };
+    // Our SR: host 0's PBD names the IQN in upper case; host 1's first plug fails.
+    let sr = xapi.add_sr("twinsan SR", "lvmoiscsi");
+    let ours_a = xapi.add_pbd(&sr, 0, &dc("IQN.2026-11.ORG.TWINSAN.TEST:HA"), false);
+    let ours_b = xapi.add_pbd(&sr, 1, &dc(OURS), false);
+    xapi.fail_plugs(&ours_b, 1, "SR_BACKEND_FAILURE_202");
+    // Another SAN's SR, unplugged on both hosts: never ours to plug.
+    let other = xapi.add_sr("other SAN", "lvmoiscsi");
+    let other_a = xapi.add_pbd(&other, 0, &dc("iqn.2000-01.com.example:other"), false);
+    let other_b = xapi.add_pbd(&other, 1, &dc("iqn.2000-01.com.example:other"), false);
+    // Ours too, but its plug always fails: three rounds, then the alert.
+    let broken = xapi.add_sr("broken SR", "lvmoiscsi");
+    let broken_a = xapi.add_pbd(&broken, 0, &dc(OURS), false);
+    xapi.fail_plugs(&broken_a, 1000, "SR_BACKEND_FAILURE_47");
+    let broken_uuid = xapi.uuid_of(&broken).unwrap();
+
+    let base = scratch_dir();
+    let (hb_a, hb_b) = (free_udp(), free_udp());
+    let ha = "replug_attempts = 3\nreplug_backoff_ms = 100\n";
+    let mut a = xapi_node(base.path(), &xapi, "a", 0, (hb_a, hb_b), "master", ha);
+    let mut b = xapi_node(
+        base.path(),
+        &xapi,
+        "b",
+        1,
+        (hb_b, hb_a),
+        "slave:127.0.0.1",
+        ha,
+    );
+    a.start();
+    b.start();
+    a.wait_role("primary", Duration::from_secs(10));
+    b.wait_role("secondary", Duration::from_secs(5));
+
+    let plugs = |r: &str| xapi.plug_calls().iter().filter(|c| *c == r).count();
+    let alerts = || {
+        xapi.messages()
+            .into_iter()
+            .filter(|m| m.name == FAILED)
+            .collect::<Vec<_>>()
+    };
+    let t0 = Instant::now();
+    while alerts().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no {FAILED} message; plugs {:?}; messages {:?}\nlog a:\n{}",
+            xapi.plug_calls(),
+            xapi.messages(),
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(xapi.pbd_attached(&ours_a), Some(true));
+    assert_eq!(xapi.pbd_attached(&ours_b), Some(true));
+    assert_eq!(xapi.pbd_attached(&broken_a), Some(false));
+    assert_eq!(plugs(&ours_a), 1, "{:?}", xapi.plug_calls());
+    assert_eq!(plugs(&ours_b), 2, "{:?}", xapi.plug_calls());
+    assert_eq!(plugs(&broken_a), 3, "{:?}", xapi.plug_calls());
+    assert_eq!(plugs(&other_a) + plugs(&other_b), 0);
+    assert_eq!(xapi.pbd_attached(&other_a), Some(false));
+    let m = &alerts()[0];
+    assert_eq!(m.obj_uuid, twinsan_ha::testxapi::host_uuid(0), "{m:?}");
+    assert!(
+        m.body.contains(&broken_uuid) && m.body.contains("SR_BACKEND_FAILURE_47"),
+        "{m:?}"
+    );
+    assert!(m.body.contains("after 3 attempts"), "{m:?}");
+    let log = a.log_text();
+    assert!(
+        log.contains("plugging the PBD of an iSCSI SR served here")
+            && log.contains(&twinsan_ha::testxapi::host_uuid(1))
+            && log.contains("PBD plug failed"),
+        "{log}"
+    );
+    // The secondary never plugs.
+    assert!(!b.log_text().contains("plugging the PBD"));
+
+    // The master moves: b serves and checks again (only the broken PBD is left).
+    xapi.set_master(1);
+    b.wait_role("primary", Duration::from_secs(5));
+    let t0 = Instant::now();
+    while plugs(&broken_a) < 6 || alerts().len() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "plugs {:?}; messages {:?}\nlog b:\n{}",
+            xapi.plug_calls(),
+            xapi.messages(),
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(alerts()[1].obj_uuid, twinsan_ha::testxapi::host_uuid(1));
+    // Bounded: no further rounds, and the other SAN's SR is still untouched.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(plugs(&broken_a), 6, "{:?}", xapi.plug_calls());
+    assert_eq!(plugs(&ours_a) + plugs(&ours_b), 3);
+    assert_eq!(plugs(&other_a) + plugs(&other_b), 0);
     drop(xapi);
     drop(rt);
 }

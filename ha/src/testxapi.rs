@@ -6,8 +6,12 @@
 //! server fails with `HOST_IS_SLAVE [master address]`; `message.create` records messages for
 //! assertions. [`TestXapi::set_hang`] makes a host's server accept calls and never answer, as a
 //! slave's xapi does when the master is dead.
+//!
+//! Tests add SRs and PBDs ([`TestXapi::add_sr`], [`TestXapi::add_pbd`]); `SR.get_all_records` and
+//! `PBD.get_all_records` list them, `PBD.plug` records the call and attaches the PBD, or fails
+//! with a chosen error code as often as [`TestXapi::fail_plugs`] says.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,6 +45,25 @@ pub struct RecordedMessage {
     pub body: String,
 }
 
+#[derive(Debug, Clone)]
+struct TestSr {
+    uuid: String,
+    name_label: String,
+    sr_type: String,
+}
+
+#[derive(Debug, Clone)]
+struct TestPbd {
+    uuid: String,
+    sr: String,
+    host: usize,
+    device_config: Vec<(String, String)>,
+    attached: bool,
+    /// Plugs still to fail, and with which error code.
+    failures: u32,
+    failure_code: String,
+}
+
 #[derive(Debug)]
 struct State {
     master: usize,
@@ -51,6 +74,10 @@ struct State {
     messages: Vec<RecordedMessage>,
     hang: [bool; 2],
     calls: Vec<(usize, String)>,
+    srs: BTreeMap<String, TestSr>,
+    pbds: BTreeMap<String, TestPbd>,
+    /// PBD refs `PBD.plug` was called on, in order, whatever the outcome.
+    plugs: Vec<String>,
 }
 
 struct Shared {
@@ -124,6 +151,9 @@ impl TestXapi {
                 messages: Vec::new(),
                 hang: [false; 2],
                 calls: Vec::new(),
+                srs: BTreeMap::new(),
+                pbds: BTreeMap::new(),
+                plugs: Vec::new(),
             }),
             changed,
             addrs: [a0, a1],
@@ -194,6 +224,86 @@ impl TestXapi {
     /// Number of live sessions.
     pub fn session_count(&self) -> usize {
         self.lock().sessions.len()
+    }
+
+    /// Adds an SR of type `sr_type` (e.g. `lvmoiscsi`); returns its ref.
+    pub fn add_sr(&self, name_label: &str, sr_type: &str) -> String {
+        let mut s = self.lock();
+        let n = s.srs.len() + 1;
+        let r = format!("OpaqueRef:sr-{n}");
+        s.srs.insert(
+            r.clone(),
+            TestSr {
+                uuid: format!("5a000000-0000-0000-0000-{n:012}"),
+                name_label: name_label.to_string(),
+                sr_type: sr_type.to_string(),
+            },
+        );
+        r
+    }
+
+    /// Adds a PBD connecting SR `sr` (a ref from [`TestXapi::add_sr`]) to host `host`; returns
+    /// its ref.
+    pub fn add_pbd(
+        &self,
+        sr: &str,
+        host: usize,
+        device_config: &[(&str, &str)],
+        attached: bool,
+    ) -> String {
+        let mut s = self.lock();
+        let n = s.pbds.len() + 1;
+        let r = format!("OpaqueRef:pbd-{n}");
+        s.pbds.insert(
+            r.clone(),
+            TestPbd {
+                uuid: format!("9b000000-0000-0000-0000-{n:012}"),
+                sr: sr.to_string(),
+                host,
+                device_config: device_config
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                attached,
+                failures: 0,
+                failure_code: String::new(),
+            },
+        );
+        r
+    }
+
+    /// uuid of an SR or PBD by ref.
+    pub fn uuid_of(&self, r: &str) -> Option<String> {
+        let s = self.lock();
+        s.srs
+            .get(r)
+            .map(|x| x.uuid.clone())
+            .or_else(|| s.pbds.get(r).map(|p| p.uuid.clone()))
+    }
+
+    /// `currently_attached` of a PBD.
+    pub fn pbd_attached(&self, pbd: &str) -> Option<bool> {
+        self.lock().pbds.get(pbd).map(|p| p.attached)
+    }
+
+    /// Sets `currently_attached` of a PBD.
+    pub fn set_pbd_attached(&self, pbd: &str, attached: bool) {
+        if let Some(p) = self.lock().pbds.get_mut(pbd) {
+            p.attached = attached;
+        }
+    }
+
+    /// The next `times` calls of `PBD.plug` on `pbd` fail with XAPI error `code`.
+    pub fn fail_plugs(&self, pbd: &str, times: u32, code: &str) {
+        if let Some(p) = self.lock().pbds.get_mut(pbd) {
+            p.failures = times;
+            p.failure_code = code.to_string();
+        }
+    }
+
+    /// PBD refs `PBD.plug` was called on, in order, whatever the outcome.
+    pub fn plug_calls(&self) -> Vec<String> {
+        self.lock().plugs.clone()
     }
 }
 
@@ -314,6 +424,73 @@ async fn dispatch(shared: &Shared, host: usize, method: &str, params: &[Value]) 
             }
         }
         "event.from" => event_from(shared, params).await,
+        "SR.get_all_records" => {
+            let s = lock();
+            ok(Value::Struct(
+                s.srs
+                    .iter()
+                    .map(|(r, sr)| {
+                        let pbds = s
+                            .pbds
+                            .iter()
+                            .filter(|(_, p)| p.sr == *r)
+                            .map(|(pr, _)| pr.clone());
+                        let rec = Value::structure([
+                            ("uuid", Value::from(sr.uuid.as_str())),
+                            ("name_label", Value::from(sr.name_label.as_str())),
+                            ("name_description", Value::from("")),
+                            ("type", Value::from(sr.sr_type.as_str())),
+                            ("content_type", Value::from("")),
+                            ("shared", Value::Bool(true)),
+                            ("PBDs", Value::strings(pbds)),
+                            ("other_config", Value::structure::<_, String>([])),
+                        ]);
+                        (r.clone(), rec)
+                    })
+                    .collect(),
+            ))
+        }
+        "PBD.get_all_records" => {
+            let s = lock();
+            ok(Value::Struct(
+                s.pbds
+                    .iter()
+                    .map(|(r, p)| {
+                        let rec = Value::structure([
+                            ("uuid", Value::from(p.uuid.as_str())),
+                            ("host", Value::String(host_ref(p.host))),
+                            ("SR", Value::from(p.sr.as_str())),
+                            (
+                                "device_config",
+                                Value::structure(
+                                    p.device_config
+                                        .iter()
+                                        .map(|(k, v)| (k.clone(), Value::from(v.as_str()))),
+                                ),
+                            ),
+                            ("currently_attached", Value::Bool(p.attached)),
+                            ("other_config", Value::structure::<_, String>([])),
+                        ]);
+                        (r.clone(), rec)
+                    })
+                    .collect(),
+            ))
+        }
+        "PBD.plug" => {
+            let r = arg(params, 1);
+            let mut s = lock();
+            s.plugs.push(r.clone());
+            let Some(p) = s.pbds.get_mut(&r) else {
+                return fail(["HANDLE_INVALID".to_string(), "PBD".into(), r]);
+            };
+            if p.failures > 0 {
+                p.failures -= 1;
+                let host = host_ref(p.host);
+                return fail([p.failure_code.clone(), host]);
+            }
+            p.attached = true;
+            ok(Value::String(String::new()))
+        }
         "message.create" => {
             let priority = params.get(2).and_then(Value::as_i64).unwrap_or(-1);
             let m = RecordedMessage {
@@ -577,6 +754,171 @@ mod tests {
                 .await
                 .unwrap()
                 .unwrap();
+        }
+    }
+
+    mod replug {
+        use super::*;
+        use crate::replug::{run, Outcome, ReplugConfig};
+
+        const OURS: &str = "iqn.2026-11.org.twinsan:sr";
+
+        fn cfg(attempts: u32) -> ReplugConfig {
+            ReplugConfig {
+                user: USER.into(),
+                password: PASSWORD.into(),
+                our_iqns: vec![OURS.into()],
+                attempts,
+                first_backoff: Duration::from_millis(20),
+                plug_timeout: Duration::from_secs(2),
+            }
+        }
+
+        fn iscsi(iqn: &str) -> [(&str, &str); 3] {
+            [
+                ("target", "10.0.0.100"),
+                ("port", "3260"),
+                ("targetIQN", iqn),
+            ]
+        }
+
+        #[tokio::test]
+        async fn plugs_ours_on_every_host_retries_and_gives_up() {
+            let x = TestXapi::start().await.unwrap();
+            let ours = x.add_sr("twinsan", "lvmoiscsi");
+            let p0 = x.add_pbd(&ours, 0, &iscsi("IQN.2026-11.org.twinsan:SR"), false);
+            let p1 = x.add_pbd(&ours, 1, &iscsi(OURS), false);
+            x.fail_plugs(&p1, 2, "SR_BACKEND_FAILURE_202");
+            let other = x.add_sr("other", "lvmoiscsi");
+            let o0 = x.add_pbd(&other, 0, &iscsi("iqn.2000-01.com.other:t"), false);
+            let wild = x.add_sr("wildcard", "lvmoiscsi");
+            let w0 = x.add_pbd(&wild, 0, &iscsi("*"), false);
+            let broken = x.add_sr("broken", "lvmoiscsi");
+            let b0 = x.add_pbd(&broken, 0, &iscsi(OURS), false);
+            x.fail_plugs(&b0, 100, "SR_BACKEND_FAILURE_47");
+            let attached = x.add_pbd(&broken, 1, &iscsi(OURS), true);
+
+            let t0 = std::time::Instant::now();
+            let out = run(client(&x, 0), cfg(3)).await;
+            // Two pauses: 20 ms, then 40 ms.
+            assert!(t0.elapsed() >= Duration::from_millis(60));
+            let Outcome::GaveUp {
+                attempts,
+                plugged,
+                failed,
+                error,
+            } = out
+            else {
+                panic!("{out:?}")
+            };
+            assert_eq!(attempts, 3);
+            assert_eq!(error, None);
+            let mut got: Vec<_> = plugged.iter().map(|r| r.target.pbd.clone()).collect();
+            got.sort();
+            assert_eq!(got, [p0.clone(), p1.clone()]);
+            let r1 = plugged.iter().find(|r| r.target.pbd == p1).unwrap();
+            assert_eq!(r1.host_uuid, host_uuid(1));
+            assert_eq!(failed.len(), 1);
+            assert_eq!(failed[0].0.target.pbd, b0);
+            assert_eq!(failed[0].0.target.sr_name, "broken");
+            assert_eq!(failed[0].0.host_uuid, host_uuid(0));
+            assert!(
+                failed[0].1.contains("SR_BACKEND_FAILURE_47"),
+                "{}",
+                failed[0].1
+            );
+            assert_eq!(x.pbd_attached(&p0), Some(true));
+            assert_eq!(x.pbd_attached(&p1), Some(true));
+            assert_eq!(x.pbd_attached(&b0), Some(false));
+            let calls = x.plug_calls();
+            let count = |r: &str| calls.iter().filter(|c| *c == r).count();
+            assert_eq!(count(&p0), 1);
+            assert_eq!(count(&p1), 3);
+            assert_eq!(count(&b0), 3);
+            for untouched in [&o0, &w0, &attached] {
+                assert_eq!(count(untouched), 0, "{untouched} plugged: {calls:?}");
+            }
+            assert_eq!(x.pbd_attached(&o0), Some(false));
+            // Every round logged out.
+            assert_eq!(x.session_count(), 0);
+
+            // Nothing left to do: one round, done.
+            x.fail_plugs(&b0, 0, "");
+            let out = run(client(&x, 0), cfg(3)).await;
+            assert!(
+                matches!(&out, Outcome::Done { plugged, host_down } if plugged.len() == 1 && host_down.is_empty()),
+                "{out:?}"
+            );
+            assert_eq!(
+                run(client(&x, 0), cfg(3)).await,
+                Outcome::Done {
+                    plugged: vec![],
+                    host_down: vec![]
+                }
+            );
+        }
+
+        #[tokio::test]
+        async fn a_slave_plugs_through_the_master() {
+            let x = TestXapi::start().await.unwrap();
+            let sr = x.add_sr("twinsan", "lvmoiscsi");
+            let p0 = x.add_pbd(&sr, 0, &iscsi(OURS), false);
+            let p1 = x.add_pbd(&sr, 1, &iscsi(OURS), false);
+            // The peer host is down: left to its own xapi, no retry, no failure.
+            x.fail_plugs(&p0, 100, "HOST_OFFLINE");
+            let out = run(client(&x, 1), cfg(5)).await;
+            let Outcome::Done { plugged, host_down } = out else {
+                panic!("{out:?}")
+            };
+            assert_eq!(plugged.len(), 1);
+            assert_eq!(plugged[0].target.pbd, p1);
+            assert_eq!(host_down.len(), 1);
+            assert_eq!(host_down[0].target.pbd, p0);
+            assert_eq!(x.plug_calls(), [p0.clone(), p1.clone()]);
+            // PBD.plug went to the master.
+            assert!(x.calls().iter().any(|(h, m)| *h == 0 && m == "PBD.plug"));
+            assert!(!x.calls().iter().any(|(h, m)| *h == 1 && m == "PBD.plug"));
+        }
+
+        #[tokio::test]
+        async fn a_slave_that_cannot_reach_its_master_does_nothing() {
+            let x = TestXapi::start().await.unwrap();
+            let sr = x.add_sr("twinsan", "lvmoiscsi");
+            let p1 = x.add_pbd(&sr, 1, &iscsi(OURS), false);
+            x.set_hang(0, true);
+            let c = XapiClient::new(x.endpoint(1), Duration::from_millis(300));
+            let t0 = std::time::Instant::now();
+            let out = run(c, cfg(5)).await;
+            assert!(
+                matches!(&out, Outcome::MasterUnreachable { master, error }
+                    if master == "127.0.0.1" && error.contains("timed out")),
+                "{out:?}"
+            );
+            // One login at the master, no retry rounds.
+            assert!(t0.elapsed() < Duration::from_secs(2));
+            assert!(x.plug_calls().is_empty());
+            assert_eq!(x.pbd_attached(&p1), Some(false));
+        }
+
+        #[tokio::test]
+        async fn xapi_down_gives_up_after_the_rounds() {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            drop(l);
+            let c = XapiClient::new(
+                Endpoint {
+                    host: "127.0.0.1".into(),
+                    port,
+                    transport: Transport::Plain,
+                },
+                Duration::from_secs(1),
+            );
+            let out = run(c, cfg(2)).await;
+            assert!(
+                matches!(&out, Outcome::GaveUp { attempts: 2, plugged, failed, error: Some(_) }
+                    if plugged.is_empty() && failed.is_empty()),
+                "{out:?}"
+            );
         }
     }
 }

@@ -139,6 +139,17 @@ impl XapiClient {
         &self.endpoint
     }
 
+    /// The same client (port, transport, timeout) aimed at another host: the pool master named
+    /// by `HOST_IS_SLAVE`, since pool-wide calls must go there.
+    pub fn at_host(&self, host: &str) -> XapiClient {
+        let mut endpoint = self.endpoint.clone();
+        endpoint.host = host.to_string();
+        XapiClient {
+            endpoint,
+            timeout: self.timeout,
+        }
+    }
+
     async fn connect(&self) -> Result<Box<dyn Io>, XapiError> {
         let ep = &self.endpoint;
         let tcp = TcpStream::connect((ep.host.as_str(), ep.port)).await?;
@@ -304,6 +315,31 @@ impl XapiClient {
             )
             .await?;
         parse_event_batch(&v)
+    }
+
+    /// `SR.get_all_records`: a struct from SR ref to SR record.
+    pub async fn sr_get_all_records(&self, s: &Session) -> Result<Value, XapiError> {
+        self.call("SR.get_all_records", vec![s.0.as_str().into()])
+            .await
+    }
+
+    /// `PBD.get_all_records`: a struct from PBD ref to PBD record.
+    pub async fn pbd_get_all_records(&self, s: &Session) -> Result<Value, XapiError> {
+        self.call("PBD.get_all_records", vec![s.0.as_str().into()])
+            .await
+    }
+
+    /// `PBD.plug`. Attaching an SR logs in to the target and scans it, which can take far longer
+    /// than an ordinary call: the caller passes the deadline.
+    pub async fn pbd_plug(
+        &self,
+        s: &Session,
+        pbd: &str,
+        timeout: Duration,
+    ) -> Result<(), XapiError> {
+        self.call_with_timeout("PBD.plug", vec![s.0.as_str().into(), pbd.into()], timeout)
+            .await
+            .map(|_| ())
     }
 
     /// `message.create(name, priority, cls, obj_uuid, body)`: a XenCenter alert.

@@ -474,6 +474,8 @@ pub async fn start(config: &Config, state: Arc<ServerState>) -> anyhow::Result<A
         peer_wait,
         started,
         loop_alive_ms,
+        replug: runtime::replug_setup(&ha, config.targets.iter().map(|t| t.iqn.clone()).collect()),
+        replugging: None,
     };
     let role_loop = tokio::spawn(rt.run(rx, stop));
     *handle.role_loop.lock().unwrap_or_else(|e| e.into_inner()) = Some(role_loop);

@@ -19,8 +19,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
-use twinsan_ha::alerts::{AlertFilter, Alerter, SmtpConfig, SmtpTls, XapiSink};
+use twinsan_ha::alerts::{
+    Alert, AlertFilter, Alerter, Decision, Severity, SmtpConfig, SmtpTls, XapiSink,
+};
 use twinsan_ha::poolconf::PoolConfWatcher;
+use twinsan_ha::replug::{Outcome, ReplugConfig};
 use twinsan_ha::role::{Action, Event, HostRole, PeerState, RoleMachine};
 use twinsan_ha::vip::{Vip, VipManager};
 use twinsan_ha::xapi::{self, XapiClient, XapiError};
@@ -47,6 +50,48 @@ pub(super) struct Runtime {
     pub peer_wait: Duration,
     pub started: Instant,
     pub loop_alive_ms: Arc<AtomicU64>,
+    /// PBD replug settings (`[ha] replug_pbds` with `[ha.xapi]`).
+    pub replug: Option<Replug>,
+    /// Cancels the PBD replug of the current time as primary; set while primary and serving,
+    /// so that it runs once per promotion.
+    pub replugging: Option<CancellationToken>,
+}
+
+/// What the PBD replug needs: where XAPI is and the replug settings.
+pub(super) struct Replug {
+    pub client: XapiClient,
+    pub cfg: ReplugConfig,
+}
+
+/// Deadline of one `PBD.plug`: attaching an SR logs in to the target and scans its LUNs.
+const PLUG_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The PBD replug settings when `[ha] replug_pbds` and `[ha.xapi]` are set; the IQNs are those
+/// of every configured target.
+pub(super) fn replug_setup(ha: &HaConfig, iqns: Vec<String>) -> Option<Replug> {
+    if !ha.replug_enabled() {
+        return None;
+    }
+    let x = ha.xapi.as_ref()?;
+    let endpoint = match parse_xapi_url(&x.url, &x.fingerprint) {
+        Ok(e) => e,
+        Err(e) => {
+            error!("[ha.xapi] url: {e}; no PBD replug");
+            return None;
+        }
+    };
+    let (attempts, first_backoff) = ha.replug_schedule();
+    Some(Replug {
+        client: XapiClient::new(endpoint, Duration::from_millis(x.timeout_ms)),
+        cfg: ReplugConfig {
+            user: x.user.clone(),
+            password: x.password.clone(),
+            our_iqns: iqns,
+            attempts,
+            first_backoff,
+            plug_timeout: PLUG_TIMEOUT,
+        },
+    })
 }
 
 /// The operator command whose answer waits for the end of its chain of events.
@@ -250,6 +295,34 @@ impl Runtime {
             }
         }
         self.publish();
+        self.follow_replug();
+    }
+
+    /// Starts the PBD replug when this host has become primary and serves, and stops it when
+    /// it no longer does (plugging an SR is pointless while its target moves away).
+    fn follow_replug(&mut self) {
+        let serving = self.machine.role() == HostRole::Primary && self.target.serving();
+        match (serving, self.replugging.is_some()) {
+            (true, false) => {
+                let Some(r) = &self.replug else { return };
+                let stop = CancellationToken::new();
+                self.replugging = Some(stop.clone());
+                info!("serving: checking for unplugged PBDs of our iSCSI SRs");
+                tokio::spawn(replug(
+                    r.client.clone(),
+                    r.cfg.clone(),
+                    self.alerter.clone(),
+                    self.alerts_sent.clone(),
+                    stop,
+                ));
+            }
+            (false, true) => {
+                if let Some(t) = self.replugging.take() {
+                    t.cancel();
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Publishes status and the heartbeat content (senders wake at once on a change).
@@ -520,6 +593,9 @@ impl Runtime {
     /// the connections close), then the VIP; the volumes are shut down by the server.
     async fn teardown(&mut self) {
         info!("HA role loop stopping: stopping the target and removing the VIP");
+        if let Some(t) = self.replugging.take() {
+            t.cancel();
+        }
         if let Some(a) = self.announcing.take() {
             a.cancel();
         }
@@ -545,6 +621,78 @@ impl Runtime {
                 }
             }
         }
+    }
+}
+
+/// Runs one PBD replug until it ends or `stop`, and reports how it ended: a give-up raises an
+/// alert naming every PBD left unplugged.
+async fn replug(
+    client: XapiClient,
+    cfg: ReplugConfig,
+    alerter: Arc<Alerter>,
+    sent: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    let outcome = tokio::select! {
+        _ = stop.cancelled() => {
+            debug!("PBD replug stopped: no longer serving");
+            return;
+        }
+        o = twinsan_ha::replug::run(client, cfg) => o,
+    };
+    let alert = match outcome {
+        Outcome::Done { plugged, host_down } => {
+            if plugged.is_empty() && host_down.is_empty() {
+                info!("PBD replug: every PBD of our iSCSI SRs is attached");
+            } else {
+                info!(
+                    plugged = plugged.len(),
+                    host_down = host_down.len(),
+                    "PBD replug done"
+                );
+            }
+            return;
+        }
+        Outcome::MasterUnreachable { master, error } => {
+            info!(%master, %error, "PBD replug: this pool slave cannot reach its master; not replugging");
+            return;
+        }
+        Outcome::GaveUp {
+            attempts,
+            plugged,
+            failed,
+            error,
+        } => {
+            const SHOWN: usize = 10;
+            let mut parts: Vec<String> = failed
+                .iter()
+                .take(SHOWN)
+                .map(|(r, e)| {
+                    format!(
+                        "SR {} ({}) PBD {} on host {}: {e}",
+                        r.target.sr_name, r.target.sr_uuid, r.target.pbd_uuid, r.host_uuid
+                    )
+                })
+                .collect();
+            if failed.len() > SHOWN {
+                parts.push(format!("and {} more", failed.len() - SHOWN));
+            }
+            if let Some(e) = &error {
+                parts.push(format!("XAPI: {e}"));
+            }
+            let text = format!(
+                "gave up plugging the PBDs of iSCSI SRs served here after {attempts} attempts \
+                 ({} plugged, {} not): {}",
+                plugged.len(),
+                failed.len(),
+                parts.join("; ")
+            );
+            error!("{text}");
+            Alert::new(Severity::Warning, "TWINSAN_PBD_PLUG_FAILED", text)
+        }
+    };
+    if alerter.raise(&alert).await.decision == Decision::Send {
+        sent.fetch_add(1, Ordering::Relaxed);
     }
 }
 
