@@ -32,6 +32,7 @@
 #                               default (buffered), TWINSAN_DIRECT=true against
 #                               TGT_BSOPTS="--bsoflags direct".
 #   TWINSAN_WORKER_THREADS=0    twinsan's `server.worker_threads` (0 = half the CPUs)
+#   TWINSAN_IO_THREADS=0        twinsan's `server.io_threads` (threads engine; 0 = default)
 #   TWINSAN_BIN=<repo>/target/release/twinsan   TWINSAN_FIO=<fio with libiscsi>
 #   RUST_LOG=warn               log level for twinsan while measuring
 set -euo pipefail
@@ -176,6 +177,7 @@ twinsan_config() {  # engine
 data_dir = "$WORK/twinsan-data"
 worker_threads = ${TWINSAN_WORKER_THREADS:-0}
 io_engine = "$1"
+io_threads = ${TWINSAN_IO_THREADS:-0}
 
 [[target]]
 iqn = "$TWINSAN_IQN"
@@ -321,7 +323,7 @@ facts = [
     ["machine", "$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(awk '/MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo)"],
     ["kernel", "$(uname -r)"],
     ["tgt", "$tgt_ver (tgtd, bstype rdwr${TGT_BSOPTS:+, $TGT_BSOPTS}, portal $HOST:$TGT_PORT)"],
-    ["twinsan", "$twinsan_ver (direct = ${TWINSAN_DIRECT:-true}, worker_threads = ${TWINSAN_WORKER_THREADS:-0}, io_engine = ${TWINSAN_ENGINES:-io_uring,threads} each as its own server, portal $HOST:$TWINSAN_PORT)"],
+    ["twinsan", "$twinsan_ver (direct = ${TWINSAN_DIRECT:-true}, worker_threads = ${TWINSAN_WORKER_THREADS:-0}, io_threads = ${TWINSAN_IO_THREADS:-0}, io_engine = ${TWINSAN_ENGINES:-io_uring,threads} each as its own server, portal $HOST:$TWINSAN_PORT)"],
     ["client", "$("$FIO" --version) with libiscsi engine, libiscsi $libiscsi_ver, one job, one session per run"],
     ["backing file", "$SIZE_MIB MiB on $fs_type ($FILE), filled with random data before the first job; both servers serve the same file, one at a time"],
     ["per job", "$RAMP s ramp + $RUNTIME s measured (--time_based), $order_note, repetitions: $REPEAT, wall time $BENCH_SECS s"],

@@ -64,6 +64,9 @@ pub struct ServerConfig {
     /// How LUN files reach the kernel: "auto" (io_uring where the kernel has it, else I/O
     /// threads), "io_uring" (refuse to start without it) or "threads".
     pub io_engine: crate::store::IoEngineSetting,
+    /// Threads engine: I/O threads per LUN at most; 0 = 16 for O_DIRECT LUNs, 4 for
+    /// buffered ones.
+    pub io_threads: usize,
 }
 
 impl ServerConfig {
@@ -90,6 +93,7 @@ impl Default for ServerConfig {
             control_socket: None,
             worker_threads: 0,
             io_engine: crate::store::IoEngineSetting::Auto,
+            io_threads: 0,
         }
     }
 }
@@ -566,6 +570,15 @@ impl Config {
                 ),
             ));
         }
+        if self.server.io_threads > 256 {
+            return Err(err(
+                "server.io_threads".into(),
+                format!(
+                    "{} is outside 0..=256 (0 = 16 per O_DIRECT LUN, 4 per buffered one)",
+                    self.server.io_threads
+                ),
+            ));
+        }
         if self.server.queue_depth == 0 || self.server.queue_depth > 4096 {
             return Err(err(
                 "server.queue_depth".into(),
@@ -967,6 +980,25 @@ naa = "600140512345678901234567890abcde"
             invalid_key(&GOOD.replace("data_dir = \"/tmp/x\"", "worker_threads = 5000")),
             "server.worker_threads"
         );
+    }
+
+    #[test]
+    fn io_engine_and_io_threads_are_checked() {
+        let c = parse(&GOOD.replace(
+            "data_dir = \"/tmp/x\"",
+            "io_engine = \"threads\"\nio_threads = 8",
+        ))
+        .unwrap();
+        assert_eq!(c.server.io_engine, crate::store::IoEngineSetting::Threads);
+        assert_eq!(c.server.io_threads, 8);
+        assert_eq!(
+            invalid_key(&GOOD.replace("data_dir = \"/tmp/x\"", "io_threads = 1000")),
+            "server.io_threads"
+        );
+        let e = parse(&GOOD.replace("data_dir = \"/tmp/x\"", "io_engine = \"aio\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("io_engine") && e.contains("threads"), "{e}");
     }
 
     #[test]

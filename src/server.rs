@@ -47,7 +47,7 @@ impl Server {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
         let mut identities = IdentityStore::open(data_dir)?;
-        let engine = choose_engine(config.server.io_engine)?;
+        let engine = choose_engine(config.server.io_engine, config.server.io_threads)?;
         info!(
             engine = engine.engine.as_str(),
             setting = engine.setting.as_str(),

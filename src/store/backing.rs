@@ -29,6 +29,8 @@ pub struct FileStoreOptions {
     pub create_size: Option<u64>,
     /// Requests in flight at most (io_uring: ring entries).
     pub queue_depth: u32,
+    /// I/O threads at most (threads engine); 0 = the engine's default for this store.
+    pub io_threads: usize,
 }
 
 impl FileStoreOptions {
@@ -48,6 +50,7 @@ impl Default for FileStoreOptions {
             direct: true,
             create_size: None,
             queue_depth: 256,
+            io_threads: 0,
         }
     }
 }
@@ -389,7 +392,6 @@ impl Backing {
         })
     }
 
-    #[cfg(test)]
     pub fn is_direct(&self) -> bool {
         matches!(self.io_mode, IoMode::Direct { .. })
     }

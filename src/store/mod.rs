@@ -71,6 +71,8 @@ pub struct EngineChoice {
     pub setting: IoEngineSetting,
     pub engine: IoEngine,
     pub reason: String,
+    /// `[server] io_threads`: threads per store for the threads engine (0 = its default).
+    pub io_threads: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,8 +125,13 @@ fn probe_io_uring() -> std::io::Result<()> {
 /// Picks the engine once at start. `auto` probes io_uring with a tiny ring and falls back to
 /// threads when the kernel refuses it; a forced `io_uring` that is refused is an error naming
 /// the key.
-pub fn choose_engine(setting: IoEngineSetting) -> Result<EngineChoice, EngineError> {
-    choose_engine_with(setting, probe_io_uring)
+pub fn choose_engine(
+    setting: IoEngineSetting,
+    io_threads: usize,
+) -> Result<EngineChoice, EngineError> {
+    let mut choice = choose_engine_with(setting, probe_io_uring)?;
+    choice.io_threads = io_threads;
+    Ok(choice)
 }
 
 fn choose_engine_with(
@@ -149,6 +156,7 @@ fn choose_engine_with(
         setting,
         engine,
         reason,
+        io_threads: 0,
     })
 }
 
@@ -156,9 +164,10 @@ fn choose_engine_with(
 /// refuses for this one store (locked-memory limit reached after several LUNs) falls back to
 /// threads for it, with a warning.
 pub fn open_file_store(
-    opts: FileStoreOptions,
+    mut opts: FileStoreOptions,
     choice: &EngineChoice,
 ) -> Result<Arc<dyn BlockStore>, OpenError> {
+    opts.io_threads = choice.io_threads;
     match choice.engine {
         IoEngine::Threads => Ok(Arc::new(ThreadStore::open(opts)?)),
         IoEngine::IoUring => match UringStore::open(opts.clone()) {

@@ -6,17 +6,27 @@
 use std::io;
 use std::os::fd::RawFd;
 
-/// `preadv2(fd, [buf], pos, flags)`: bytes read.
-pub fn preadv2(fd: RawFd, buf: &mut [u8], pos: u64, flags: i32) -> io::Result<usize> {
+/// `preadv2` / `pwritev2` (`sysno`) of one buffer at `pos`.
+///
+/// # Safety
+/// `base` must be valid for `len` bytes: writable for preadv2, readable for pwritev2.
+unsafe fn rw_v2(
+    sysno: libc::c_long,
+    fd: RawFd,
+    base: *mut libc::c_void,
+    len: usize,
+    pos: u64,
+    flags: i32,
+) -> io::Result<usize> {
     let iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
+        iov_base: base,
+        iov_len: len,
     };
-    // SAFETY: the iovec points into `buf`, valid for writes for its length. On 64-bit
-    // targets the kernel takes the whole offset in pos_l and ignores pos_h.
+    // SAFETY: the iovec is valid per the caller. On 64-bit targets the kernel takes the whole
+    // offset in pos_l and ignores pos_h.
     let n = unsafe {
         libc::syscall(
-            libc::SYS_preadv2,
+            sysno,
             fd,
             &iov as *const libc::iovec,
             1,
@@ -32,28 +42,33 @@ pub fn preadv2(fd: RawFd, buf: &mut [u8], pos: u64, flags: i32) -> io::Result<us
     }
 }
 
-/// `pwritev2(fd, [buf], pos, flags)`: bytes written.
-pub fn pwritev2(fd: RawFd, buf: &[u8], pos: u64, flags: i32) -> io::Result<usize> {
-    let iov = libc::iovec {
-        iov_base: buf.as_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: the iovec points into `buf`, valid for reads for its length; see preadv2.
-    let n = unsafe {
-        libc::syscall(
-            libc::SYS_pwritev2,
+/// `preadv2(fd, [buf], pos, flags)`: bytes read.
+pub fn preadv2(fd: RawFd, buf: &mut [u8], pos: u64, flags: i32) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes for its length.
+    unsafe {
+        rw_v2(
+            libc::SYS_preadv2,
             fd,
-            &iov as *const libc::iovec,
-            1,
-            pos as libc::c_long,
-            0 as libc::c_long,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            pos,
             flags,
         )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
+    }
+}
+
+/// `pwritev2(fd, [buf], pos, flags)`: bytes written.
+pub fn pwritev2(fd: RawFd, buf: &[u8], pos: u64, flags: i32) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads for its length; the kernel does not write to it.
+    unsafe {
+        rw_v2(
+            libc::SYS_pwritev2,
+            fd,
+            buf.as_ptr() as *mut libc::c_void,
+            buf.len(),
+            pos,
+            flags,
+        )
     }
 }
 

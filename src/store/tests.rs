@@ -745,113 +745,47 @@ fn bench_4k_random_qd32<E: TestEngine>() {
     });
 }
 
-/// One module of tests per engine, each calling the generic functions above.
+/// Test functions calling the generic function of the same name with engine `$E`.
+macro_rules! engine_test_fns {
+    ($E:ty; multi_thread: [$($m:ident),*]; current_thread: [$($c:ident),*]) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $m() {
+                super::$m::<$E>().await
+            }
+        )*
+        $(
+            #[tokio::test(flavor = "current_thread")]
+            async fn $c() {
+                super::$c::<$E>().await
+            }
+        )*
+    };
+}
+
+/// One module of tests per engine.
 macro_rules! engine_tests {
     ($module:ident, $E:ty) => {
         mod $module {
             use super::*;
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn random_io_direct_multi_thread() {
-                super::random_io_direct_multi_thread::<$E>().await
-            }
-
-            #[tokio::test(flavor = "current_thread")]
-            async fn random_io_buffered_current_thread() {
-                super::random_io_buffered_current_thread::<$E>().await
-            }
-
-            #[tokio::test(flavor = "current_thread")]
-            async fn buffered_cache_hits_are_read_without_the_ring() {
-                super::buffered_cache_hits_are_read_without_the_ring::<$E>().await
-            }
-
-            #[tokio::test(flavor = "current_thread")]
-            async fn random_io_direct_current_thread() {
-                super::random_io_direct_current_thread::<$E>().await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn concurrency_64_in_flight() {
-                super::concurrency_64_in_flight::<$E>().await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn concurrency_above_queue_depth() {
-                super::concurrency_above_queue_depth::<$E>().await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn fua_writes_and_flush_reach_the_file() {
-                super::fua_writes_and_flush_reach_the_file::<$E>().await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn discard_reads_back_zeroes_and_frees_space() {
-                super::discard_reads_back_zeroes_and_frees_space::<$E>().await
-            }
-
-            #[tokio::test(flavor = "current_thread")]
-            async fn discard_falls_back_to_writing_zeroes() {
-                super::discard_falls_back_to_writing_zeroes::<$E>().await
-            }
-
-            #[tokio::test(flavor = "current_thread")]
-            async fn sparse_create_and_existing_file_kept() {
-                super::sparse_create_and_existing_file_kept::<$E>().await
-            }
-
-            #[tokio::test(flavor = "current_thread")]
-            async fn open_errors_name_the_path() {
-                super::open_errors_name_the_path::<$E>().await
-            }
-
-            #[tokio::test(flavor = "current_thread")]
-            async fn read_only_refuses_writes_and_discards() {
-                super::read_only_refuses_writes_and_discards::<$E>().await
-            }
-
-            #[tokio::test(flavor = "current_thread")]
-            async fn out_of_range_is_an_error() {
-                super::out_of_range_is_an_error::<$E>().await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn short_read_at_eof_returns_zeroes() {
-                super::short_read_at_eof_returns_zeroes::<$E>().await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn io_errors_surface_and_store_keeps_working() {
-                super::io_errors_surface_and_store_keeps_working::<$E>().await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn direct_refused_falls_back_to_buffered() {
-                super::direct_refused_falls_back_to_buffered::<$E>().await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn unaligned_requests_use_buffered_fd() {
-                super::unaligned_requests_use_buffered_fd::<$E>().await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn cancelled_ops_do_not_corrupt() {
-                super::cancelled_ops_do_not_corrupt::<$E>().await
-            }
+            engine_test_fns!($E;
+                multi_thread: [random_io_direct_multi_thread, concurrency_64_in_flight, concurrency_above_queue_depth, fua_writes_and_flush_reach_the_file, discard_reads_back_zeroes_and_frees_space, short_read_at_eof_returns_zeroes, io_errors_surface_and_store_keeps_working, direct_refused_falls_back_to_buffered, unaligned_requests_use_buffered_fd, cancelled_ops_do_not_corrupt];
+                current_thread: [random_io_buffered_current_thread, buffered_cache_hits_are_read_without_the_ring, random_io_direct_current_thread, discard_falls_back_to_writing_zeroes, sparse_create_and_existing_file_kept, open_errors_name_the_path, read_only_refuses_writes_and_discards, out_of_range_is_an_error]);
 
             #[test]
             fn survives_runtime_shutdown_with_ops_in_flight() {
                 super::survives_runtime_shutdown_with_ops_in_flight::<$E>()
             }
 
+            /// Needs root and losetup: `cargo test -- --ignored block_device`.
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             #[ignore]
             async fn block_device_loop() {
                 super::block_device_loop::<$E>().await
             }
 
+            /// `cargo test --release -- --ignored --nocapture bench_4k_random_qd32`
             #[test]
             #[ignore]
             fn bench_4k_random_qd32() {

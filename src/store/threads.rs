@@ -26,7 +26,8 @@
 //! # Design
 //! * **Bounded.** At most `queue_depth` requests are accepted at once (a semaphore; the
 //!   permit lives in the job, so it is returned when the kernel is done, even if the caller
-//!   gave up), and at most [`MAX_THREADS`] threads per store run them. Threads start on
+//!   gave up), and at most `io_threads` threads per store run them ([`DIRECT_THREADS`] for
+//!   O_DIRECT, [`BUFFERED_THREADS`] for buffered stores by default). Threads start on
 //!   demand and exit after [`IDLE_EXIT`] without work, so an idle LUN costs no thread.
 //! * **Cancellation-safe without unsafe code.** A job owns its buffer; a dropped future only
 //!   loses the result, never memory the kernel is using.
@@ -48,9 +49,13 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{oneshot, Semaphore};
 
-/// Threads per store at most: enough to keep a disk's queue busy (tgt uses 16 per LUN), few
-/// enough that 2-CPU hosts do not thrash on page-cache copies.
-pub const MAX_THREADS: usize = 16;
+/// Threads per O_DIRECT store at most by default: enough to keep a disk's queue busy (tgt
+/// uses 16 per LUN).
+pub const DIRECT_THREADS: usize = 16;
+/// Threads per buffered store by default. Page-cache copies are CPU work: more threads than
+/// CPUs only add wake-ups and context switches, while a busy thread takes the next queued
+/// request without sleeping. Cache misses still overlap on this many threads.
+pub const BUFFERED_THREADS: usize = 4;
 /// An idle pool thread exits after this long without a job.
 const IDLE_EXIT: Duration = Duration::from_secs(10);
 
@@ -190,10 +195,15 @@ impl ThreadStore {
     ) -> Result<ThreadStore, OpenError> {
         let backing = Backing::open(&opts, hooks)?;
         let depth = opts.queue_depth as usize;
+        let threads = match opts.io_threads {
+            0 if backing.is_direct() => DIRECT_THREADS,
+            0 => BUFFERED_THREADS,
+            n => n,
+        };
         let store = ThreadStore {
             inner: Arc::new(Inner {
                 backing,
-                pool: Pool::new(MAX_THREADS.min(depth)),
+                pool: Pool::new(threads.min(depth)),
                 permits: Arc::new(Semaphore::new(depth)),
                 depth,
                 dsync_writes: AtomicBool::new(true),
@@ -582,7 +592,7 @@ mod tests {
         for op in ops {
             op.await.unwrap();
         }
-        assert!(most > 1 && most <= MAX_THREADS, "threads {most}");
+        assert!(most > 1 && most <= BUFFERED_THREADS, "threads {most}");
         // Dropped mid-flight: the job still runs, then its permit comes back.
         use futures::FutureExt;
         assert!(store
