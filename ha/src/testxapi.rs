@@ -686,19 +686,24 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn nothing_listening_is_an_io_error() {
+    /// A client of a loopback port nobody listens on.
+    fn client_of_nothing() -> XapiClient {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         drop(l);
-        let c = XapiClient::new(
+        XapiClient::new(
             Endpoint {
                 host: "127.0.0.1".into(),
                 port,
                 transport: Transport::Plain,
             },
             Duration::from_secs(1),
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_an_io_error() {
+        let c = client_of_nothing();
         assert!(matches!(
             c.login(USER, PASSWORD).await,
             Err(XapiError::Io(_))
@@ -902,18 +907,7 @@ mod tests {
 
         #[tokio::test]
         async fn xapi_down_gives_up_after_the_rounds() {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let port = l.local_addr().unwrap().port();
-            drop(l);
-            let c = XapiClient::new(
-                Endpoint {
-                    host: "127.0.0.1".into(),
-                    port,
-                    transport: Transport::Plain,
-                },
-                Duration::from_secs(1),
-            );
-            let out = run(c, cfg(2)).await;
+            let out = run(client_of_nothing(), cfg(2)).await;
             assert!(
                 matches!(&out, Outcome::GaveUp { attempts: 2, plugged, failed, error: Some(_) }
                     if plugged.is_empty() && failed.is_empty()),
