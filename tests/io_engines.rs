@@ -222,8 +222,21 @@ fn mount_tmpfs(at: &std::path::Path, size: &str) -> impl Drop {
     assert!(o.status.success(), "mount tmpfs (needs root): {}", text(&o));
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
+        /// Retried for a few seconds: the kernel drops an exited process's io_uring (and the
+        /// file it registered) asynchronously, so the first umount can find the mount busy.
         fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
+            for _ in 0..100 {
+                let ok = Command::new("umount")
+                    .arg(&self.0)
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            eprintln!("could not unmount {}", self.0.display());
         }
     }
     Unmount(at.to_path_buf())
