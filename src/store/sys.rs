@@ -1,8 +1,7 @@
-//! System calls the stores need that glibc 2.17 (CentOS 7, the XenServer / XCP-ng dom0
-//! userland) does not wrap: `statx` (glibc 2.28), `preadv2` / `pwritev2` (glibc 2.26). Calling
-//! them through `libc::syscall` keeps the binary free of newer symbol versions; the kernel
-//! decides whether they exist (ENOSYS on kernels older than the call).
-
+//! The raw system calls of the file stores, in one place. `statx` (glibc 2.28) and `preadv2` /
+//! `pwritev2` (glibc 2.26) are not wrapped by glibc 2.17 (CentOS 7, the XenServer / XCP-ng dom0
+//! userland): calling them through `libc::syscall` keeps the binary free of newer symbol
+//! versions, and the kernel decides whether they exist (ENOSYS on kernels older than the call).
 use std::io;
 use std::os::fd::RawFd;
 
@@ -70,6 +69,45 @@ pub fn pwritev2(fd: RawFd, buf: &[u8], pos: u64, flags: i32) -> io::Result<usize
             flags,
         )
     }
+}
+
+/// `fdatasync(fd)`.
+pub fn fdatasync(fd: i32) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd the store keeps open.
+    if unsafe { libc::fdatasync(fd) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `fallocate(fd, mode, offset, len)`.
+pub fn fallocate(fd: i32, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd the store keeps open.
+    let rc = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `pread(fd, buf, pos)`: bytes read.
+pub fn pread(fd: i32, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes for its length.
+    let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), pos as libc::off_t) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// `pwrite(fd, buf, pos)`: bytes written.
+pub fn pwrite(fd: i32, buf: &[u8], pos: u64) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads for its length.
+    let n = unsafe { libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), pos as libc::off_t) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 /// `statx(fd, "", AT_EMPTY_PATH, mask)`.

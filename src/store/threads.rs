@@ -296,7 +296,7 @@ impl ThreadStore {
             return Ok(());
         }
         // One fdatasync covers both fds: dirty pages belong to the inode, not the fd.
-        self.run(|inner| retrying(|| fdatasync(inner.backing.fd(MAIN))))
+        self.run(|inner| retrying(|| sys::fdatasync(inner.backing.fd(MAIN))))
             .await
     }
 
@@ -314,7 +314,7 @@ impl ThreadStore {
         self.run(move |inner| {
             let b = &inner.backing;
             for (method, mode) in b.discard_modes() {
-                let errno = match retrying(|| fallocate(b.fd(MAIN), mode, offset, len)) {
+                let errno = match retrying(|| sys::fallocate(b.fd(MAIN), mode, offset, len)) {
                     Ok(()) => 0,
                     Err(StoreError::Io(e)) => e.raw_os_error().unwrap_or(libc::EIO),
                     Err(e) => return Err(e),
@@ -357,41 +357,6 @@ fn retrying<T>(mut f: impl FnMut() -> io::Result<T>) -> StoreResult<T> {
     }
 }
 
-fn fdatasync(fd: i32) -> io::Result<()> {
-    // SAFETY: plain syscall on an fd the store keeps open.
-    if unsafe { libc::fdatasync(fd) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn fallocate(fd: i32, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-    // SAFETY: plain syscall on an fd the store keeps open.
-    let rc = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn pread(fd: i32, buf: &mut [u8], pos: u64) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for writes for its length.
-    let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), pos as libc::off_t) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
-fn pwrite(fd: i32, buf: &[u8], pos: u64) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for reads for its length.
-    let n = unsafe { libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), pos as libc::off_t) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
 /// Fills `buf[done..]` from `offset + done`; a file that ends early reads as zeroes.
 fn read_blocking(
     b: &Backing,
@@ -405,7 +370,7 @@ fn read_blocking(
         let want = (len - done).min(MAX_CHUNK);
         let chunk = &mut buf.as_mut_slice()[done..done + want];
         let fd = b.fd(b.route(pos, want, chunk.as_ptr() as usize));
-        match retrying(|| pread(fd, chunk, pos))? {
+        match retrying(|| sys::pread(fd, chunk, pos))? {
             // EOF: the file shrank underneath us. The rest reads as zeroes.
             0 => {
                 buf.as_mut_slice()[done..].fill(0);
@@ -449,7 +414,7 @@ fn write_blocking(inner: &Inner, offset: u64, data: Bytes, mode: WriteMode) -> S
                 r => r?,
             }
         } else {
-            retrying(|| pwrite(fd, chunk, pos))?
+            retrying(|| sys::pwrite(fd, chunk, pos))?
         };
         if n == 0 {
             return Err(StoreError::Io(io::Error::new(
@@ -460,7 +425,7 @@ fn write_blocking(inner: &Inner, offset: u64, data: Bytes, mode: WriteMode) -> S
         done += n;
     }
     if mode == WriteMode::Durable && !dsync {
-        retrying(|| fdatasync(b.fd(MAIN)))?;
+        retrying(|| sys::fdatasync(b.fd(MAIN)))?;
     }
     Ok(())
 }
