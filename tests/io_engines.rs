@@ -19,20 +19,7 @@ use twinsan::iscsi::pdu::{Opcode, Pdu};
 /// Starts twinsan with target [`IQN`] and one LUN (`lun_toml`, default a 1 GiB sparse file),
 /// `server_extra` going into `[server]`.
 fn start(dir: &std::path::Path, server_extra: &str, lun_toml: Option<&str>) -> Server {
-    let port = free_port();
-    let lun = lun_toml.map(str::to_string).unwrap_or_else(|| {
-        format!(
-            "[[target.lun]]\nnumber = 0\npath = \"{}\"\nsize = \"1GiB\"\n",
-            dir.join("lun0.img").display()
-        )
-    });
-    let config = format!(
-        "[server]\ndata_dir = \"{}\"\n{server_extra}\n\n[[target]]\niqn = \"{IQN}\"\nportals = [\"127.0.0.1:{port}\"]\n{lun}",
-        dir.join("data").display()
-    );
-    let path = dir.join("twinsan.toml");
-    std::fs::write(&path, config).unwrap();
-    Server::start_with_config(dir, &path, port)
+    Server::start_with_server_keys(dir, server_extra, "", lun_toml, "")
 }
 
 fn status_json(config: &std::path::Path) -> serde_json::Value {

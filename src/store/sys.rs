@@ -2,6 +2,7 @@
 //! `pwritev2` (glibc 2.26) are not wrapped by glibc 2.17 (CentOS 7, the XenServer / XCP-ng dom0
 //! userland): calling them through `libc::syscall` keeps the binary free of newer symbol
 //! versions, and the kernel decides whether they exist (ENOSYS on kernels older than the call).
+
 use std::io;
 use std::os::fd::RawFd;
 

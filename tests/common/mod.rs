@@ -172,6 +172,17 @@ impl Server {
     /// Starts twinsan with `extra` appended to a config that has target [`IQN`] and LUN 0
     /// (a 1 GiB sparse file unless `lun_toml` replaces the LUN table).
     pub fn start(dir: &Path, target_extra: &str, lun_toml: Option<&str>, top: &str) -> Server {
+        Self::start_with_server_keys(dir, "", target_extra, lun_toml, top)
+    }
+
+    /// Like [`Server::start`], with `server_extra` lines added to the `[server]` table.
+    pub fn start_with_server_keys(
+        dir: &Path,
+        server_extra: &str,
+        target_extra: &str,
+        lun_toml: Option<&str>,
+        top: &str,
+    ) -> Server {
         let port = free_port();
         let lun = lun_toml.map(str::to_string).unwrap_or_else(|| {
             format!(
@@ -180,7 +191,7 @@ impl Server {
             )
         });
         let config = format!(
-            "{top}\n[server]\ndata_dir = \"{data}\"\n\n[[target]]\niqn = \"{IQN}\"\nportals = [\"127.0.0.1:{port}\"]\n{target_extra}\n{lun}\n",
+            "{top}\n[server]\ndata_dir = \"{data}\"\n{server_extra}\n\n[[target]]\niqn = \"{IQN}\"\nportals = [\"127.0.0.1:{port}\"]\n{target_extra}\n{lun}\n",
             data = dir.join("data").display(),
         );
         let path = dir.join("twinsan.toml");
