@@ -237,7 +237,11 @@ while IFS= read -r -d '' f; do
     fi
     awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' <<<"$out" >>"${WORK}/libs"
 done < <(find "$R" -type f -print0)
-printf '%s\n' /lib64/ld-linux-x86-64.so.2 >>"${WORK}/libs"
+# The loader, and libgcc_s that glibc dlopens for pthread_cancel (multipathd aborts without it).
+for lib in /lib64/ld-linux-x86-64.so.2 /lib/x86_64-linux-gnu/libgcc_s.so.1; do
+    [ -e "$lib" ] || die "${lib} missing on the host"
+    printf '%s\n' "$lib" >>"${WORK}/libs"
+done
 NLIB=0
 while read -r lib; do
     case "$lib" in
@@ -299,5 +303,16 @@ if ! mv -T "$OUT" "$IMG" 2>/dev/null; then
     log "image ${HASH} was built concurrently; using that one"
 fi
 record_key
+# Keep the 4 newest images; drop build dirs left by killed runs.
+prune() {
+    local d n=0
+    # shellcheck disable=SC2010  # image dirs are 16 hex digits; ls -t gives newest first
+    while read -r d; do
+        n=$((n + 1))
+        if [ "$n" -gt 4 ] && [ "$d" != "$HASH" ]; then rm -rf "${IMAGES:?}/${d}"; fi
+    done < <(cd "$IMAGES" && ls -1t -- | grep -E '^[0-9a-f]{16}$' || true)
+    find "$IMAGES" -maxdepth 1 -name '.build-*' -mmin +120 -exec rm -rf {} + 2>/dev/null || true
+}
+prune
 log "guest image ${HASH} ready ($(elapsed "$T_ALL") s)"
 emit "$IMG"
