@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod guest;
 pub mod ha;
 pub mod netns;
 pub mod pair;

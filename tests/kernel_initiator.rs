@@ -1,0 +1,795 @@
+//! The Linux kernel initiator against twinsan, as XenServer's dom0 runs it: open-iscsi with
+//! XenServer's timeouts, dm-multipath, an LVM volume group per SR, in a qemu guest (see
+//! `tests/common/guest.rs`). Every packet stays inside the test's network namespaces.
+//!
+//! Each test boots one guest and drives it through a script: the guest says what it did over
+//! its control port, the test faults the target side in between, and at the end the guest's
+//! verdict and `dmesg` decide (no I/O error may reach its block layer or filesystem).
+
+mod common;
+
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::guest::{self, Guest, GuestImage, GuestSpec, Nic};
+use common::ha::{wait_serving_on, HaLab, HaSpec, Source, VIP};
+use common::netns::{self, Lab, Netns};
+use common::{bin, run, scratch_dir, text, IQN};
+
+const CHAP_IQN: &str = "iqn.2026-11.org.twinsan.test:chap";
+const CHAP_USER: &str = "guest-user";
+const CHAP_SECRET: &str = "guest-secret-12";
+const MUTUAL_USER: &str = "target-user";
+const MUTUAL_SECRET: &str = "target-secret-12";
+/// XenServer names an LVMoISCSI SR's volume group after the SR.
+const SR_VG: &str = "VG_XenStorage-5d3c0c38-9a54-4d4e-b6f2-2f1c7a0c9e11";
+const PROMOTE: Duration = Duration::from_secs(30);
+
+/// Shell functions every guest script below uses (after the harness's library).
+const GUEST_COMMON: &str = r#"
+. /lib/twinsan-guest.sh
+# disk_of TARGET: the sd device of the (only) LUN 0 of TARGET's session, waited for.
+disk_of() {
+    i=0
+    while [ $i -lt 100 ]; do
+        d=$(iscsiadm -m session -P 3 2>/dev/null | awk -v t="$1" '
+            /^Target: / { cur = $2 }
+            /Attached scsi disk/ && cur == t { print $4; exit }')
+        if [ -n "$d" ] && [ -b "/dev/$d" ]; then echo "$d"; return 0; fi
+        sleep 0.2; i=$((i + 1))
+    done
+    return 1
+}
+# fio_verify NAME FILE SIZE [extra args]: random 4k writes then a read-back verify.
+fio_verify() {
+    n=$1; f=$2; s=$3; shift 3
+    fio --name="$n" --filename="$f" --size="$s" --rw=randwrite --bs=4k --ioengine=libaio \
+        --iodepth=8 --direct=1 --verify=crc32c --verify_fatal=1 --do_verify=1 \
+        --output-format=json --output="/tmp/$n.json" "$@"
+}
+# say_fio NAME RC: the fio result as one line to the host.
+say_fio() {
+    host_say "fio $1 rc=$2 $(tr -d '\n' < "/tmp/$1.json" 2>/dev/null)"
+}
+"#;
+
+fn script(body: &str, vars: &[(&str, &str)]) -> String {
+    let mut s = format!("set -u\n{GUEST_COMMON}\n{body}\n");
+    for (k, v) in vars {
+        s = s.replace(&format!("@{k}@"), v);
+    }
+    s
+}
+
+/// Starts twinsan with `config` in `ns` (the lab kills it at the end) and waits until it
+/// accepts connections on `portal`.
+fn start_target(lab: &Lab, ns: &Netns, config: &Path, log: &Path, portal: &str) -> u32 {
+    let mut cmd = ns.command(bin());
+    cmd.args(["serve", "--config"]).arg(config).env(
+        "RUST_LOG",
+        std::env::var("TWINSAN_LOG").unwrap_or_else(|_| "info".into()),
+    );
+    let pid = lab.spawn(cmd, "twinsan", log);
+    let portal = portal.to_string();
+    let t = Instant::now();
+    loop {
+        let p = portal.clone();
+        if ns.with(move || TcpStream::connect(p).is_ok()) {
+            return pid;
+        }
+        let alive = lab.with_child(pid, |c| c.running()).unwrap_or(false);
+        assert!(
+            alive && t.elapsed() < Duration::from_secs(20),
+            "twinsan did not listen on {portal}; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The fio JSON a guest sent with `say_fio`: (rc, json).
+fn parse_fio(rest: &str) -> (i32, serde_json::Value) {
+    let (rc, json) = rest.split_once(' ').unwrap_or((rest, ""));
+    let rc = rc
+        .strip_prefix("rc=")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1);
+    let json = json
+        .find('{')
+        .and_then(|i| serde_json::from_str(&json[i..]).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (rc, json)
+}
+
+/// Longest write completion latency of a fio run, in seconds (the pause the guest saw).
+fn max_write_latency(json: &serde_json::Value) -> f64 {
+    json["jobs"]
+        .as_array()
+        .map(|jobs| {
+            jobs.iter()
+                .filter_map(|j| j["write"]["clat_ns"]["max"].as_f64())
+                .fold(0.0, f64::max)
+                / 1e9
+        })
+        .unwrap_or(f64::NAN)
+}
+
+fn written_bytes(json: &serde_json::Value) -> u64 {
+    json["jobs"]
+        .as_array()
+        .map(|jobs| {
+            jobs.iter()
+                .filter_map(|j| j["write"]["io_bytes"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Checks a fio result line: exit 0, no error, something written.
+fn check_fio(what: &str, rest: &str) -> f64 {
+    let (rc, json) = parse_fio(rest);
+    assert_eq!(rc, 0, "{what}: fio failed in the guest: {rest}");
+    assert!(
+        json["jobs"][0]["error"] == 0,
+        "{what}: fio reported an error: {json}"
+    );
+    assert!(written_bytes(&json) > 0, "{what}: nothing written: {json}");
+    max_write_latency(&json)
+}
+
+fn assert_no_io_errors(out: &guest::GuestOutcome, allowed: &dyn Fn(&str) -> bool) {
+    eprintln!(
+        "----- guest dmesg, storage lines -----\n{}",
+        out.storage_dmesg().join("\n")
+    );
+    let bad: Vec<&str> = out
+        .io_errors()
+        .into_iter()
+        .filter(|l| !allowed(l))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "I/O errors reached the guest's block layer:\n{}\n----- dmesg -----\n{}",
+        bad.join("\n"),
+        out.dmesg
+    );
+}
+
+/// LUN 0's NAA designator of target `iqn` as twinsan reports it (lower-case hex).
+fn naa_of(config: &Path, iqn: &str) -> String {
+    let o = run(
+        Command::new(bin())
+            .args(["status", "--json", "--config"])
+            .arg(config),
+        Duration::from_secs(20),
+    );
+    assert!(o.status.success(), "status: {}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["targets"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["iqn"] == iqn))
+        .and_then(|t| t["luns"][0]["naa"].as_str())
+        .unwrap_or_else(|| panic!("no NAA for {iqn} in {v}"))
+        .to_ascii_lowercase()
+}
+
+// ---------------------------------------------------------------------------------------
+// One host: login, identity, CHAP, digests, an SR-like volume group, restart under load
+// ---------------------------------------------------------------------------------------
+
+const HOST_ADDR: &str = "10.232.0.1";
+const GUEST_ADDR: &str = "10.232.0.2/24";
+const HOST_ADDR2: &str = "10.232.1.1";
+const GUEST_ADDR2: &str = "10.232.1.2/24";
+
+struct SoloHost {
+    lab: Lab,
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    pid: Option<u32>,
+    image: GuestImage,
+}
+
+impl SoloHost {
+    /// Host namespace `lab.a` with one tap per portal and twinsan serving `IQN` (a 256 MiB
+    /// thin LUN) and `CHAP_IQN` (CHAP + mutual CHAP) on every portal.
+    fn new_or_skip(test: &str, two_portals: bool) -> Option<SoloHost> {
+        let image = guest::image_or_skip(test)?;
+        let lab = Lab::new_or_skip(test)?;
+        let dir = scratch_dir();
+        guest::add_tap(&lab.a, "gtap0", Some(&format!("{HOST_ADDR}/24")), None);
+        let mut portals = vec![format!("{HOST_ADDR}:3260")];
+        if two_portals {
+            guest::add_tap(&lab.a, "gtap1", Some(&format!("{HOST_ADDR2}/24")), None);
+            portals.push(format!("{HOST_ADDR2}:3260"));
+        }
+        let portals = portals
+            .iter()
+            .map(|p| format!("\"{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let d = dir.path();
+        let config = d.join("twinsan.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[server]
+data_dir = "{data}"
+
+[[target]]
+iqn = "{IQN}"
+portals = [{portals}]
+
+[[target.lun]]
+number = 0
+path = "{d}/lun0.img"
+size = "256MiB"
+
+[[target]]
+iqn = "{CHAP_IQN}"
+portals = [{portals}]
+chap = {{ user = "{CHAP_USER}", secret = "{CHAP_SECRET}" }}
+mutual_chap = {{ user = "{MUTUAL_USER}", secret = "{MUTUAL_SECRET}" }}
+
+[[target.lun]]
+number = 0
+path = "{d}/chap.img"
+size = "64MiB"
+"#,
+                data = d.join("data").display(),
+                d = d.display(),
+            ),
+        )
+        .unwrap();
+        let log = d.join("twinsan.log");
+        let mut h = SoloHost {
+            lab,
+            config,
+            log,
+            pid: None,
+            image,
+            dir,
+        };
+        h.start();
+        Some(h)
+    }
+
+    fn start(&mut self) {
+        let pid = start_target(
+            &self.lab,
+            &self.lab.a,
+            &self.config,
+            &self.log,
+            &format!("{HOST_ADDR}:3260"),
+        );
+        self.pid = Some(pid);
+    }
+
+    /// SIGTERM and wait (bounded) for the exit.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.pid.take().and_then(|p| self.lab.take(p)) {
+            assert!(
+                c.terminate(Duration::from_secs(20)).is_some(),
+                "twinsan did not exit within 20 s of SIGTERM"
+            );
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn nics(&self, two: bool) -> Vec<Nic> {
+        let mut v = vec![Nic {
+            tap: "gtap0".into(),
+            guest_cidr: GUEST_ADDR.into(),
+        }];
+        if two {
+            v.push(Nic {
+                tap: "gtap1".into(),
+                guest_cidr: GUEST_ADDR2.into(),
+            });
+        }
+        v
+    }
+}
+
+const LOGIN_SCRIPT: &str = r#"
+P=@HOST@:3260
+step discovery
+iscsiadm -m discovery -t st -p $P > /tmp/disc || fail "discovery: $(cat /tmp/disc)"
+cat /tmp/disc
+grep -q "@IQN@" /tmp/disc && grep -q "@CHAP_IQN@" /tmp/disc || fail "discovery lacks a target"
+
+step login-plain
+iscsiadm -m node -T @IQN@ -p $P --login || fail "login"
+d=$(disk_of @IQN@) || fail "no disk after login"
+udevadm settle --timeout=10
+sd=/sys/block/$d/device
+host_say "identity vendor=$(cat $sd/vendor | tr -d ' ') model=$(cat $sd/model | tr -d ' ') rev=$(cat $sd/rev | tr -d ' ')"
+host_say "scsiid $(/lib/udev/scsi_id -g -d /dev/$d)"
+host_say "byid $(ls /dev/disk/by-id/ | tr '\n' ' ')"
+host_say "wwid $(cat $sd/wwid)"
+sg_inq -p 0x83 /dev/$d || fail "sg_inq 0x83"
+host_say "size $(blockdev --getsize64 /dev/$d) lbs=$(cat /sys/block/$d/queue/logical_block_size)"
+host_say "provisioning $(cat $sd/scsi_disk/*/provisioning_mode) max_discard=$(cat /sys/block/$d/queue/discard_max_bytes)"
+sg_rtpg /dev/$d > /tmp/rtpg 2>&1; host_say "rtpg rc=$? $(tr '\n' ' ' < /tmp/rtpg)"
+iscsiadm -m session -P 2 | grep -E "HeaderDigest|DataDigest|MaxRecvDataSegmentLength|FirstBurstLength|MaxBurstLength|ImmediateData|InitialR2T"
+
+step discard
+dd if=/dev/urandom of=/dev/$d bs=1M count=4 oflag=direct 2>/dev/null || fail "dd"
+blkdiscard -o 0 -l 4194304 /dev/$d || fail "blkdiscard"
+host_say discarded
+host_wait checked 60 || fail "host did not check the discard"
+
+step sr-vg
+pvcreate -ff -y /dev/$d || fail pvcreate
+vgcreate @VG@ /dev/$d || fail vgcreate
+for lv in 1 2 3; do lvcreate -y -L 48M -n VHD-$lv @VG@ || fail "lvcreate $lv"; done
+vgck @VG@ || fail "vgck"
+rc=0; fio_verify lv1 /dev/@VG@/VHD-1 16M || rc=$?; say_fio lv1 $rc
+mkfs.ext4 -q /dev/@VG@/VHD-2 || fail mkfs
+mkdir -p /mnt/fs; mount /dev/@VG@/VHD-2 /mnt/fs || fail mount
+dd if=/dev/urandom of=/mnt/fs/data bs=1M count=8 2>/dev/null; md5sum /mnt/fs/data > /tmp/md5
+umount /mnt/fs || fail umount
+e2fsck -fn /dev/@VG@/VHD-2 || fail "e2fsck after mkfs"
+
+step restart-under-load
+# fio on LV 3 while the target restarts (the session stays open through it)
+fio_verify restart /dev/@VG@/VHD-3 24M --rate_iops=150 &
+fpid=$!
+sleep 3
+host_say loading restart
+wait $fpid; rc=$?; say_fio restart $rc
+vgck @VG@ || fail "vgck after restart"
+mount /dev/@VG@/VHD-2 /mnt/fs || fail "mount after restart"
+md5sum -c /tmp/md5 || fail "file changed"
+umount /mnt/fs
+e2fsck -fn /dev/@VG@/VHD-2 || fail "e2fsck after restart"
+vgchange -an @VG@ || fail "vgchange -an"
+iscsiadm -m node -T @IQN@ -p $P --logout || fail logout
+
+step digests
+iscsiadm -m node -T @IQN@ -p $P -o update -n 'node.conn[0].iscsi.HeaderDigest' -v CRC32C
+iscsiadm -m node -T @IQN@ -p $P -o update -n 'node.conn[0].iscsi.DataDigest' -v CRC32C
+iscsiadm -m node -T @IQN@ -p $P --login || fail "login with digests"
+d=$(disk_of @IQN@) || fail "no disk with digests"
+iscsiadm -m session -P 2 | grep -E "HeaderDigest|DataDigest" > /tmp/dig; cat /tmp/dig
+grep -q "HeaderDigest: CRC32C" /tmp/dig && grep -q "DataDigest: CRC32C" /tmp/dig || fail "digests not negotiated"
+vgchange -ay @VG@ >/dev/null 2>&1
+rc=0; fio_verify digests /dev/$d 8M --offset=200M || rc=$?; say_fio digests $rc
+vgchange -an @VG@ >/dev/null 2>&1
+iscsiadm -m node -T @IQN@ -p $P --logout || fail "logout digests"
+
+step chap
+C=@CHAP_IQN@
+iscsiadm -m node -T $C -p $P --login && fail "login without CHAP accepted"
+iscsiadm -m node -T $C -p $P -o update -n node.session.auth.authmethod -v CHAP
+iscsiadm -m node -T $C -p $P -o update -n node.session.auth.username -v @CHAP_USER@
+iscsiadm -m node -T $C -p $P -o update -n node.session.auth.password -v wrong-secret-123
+iscsiadm -m node -T $C -p $P --login && fail "login with a wrong CHAP secret accepted"
+iscsiadm -m node -T $C -p $P -o update -n node.session.auth.password -v @CHAP_SECRET@
+iscsiadm -m node -T $C -p $P -o update -n node.session.auth.username_in -v @MUTUAL_USER@
+iscsiadm -m node -T $C -p $P -o update -n node.session.auth.password_in -v wrong-secret-456
+iscsiadm -m node -T $C -p $P --login && fail "login with a wrong mutual secret accepted"
+iscsiadm -m node -T $C -p $P -o update -n node.session.auth.password_in -v @MUTUAL_SECRET@
+iscsiadm -m node -T $C -p $P --login || fail "mutual CHAP login"
+d=$(disk_of $C) || fail "no disk with CHAP"
+rc=0; fio_verify chap /dev/$d 8M || rc=$?; say_fio chap $rc
+iscsiadm -m node -T $C -p $P --logout || fail "logout chap"
+host_say done
+"#;
+
+/// Discovery and login (plain, CHAP, mutual CHAP, digests), identity as the kernel and udev see
+/// it, thin provisioning and discard, an SR's volume group with fio verify and fsck, and a
+/// restart of twinsan under load with the session open.
+#[test]
+fn kernel_initiator_login_identity_sr_and_restart() {
+    let Some(mut h) = SoloHost::new_or_skip("kinit-login", false) else {
+        return;
+    };
+    let naa = naa_of(&h.config, IQN);
+    let body = script(
+        LOGIN_SCRIPT,
+        &[
+            ("HOST", HOST_ADDR),
+            ("IQN", IQN),
+            ("CHAP_IQN", CHAP_IQN),
+            ("CHAP_USER", CHAP_USER),
+            ("CHAP_SECRET", CHAP_SECRET),
+            ("MUTUAL_USER", MUTUAL_USER),
+            ("MUTUAL_SECRET", MUTUAL_SECRET),
+            ("VG", SR_VG),
+        ],
+    );
+    let mut g = Guest::start(GuestSpec {
+        image: &h.image,
+        ns: &h.lab.a,
+        nics: h.nics(false),
+        multipath: false,
+        script: body,
+        timeout: Duration::from_secs(600),
+        dir: h.dir.path(),
+    });
+    let boot = Duration::from_secs(120);
+    let identity = g.expect("identity", boot);
+    assert!(
+        identity.contains("vendor=TWINSAN"),
+        "kernel's view of the vendor: {identity}"
+    );
+    let scsiid = g.expect("scsiid", Duration::from_secs(30));
+    assert_eq!(
+        scsiid,
+        format!("3{naa}"),
+        "scsi_id -g (XenServer's SCSIid) must be 3 + the NAA designator"
+    );
+    let byid = g.expect("byid", Duration::from_secs(30));
+    assert!(
+        byid.split_whitespace()
+            .any(|n| n == format!("scsi-{scsiid}")),
+        "/dev/disk/by-id lacks scsi-{scsiid}: {byid}"
+    );
+    let wwid = g.expect("wwid", Duration::from_secs(30));
+    eprintln!("kernel wwid: {wwid}");
+    let size = g.expect("size", Duration::from_secs(30));
+    assert!(
+        size.starts_with(&format!("{} ", 256u64 << 20)),
+        "capacity: {size}"
+    );
+    let prov = g.expect("provisioning", Duration::from_secs(30));
+    assert!(
+        prov.starts_with("unmap") || prov.starts_with("writesame_16"),
+        "thin provisioning not detected: {prov}"
+    );
+    let rtpg = g.expect("rtpg", Duration::from_secs(30));
+    eprintln!("sg_rtpg: {rtpg}");
+    g.expect("discarded", Duration::from_secs(60));
+    // The discarded 4 MiB are holes again in the backing file.
+    let img = h.dir.path().join("lun0.img");
+    let allocated = std::fs::metadata(&img)
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .unwrap();
+    assert!(
+        allocated < 4 << 20,
+        "{allocated} bytes still allocated after blkdiscard of the 4 MiB written"
+    );
+    g.send("checked");
+    let lv1 = g.expect("fio", Duration::from_secs(240));
+    assert!(lv1.starts_with("lv1 "), "{lv1}");
+    check_fio("fio on an LV", &lv1["lv1 ".len()..]);
+    g.expect("loading", Duration::from_secs(180));
+    let t = Instant::now();
+    h.stop();
+    h.start();
+    eprintln!("twinsan restarted under load in {:.2?}", t.elapsed());
+    let r = g.expect("fio", Duration::from_secs(300));
+    let pause = check_fio(
+        "fio across the restart",
+        r.strip_prefix("restart ").unwrap_or(&r),
+    );
+    eprintln!("restart under load: longest write seen by the guest {pause:.2} s");
+    for what in ["digests", "chap"] {
+        let r = g.expect("fio", Duration::from_secs(240));
+        let rest = r
+            .strip_prefix(&format!("{what} "))
+            .unwrap_or_else(|| panic!("expected fio {what}, got {r}"));
+        check_fio(what, rest);
+    }
+    g.expect("done", Duration::from_secs(120));
+    let out = g.finish();
+    out.assert_passed();
+    assert_no_io_errors(&out, &|_| false);
+    let log = h.log_text();
+    assert!(!log.contains("panicked"), "twinsan panicked:\n{log}");
+    // open-iscsi ends each discovery session with a reset: its normal close, not a warning.
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("discovery"))
+        .collect();
+    assert!(
+        warned.is_empty(),
+        "discovery sessions logged as warnings:\n{}",
+        warned.join("\n")
+    );
+    h.stop();
+}
+
+// ---------------------------------------------------------------------------------------
+// dm-multipath over two portals of one host
+// ---------------------------------------------------------------------------------------
+
+const MULTIPATH_SCRIPT: &str = r#"
+step multipath-login
+for p in @HOST@:3260 @HOST2@:3260; do
+    iscsiadm -m discovery -t st -p $p >/dev/null || fail "discovery $p"
+    iscsiadm -m node -T @IQN@ -p $p --login || fail "login $p"
+done
+udevadm settle --timeout=10
+# paths_up N: wait until the multipath map has N active ready paths
+paths_up() {
+    i=0
+    while [ $i -lt 120 ]; do
+        n=$(multipath -ll 2>/dev/null | grep -c "active ready running")
+        [ "$n" -ge "$1" ] && return 0
+        sleep 0.5; i=$((i + 1))
+    done
+    multipath -ll
+    return 1
+}
+i=0; while [ $i -lt 40 ] && ! multipath -ll 2>/dev/null | grep -q TWINSAN; do multipath >/dev/null 2>&1; sleep 0.5; i=$((i + 1)); done
+multipath -ll
+paths_up 2 || fail "multipath did not assemble both paths"
+m=/dev/mapper/$(multipath -ll | awk '/TWINSAN/ {print $1; exit}')
+[ -b "$m" ] || fail "no multipath device"
+host_say "map $(multipath -ll | head -1)"
+pvcreate -ff -y $m || fail pvcreate
+vgcreate @VG@ $m || fail vgcreate
+lvcreate -y -L 64M -n VHD-mp @VG@ || fail lvcreate
+for cut in 1 0; do
+    step "path-loss-$cut"
+    fio_verify cut$cut /dev/@VG@/VHD-mp 24M --rate_iops=150 &
+    fpid=$!
+    sleep 3
+    host_say "loading cut$cut"
+    host_wait "restored" 300 || fail "host never restored the path"
+    paths_up 2 || fail "path did not come back"
+    host_say "paths-back cut$cut"
+    wait $fpid; rc=$?; say_fio cut$cut $rc
+    vgck @VG@ || fail "vgck after path loss"
+done
+vgchange -an @VG@
+host_say done
+"#;
+
+/// dm-multipath with XenServer's settings over two portals of one host: each path in turn is
+/// cut under fio load and restored; no I/O error reaches the multipath device, the volume group
+/// or fio, and both paths return.
+#[test]
+fn kernel_initiator_multipath_survives_path_loss() {
+    let Some(mut h) = SoloHost::new_or_skip("kinit-mpath", true) else {
+        return;
+    };
+    let body = script(
+        MULTIPATH_SCRIPT,
+        &[
+            ("HOST", HOST_ADDR),
+            ("HOST2", HOST_ADDR2),
+            ("IQN", IQN),
+            ("VG", SR_VG),
+        ],
+    );
+    let mut g = Guest::start(GuestSpec {
+        image: &h.image,
+        ns: &h.lab.a,
+        nics: h.nics(true),
+        multipath: true,
+        script: body,
+        timeout: Duration::from_secs(600),
+        dir: h.dir.path(),
+    });
+    let map = g.expect("map", Duration::from_secs(180));
+    eprintln!("multipath map: {map}");
+    let mut pauses = Vec::new();
+    for (cut, tap) in [(1, "gtap1"), (0, "gtap0")] {
+        g.expect("loading", Duration::from_secs(120));
+        std::thread::sleep(Duration::from_secs(2));
+        h.lab.a.ip(&["link", "set", tap, "down"]);
+        eprintln!("path {tap} cut");
+        // Long enough for the initiator to declare the path dead (NOP-Out 5 s + 5 s, then
+        // replacement_timeout 15 s fails its I/O over to the other path).
+        std::thread::sleep(Duration::from_secs(25));
+        h.lab.a.ip(&["link", "set", tap, "up"]);
+        g.send("restored");
+        g.expect("paths-back", Duration::from_secs(120));
+        let r = g.expect("fio", Duration::from_secs(300));
+        let rest = r
+            .strip_prefix(&format!("cut{cut} "))
+            .unwrap_or_else(|| panic!("unexpected {r}"));
+        let pause = check_fio(&format!("fio across the loss of {tap}"), rest);
+        eprintln!("path {tap} lost: longest write seen by the guest {pause:.2} s");
+        pauses.push(pause);
+    }
+    g.expect("done", Duration::from_secs(60));
+    let out = g.finish();
+    out.assert_passed();
+    // A dead path's own SCSI device reports the I/O dm-multipath then retries on the other
+    // path; nothing may reach the multipath device (dm-N) or the filesystem above it.
+    assert_no_io_errors(&out, &|l| l.contains(" sd") && !l.contains("dm-"));
+    eprintln!("multipath path-loss pauses (s): {pauses:.2?}");
+    let log = h.log_text();
+    assert!(!log.contains("panicked"), "twinsan panicked:\n{log}");
+    h.stop();
+}
+
+// ---------------------------------------------------------------------------------------
+// A replicated pair with HA: failovers under the guest's writes
+// ---------------------------------------------------------------------------------------
+
+const GUEST_LAN_ADDR: &str = "10.231.0.20/24";
+
+const FAILOVER_SCRIPT: &str = r#"
+V=@VIP@:3260
+step login
+iscsiadm -m discovery -t st -p $V > /tmp/disc || fail "discovery: $(cat /tmp/disc)"
+iscsiadm -m node -T @IQN@ -p $V --login || fail "login"
+d=$(disk_of @IQN@) || fail "no disk"
+pvcreate -ff -y /dev/$d || fail pvcreate
+vgcreate @VG@ /dev/$d || fail vgcreate
+lvcreate -y -L 64M -n VHD-data @VG@ || fail "lvcreate data"
+lvcreate -y -L 24M -n VHD-fs @VG@ || fail "lvcreate fs"
+mkfs.ext4 -q /dev/@VG@/VHD-fs || fail mkfs
+mkdir -p /mnt/fs; mount /dev/@VG@/VHD-fs /mnt/fs || fail mount
+dd if=/dev/urandom of=/mnt/fs/data bs=1M count=4 2>/dev/null; md5sum /mnt/fs/data > /tmp/md5
+umount /mnt/fs || fail umount
+host_say ready
+while :; do
+    ph=$(host_wait phase 900) || fail "no phase from the host"
+    [ "$ph" = done ] && break
+    step "$ph"
+    fio_verify "$ph" /dev/@VG@/VHD-data 16M --rate_iops=150 &
+    fpid=$!
+    sleep 3
+    host_say "loading $ph"
+    wait $fpid; rc=$?
+    say_fio "$ph" $rc
+    vgck @VG@ || fail "vgck after $ph"
+    mount /dev/@VG@/VHD-fs /mnt/fs || fail "mount after $ph"
+    md5sum -c /tmp/md5 >/dev/null || fail "file changed after $ph"
+    echo "$ph" >> /mnt/fs/phases; sync
+    umount /mnt/fs || fail "umount after $ph"
+    e2fsck -fn /dev/@VG@/VHD-fs >/dev/null || fail "e2fsck after $ph"
+    host_say "checked $ph"
+done
+vgchange -an @VG@ || fail "vgchange -an"
+iscsiadm -m node -T @IQN@ -p $V --logout || fail logout
+host_say done
+"#;
+
+fn ok_cli(h: &common::ha::HaHost, args: &[&str]) {
+    let o = h.cli(args);
+    assert!(
+        o.status.success(),
+        "{}: twinsan {}: {}",
+        h.label,
+        args.join(" "),
+        text(&o)
+    );
+}
+
+/// XenServer's stack on a replicated pair with HA (xapi source), the guest logged in through
+/// the floating IP with XenServer's single-path settings (replacement_timeout 144 s) and an SR's
+/// volume group on the LUN. Under its fio writes with verify, in turn: a planned switchover to
+/// B and back (manual mode), a pool-master change to B, SIGKILL of B's daemon with the service
+/// manager restarting it, and B's links cut while the pool elects A. After each: fio's verify,
+/// `vgck`, the filesystem's content and `e2fsck` clean; at the end the guest's dmesg holds no
+/// I/O error and both replicas hold the same bytes. The pause each fault cost the guest (its
+/// longest write) is printed.
+#[test]
+fn kernel_initiator_rides_through_failovers() {
+    let Some(image) = guest::image_or_skip("kinit-failover") else {
+        return;
+    };
+    let mut spec = HaSpec::new(Source::Xapi);
+    spec.image_bytes = 160 << 20;
+    let Some(mut l) = HaLab::new_or_skip("kfail", spec) else {
+        return;
+    };
+    guest::add_tap(&l.lab.bridge, "gtap0", None, Some("br0"));
+    l.start_both();
+    l.wait_primary(0, PROMOTE);
+    let body = script(
+        FAILOVER_SCRIPT,
+        &[("VIP", VIP), ("IQN", IQN), ("VG", SR_VG)],
+    );
+    let dir = l.dir();
+    let mut g = Guest::start(GuestSpec {
+        image: &image,
+        ns: &l.lab.bridge,
+        nics: vec![Nic {
+            tap: "gtap0".into(),
+            guest_cidr: GUEST_LAN_ADDR.into(),
+        }],
+        multipath: false,
+        script: body,
+        timeout: Duration::from_secs(900),
+        dir: &dir,
+    });
+    g.expect("ready", Duration::from_secs(240));
+    let mut pauses: Vec<(&str, f64, Duration)> = Vec::new();
+    let phases = ["switchover", "switchback", "master", "kill", "cut"];
+    for ph in phases {
+        g.send(&format!("phase {ph}"));
+        g.expect("loading", Duration::from_secs(120));
+        std::thread::sleep(Duration::from_secs(2));
+        let t = Instant::now();
+        let to = match ph {
+            "switchover" => {
+                ok_cli(&l.a, &["manual-mode-enable"]);
+                ok_cli(&l.b, &["manual-mode-enable"]);
+                ok_cli(&l.a, &["become-secondary"]);
+                ok_cli(&l.b, &["become-primary"]);
+                1
+            }
+            "switchback" => {
+                ok_cli(&l.b, &["become-secondary"]);
+                ok_cli(&l.a, &["become-primary"]);
+                0
+            }
+            "master" => {
+                l.flip_master(1);
+                1
+            }
+            "kill" => {
+                l.kill(1);
+                // The service manager restarts it (RestartSec of packaging/twinsan.service).
+                std::thread::sleep(Duration::from_secs(1));
+                l.start(1);
+                1
+            }
+            "cut" => {
+                l.host_down(1);
+                let x = &l.xapi.as_ref().unwrap().xapi;
+                x.set_hang(1, true);
+                x.set_master(0);
+                l.a.write_pool_conf("master");
+                0
+            }
+            _ => unreachable!(),
+        };
+        let serving = wait_serving_on(&l, to, Duration::from_secs(60));
+        eprintln!("{ph}: serving on {} after {serving:.2?}", l.host(to).label);
+        let r = g.expect("fio", Duration::from_secs(300));
+        let rest = r
+            .strip_prefix(&format!("{ph} "))
+            .unwrap_or_else(|| panic!("expected fio {ph}, got {r}"));
+        let pause = check_fio(&format!("fio across {ph}"), rest);
+        eprintln!("{ph}: longest write seen by the guest {pause:.2} s");
+        pauses.push((ph, pause, t.elapsed()));
+        g.expect("checked", Duration::from_secs(120));
+        match ph {
+            "switchback" => {
+                l.wait_primary(0, PROMOTE);
+                ok_cli(&l.a, &["manual-mode-disable"]);
+                ok_cli(&l.b, &["manual-mode-disable"]);
+            }
+            "cut" => {
+                // B comes back as a pool slave of the new master.
+                let x = &l.xapi.as_ref().unwrap().xapi;
+                x.set_hang(1, false);
+                l.b.write_pool_conf(&format!("slave:{}", netns::XAPI_ADDRS[0]));
+                l.host_up(1);
+                l.wait("B back as secondary, A primary", PROMOTE, |a, b| {
+                    a["role"] == "primary" && b["role"] == "secondary"
+                });
+            }
+            _ => {}
+        }
+        l.wait_primary(to, PROMOTE);
+    }
+    g.send("phase done");
+    g.expect("done", Duration::from_secs(120));
+    let out = g.finish();
+    out.assert_passed();
+    assert_no_io_errors(&out, &|_| false);
+    for (ph, pause, _) in &pauses {
+        eprintln!("FAILOVER-PAUSE {ph}: {pause:.2} s (longest guest write)");
+    }
+    l.wait_in_sync(Duration::from_secs(60));
+    l.stop(0);
+    l.stop(1);
+    let n = l.size_bytes as usize;
+    let a = std::fs::read(&l.a.image).unwrap();
+    let b = std::fs::read(&l.b.image).unwrap();
+    let first = (0..n).find(|&i| a[i] != b[i]);
+    assert!(
+        first.is_none(),
+        "the replicas differ, first at byte {first:?}"
+    );
+    for h in [&l.a, &l.b] {
+        let log = h.log_text();
+        assert!(!log.contains("panicked"), "{} panicked:\n{log}", h.label);
+    }
+}
