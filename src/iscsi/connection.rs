@@ -10,7 +10,9 @@
 
 use super::ffp::{build_response, reject, DataInLimits, Residual, ScsiCommandHeader, WriteGather};
 use super::negotiation::SessionType;
-use super::pdu::{serial, BadPdu, Opcode, Pdu, PduCodec, RejectReason, WireBatch, RESERVED_TAG};
+use super::pdu::{
+    serial, BadPdu, FramingError, Opcode, Pdu, PduCodec, RejectReason, WireBatch, RESERVED_TAG,
+};
 use super::session::{wait_stopped, Session, Task, TaskState};
 use super::text::{TextContext, TextNegotiation, TextOutcome};
 use crate::scsi::{DataOutPlan, ScsiRequest, ScsiResponse, Sense};
@@ -290,9 +292,31 @@ async fn run(
     let _g = span.enter();
     match &result {
         Ok(()) => info!("session connection closed"),
+        // open-iscsi ends every discovery session with a TCP reset once it has the
+        // SendTargets answer: its normal close, not a fault.
+        Err(e) if session.target.is_none() && closed_by_peer(e) => {
+            info!("discovery session closed by the initiator ({e})")
+        }
         Err(e) => warn!("session connection dropped: {e}"),
     }
     result
+}
+
+/// Whether `e` is the peer closing or resetting the TCP connection.
+fn closed_by_peer(e: &anyhow::Error) -> bool {
+    let peer_close = |io: &std::io::Error| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::BrokenPipe
+        )
+    };
+    e.chain().any(|c| match c.downcast_ref::<FramingError>() {
+        Some(FramingError::Io(io)) => peer_close(io),
+        Some(_) => false,
+        None => c.downcast_ref::<std::io::Error>().is_some_and(peer_close),
+    })
 }
 
 /// The writer task: owns the socket while a direct send could not finish (socket full) and
@@ -973,3 +997,34 @@ const TMF_NO_TASK: u8 = 1;
 const TMF_NO_LUN: u8 = 2;
 const TMF_REASSIGN_UNSUPPORTED: u8 = 4;
 const TMF_NOT_SUPPORTED: u8 = 5;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reset_or_eof_is_the_peer_closing_and_other_errors_are_not() {
+        let io = |k| std::io::Error::new(k, "x");
+        for k in [
+            std::io::ErrorKind::ConnectionReset,
+            std::io::ErrorKind::UnexpectedEof,
+            std::io::ErrorKind::BrokenPipe,
+        ] {
+            assert!(closed_by_peer(&anyhow::Error::from(FramingError::Io(io(
+                k
+            )))));
+            assert!(closed_by_peer(
+                &anyhow::Error::from(io(k)).context("reading a PDU")
+            ));
+        }
+        assert!(!closed_by_peer(&anyhow::Error::from(FramingError::Io(io(
+            std::io::ErrorKind::TimedOut
+        )))));
+        assert!(!closed_by_peer(&anyhow::Error::from(
+            FramingError::DataSegmentTooLarge(1 << 30)
+        )));
+        assert!(!closed_by_peer(&anyhow::anyhow!(
+            "initiator did not answer NOP-In within 5s"
+        )));
+    }
+}
