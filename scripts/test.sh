@@ -9,7 +9,8 @@
 #   5. cargo build --release --bin twinsan
 #   6. cargo nextest run --workspace --release --no-fail-fast   (cargo test if nextest is missing)
 #      with TWINSAN_BIN=<repo>/target/release/twinsan and TWINSAN_FIO=<fio with libiscsi>
-#      exported for the integration tests.
+#      exported for the integration tests (tests/kernel_initiator.rs boots a qemu guest with
+#      the Linux kernel initiator: scripts/guest/build-image.sh builds and caches its image).
 #   7. scripts/test-packaging.sh: the dom0 binary (cargo zigbuild, glibc 2.17 symbol versions,
 #      NEEDED libraries, serves the embedded default) and the rpm / deb built from it
 #      (file lists, config marking, unit identical to packaging/twinsan.service).
@@ -92,7 +93,8 @@ fi
 lint_tooling() {
     local rc=0
     if command -v shellcheck >/dev/null; then
-        shellcheck -x -S warning scripts/*.sh scripts/lib/*.sh benches/*.sh .ci/run \
+        shellcheck -x -S warning scripts/*.sh scripts/lib/*.sh scripts/guest/*.sh scripts/guest/init \
+            benches/*.sh .ci/run \
             packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm \
             packaging/rpm/*.sh || rc=1
     else

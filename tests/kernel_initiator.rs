@@ -157,6 +157,19 @@ fn assert_no_io_errors(out: &guest::GuestOutcome, allowed: &dyn Fn(&str) -> bool
     );
 }
 
+/// Prints the warnings and errors twinsan logged (what an admin would be alerted by).
+fn show_warnings(label: &str, log: &str) {
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    eprintln!(
+        "----- {label}: {} warning/error lines -----\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
+}
+
 /// LUN 0's NAA designator of target `iqn` as twinsan reports it (lower-case hex).
 fn naa_of(config: &Path, iqn: &str) -> String {
     let o = run(
@@ -212,6 +225,15 @@ impl SoloHost {
             .collect::<Vec<_>>()
             .join(", ");
         let d = dir.path();
+        // With two portals (the multipath test) LUN 1 of IQN presents the IET identity.
+        let iet_lun = if two_portals {
+            format!(
+                "\n[[target.lun]]\nnumber = 1\npath = \"{}/iet.img\"\nsize = \"64MiB\"\nidentity = \"iet\"\n",
+                d.display()
+            )
+        } else {
+            String::new()
+        };
         let config = d.join("twinsan.toml");
         std::fs::write(
             &config,
@@ -227,6 +249,7 @@ portals = [{portals}]
 number = 0
 path = "{d}/lun0.img"
 size = "256MiB"
+{iet_lun}
 
 [[target]]
 iqn = "{CHAP_IQN}"
@@ -483,6 +506,7 @@ fn kernel_initiator_login_identity_sr_and_restart() {
     out.assert_passed();
     assert_no_io_errors(&out, &|_| false);
     let log = h.log_text();
+    show_warnings("twinsan", &log);
     assert!(!log.contains("panicked"), "twinsan panicked:\n{log}");
     // open-iscsi ends each discovery session with a reset: its normal close, not a warning.
     let warned: Vec<&str> = log
@@ -519,12 +543,23 @@ paths_up() {
     multipath -ll
     return 1
 }
-i=0; while [ $i -lt 40 ] && ! multipath -ll 2>/dev/null | grep -q TWINSAN; do multipath >/dev/null 2>&1; sleep 0.5; i=$((i + 1)); done
+# LUN 0 has twinsan's identity, LUN 1 the IET one migrated SRs keep: each needs its device
+# section (multibus: one path group holding both paths).
+for v in TWINSAN IET; do
+    i=0
+    while [ $i -lt 40 ] && ! multipath -ll 2>/dev/null | grep -q "$v,"; do
+        multipath >/dev/null 2>&1; sleep 0.5; i=$((i + 1))
+    done
+done
 multipath -ll
-paths_up 2 || fail "multipath did not assemble both paths"
-m=/dev/mapper/$(multipath -ll | awk '/TWINSAN/ {print $1; exit}')
+paths_up 4 || fail "multipath did not assemble both paths of both LUNs"
+for v in TWINSAN IET; do
+    w=$(multipath -ll | awk -v v="$v," 'index($0, v) {print $1; exit}')
+    [ -n "$w" ] || fail "no multipath map for $v"
+    host_say "map $v groups=$(multipath -ll $w | grep -c 'policy=') $(multipath -ll $w | head -1)"
+done
+m=/dev/mapper/$(multipath -ll | awk 'index($0, "TWINSAN,") {print $1; exit}')
 [ -b "$m" ] || fail "no multipath device"
-host_say "map $(multipath -ll | head -1)"
 pvcreate -ff -y $m || fail pvcreate
 vgcreate @VG@ $m || fail vgcreate
 lvcreate -y -L 64M -n VHD-mp @VG@ || fail lvcreate
@@ -535,7 +570,7 @@ for cut in 1 0; do
     sleep 3
     host_say "loading cut$cut"
     host_wait "restored" 300 || fail "host never restored the path"
-    paths_up 2 || fail "path did not come back"
+    paths_up 4 || fail "path did not come back"
     host_say "paths-back cut$cut"
     wait $fpid; rc=$?; say_fio cut$cut $rc
     vgck @VG@ || fail "vgck after path loss"
@@ -570,8 +605,14 @@ fn kernel_initiator_multipath_survives_path_loss() {
         timeout: Duration::from_secs(600),
         dir: h.dir.path(),
     });
-    let map = g.expect("map", Duration::from_secs(180));
-    eprintln!("multipath map: {map}");
+    for vendor in ["TWINSAN", "IET"] {
+        let map = g.expect("map", Duration::from_secs(180));
+        eprintln!("multipath map: {map}");
+        assert!(
+            map.starts_with(&format!("{vendor} groups=1 ")),
+            "{vendor}: the multipath device section (multibus, one path group) did not apply: {map}"
+        );
+    }
     let mut pauses = Vec::new();
     for (cut, tap) in [(1, "gtap1"), (0, "gtap0")] {
         g.expect("loading", Duration::from_secs(120));
@@ -600,6 +641,7 @@ fn kernel_initiator_multipath_survives_path_loss() {
     assert_no_io_errors(&out, &|l| l.contains(" sd") && !l.contains("dm-"));
     eprintln!("multipath path-loss pauses (s): {pauses:.2?}");
     let log = h.log_text();
+    show_warnings("twinsan", &log);
     assert!(!log.contains("panicked"), "twinsan panicked:\n{log}");
     h.stop();
 }
@@ -790,6 +832,7 @@ fn kernel_initiator_rides_through_failovers() {
     );
     for h in [&l.a, &l.b] {
         let log = h.log_text();
+        show_warnings(h.label, &log);
         assert!(!log.contains("panicked"), "{} panicked:\n{log}", h.label);
     }
 }

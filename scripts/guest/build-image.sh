@@ -34,7 +34,7 @@ FIO="$(fio_bin)"
 PKGS=(open-iscsi libopeniscsiusr libisns0
       multipath-tools liburcu8 kpartx libaio1 libjson-c5 libedit2
       lvm2 dmsetup libdevmapper1.02.1 libdevmapper-event1.02.1
-      udev sg3-utils libsgutils2-1.46-2 e2fsprogs util-linux busybox-static)
+      udev sg3-utils sg3-utils-udev libsgutils2-1.46-2 e2fsprogs util-linux busybox-static)
 
 # Kernel modules to load at boot, in this order (their dependencies are added before them).
 # Missing or built-in ones are skipped.
@@ -44,8 +44,11 @@ MODULES=(virtio_pci virtio_net virtio_blk af_packet crc32c_intel crc32c_generic 
          dm_mod dm_multipath dm_round_robin dm_service_time dm_queue_length dm_snapshot
          crc16 mbcache jbd2 ext4 loop)
 
-# udev rules kept in the guest (LVM's and systemd-run based rules are left out).
-UDEV_RULES=(50-udev-default.rules 55-dm.rules 56-dm-mpath.rules 56-dm-parts.rules 60-block.rules
+# udev rules kept in the guest (LVM's and systemd-run based rules are left out). sg3-utils-udev's
+# 55-scsi-sg3_id.rules sets the SCSI_IDENT_* properties multipath's default blacklist exception
+# needs for a LUN whose only designator is T10 vendor (the IET identity).
+UDEV_RULES=(50-udev-default.rules 55-dm.rules 55-scsi-sg3_id.rules 56-dm-mpath.rules
+            56-dm-parts.rules 58-scsi-sg3_symlink.rules 60-block.rules
             60-persistent-storage.rules 60-persistent-storage-dm.rules 60-multipath.rules
             60-kpartx.rules 68-del-part-nodes.rules 95-dm-notify.rules)
 
