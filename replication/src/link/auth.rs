@@ -12,7 +12,8 @@
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use sha2::{Digest, Sha256};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::Framed;
 
@@ -21,27 +22,10 @@ use crate::drbd::{GenerationUuids, Role};
 
 /// HMAC-SHA256 (RFC 2104).
 pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
-    const B: usize = 64;
-    let mut k = [0u8; B];
-    if key.len() > B {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let mut ipad = [0x36u8; B];
-    let mut opad = [0x5cu8; B];
-    for i in 0..B {
-        ipad[i] ^= k[i];
-        opad[i] ^= k[i];
-    }
-    let mut inner = Sha256::new();
-    inner.update(ipad);
-    inner.update(msg);
-    let ih = inner.finalize();
-    let mut outer = Sha256::new();
-    outer.update(opad);
-    outer.update(ih);
-    outer.finalize().into()
+    // HMAC takes keys of any length (longer ones are hashed first), so this cannot fail.
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts any key length");
+    mac.update(msg);
+    mac.finalize().into_bytes().into()
 }
 
 /// The response to `challenge`: `HMAC-SHA256(secret, challenge || volume_name)`.
