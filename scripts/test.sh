@@ -110,6 +110,20 @@ PY
 }
 step "lint scripts" 300 lint_tooling || true
 
+# The test XAPI (twinsan-ha feature test-xapi) is for tests only: the release binary's
+# dependency graph (normal and build edges) must not enable it.
+# shellcheck disable=SC2317  # invoked indirectly through step()
+no_test_xapi_in_release() {
+    local tree
+    tree="$(cargo tree -e features,normal,build -p twinsan)" || return 1
+    if grep -q 'test-xapi' <<<"$tree"; then
+        log "the release binary enables twinsan-ha's test-xapi feature:"
+        grep 'test-xapi' <<<"$tree" >&2
+        return 1
+    fi
+}
+step "no test XAPI in the release binary" 300 no_test_xapi_in_release || true
+
 # 3-4. formatting and lints
 step "cargo fmt --check" 600 cargo fmt --all -- --check || true
 step "cargo clippy -D warnings" 1800 cargo clippy --workspace --all-targets -- -D warnings || true
