@@ -4,6 +4,7 @@
 # Steps, in order:
 #   1. scripts/install-deps.sh (Debian packages + fio with libiscsi; skipped with TWINSAN_SKIP_DEPS=1)
 #   2. lint of the test tooling itself (shellcheck if installed, python3 -m py_compile)
+#      and a check that the release binary's dependency graph has no test XAPI (test-xapi)
 #   3. cargo fmt --all -- --check
 #   4. cargo clippy --workspace --all-targets -- -D warnings
 #   5. cargo build --release --bin twinsan
