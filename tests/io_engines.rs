@@ -22,17 +22,6 @@ fn start(dir: &std::path::Path, server_extra: &str, lun_toml: Option<&str>) -> S
     Server::start_with_server_keys(dir, server_extra, "", lun_toml, "")
 }
 
-fn status_json(config: &std::path::Path) -> serde_json::Value {
-    let o = run(
-        Command::new(bin())
-            .args(["status", "--json", "--config"])
-            .arg(config),
-        Duration::from_secs(20),
-    );
-    assert!(o.status.success(), "status: {}", text(&o));
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
 fn lun_engines(v: &serde_json::Value) -> Vec<String> {
     v["targets"][0]["luns"]
         .as_array()

@@ -10,13 +10,12 @@ mod common;
 
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::guest::{self, Guest, GuestImage, GuestSpec, Nic};
 use common::ha::{wait_serving_on, HaLab, HaSpec, Source, VIP};
 use common::netns::{self, Lab, Netns};
-use common::{bin, run, scratch_dir, text, IQN};
+use common::{bin, scratch_dir, status_json, text, IQN};
 
 const CHAP_IQN: &str = "iqn.2026-11.org.twinsan.test:chap";
 const CHAP_USER: &str = "guest-user";
@@ -139,6 +138,19 @@ fn check_fio(what: &str, rest: &str) -> f64 {
     max_write_latency(&json)
 }
 
+/// Waits for the guest's `fio NAME rc=.. {json}` line and checks it (exit 0, no error, data
+/// written); returns the longest write in seconds.
+fn expect_fio(g: &mut Guest, name: &str, what: &str, limit: Duration) -> f64 {
+    let r = g.expect("fio", limit);
+    let rest = r.strip_prefix(&format!("{name} ")).unwrap_or_else(|| {
+        panic!(
+            "expected fio {name}, got: {}",
+            r.chars().take(200).collect::<String>()
+        )
+    });
+    check_fio(what, rest)
+}
+
 fn assert_no_io_errors(out: &guest::GuestOutcome, allowed: &dyn Fn(&str) -> bool) {
     eprintln!(
         "----- guest dmesg, storage lines -----\n{}",
@@ -172,14 +184,7 @@ fn show_warnings(label: &str, log: &str) {
 
 /// LUN 0's NAA designator of target `iqn` as twinsan reports it (lower-case hex).
 fn naa_of(config: &Path, iqn: &str) -> String {
-    let o = run(
-        Command::new(bin())
-            .args(["status", "--json", "--config"])
-            .arg(config),
-        Duration::from_secs(20),
-    );
-    assert!(o.status.success(), "status: {}", text(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = status_json(config);
     v["targets"]
         .as_array()
         .and_then(|t| t.iter().find(|t| t["iqn"] == iqn))
@@ -480,26 +485,21 @@ fn kernel_initiator_login_identity_sr_and_restart() {
         "{allocated} bytes still allocated after blkdiscard of the 4 MiB written"
     );
     g.send("checked");
-    let lv1 = g.expect("fio", Duration::from_secs(240));
-    assert!(lv1.starts_with("lv1 "), "{lv1}");
-    check_fio("fio on an LV", &lv1["lv1 ".len()..]);
+    expect_fio(&mut g, "lv1", "fio on an LV", Duration::from_secs(240));
     g.expect("loading", Duration::from_secs(180));
     let t = Instant::now();
     h.stop();
     h.start();
     eprintln!("twinsan restarted under load in {:.2?}", t.elapsed());
-    let r = g.expect("fio", Duration::from_secs(300));
-    let pause = check_fio(
+    let pause = expect_fio(
+        &mut g,
+        "restart",
         "fio across the restart",
-        r.strip_prefix("restart ").unwrap_or(&r),
+        Duration::from_secs(300),
     );
     eprintln!("restart under load: longest write seen by the guest {pause:.2} s");
     for what in ["digests", "chap"] {
-        let r = g.expect("fio", Duration::from_secs(240));
-        let rest = r
-            .strip_prefix(&format!("{what} "))
-            .unwrap_or_else(|| panic!("expected fio {what}, got {r}"));
-        check_fio(what, rest);
+        expect_fio(&mut g, what, what, Duration::from_secs(240));
     }
     g.expect("done", Duration::from_secs(120));
     let out = g.finish();
@@ -625,11 +625,12 @@ fn kernel_initiator_multipath_survives_path_loss() {
         h.lab.a.ip(&["link", "set", tap, "up"]);
         g.send("restored");
         g.expect("paths-back", Duration::from_secs(120));
-        let r = g.expect("fio", Duration::from_secs(300));
-        let rest = r
-            .strip_prefix(&format!("cut{cut} "))
-            .unwrap_or_else(|| panic!("unexpected {r}"));
-        let pause = check_fio(&format!("fio across the loss of {tap}"), rest);
+        let pause = expect_fio(
+            &mut g,
+            &format!("cut{cut}"),
+            &format!("fio across the loss of {tap}"),
+            Duration::from_secs(300),
+        );
         eprintln!("path {tap} lost: longest write seen by the guest {pause:.2} s");
         pauses.push(pause);
     }
@@ -783,11 +784,12 @@ fn kernel_initiator_rides_through_failovers() {
         };
         let serving = wait_serving_on(&l, to, Duration::from_secs(60));
         eprintln!("{ph}: serving on {} after {serving:.2?}", l.host(to).label);
-        let r = g.expect("fio", Duration::from_secs(300));
-        let rest = r
-            .strip_prefix(&format!("{ph} "))
-            .unwrap_or_else(|| panic!("expected fio {ph}, got {r}"));
-        let pause = check_fio(&format!("fio across {ph}"), rest);
+        let pause = expect_fio(
+            &mut g,
+            ph,
+            &format!("fio across {ph}"),
+            Duration::from_secs(300),
+        );
         eprintln!("{ph}: longest write seen by the guest {pause:.2} s");
         pauses.push((ph, pause, t.elapsed()));
         g.expect("checked", Duration::from_secs(120));

@@ -11,12 +11,12 @@ pub mod pair;
 pub mod proxy;
 pub mod raw;
 
+use std::cell::Cell;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 pub const IQN: &str = "iqn.2026-11.org.twinsan.test:disk";
@@ -29,9 +29,12 @@ pub fn bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_twinsan")))
 }
 
-/// When non-zero, every daemon this test process starts has `io_uring_setup` fail with this
-/// errno. Process-wide because nextest runs each test in a process of its own.
-static DENY_IO_URING: AtomicI32 = AtomicI32::new(0);
+thread_local! {
+    /// When non-zero, every daemon this test's thread starts has `io_uring_setup` fail with
+    /// this errno. Per thread: `cargo test` runs the tests of one binary as threads of one
+    /// process, and a test that denies io_uring must not change its neighbours' daemons.
+    static DENY_IO_URING: Cell<i32> = const { Cell::new(0) };
+}
 
 /// Makes every `twinsan serve` this test starts see a kernel without io_uring: a seccomp
 /// filter installed in the child before exec answers `io_uring_setup` with `errno` (ENOSYS as
@@ -39,7 +42,7 @@ static DENY_IO_URING: AtomicI32 = AtomicI32::new(0);
 /// Unlike strace's fault injection, the daemon keeps its own PID, so SIGKILL tests still kill
 /// the daemon itself.
 pub fn deny_io_uring(errno: i32) {
-    DENY_IO_URING.store(errno, Ordering::SeqCst);
+    DENY_IO_URING.set(errno);
 }
 
 /// The fallback line the daemon must log when io_uring was denied with `errno`.
@@ -106,7 +109,7 @@ fn install_io_uring_filter(errno: i32) -> std::io::Result<()> {
 /// `twinsan` as a command, with io_uring denied when the test asked for it.
 pub fn twinsan_command() -> Command {
     let mut cmd = Command::new(bin());
-    let errno = DENY_IO_URING.load(Ordering::SeqCst);
+    let errno = DENY_IO_URING.get();
     if errno != 0 {
         // SAFETY: the closure only makes system calls (prctl), which are async-signal-safe.
         unsafe {
@@ -114,6 +117,18 @@ pub fn twinsan_command() -> Command {
         }
     }
     cmd
+}
+
+/// `twinsan status --json` of the daemon running with `config`.
+pub fn status_json(config: &Path) -> serde_json::Value {
+    let o = run(
+        Command::new(bin())
+            .args(["status", "--json", "--config"])
+            .arg(config),
+        Duration::from_secs(20),
+    );
+    assert!(o.status.success(), "status: {}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 /// A tool the test needs; the test suite's install step provides it, so a missing one fails.
@@ -262,7 +277,7 @@ impl Server {
 
     /// With io_uring denied, the daemon must have said so and chosen the threads engine.
     fn assert_engine(&self) {
-        let errno = DENY_IO_URING.load(Ordering::SeqCst);
+        let errno = DENY_IO_URING.get();
         if errno != 0 {
             let log = self.log_text();
             assert!(
