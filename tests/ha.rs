@@ -9,8 +9,8 @@
 mod common;
 
 use common::ha::{
-    spawn_fio, spawn_resuming_writer, wait_client_writes_through, wait_serving_on, HaLab, HaSpec,
-    Source, VipMonitor, MIB, VIP,
+    ok_cli, spawn_fio, spawn_resuming_writer, wait_client_writes_through, wait_serving_on, HaLab,
+    HaSpec, Source, VipMonitor, MIB, VIP,
 };
 use common::netns::{self, Lab};
 use common::raw::{check_acked, Progress, TagWriter, WriteOpts, TAG_BLOCK};
@@ -36,19 +36,6 @@ fn wait_acked(progress: &Progress, n: u64, limit: Duration, what: &str) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn ok_cli(h: &common::ha::HaHost, args: &[&str]) -> String {
-    h.note(&format!("twinsan {args:?}"));
-    let o = h.cli(args);
-    assert!(
-        o.status.success(),
-        "{}: twinsan {args:?} failed ({}): {}",
-        h.label,
-        o.status,
-        text(&o)
-    );
-    text(&o)
 }
 
 /// Harness self-test, no HA: the lab's links work (LAN, replication link, isolation of the

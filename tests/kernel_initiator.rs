@@ -13,9 +13,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::guest::{self, Guest, GuestImage, GuestSpec, Nic};
-use common::ha::{wait_serving_on, HaLab, HaSpec, Source, VIP};
+use common::ha::{ok_cli, wait_serving_on, HaLab, HaSpec, Source, VIP};
 use common::netns::{self, Lab, Netns};
-use common::{bin, scratch_dir, status_json, text, IQN};
+use common::{bin, scratch_dir, status_json, IQN};
 
 const CHAP_IQN: &str = "iqn.2026-11.org.twinsan.test:chap";
 const CHAP_USER: &str = "guest-user";
@@ -690,17 +690,6 @@ vgchange -an @VG@ || fail "vgchange -an"
 iscsiadm -m node -T @IQN@ -p $V --logout || fail logout
 host_say done
 "#;
-
-fn ok_cli(h: &common::ha::HaHost, args: &[&str]) {
-    let o = h.cli(args);
-    assert!(
-        o.status.success(),
-        "{}: twinsan {}: {}",
-        h.label,
-        args.join(" "),
-        text(&o)
-    );
-}
 
 /// XenServer's stack on a replicated pair with HA (xapi source), the guest logged in through
 /// the floating IP with XenServer's single-path settings (replacement_timeout 144 s) and an SR's

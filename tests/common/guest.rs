@@ -23,7 +23,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::netns::{Netns, NsChild};
-use super::{run, text};
+use super::{run, tail, text, tool};
+
+const QEMU: &str = "qemu-system-x86_64";
 
 /// Bound of the image build (downloads and unpacks Debian packages on its first run).
 const BUILD_LIMIT: Duration = Duration::from_secs(1200);
@@ -64,15 +66,6 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn qemu() -> Option<PathBuf> {
-    let out = Command::new("sh")
-        .args(["-c", "command -v qemu-system-x86_64"])
-        .output()
-        .ok()?;
-    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (!p.is_empty()).then(|| PathBuf::from(p))
-}
-
 /// Builds (or finds cached) the guest image and picks the accelerator, or says why the guest
 /// cannot run and returns `None`: not root (the guest needs a namespace and a tap device), or
 /// neither KVM nor TCG boots it. A failed image build panics: the test command installs what it
@@ -87,9 +80,7 @@ pub fn image_or_skip(test: &str) -> Option<GuestImage> {
         return None;
     }
     let r = IMAGE.get_or_init(|| {
-        let Some(_) = qemu() else {
-            panic!("qemu-system-x86_64 not found: run scripts/install-deps.sh (bash scripts/test.sh does)");
-        };
+        tool(QEMU);
         let t = Instant::now();
         let o = run(
             Command::new("bash").arg(repo().join("scripts/guest/build-image.sh")),
@@ -194,7 +185,7 @@ fn probe(accel: Accel, kernel: &Path, initrd: &Path) -> Result<(), String> {
     write_combined(initrd, &[("test/run.sh", b"exit 0\n".to_vec())], &combined)
         .map_err(|e| e.to_string())?;
     let console = dir.path().join("console.log");
-    let mut cmd = Command::new(qemu().ok_or("no qemu-system-x86_64")?);
+    let mut cmd = Command::new(tool(QEMU));
     cmd.args(accel.args())
         .args(common_args())
         .arg("-kernel")
@@ -265,11 +256,6 @@ fn cmdline(nics: &[Nic], multipath: bool, timeout_s: u64) -> String {
 
 /// The guest's initiator name.
 pub const GUEST_IQN: &str = "iqn.2026-12.org.twinsan.test:guest";
-
-pub fn tail(s: &str, n: usize) -> String {
-    let v: Vec<&str> = s.lines().collect();
-    v[v.len().saturating_sub(n)..].join("\n")
-}
 
 /// Writes `base` (a compressed cpio), zero padding to 4 bytes, and a newc cpio holding `files`
 /// (paths relative to /, parent directories created) to `out`: the kernel unpacks both.
@@ -442,7 +428,7 @@ impl Guest {
         let console = spec.dir.join("guest-console.log");
         let sock = spec.dir.join("guest-ctl.sock");
         let _ = std::fs::remove_file(&sock);
-        let mut cmd = spec.ns.command(qemu().expect("qemu-system-x86_64"));
+        let mut cmd = spec.ns.command(tool(QEMU));
         cmd.args(spec.image.accel.args())
             .args(common_args())
             .arg("-kernel")

@@ -19,7 +19,7 @@ use twinsan_ha::testxapi::TestXapi;
 
 use super::netns::{self, Lab, Netns, NsChild};
 use super::raw::{Progress, TagWriter, WriteOpts, WriteReport};
-use super::{bin, fio, run, scratch_dir, text, IQN};
+use super::{bin, fio, run, scratch_dir, tail, text, IQN};
 
 /// The floating IP and its iSCSI portal.
 pub const VIP: &str = "10.231.0.100";
@@ -99,6 +99,21 @@ pub struct HaHost {
     pub repl_addr: &'static str,
     pid: Option<u32>,
     starts: u32,
+}
+
+/// Runs `twinsan args...` against host `h`'s daemon (noted in its log); panics unless it
+/// succeeds, else returns its output.
+pub fn ok_cli(h: &HaHost, args: &[&str]) -> String {
+    h.note(&format!("twinsan {args:?}"));
+    let o = h.cli(args);
+    assert!(
+        o.status.success(),
+        "{}: twinsan {args:?} failed ({}): {}",
+        h.label,
+        o.status,
+        text(&o)
+    );
+    text(&o)
 }
 
 impl HaHost {
@@ -218,11 +233,6 @@ pub struct HaLab {
     // Dropped last (declaration order): the lab kills the daemons before the directory goes.
     pub lab: Lab,
     dir: Option<tempfile::TempDir>,
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let v: Vec<&str> = s.lines().collect();
-    v[v.len().saturating_sub(n)..].join("\n")
 }
 
 impl HaLab {

@@ -119,6 +119,12 @@ pub fn twinsan_command() -> Command {
     cmd
 }
 
+/// The last `n` lines of `s` (logs and consoles in failure messages).
+pub fn tail(s: &str, n: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(n)..].join("\n")
+}
+
 /// `twinsan status --json` of the daemon running with `config`.
 pub fn status_json(config: &Path) -> serde_json::Value {
     let o = run(
