@@ -3,7 +3,8 @@
 #
 # Steps, in order:
 #   1. scripts/install-deps.sh (Debian packages + fio with libiscsi; skipped with TWINSAN_SKIP_DEPS=1)
-#   2. lint of the test tooling itself (shellcheck if installed, python3 -m py_compile)
+#   2. lint of the test tooling itself (shellcheck if installed, python3 -m py_compile),
+#      scripts/check-cycles.py (no import cycle between the modules of a crate)
 #      and a check that the release binary's dependency graph has no test XAPI (test-xapi)
 #   3. cargo fmt --all -- --check
 #   4. cargo clippy --workspace --all-targets -- -D warnings
@@ -101,7 +102,7 @@ lint_tooling() {
     else
         log "shellcheck not installed; skipping shell lint"
     fi
-    python3 - scripts/parse-cu.py benches/fio_report.py <<'PY' || rc=1
+    python3 - scripts/parse-cu.py scripts/check-cycles.py benches/fio_report.py <<'PY' || rc=1
 import ast, sys
 for path in sys.argv[1:]:
     with open(path, encoding="utf-8") as f:
@@ -110,6 +111,7 @@ PY
     return "$rc"
 }
 step "lint scripts" 300 lint_tooling || true
+step "no import cycle between modules" 120 python3 scripts/check-cycles.py || true
 
 # The test XAPI (twinsan-ha feature test-xapi) is for tests only: the release binary's
 # dependency graph (normal and build edges) must not enable it.

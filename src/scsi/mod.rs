@@ -6,13 +6,16 @@
 
 pub mod cdb;
 pub mod compat;
+pub mod limits;
 pub mod sbc;
 pub mod sense;
 pub mod spc;
 mod target;
+mod unit;
 
 pub use sense::{Sense, SenseKey};
-pub use target::{LogicalUnit, ScsiTarget};
+pub use target::ScsiTarget;
+pub use unit::LogicalUnit;
 
 use bytes::Bytes;
 

@@ -4,7 +4,8 @@
 //! Everything here is pure: page builders take settings and return bytes or sense.
 
 use super::cdb::{opcode, ModeSelect, ModeSense, PageControl, ReportOpcodes, StartStopUnit};
-use super::sbc::{self, BlockLimits};
+use super::limits::BlockLimits;
+use super::sbc;
 use super::sense::Sense;
 use super::{LunIdentity, LunSettings};
 

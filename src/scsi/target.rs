@@ -22,121 +22,21 @@
 //!   overflow, residual len − EDTL; len < EDTL → underflow, residual EDTL − len.
 
 use super::cdb::{self, opcode, Command};
-use super::sbc::{self, BlockLimits};
+use super::sbc;
 use super::sense::Sense;
 use super::spc;
+use super::unit::LogicalUnit;
 use super::{DataOutPlan, LunSettings, NexusId, ScsiRequest, ScsiResponse};
 use crate::store::BlockStore;
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, RwLock};
 use tracing::{debug, error, info, warn};
 
 /// Additional sense codes of the unit attentions this target establishes (SPC-4 D.2).
 const UA_RESET: (u8, u8) = (0x29, 0x00);
 const UA_LOGICAL_UNIT_RESET: (u8, u8) = (0x29, 0x03);
 const UA_CAPACITY_CHANGED: (u8, u8) = (0x2A, 0x09);
-
-/// One logical unit: its settings, its store, and the unit attentions pending per I_T nexus.
-pub struct LogicalUnit {
-    lun: u64,
-    pub(crate) settings: LunSettings,
-    pub(crate) store: Arc<dyn BlockStore>,
-    pub(crate) limits: BlockLimits,
-    /// Writes take it shared, COMPARE AND WRITE exclusively: the compare and the write are
-    /// atomic with respect to every other write to the logical unit (SBC-3 5.2).
-    pub(crate) write_gate: tokio::sync::RwLock<()>,
-    unit_attentions: Mutex<HashMap<NexusId, Vec<(u8, u8)>>>,
-    /// Fast path: false when no nexus has a unit attention pending.
-    any_unit_attention: AtomicBool,
-}
-
-impl LogicalUnit {
-    fn new(lun: u64, settings: LunSettings, store: Arc<dyn BlockStore>) -> Self {
-        LogicalUnit {
-            lun,
-            limits: BlockLimits::for_block_size(settings.block_size),
-            settings,
-            store,
-            write_gate: tokio::sync::RwLock::new(()),
-            unit_attentions: Mutex::new(HashMap::new()),
-            any_unit_attention: AtomicBool::new(false),
-        }
-    }
-
-    /// The LUN number (not the 8-byte encoding).
-    pub fn lun(&self) -> u64 {
-        self.lun
-    }
-
-    pub fn settings(&self) -> &LunSettings {
-        &self.settings
-    }
-
-    pub fn store(&self) -> &Arc<dyn BlockStore> {
-        &self.store
-    }
-
-    pub fn block_size(&self) -> u32 {
-        self.settings.block_size
-    }
-
-    /// Capacity in logical blocks (a partial trailing block is not addressable).
-    pub fn num_blocks(&self) -> u64 {
-        self.store.size() / u64::from(self.settings.block_size)
-    }
-
-    fn unit_attentions(&self) -> std::sync::MutexGuard<'_, HashMap<NexusId, Vec<(u8, u8)>>> {
-        self.unit_attentions
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Establishes a unit attention for `nexuses` (SAM-5 5.14). A reset supersedes whatever
-    /// was pending; other conditions queue behind it once each.
-    fn establish_unit_attention<'a>(
-        &self,
-        nexuses: impl Iterator<Item = &'a NexusId>,
-        code: (u8, u8),
-    ) {
-        let mut map = self.unit_attentions();
-        for &nexus in nexuses {
-            let pending = map.entry(nexus).or_default();
-            if code.0 == 0x29 {
-                pending.clear();
-                pending.push(code);
-            } else if !pending.contains(&code) {
-                pending.push(code);
-            }
-        }
-        self.any_unit_attention
-            .store(!map.is_empty(), Ordering::Release);
-    }
-
-    /// Reports and clears the highest-priority unit attention pending for `nexus`.
-    fn take_unit_attention(&self, nexus: NexusId) -> Option<Sense> {
-        if !self.any_unit_attention.load(Ordering::Acquire) {
-            return None;
-        }
-        let mut map = self.unit_attentions();
-        let pending = map.get_mut(&nexus)?;
-        let (asc, ascq) = pending.remove(0);
-        if pending.is_empty() {
-            map.remove(&nexus);
-        }
-        self.any_unit_attention
-            .store(!map.is_empty(), Ordering::Release);
-        Some(Sense::unit_attention(asc, ascq))
-    }
-
-    fn forget_nexus(&self, nexus: NexusId) {
-        let mut map = self.unit_attentions();
-        map.remove(&nexus);
-        self.any_unit_attention
-            .store(!map.is_empty(), Ordering::Release);
-    }
-}
 
 /// Operation code of a CDB for logs, in hex.
 struct Opcode<'a>(&'a [u8]);
@@ -398,7 +298,7 @@ impl ScsiTarget {
         let Some(unit) = self.unit_at(lun) else {
             return false;
         };
-        info!(lun = unit.lun, from, "logical unit reset");
+        info!(lun = unit.lun(), from, "logical unit reset");
         self.establish_unit_attention(&[unit], UA_LOGICAL_UNIT_RESET);
         true
     }

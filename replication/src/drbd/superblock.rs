@@ -31,6 +31,8 @@ pub const DRBD_MD_MAGIC_09: u32 = DRBD_MAGIC + 6;
 pub const DRBD_PEERS_MAX: usize = 32;
 /// Number of history UUIDs in v08 metadata (`HISTORY_UUIDS_V08`).
 pub const HISTORY_UUIDS_V08: usize = 2;
+/// Current UUID of freshly created metadata (DRBD's `UUID_JUST_CREATED`).
+pub const UUID_JUST_CREATED: u64 = 4;
 /// Number of history UUIDs in v09 metadata (`HISTORY_UUIDS`).
 pub const HISTORY_UUIDS_V09: usize = 32;
 
@@ -505,7 +507,7 @@ impl Superblock {
 
     /// A fresh superblock as `drbdmeta create-md` initialises it
     /// (drbdmeta.c `v08_md_initialize` / `v09_md_initialize`): current UUID
-    /// [`crate::drbd::uuid::UUID_JUST_CREATED`], flags `AL_CLEAN`, al-extents
+    /// [`UUID_JUST_CREATED`], flags `AL_CLEAN`, al-extents
     /// 257, everything else zero (v09: node id -1, all bitmap indexes -1).
     /// Offsets and sizes are left zero for [`crate::drbd::layout`] to fill in.
     pub fn new(version: MdVersion, max_peers: u32) -> Superblock {
@@ -522,7 +524,7 @@ impl Superblock {
             version,
             magic,
             effective_size: 0,
-            current_uuid: crate::drbd::uuid::UUID_JUST_CREATED,
+            current_uuid: UUID_JUST_CREATED,
             bitmap_uuid: 0,
             history_uuids: vec![0; history],
             members: 0,

@@ -9,9 +9,9 @@
 //! `drbd_worker.c` (`drbd_resync_finished`).
 
 use super::superblock::HISTORY_UUIDS_V08;
+/// Current UUID of freshly created metadata (`UUID_JUST_CREATED`); the superblock writes it.
+pub use super::superblock::UUID_JUST_CREATED;
 
-/// Current UUID of freshly created metadata (`UUID_JUST_CREATED`).
-pub const UUID_JUST_CREATED: u64 = 4;
 /// Bit 0 of a current UUID: the node was primary in this generation.
 pub const UUID_PRIMARY: u64 = 1;
 /// Added to the bitmap UUID when a resync starts (`UUID_NEW_BM_OFFSET`).
