@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fails when a crate of the workspace has an import cycle between its modules.
 
-Usage: scripts/check-cycles.py [CRATE_SRC_DIR...]   (default: src ha/src replication/src)
+Usage: scripts/check-cycles.py [CRATE_SRC_DIR...]   (default: every crate of the workspace)
 
 Each source file is one module (`a/b.rs` and `a/b/mod.rs` are `a::b`). An edge A -> B is any
 path in A's code (use trees and paths in expressions, test modules included) that names an
@@ -248,7 +248,7 @@ def check(root):
 
 
 def main():
-    roots = sys.argv[1:] or ["src", "ha/src", "replication/src"]
+    roots = sys.argv[1:] or ["src", "store/src", "replication/src", "ha/src"]
     total = sum(check(r) for r in roots)
     if total:
         print(f"check-cycles: {total} cycle(s)")

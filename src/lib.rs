@@ -1,7 +1,8 @@
 //! twinsan: a two-host highly available iSCSI storage server.
 //!
 //! This crate is the iSCSI target: the iSCSI protocol (`iscsi`), SCSI command handling
-//! (`scsi`), block stores over io_uring (`store`), configuration and the server.
+//! (`scsi`), configuration and the server; `store` is the `twinsan-store` crate (block stores
+//! over io_uring or I/O threads), re-exported.
 
 pub mod adopt;
 pub mod config;
@@ -15,5 +16,6 @@ pub mod logbuf;
 pub mod scsi;
 pub mod sdnotify;
 pub mod server;
-pub mod store;
 pub mod volumes;
+
+pub use twinsan_store as store;

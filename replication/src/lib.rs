@@ -1,6 +1,6 @@
 //! twinsan peer replication.
 //!
-//! - [`store`]: the `BlockStore` trait shared with the target, and an in-memory store.
+//! - [`store`]: the `twinsan-store` crate (the `BlockStore` trait the target shares), re-exported.
 //! - [`drbd`]: reading and writing DRBD-format on-disk metadata (superblock, activity log,
 //!   out-of-sync bitmap, generation UUIDs), so that twinsan can adopt a DRBD resource
 //!   without a full resync and hand it back.
@@ -12,5 +12,5 @@ pub mod drbd;
 pub mod interval;
 pub mod link;
 pub mod policy;
-pub mod store;
+pub use twinsan_store as store;
 pub mod volume;

@@ -1,30 +1,13 @@
-//! Block stores: where a LUN's bytes live.
-//!
-//! The trait and the in-memory test store live in the replication crate (which wraps stores
-//! and so sits below this crate); this module adds the stores for files and block devices,
-//! with two engines: io_uring ([`UringStore`], Linux 5.1+) and a bounded pool of I/O threads
-//! ([`ThreadStore`], for kernels without io_uring such as XenServer / XCP-ng dom0's 4.19).
-//! [`choose_engine`] picks one at start; [`open_file_store`] opens a LUN with it.
+//! Which engine file stores use: io_uring where the kernel offers it (probed once at start),
+//! else the I/O thread pool; and opening a LUN's file with it.
 
-mod aligned;
-mod backing;
-mod sys;
-mod threads;
-mod uring;
-
-#[cfg(test)]
-mod tests;
-
+use crate::backing::{FileStoreOptions, OpenError};
+use crate::sys;
+use crate::threads::ThreadStore;
+use crate::uring::UringStore;
+use crate::BlockStore;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-
-pub use aligned::AlignedBuf;
-pub use backing::{FileStoreOptions, OpenError};
-pub use threads::ThreadStore;
-pub use twinsan_replication::store::{
-    check_range, BlockStore, IoFuture, MemStore, StoreError, StoreResult, WriteMode,
-};
-pub use uring::UringStore;
 
 /// `[server] io_engine`: how file stores reach the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]

@@ -1,18 +1,39 @@
-//! The block-store abstraction every layer of twinsan shares: the iSCSI target serves a
-//! `BlockStore`, the file stores (io_uring or I/O threads) implement it, and a replicated
-//! volume wraps one.
+//! Block stores: where a LUN's bytes live, and the `BlockStore` abstraction every layer of
+//! twinsan shares: the iSCSI target serves a `BlockStore`, a replicated volume wraps one.
+//!
+//! The stores for files and block devices have two engines: io_uring ([`UringStore`], Linux
+//! 5.6+) and a bounded pool of I/O threads ([`ThreadStore`], for kernels without io_uring such
+//! as XenServer / XCP-ng dom0's 4.19). [`choose_engine`] picks one at start;
+//! [`open_file_store`] opens a LUN with it. [`MemStore`] and [`StdFileStore`] serve tests and
+//! tools.
 //!
 //! A store is a flat array of bytes addressed by byte offset. Callers guarantee that every
 //! request is inside `size()` and a multiple of the LUN's block size.
 
+mod aligned;
+mod backing;
+mod engine;
 mod file;
 mod mem;
+mod sys;
+mod threads;
+mod uring;
+
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::pin::Pin;
 
+pub use aligned::AlignedBuf;
+pub use backing::{FileStoreOptions, OpenError};
+pub use engine::{
+    choose_engine, open_file_store, EngineChoice, EngineError, IoEngine, IoEngineSetting,
+};
 pub use file::StdFileStore;
 pub use mem::MemStore;
+pub use threads::ThreadStore;
+pub use uring::UringStore;
 
 /// Errors a store reports for one request. The SCSI layer turns `Io` into MEDIUM ERROR sense.
 #[derive(Debug, thiserror::Error)]

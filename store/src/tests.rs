@@ -8,6 +8,7 @@ use futures::FutureExt;
 use std::fs::OpenOptions;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tempfile::TempDir;
 
