@@ -15,7 +15,7 @@ use super::pdu::{
 };
 use super::session::{wait_stopped, Session, Task, TaskState};
 use super::text::{TextContext, TextNegotiation, TextOutcome};
-use crate::scsi::{DataOutPlan, ScsiRequest, ScsiResponse, Sense};
+use crate::scsi::{DataOutPlan, PlannedCommand, ScsiRequest, ScsiResponse, Sense};
 use crate::server::ServerState;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -415,6 +415,8 @@ struct PendingWrite {
     task: Arc<Task>,
     /// ExpectedDataTransferLength against what the CDB transfers (§11.4.5).
     residual: Residual,
+    /// The command as the SCSI layer routed it, run once the data is in.
+    planned: PlannedCommand,
 }
 
 struct FeatureConnection {
@@ -635,15 +637,15 @@ impl FeatureConnection {
         }
         match target.scsi.plan(hdr.lun, &hdr.cdb, self.session.nexus) {
             DataOutPlan::Fail(resp) => self.finish_now(&task, &hdr, resp),
-            DataOutPlan::None => {
+            DataOutPlan::None(planned) => {
                 let residual = if hdr.write {
                     Some(Residual::of(hdr.expected_len, 0))
                 } else {
                     None
                 };
-                self.execute(task, hdr, Bytes::new(), residual);
+                self.execute(task, hdr, planned, Bytes::new(), residual);
             }
-            DataOutPlan::Gather(need) => {
+            DataOutPlan::Gather(need, planned) => {
                 let residual = Residual::of(hdr.expected_len, need as u64);
                 let mut g = WriteGather::new(
                     &hdr,
@@ -656,7 +658,7 @@ impl FeatureConnection {
                 );
                 if g.complete() {
                     let data = g.take_data();
-                    self.execute(task, hdr, data, Some(residual));
+                    self.execute(task, hdr, planned, data, Some(residual));
                 } else {
                     let tags = &mut self.tags;
                     let r2ts = g.next_r2ts(|| tags.next());
@@ -671,6 +673,7 @@ impl FeatureConnection {
                             hdr,
                             task,
                             residual,
+                            planned,
                         },
                     );
                     for p in early {
@@ -713,7 +716,7 @@ impl FeatureConnection {
         if pending.gather.complete() {
             let p = self.gathers.remove(&itt).expect("present");
             let data = p.gather.take_data();
-            self.execute(p.task, p.hdr, data, Some(p.residual));
+            self.execute(p.task, p.hdr, p.planned, data, Some(p.residual));
         } else {
             let tags = &mut self.tags;
             let r2ts = pending.gather.next_r2ts(|| tags.next());
@@ -777,6 +780,7 @@ impl FeatureConnection {
         &self,
         task: Arc<Task>,
         hdr: ScsiCommandHeader,
+        planned: PlannedCommand,
         data_out: Bytes,
         residual: Option<Residual>,
     ) {
@@ -795,7 +799,7 @@ impl FeatureConnection {
                 expected_len: hdr.expected_len,
                 nexus: session.nexus,
             };
-            let resp = target.scsi.execute(hdr.lun, req).await;
+            let resp = target.scsi.execute(planned, req).await;
             let pdus = build_response(&hdr, resp, limits, residual);
             session.remove_task(hdr.itt);
             task.complete_with(|| out.send(pdus));

@@ -14,7 +14,7 @@ mod target;
 mod unit;
 
 pub use sense::{Sense, SenseKey};
-pub use target::ScsiTarget;
+pub use target::{PlannedCommand, ScsiTarget};
 pub use unit::LogicalUnit;
 
 use bytes::Bytes;
@@ -76,10 +76,10 @@ impl ScsiResponse {
 /// What the transport must do before a command can run.
 #[derive(Debug, Clone)]
 pub enum DataOutPlan {
-    /// No Data-Out; execute now.
-    None,
-    /// Gather this many bytes of Data-Out (as the CDB says), then execute.
-    Gather(u32),
+    /// No Data-Out; execute the command now.
+    None(PlannedCommand),
+    /// Gather this many bytes of Data-Out (as the CDB says), then execute the command.
+    Gather(u32, PlannedCommand),
     /// The CDB is already known to fail (bad opcode/field, LBA out of range, write protected,
     /// unit attention...): respond with this, without soliciting data.
     Fail(ScsiResponse),

@@ -50,6 +50,18 @@ impl std::fmt::Display for Opcode<'_> {
     }
 }
 
+/// A command routed once by [`ScsiTarget::plan`] (LUN resolved, unit attention reported, CDB
+/// decoded and checked) and carried to [`ScsiTarget::execute`].
+#[derive(Debug, Clone)]
+pub struct PlannedCommand {
+    /// The PDU's 8-byte LUN field, for logs.
+    raw_lun: u64,
+    /// The logical unit's LUN number; `None` for INQUIRY, REQUEST SENSE or REPORT LUNS
+    /// addressed to a LUN without one.
+    unit: Option<u64>,
+    cmd: Command,
+}
+
 /// Where a command goes once the LUN is resolved.
 enum Route<'a> {
     Unit(&'a LogicalUnit, Command),
@@ -183,44 +195,50 @@ impl ScsiTarget {
     /// Decides, from the CDB alone, whether the command needs Data-Out and how much, or
     /// fails it before any data moves (invalid CDB, LBA out of range, write protected,
     /// pending unit attention — which this reports and clears —, no such LUN).
-    /// `lun` is the raw 8-byte LUN field of the PDU.
+    /// `lun` is the raw 8-byte LUN field of the PDU. The command is routed here once: the
+    /// [`PlannedCommand`] in the plan is what [`ScsiTarget::execute`] runs.
     pub fn plan(&self, lun: u64, cdb: &[u8], nexus: NexusId) -> DataOutPlan {
         match self.route(lun, cdb, nexus) {
             Err(sense) => {
                 debug!(lun, opcode = %Opcode(cdb), %sense, "command refused before data");
                 DataOutPlan::Fail(ScsiResponse::check(sense))
             }
-            Ok(Route::NoUnit(_)) => DataOutPlan::None,
-            Ok(Route::Unit(unit, cmd)) => match cmd.data_out_len(unit.settings.block_size) {
-                0 => DataOutPlan::None,
-                n => DataOutPlan::Gather(u32::try_from(n).unwrap_or(u32::MAX)),
-            },
+            Ok(Route::NoUnit(cmd)) => DataOutPlan::None(PlannedCommand {
+                raw_lun: lun,
+                unit: None,
+                cmd,
+            }),
+            Ok(Route::Unit(unit, cmd)) => {
+                let planned = PlannedCommand {
+                    raw_lun: lun,
+                    unit: Some(unit.lun()),
+                    cmd,
+                };
+                match cmd.data_out_len(unit.settings.block_size) {
+                    0 => DataOutPlan::None(planned),
+                    n => DataOutPlan::Gather(u32::try_from(n).unwrap_or(u32::MAX), planned),
+                }
+            }
         }
     }
 
-    /// Runs one command. `lun` is the raw 8-byte LUN field of the PDU. See the module
-    /// documentation for how `data_out` and the response relate to iSCSI lengths.
-    pub async fn execute(&self, lun: u64, req: ScsiRequest) -> ScsiResponse {
-        let result = match self.route(lun, &req.cdb, req.nexus) {
-            Err(sense) => Err(sense),
-            Ok(route) => {
-                let cmd = match &route {
-                    Route::Unit(_, cmd) | Route::NoUnit(cmd) => *cmd,
-                };
-                let data = match route {
-                    Route::NoUnit(cmd) => self.execute_without_unit(&cmd),
-                    Route::Unit(unit, cmd) => self.execute_on(unit, &cmd, &req).await,
-                };
-                data.map(|d| match cmd.alloc_len() {
-                    Some(alloc) if (alloc as usize) < d.len() => d.slice(..alloc as usize),
-                    _ => d,
-                })
-            }
-        };
-        match result {
+    /// Runs a command [`ScsiTarget::plan`] accepted, with the Data-Out gathered for it. See
+    /// the module documentation for how `data_out` and the response relate to iSCSI lengths.
+    pub async fn execute(&self, planned: PlannedCommand, req: ScsiRequest) -> ScsiResponse {
+        let PlannedCommand { raw_lun, unit, cmd } = planned;
+        // The logical units never change after start: a planned unit is still there.
+        let data = match unit.and_then(|n| self.luns.get(&n)) {
+            None => self.execute_without_unit(&cmd),
+            Some(unit) => self.execute_on(unit, &cmd, &req).await,
+        }
+        .map(|d| match cmd.alloc_len() {
+            Some(alloc) if (alloc as usize) < d.len() => d.slice(..alloc as usize),
+            _ => d,
+        });
+        match data {
             Ok(data) => ScsiResponse::good(data),
             Err(sense) => {
-                debug!(lun, opcode = %Opcode(&req.cdb), %sense, "check condition");
+                debug!(lun = raw_lun, opcode = %Opcode(&req.cdb), %sense, "check condition");
                 ScsiResponse::check(sense)
             }
         }
@@ -382,6 +400,14 @@ mod tests {
         u64::from_be_bytes(spc::encode_lun(lun).unwrap())
     }
 
+    /// What the transport does: plan, then execute what the plan accepted.
+    async fn exec(t: &ScsiTarget, lun: u64, req: ScsiRequest) -> ScsiResponse {
+        match t.plan(lun, &req.cdb, req.nexus) {
+            DataOutPlan::Fail(r) => r,
+            DataOutPlan::None(p) | DataOutPlan::Gather(_, p) => t.execute(p, req).await,
+        }
+    }
+
     async fn run(t: &ScsiTarget, nexus: NexusId, cdb: &[u8], data: &[u8]) -> ScsiResponse {
         run_edtl(t, nexus, cdb, data, data.len() as u32).await
     }
@@ -399,7 +425,7 @@ mod tests {
             expected_len: edtl,
             nexus,
         };
-        t.execute(raw(0), req).await
+        exec(t, raw(0), req).await
     }
 
     fn sense_of(r: &ScsiResponse) -> (u8, u8, u8) {
@@ -458,8 +484,8 @@ mod tests {
     async fn plan_sizes() {
         let (t, _) = target_with(false, true);
         let gather = |cdb: &[u8]| match t.plan(raw(0), cdb, 1) {
-            DataOutPlan::Gather(n) => n,
-            DataOutPlan::None => 0,
+            DataOutPlan::Gather(n, _) => n,
+            DataOutPlan::None(_) => 0,
             DataOutPlan::Fail(r) => panic!("failed: {:?}", r.sense),
         };
         assert_eq!(gather(&cdb10(opcode::WRITE_10, 0, 0, 3)), 3 * BS);
@@ -557,7 +583,7 @@ mod tests {
             DataOutPlan::Fail(r) => assert_eq!(sense_of(&r), (0x6, 0x29, 0x00)),
             other => panic!("expected UA, got {other:?}"),
         }
-        assert!(matches!(t.plan(raw(0), &read, 1), DataOutPlan::None));
+        assert!(matches!(t.plan(raw(0), &read, 1), DataOutPlan::None(_)));
         t.nexus_lost(2);
         assert_eq!(run(&t, 2, &TUR, &[]).await.status, Status::Good);
         assert!(!t.logical_unit_reset(raw(5), 1));
@@ -572,33 +598,29 @@ mod tests {
             expected_len: 255,
             nexus: 1,
         };
-        let inq = t
-            .execute(raw(3), req(&[opcode::INQUIRY, 0, 0, 0, 255, 0]))
-            .await;
+        let inq = exec(&t, raw(3), req(&[opcode::INQUIRY, 0, 0, 0, 255, 0])).await;
         assert_eq!(inq.status, Status::Good);
         assert_eq!(inq.data_in[0], 0x7F);
-        let rs = t
-            .execute(raw(3), req(&[opcode::REQUEST_SENSE, 0, 0, 0, 18, 0]))
-            .await;
+        let rs = exec(&t, raw(3), req(&[opcode::REQUEST_SENSE, 0, 0, 0, 18, 0])).await;
         assert_eq!(rs.status, Status::Good);
         assert_eq!((rs.data_in[2], rs.data_in[12]), (0x5, 0x25));
         let mut rl = [0u8; 12];
         rl[0] = opcode::REPORT_LUNS;
         rl[9] = 255;
-        let r = t.execute(raw(3), req(&rl)).await;
+        let r = exec(&t, raw(3), req(&rl)).await;
         assert_eq!(r.status, Status::Good);
         assert_eq!(
             &r.data_in[..],
             &[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         );
-        let r = t.execute(raw(3), req(&TUR)).await;
+        let r = exec(&t, raw(3), req(&TUR)).await;
         assert_eq!(sense_of(&r), (0x5, 0x25, 0x00));
         assert!(matches!(
             t.plan(raw(3), &[0x02, 0, 0, 0, 0, 0], 1),
             DataOutPlan::Fail(_)
         ));
         // Malformed LUN fields address nothing.
-        let r = t.execute(0xC000_0000_0000_0000, req(&TUR)).await;
+        let r = exec(&t, 0xC000_0000_0000_0000, req(&TUR)).await;
         assert_eq!(sense_of(&r), (0x5, 0x25, 0x00));
     }
 
@@ -845,7 +867,10 @@ mod tests {
             expected_len: 0,
             nexus: 1,
         };
-        assert_send(t.execute(raw(0), req));
+        let DataOutPlan::None(planned) = t.plan(raw(0), &TUR, 1) else {
+            panic!("TEST UNIT READY needs no data");
+        };
+        assert_send(t.execute(planned, req));
     }
 
     #[tokio::test]
@@ -863,7 +888,9 @@ mod tests {
         params[..2].fill(0);
         let len = params.len() as u8;
         let sel = [opcode::MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, len, 0];
-        assert!(matches!(t.plan(raw(0), &sel, 1), DataOutPlan::Gather(n) if n == u32::from(len)));
+        assert!(
+            matches!(t.plan(raw(0), &sel, 1), DataOutPlan::Gather(n, _) if n == u32::from(len))
+        );
         assert_eq!(run(&t, 1, &sel, &params).await.status, Status::Good);
         let wce = params.len() - 18;
         params[wce] ^= 0x04;
