@@ -8,10 +8,10 @@ use super::aligned::{AlignedBuf, IO_ALIGN};
 use super::sys::{self, errno_name};
 use super::StoreError;
 use bytes::Bytes;
+use rustix::fs::StatxFlags;
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -108,27 +108,6 @@ const DISCARD_ZERO_RANGE: u8 = 1;
 #[cfg(test)]
 const DISCARD_WRITE: u8 = 2;
 
-#[cfg(any(
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-))]
-const IOC_READ: u32 = 2 << 29;
-#[cfg(not(any(
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-)))]
-const IOC_READ: u32 = 2 << 30;
-/// `_IOR(0x12, 114, u64)`; libc does not export it.
-const BLKGETSIZE64: u32 = IOC_READ | (8 << 16) | (0x12 << 8) | 114;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     RegularFile,
@@ -200,31 +179,24 @@ fn open_fd(path: &Path, read_only: bool, flags: i32) -> io::Result<File> {
         .open(path)
 }
 
-fn blk_size(fd: RawFd) -> io::Result<u64> {
-    let mut size: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
-    let rc = unsafe { libc::ioctl(fd, BLKGETSIZE64 as _, &mut size as *mut u64) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(size)
+/// A block device's size: its end, as `lseek(SEEK_END)` reports it (the same value as
+/// BLKGETSIZE64, without an ioctl). The stores use positioned I/O, so the offset is unused.
+fn blk_size(dev: &File) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut dev = dev;
+    dev.seek(SeekFrom::End(0))
 }
 
-fn blk_logical_block_size(fd: RawFd) -> io::Result<u32> {
-    let mut ssz: libc::c_int = 0;
-    // SAFETY: BLKSSZGET writes one int through the pointer.
-    let rc = unsafe { libc::ioctl(fd, libc::BLKSSZGET, &mut ssz as *mut libc::c_int) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(ssz.max(512) as u32)
+/// A block device's logical block size (BLKSSZGET), at least 512.
+fn blk_logical_block_size(dev: &File) -> io::Result<u32> {
+    Ok(rustix::fs::ioctl_blksszget(dev)?.max(512))
 }
 
 /// `(mem_align, offset_align)` from statx(STATX_DIOALIGN), or None if the kernel (before 6.1)
 /// or filesystem does not report it. `offset_align == 0` means "no direct I/O on this file".
-fn statx_dio(fd: RawFd) -> Option<(u32, u32)> {
-    let stx = sys::statx(fd, libc::STATX_DIOALIGN).ok()?;
-    if stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+fn statx_dio(fd: &File) -> Option<(u32, u32)> {
+    let stx = sys::statx(fd, StatxFlags::DIOALIGN).ok()?;
+    if stx.stx_mask & StatxFlags::DIOALIGN.bits() == 0 {
         return None;
     }
     Some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
@@ -308,9 +280,8 @@ impl Backing {
 
         let (size, lbs) = match kind {
             Kind::BlockDevice => (
-                blk_size(main.as_raw_fd()).map_err(|e| open_err(path, "BLKGETSIZE64", e))?,
-                blk_logical_block_size(main.as_raw_fd())
-                    .map_err(|e| open_err(path, "BLKSSZGET", e))?,
+                blk_size(&main).map_err(|e| open_err(path, "BLKGETSIZE64", e))?,
+                blk_logical_block_size(&main).map_err(|e| open_err(path, "BLKSSZGET", e))?,
             ),
             Kind::RegularFile => (
                 main.metadata()
@@ -328,7 +299,7 @@ impl Backing {
 
         let io_mode = match refused {
             Some(reason) => IoMode::Buffered { reason },
-            None => match statx_dio(main.as_raw_fd()) {
+            None => match statx_dio(&main) {
                 Some((_, 0)) => {
                     let reason = "filesystem reports no direct I/O for this file".to_owned();
                     tracing::warn!(path = %path.display(), "{reason}; using buffered I/O");
@@ -396,8 +367,9 @@ impl Backing {
         matches!(self.io_mode, IoMode::Direct { .. })
     }
 
-    pub fn fd(&self, index: usize) -> RawFd {
-        self.files[index].as_raw_fd()
+    /// The open file `index` (MAIN or the O_DIRECT one), for the system calls in `sys`.
+    pub fn file(&self, index: usize) -> &File {
+        &self.files[index]
     }
 
     /// Picks the fd for one request: O_DIRECT needs offset, length and memory aligned.
@@ -452,7 +424,7 @@ impl Backing {
             return 0;
         }
         let len = buf.len().min(MAX_CHUNK);
-        match sys::preadv2(self.fd(MAIN), &mut buf[..len], pos, libc::RWF_NOWAIT) {
+        match sys::preadv2(self.file(MAIN), &mut buf[..len], pos, libc::RWF_NOWAIT) {
             Ok(n) => n,
             Err(e) => {
                 if matches!(

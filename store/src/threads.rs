@@ -296,7 +296,7 @@ impl ThreadStore {
             return Ok(());
         }
         // One fdatasync covers both fds: dirty pages belong to the inode, not the fd.
-        self.run(|inner| retrying(|| sys::fdatasync(inner.backing.fd(MAIN))))
+        self.run(|inner| retrying(|| sys::fdatasync(inner.backing.file(MAIN))))
             .await
     }
 
@@ -314,7 +314,7 @@ impl ThreadStore {
         self.run(move |inner| {
             let b = &inner.backing;
             for (method, mode) in b.discard_modes() {
-                let errno = match retrying(|| sys::fallocate(b.fd(MAIN), mode, offset, len)) {
+                let errno = match retrying(|| sys::fallocate(b.file(MAIN), mode, offset, len)) {
                     Ok(()) => 0,
                     Err(StoreError::Io(e)) => e.raw_os_error().unwrap_or(libc::EIO),
                     Err(e) => return Err(e),
@@ -369,7 +369,7 @@ fn read_blocking(
         let pos = offset + done as u64;
         let want = (len - done).min(MAX_CHUNK);
         let chunk = &mut buf.as_mut_slice()[done..done + want];
-        let fd = b.fd(b.route(pos, want, chunk.as_ptr() as usize));
+        let fd = b.file(b.route(pos, want, chunk.as_ptr() as usize));
         match retrying(|| sys::pread(fd, chunk, pos))? {
             // EOF: the file shrank underneath us. The rest reads as zeroes.
             0 => {
@@ -399,7 +399,7 @@ fn write_blocking(inner: &Inner, offset: u64, data: Bytes, mode: WriteMode) -> S
         let pos = offset + done as u64;
         let want = (bytes.len() - done).min(MAX_CHUNK);
         let chunk = &bytes[done..done + want];
-        let fd = b.fd(b.route(pos, want, chunk.as_ptr() as usize));
+        let fd = b.file(b.route(pos, want, chunk.as_ptr() as usize));
         let n = if dsync {
             match retrying(|| sys::pwritev2(fd, chunk, pos, libc::RWF_DSYNC)) {
                 Err(StoreError::Io(e))
@@ -425,7 +425,7 @@ fn write_blocking(inner: &Inner, offset: u64, data: Bytes, mode: WriteMode) -> S
         done += n;
     }
     if mode == WriteMode::Durable && !dsync {
-        retrying(|| sys::fdatasync(b.fd(MAIN)))?;
+        retrying(|| sys::fdatasync(b.file(MAIN)))?;
     }
     Ok(())
 }
