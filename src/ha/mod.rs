@@ -13,8 +13,8 @@ pub mod state_file;
 pub mod target;
 pub mod witness;
 
+use crate::config::ha::HaConfig;
 use crate::config::Config;
-use crate::ha_config::HaConfig;
 use crate::server::ServerState;
 use serde_json::json;
 use std::net::IpAddr;

@@ -8,7 +8,7 @@
 
 use super::heartbeat::LocalBeat;
 use super::{label_for_source, Command, Counters, Input, Published};
-use crate::ha_config::{parse_xapi_url, HaConfig, HaXapiConfig};
+use crate::config::ha::{parse_xapi_url, HaConfig, HaXapiConfig};
 use crate::server::ServerState;
 use std::collections::VecDeque;
 use std::path::PathBuf;
