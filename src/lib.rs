@@ -8,7 +8,6 @@ pub mod adopt;
 pub mod config;
 pub mod control;
 pub mod ha;
-pub mod ha_config;
 pub mod identity;
 pub mod import;
 pub mod iscsi;

@@ -7,14 +7,11 @@
 //! ([`runtime`]). Its state is published for `twinsan status` and the systemd watchdog.
 
 pub mod cli;
-pub mod heartbeat;
 pub mod runtime;
-pub mod state_file;
 pub mod target;
-pub mod witness;
 
+use crate::config::ha::HaConfig;
 use crate::config::Config;
-use crate::ha_config::HaConfig;
 use crate::server::ServerState;
 use serde_json::json;
 use std::net::IpAddr;
@@ -26,7 +23,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use twinsan_ha::role::{HostRole, PeerPath, PeerState, PoolRole, RoleMachine, RoleStatus};
+// The role sources live in the ha crate; runtime.rs reaches state_file through this import.
 use twinsan_ha::vip::{Vip, VipManager};
+use twinsan_ha::{heartbeat, state_file, witness};
 
 /// An operator command for the role loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,9 +6,8 @@
 //! each promotion step sees them. An operator command is answered once the chain of events it
 //! started has finished (`become-primary` answers when this host is primary, or why not).
 
-use super::heartbeat::LocalBeat;
 use super::{label_for_source, Command, Counters, Input, Published};
-use crate::ha_config::{parse_xapi_url, HaConfig, HaXapiConfig};
+use crate::config::ha::{parse_xapi_url, HaConfig, HaXapiConfig};
 use crate::server::ServerState;
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -22,6 +21,7 @@ use tracing::{debug, error, info, warn};
 use twinsan_ha::alerts::{
     Alert, AlertFilter, Alerter, Decision, Severity, SmtpConfig, SmtpTls, XapiSink,
 };
+use twinsan_ha::heartbeat::LocalBeat;
 use twinsan_ha::poolconf::PoolConfWatcher;
 use twinsan_ha::replug::{Outcome, ReplugConfig};
 use twinsan_ha::role::{Action, Event, HostRole, PeerState, RoleMachine};

@@ -1,6 +1,7 @@
 //! Peer heartbeats: small authenticated UDP datagrams over the replication link and the
-//! management path. Each host tells the other its role (as [`HostRole::as_peer_state`]), whether
-//! it is in manual mode, and its name; silence for `peer_timeout` makes the path Unreachable.
+//! management path. Each host tells the other its role (as
+//! [`crate::role::HostRole::as_peer_state`]), whether it is in manual mode, and its name; silence
+//! for `peer_timeout` makes the path Unreachable.
 //!
 //! Wire format (all integers big-endian), 44 bytes + name + 32 bytes of MAC:
 //!
@@ -14,6 +15,7 @@
 //! boot id is accepted only with a timestamp close to our clock and newer than the last accepted
 //! one, so a datagram recorded earlier cannot be replayed to fake a role.
 
+use crate::role::{PeerPath, PeerState};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::net::SocketAddr;
@@ -23,7 +25,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
-use twinsan_ha::role::{PeerPath, PeerState};
 
 const MAGIC: &[u8; 4] = b"TSHB";
 const VERSION: u8 = 1;

@@ -3,6 +3,10 @@
 //! Parsing is two steps: serde into raw structs (unknown keys refused, so a typo is an
 //! error, not a silently ignored setting), then validation that names the key and says what
 //! is wrong. Every error names the file.
+//!
+//! The `[ha]` table has its own module, [`ha`], so every configuration type lives in this folder.
+
+pub mod ha;
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -39,7 +43,7 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     /// High availability (role loop, heartbeats, VIPs, alerts); absent = always serving.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ha: Option<crate::ha_config::HaConfig>,
+    pub ha: Option<ha::HaConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -545,7 +549,7 @@ impl Config {
     /// The effective configuration (defaults filled in) as JSON with secrets masked.
     pub fn masked_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).unwrap_or_default();
-        crate::ha_config::mask_secrets(&mut v);
+        ha::mask_secrets(&mut v);
         v
     }
 
