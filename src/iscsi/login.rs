@@ -20,7 +20,7 @@ use super::negotiation::{
     encode_text, parse_text, split_text, KeyValue, NegotiationError, Negotiator, SessionParams,
     SessionType, TargetLimits, DEFAULT_MAX_RECV_DATA_SEGMENT_LENGTH, MAX_NEGOTIATION_TEXT,
 };
-use super::pdu::{Opcode, Pdu};
+use super::pdu::{LoginRequest, LoginResponseBuilder, Opcode, Pdu};
 
 /// The only iSCSI version there is (§11.12.4).
 pub const ISCSI_VERSION: u8 = 0x00;
@@ -285,22 +285,20 @@ struct Header {
 
 impl Header {
     fn parse(p: &Pdu) -> Header {
-        let b = &p.bhs;
-        let mut isid = [0u8; 6];
-        isid.copy_from_slice(&b[8..14]);
+        let r = LoginRequest(p);
         Header {
-            transit: b[1] & FLAG_TRANSIT != 0,
-            cont: b[1] & FLAG_CONTINUE != 0,
-            csg: (b[1] >> 2) & 3,
-            nsg: b[1] & 3,
-            version_max: b[2],
-            version_min: b[3],
-            isid,
-            tsih: u16::from_be_bytes([b[14], b[15]]),
-            itt: p.itt(),
-            cid: u16::from_be_bytes([b[20], b[21]]),
-            cmd_sn: p.field24(),
-            exp_stat_sn: p.field28(),
+            transit: r.transit(),
+            cont: r.continue_bit(),
+            csg: r.csg(),
+            nsg: r.nsg(),
+            version_max: r.version_max(),
+            version_min: r.version_min(),
+            isid: r.isid(),
+            tsih: r.tsih(),
+            itt: r.itt(),
+            cid: r.cid(),
+            cmd_sn: r.cmd_sn(),
+            exp_stat_sn: r.exp_stat_sn(),
         }
     }
 }
@@ -474,20 +472,18 @@ impl LoginNegotiation {
         status: LoginStatus,
         data: Vec<u8>,
     ) -> Pdu {
-        let mut p = Pdu::new(Opcode::LoginResponse);
-        p.set_flags(flags);
-        p.bhs[2] = ISCSI_VERSION; // Version-max
-        p.bhs[3] = ISCSI_VERSION; // Version-active
-        p.bhs[8..14].copy_from_slice(&h.isid);
-        p.bhs[14..16].copy_from_slice(&tsih.to_be_bytes());
-        p.set_itt(h.itt);
-        p.set_u32_at(24, self.stat_sn);
+        let p = LoginResponseBuilder::new(flags, h.itt)
+            .versions(ISCSI_VERSION, ISCSI_VERSION)
+            .isid(h.isid)
+            .tsih(tsih)
+            .stat_sn(self.stat_sn)
+            // Login requests are immediate: ExpCmdSN stays the login's CmdSN.
+            .exp_cmd_sn(h.cmd_sn)
+            .max_cmd_sn(self.max_cmd_sn(h.cmd_sn))
+            .status(status.class(), status.detail())
+            .data(Bytes::from(data))
+            .build();
         self.stat_sn = self.stat_sn.wrapping_add(1);
-        p.set_u32_at(28, h.cmd_sn);
-        p.set_u32_at(32, self.max_cmd_sn(h.cmd_sn));
-        p.bhs[36] = status.class();
-        p.bhs[37] = status.detail();
-        p.set_data(Bytes::from(data));
         p
     }
 

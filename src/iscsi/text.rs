@@ -20,7 +20,7 @@ use super::negotiation::{
     encode_text, is_reserved_value, parse_numeric, parse_text, split_text, SessionParams,
     SessionType, KNOWN_KEYS, MAX_NEGOTIATION_TEXT, MAX_SEGMENT, MIN_SEGMENT,
 };
-use super::pdu::{Opcode, Pdu, RejectReason, RESERVED_TAG};
+use super::pdu::{Opcode, Pdu, RejectReason, TextRequest, TextResponseBuilder, RESERVED_TAG};
 
 const FLAG_FINAL: u8 = 0x80;
 const FLAG_CONTINUE: u8 = 0x40;
@@ -64,11 +64,11 @@ pub enum TextOutcome {
     },
 }
 
-/// Fills StatSN (24), ExpCmdSN (28) and MaxCmdSN (32) of a response PDU.
+/// Fills StatSN, ExpCmdSN and MaxCmdSN of a response PDU (§11.11.5).
 pub fn stamp_sequence_numbers(pdu: &mut Pdu, stat_sn: u32, exp_cmd_sn: u32, max_cmd_sn: u32) {
-    pdu.set_u32_at(24, stat_sn);
-    pdu.set_u32_at(28, exp_cmd_sn);
-    pdu.set_u32_at(32, max_cmd_sn);
+    pdu.set_stat_sn(stat_sn);
+    pdu.set_exp_cmd_sn(exp_cmd_sn);
+    pdu.set_max_cmd_sn(max_cmd_sn);
 }
 
 #[derive(Debug)]
@@ -113,16 +113,17 @@ impl TextNegotiation {
         if req.opcode() != Some(Opcode::TextRequest) {
             return reject(RejectReason::ProtocolError, "not a Text Request");
         }
-        let fin = req.flags() & FLAG_FINAL != 0;
-        let cont = req.flags() & FLAG_CONTINUE != 0;
+        let view = TextRequest(req);
+        let fin = view.final_bit();
+        let cont = view.continue_bit();
         if fin && cont {
             return reject(
                 RejectReason::ProtocolError,
                 "F and C bits both set (§11.10.2)",
             );
         }
-        let itt = req.itt();
-        let ttt = req.field20();
+        let itt = view.itt();
+        let ttt = view.target_transfer_tag();
         if itt == RESERVED_TAG {
             return reject(RejectReason::InvalidPduField, "reserved ITT");
         }
@@ -239,12 +240,9 @@ impl TextNegotiation {
 }
 
 fn text_response(itt: u32, ttt: u32, flags: u8, data: Vec<u8>) -> Pdu {
-    let mut p = Pdu::new(Opcode::TextResponse);
-    p.set_flags(flags);
-    p.set_itt(itt);
-    p.set_u32_at(20, ttt);
-    p.set_data(Bytes::from(data));
-    p
+    TextResponseBuilder::new(itt, ttt, flags)
+        .data(Bytes::from(data))
+        .build()
 }
 
 /// The addresses to advertise: configured portals, wildcards replaced by the local address.
