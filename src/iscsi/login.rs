@@ -17,8 +17,9 @@ use rand::RngCore;
 
 use super::chap::{ChapAlgorithm, ChapCredentials, ChapExchange};
 use super::negotiation::{
-    encode_text, parse_text, split_text, KeyValue, NegotiationError, Negotiator, SessionParams,
-    SessionType, TargetLimits, DEFAULT_MAX_RECV_DATA_SEGMENT_LENGTH, MAX_NEGOTIATION_TEXT,
+    encode_text, key_group, parse_text, split_text, KeyGroup, KeyValue, NegotiationError,
+    Negotiator, SessionParams, SessionType, TargetLimits, DEFAULT_MAX_RECV_DATA_SEGMENT_LENGTH,
+    MAX_NEGOTIATION_TEXT,
 };
 use super::pdu::{LoginRequest, LoginResponseBuilder, Opcode, Pdu};
 
@@ -362,18 +363,14 @@ impl std::fmt::Debug for LoginNegotiation {
     }
 }
 
+/// Security-stage keys (§12): AuthMethod and the CHAP keys, per the key table.
 fn is_security_key(key: &str) -> bool {
-    matches!(
-        key,
-        "AuthMethod" | "CHAP_A" | "CHAP_I" | "CHAP_C" | "CHAP_N" | "CHAP_R"
-    )
+    key_group(key) == Some(KeyGroup::Security)
 }
 
+/// The keys naming the session (§6.3.1): InitiatorName, InitiatorAlias, TargetName, SessionType.
 fn is_identity_key(key: &str) -> bool {
-    matches!(
-        key,
-        "InitiatorName" | "InitiatorAlias" | "TargetName" | "SessionType"
-    )
+    key_group(key) == Some(KeyGroup::Identity)
 }
 
 fn valid_name(name: &str) -> bool {

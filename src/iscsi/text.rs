@@ -17,8 +17,8 @@ use bytes::Bytes;
 
 use super::login::TargetAuth;
 use super::negotiation::{
-    encode_text, is_reserved_value, parse_numeric, parse_text, split_text, SessionParams,
-    SessionType, KNOWN_KEYS, MAX_NEGOTIATION_TEXT, MAX_SEGMENT, MIN_SEGMENT,
+    encode_text, is_reserved_value, key_def, parse_numeric, parse_text, split_text, SessionParams,
+    SessionType, MAX_NEGOTIATION_TEXT, MAX_SEGMENT, MIN_SEGMENT,
 };
 use super::pdu::{Opcode, Pdu, RejectReason, TextRequest, TextResponseBuilder, RESERVED_TAG};
 
@@ -203,9 +203,7 @@ impl TextNegotiation {
                 "InitiatorAlias" => {}
                 _ if is_reserved_value(value) => {}
                 // Login-only keys cannot change in Full Feature Phase.
-                _ if KNOWN_KEYS.contains(&key) => {
-                    answer.extend(encode_text(&[(key, "Irrelevant")]))
-                }
+                _ if key_def(key).is_some() => answer.extend(encode_text(&[(key, "Irrelevant")])),
                 _ => answer.extend(encode_text(&[(key, "NotUnderstood")])),
             }
         }
