@@ -374,7 +374,7 @@ fn cover(ranges: &mut Vec<(u32, u32)>, start: u32, end: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::iscsi::pdu::Opcode;
+    use crate::iscsi::pdu::{DataIn, DataOutBuilder, Opcode, R2t, ScsiResponse as ScsiResponsePdu};
 
     fn cmd(read: bool, write: bool, edtl: u32, fin: bool) -> ScsiCommandHeader {
         ScsiCommandHeader {
@@ -406,8 +406,8 @@ mod tests {
         assert_eq!(pdus[0].flags() & 0x81, 0x00);
         assert_eq!(pdus[1].flags() & 0x81, 0x80);
         assert_eq!(pdus[2].flags() & 0x81, 0x81);
-        assert_eq!(pdus[2].u32_at(36), 2);
-        assert_eq!(pdus[2].u32_at(40), 16384);
+        assert_eq!(DataIn(&pdus[2]).data_sn(), 2);
+        assert_eq!(DataIn(&pdus[2]).buffer_offset(), 16384);
     }
 
     #[test]
@@ -419,7 +419,7 @@ mod tests {
             None,
         );
         assert_eq!(short[0].flags() & 0x06, 0x02);
-        assert_eq!(short[0].u32_at(44), 3584);
+        assert_eq!(DataIn(&short[0]).residual_count(), 3584);
         let over = build_response(
             &cmd(true, false, 512, true),
             ScsiResponse::good(Bytes::from(vec![0u8; 1024])),
@@ -428,7 +428,7 @@ mod tests {
         );
         assert_eq!(over[0].data.len(), 512);
         assert_eq!(over[0].flags() & 0x06, 0x04);
-        assert_eq!(over[0].u32_at(44), 512);
+        assert_eq!(DataIn(&over[0]).residual_count(), 512);
     }
 
     #[test]
@@ -441,19 +441,17 @@ mod tests {
         let pdus = build_response(&cmd(false, false, 0, true), resp, LIMITS, None);
         assert_eq!(pdus.len(), 1);
         assert_eq!(pdus[0].opcode(), Some(Opcode::ScsiResponse));
-        assert_eq!(pdus[0].bhs[3], 0x02);
+        assert_eq!(ScsiResponsePdu(&pdus[0]).status(), 0x02);
         assert_eq!(&pdus[0].data[..], &[0, 3, 0x70, 0, 5]);
     }
 
     fn data_out(ttt: u32, sn: u32, off: u32, len: usize, fin: bool) -> Pdu {
-        let mut p = Pdu::new(Opcode::DataOut);
-        p.set_flags(if fin { 0x80 } else { 0 });
-        p.set_itt(9);
-        p.set_u32_at(20, ttt);
-        p.set_u32_at(36, sn);
-        p.set_u32_at(40, off);
-        p.set_data(Bytes::from(vec![(off / 512) as u8; len]));
-        p
+        DataOutBuilder::new(9, ttt)
+            .final_bit(fin)
+            .data_sn(sn)
+            .buffer_offset(off)
+            .data(Bytes::from(vec![(off / 512) as u8; len]))
+            .build()
     }
 
     #[test]
@@ -466,7 +464,11 @@ mod tests {
             tag
         });
         assert_eq!(r2ts.len(), 1);
-        assert_eq!((r2ts[0].u32_at(40), r2ts[0].u32_at(44)), (2048, 4096));
+        let r = R2t(&r2ts[0]);
+        assert_eq!(
+            (r.buffer_offset(), r.desired_data_transfer_length()),
+            (2048, 4096)
+        );
         g.data_out(&data_out(RESERVED_TAG, 0, 1024, 1024, true))
             .unwrap();
         assert!(!g.complete());
@@ -481,7 +483,11 @@ mod tests {
         g.data_out(&data_out(101, 1, 4096, 2048, true)).unwrap();
         let more = g.next_r2ts(|| 200);
         assert_eq!(
-            (more[0].u32_at(36), more[0].u32_at(40), more[0].u32_at(44)),
+            (
+                R2t(&more[0]).r2t_sn(),
+                R2t(&more[0]).buffer_offset(),
+                R2t(&more[0]).desired_data_transfer_length()
+            ),
             (1, 6144, 2048)
         );
         assert!(g.data_out(&data_out(200, 0, 6000, 2048, true)).is_err());
@@ -559,6 +565,6 @@ mod tests {
         let c = cmd(false, true, 1024, true);
         let mut g = WriteGather::new(&c, 512, Bytes::new(), 65536, true, 65536, 4);
         let r = g.next_r2ts(|| 1);
-        assert_eq!(r[0].u32_at(44), 512);
+        assert_eq!(R2t(&r[0]).desired_data_transfer_length(), 512);
     }
 }

@@ -1088,6 +1088,7 @@ impl LoginNegotiation {
 mod tests {
     use super::*;
     use crate::iscsi::negotiation::{encode_hex, parse_binary, Digest};
+    use crate::iscsi::pdu::{LoginRequestBuilder, LoginResponse};
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
@@ -1162,17 +1163,14 @@ mod tests {
     }
 
     fn pdu(r: &Req) -> Pdu {
-        let mut p = Pdu::new(Opcode::LoginRequest);
-        p.set_immediate(true);
-        p.set_flags(r.flags);
-        p.bhs[8..14].copy_from_slice(&ISID);
-        p.bhs[14..16].copy_from_slice(&r.tsih.to_be_bytes());
-        p.set_itt(0xabcd);
-        p.bhs[20..22].copy_from_slice(&r.cid.to_be_bytes());
-        p.set_u32_at(24, r.cmd_sn);
-        p.set_u32_at(28, 0);
-        p.set_data(Bytes::from(r.data.clone()));
-        p
+        LoginRequestBuilder::new(r.flags, 0xabcd)
+            .isid(ISID)
+            .tsih(r.tsih)
+            .cid(r.cid)
+            .cmd_sn(r.cmd_sn)
+            .exp_stat_sn(0)
+            .data(Bytes::from(r.data.clone()))
+            .build()
     }
 
     fn text_of(p: &Pdu) -> Vec<(String, String)> {
@@ -1191,7 +1189,7 @@ mod tests {
     }
 
     fn status(p: &Pdu) -> u16 {
-        u16::from_be_bytes([p.bhs[36], p.bhs[37]])
+        LoginResponse(p).status()
     }
 
     fn expect_continue(step: LoginStep) -> Pdu {
@@ -1270,17 +1268,18 @@ mod tests {
         let (resp, result) = expect_complete(m.handle(&pdu(&req(1, Some(3), &text)), &mut dir));
         assert_eq!(resp.opcode(), Some(Opcode::LoginResponse));
         assert_eq!(resp.flags(), FLAG_TRANSIT | (1 << 2) | 3);
-        assert_eq!(&resp.bhs[8..14], &ISID);
-        assert_eq!(
-            u16::from_be_bytes([resp.bhs[14], resp.bhs[15]]),
-            1,
-            "TSIH in final response"
-        );
+        assert_eq!(LoginResponse(&resp).isid(), ISID);
+        assert_eq!(LoginResponse(&resp).tsih(), 1, "TSIH in final response");
         assert_eq!(resp.itt(), 0xabcd);
-        assert_eq!(resp.field24(), 1000, "StatSN");
-        assert_eq!(resp.field28(), 55, "ExpCmdSN = login CmdSN");
-        assert_eq!(resp.field32(), 55 + 127, "MaxCmdSN");
-        assert_eq!((resp.bhs[2], resp.bhs[3]), (0, 0));
+        assert_eq!(LoginResponse(&resp).stat_sn(), 1000, "StatSN");
+        assert_eq!(
+            LoginResponse(&resp).exp_cmd_sn(),
+            55,
+            "ExpCmdSN = login CmdSN"
+        );
+        assert_eq!(LoginResponse(&resp).max_cmd_sn(), 55 + 127, "MaxCmdSN");
+        let r = LoginResponse(&resp);
+        assert_eq!((r.version_max(), r.version_active()), (0, 0));
         assert_eq!(val(&resp, "TargetPortalGroupTag").as_deref(), Some("7"));
         assert_eq!(val(&resp, "TargetAlias").as_deref(), Some("disk one"));
         assert_eq!(
@@ -1332,13 +1331,17 @@ mod tests {
             "no operational keys in security stage"
         );
         assert_eq!(
-            u16::from_be_bytes([r1.bhs[14], r1.bhs[15]]),
+            LoginResponse(&r1).tsih(),
             0,
             "TSIH only in the final response"
         );
         assert_eq!(m.stage(), Stage::LoginOperationalNegotiation);
         let (r2, result) = expect_complete(m.handle(&pdu(&req(1, Some(3), OPNEG)), &mut dir));
-        assert_eq!(r2.field24(), 1001, "each response consumes a StatSN");
+        assert_eq!(
+            LoginResponse(&r2).stat_sn(),
+            1001,
+            "each response consumes a StatSN"
+        );
         assert_eq!(result.stat_sn, 1002);
         assert_eq!(val(&r2, "TargetPortalGroupTag"), None, "declared once");
     }
@@ -1786,7 +1789,7 @@ mod tests {
             FLAG_CONTINUE
         );
         assert!(first.data.len() <= 8192);
-        assert_eq!(u16::from_be_bytes([first.bhs[14], first.bhs[15]]), 0);
+        assert_eq!(LoginResponse(&first).tsih(), 0);
         let mut all = first.data.to_vec();
         // Text sent while we are continuing is an error; empty requests fetch the rest.
         let mut steps = 0;
@@ -1803,7 +1806,7 @@ mod tests {
             }
         };
         assert_eq!(last.flags(), FLAG_TRANSIT | (1 << 2) | 3);
-        assert_ne!(u16::from_be_bytes([last.bhs[14], last.bhs[15]]), 0);
+        assert_ne!(LoginResponse(&last).tsih(), 0);
         all.extend_from_slice(&last.data);
         let pairs = parse_text(&all).unwrap();
         assert_eq!(
@@ -1813,7 +1816,10 @@ mod tests {
                 .count(),
             600
         );
-        assert_eq!(result.stat_sn, last.field24().wrapping_add(1));
+        assert_eq!(
+            result.stat_sn,
+            LoginResponse(&last).stat_sn().wrapping_add(1)
+        );
     }
 
     #[test]
@@ -1852,7 +1858,7 @@ mod tests {
         };
         let mut m = machine(config());
         let (resp, result) = expect_complete(m.handle(&pdu(&r), &mut dir));
-        assert_eq!(u16::from_be_bytes([resp.bhs[14], resp.bhs[15]]), 0x77);
+        assert_eq!(LoginResponse(&resp).tsih(), 0x77);
         assert_eq!(val(&resp, "MaxBurstLength").as_deref(), Some("Irrelevant"));
         assert_eq!(result.params.max_burst_length, 65536);
         assert_eq!(

@@ -478,6 +478,187 @@ impl<'a> NopOut<'a> {
     view_u32!(exp_stat_sn = offset::WORD28);
 }
 
+/// SCSI Response as received (§11.4): what an initiator (and our tests) read back.
+#[derive(Debug, Clone, Copy)]
+pub struct ScsiResponse<'a>(pub &'a Pdu);
+
+impl<'a> ScsiResponse<'a> {
+    /// Response (§11.4.3): 0 = command completed at target.
+    pub fn response(&self) -> u8 {
+        self.0.bhs[2]
+    }
+    pub fn status(&self) -> u8 {
+        self.0.bhs[3]
+    }
+    /// U bit: Residual Count is an underflow (§11.4.5.1).
+    pub fn underflow(&self) -> bool {
+        self.0.bhs[offset::FLAGS] & 0x02 != 0
+    }
+    /// O bit: Residual Count is an overflow (§11.4.5.1).
+    pub fn overflow(&self) -> bool {
+        self.0.bhs[offset::FLAGS] & 0x04 != 0
+    }
+    view_u32!(itt = offset::ITT);
+    view_u32!(stat_sn = offset::WORD24);
+    view_u32!(exp_data_sn = offset::WORD36);
+    view_u32!(residual_count = offset::WORD44);
+}
+
+/// SCSI Data-In as received (§11.7).
+#[derive(Debug, Clone, Copy)]
+pub struct DataIn<'a>(pub &'a Pdu);
+
+impl<'a> DataIn<'a> {
+    pub fn final_bit(&self) -> bool {
+        self.0.final_bit()
+    }
+    /// S bit: status is carried in this PDU (§11.7.4).
+    pub fn status_bit(&self) -> bool {
+        self.0.bhs[offset::FLAGS] & 0x01 != 0
+    }
+    pub fn underflow(&self) -> bool {
+        self.0.bhs[offset::FLAGS] & 0x02 != 0
+    }
+    pub fn overflow(&self) -> bool {
+        self.0.bhs[offset::FLAGS] & 0x04 != 0
+    }
+    pub fn status(&self) -> u8 {
+        self.0.bhs[3]
+    }
+    view_u32!(itt = offset::ITT);
+    view_u32!(target_transfer_tag = offset::WORD20);
+    view_u32!(data_sn = offset::WORD36);
+    view_u32!(buffer_offset = offset::WORD40);
+    view_u32!(residual_count = offset::WORD44);
+}
+
+/// R2T as received (§11.8).
+#[derive(Debug, Clone, Copy)]
+pub struct R2t<'a>(pub &'a Pdu);
+
+impl<'a> R2t<'a> {
+    pub fn lun(&self) -> u64 {
+        self.0.lun()
+    }
+    view_u32!(itt = offset::ITT);
+    view_u32!(target_transfer_tag = offset::WORD20);
+    view_u32!(r2t_sn = offset::WORD36);
+    view_u32!(buffer_offset = offset::WORD40);
+    view_u32!(desired_data_transfer_length = offset::WORD44);
+}
+
+/// Text Response as received (§11.11).
+#[derive(Debug, Clone, Copy)]
+pub struct TextResponse<'a>(pub &'a Pdu);
+
+impl<'a> TextResponse<'a> {
+    pub fn final_bit(&self) -> bool {
+        self.0.final_bit()
+    }
+    pub fn continue_bit(&self) -> bool {
+        self.0.bhs[offset::FLAGS] & 0x40 != 0
+    }
+    view_u32!(itt = offset::ITT);
+    view_u32!(target_transfer_tag = offset::WORD20);
+    view_u32!(stat_sn = offset::WORD24);
+    view_u32!(exp_cmd_sn = offset::WORD28);
+    view_u32!(max_cmd_sn = offset::WORD32);
+}
+
+/// Builds a Login Request (§11.12): the initiator's side, for tests and raw-PDU clients.
+/// Login requests are always immediate (§11.12).
+#[derive(Debug)]
+pub struct LoginRequestBuilder(Pdu);
+
+impl LoginRequestBuilder {
+    /// `flags` holds T, C, CSG and NSG as in byte 1 (§11.12.1–3).
+    pub fn new(flags: u8, itt: u32) -> Self {
+        let mut p = Pdu::new(Opcode::LoginRequest);
+        p.set_immediate(true);
+        p.set_flags(flags);
+        p.set_itt(itt);
+        LoginRequestBuilder(p)
+    }
+    #[must_use]
+    pub fn isid(mut self, isid: [u8; 6]) -> Self {
+        self.0.bhs[8..14].copy_from_slice(&isid);
+        self
+    }
+    #[must_use]
+    pub fn tsih(mut self, tsih: u16) -> Self {
+        self.0.bhs[14..16].copy_from_slice(&tsih.to_be_bytes());
+        self
+    }
+    #[must_use]
+    pub fn cid(mut self, cid: u16) -> Self {
+        self.0.bhs[20..22].copy_from_slice(&cid.to_be_bytes());
+        self
+    }
+    build_u32!(cmd_sn = offset::WORD24);
+    build_u32!(exp_stat_sn = offset::WORD28);
+    #[must_use]
+    pub fn data(mut self, data: Bytes) -> Self {
+        self.0.set_data(data);
+        self
+    }
+    pub fn build(self) -> Pdu {
+        self.0
+    }
+}
+
+/// Builds a Text Request (§11.10), initiator side; sent immediate.
+#[derive(Debug)]
+pub struct TextRequestBuilder(Pdu);
+
+impl TextRequestBuilder {
+    /// `flags` holds F (0x80) and C (0x40) (§11.10.1–2).
+    pub fn new(itt: u32, target_transfer_tag: u32, flags: u8) -> Self {
+        let mut p = Pdu::new(Opcode::TextRequest);
+        p.set_immediate(true);
+        p.set_flags(flags);
+        p.set_itt(itt);
+        p.set_u32_at(offset::WORD20, target_transfer_tag);
+        TextRequestBuilder(p)
+    }
+    #[must_use]
+    pub fn data(mut self, data: Bytes) -> Self {
+        self.0.set_data(data);
+        self
+    }
+    pub fn build(self) -> Pdu {
+        self.0
+    }
+}
+
+/// Builds a SCSI Data-Out (§11.7), initiator side.
+#[derive(Debug)]
+pub struct DataOutBuilder(Pdu);
+
+impl DataOutBuilder {
+    pub fn new(itt: u32, target_transfer_tag: u32) -> Self {
+        let mut p = Pdu::new(Opcode::DataOut);
+        p.set_itt(itt);
+        p.set_u32_at(offset::WORD20, target_transfer_tag);
+        DataOutBuilder(p)
+    }
+    #[must_use]
+    pub fn final_bit(mut self, v: bool) -> Self {
+        self.0.set_bit(offset::FLAGS, FLAG_FINAL, v);
+        self
+    }
+    build_u32!(exp_stat_sn = offset::WORD28);
+    build_u32!(data_sn = offset::WORD36);
+    build_u32!(buffer_offset = offset::WORD40);
+    #[must_use]
+    pub fn data(mut self, data: Bytes) -> Self {
+        self.0.set_data(data);
+        self
+    }
+    pub fn build(self) -> Pdu {
+        self.0
+    }
+}
+
 /// Residual of a transfer (§11.4.5): what the initiator expected against what the command used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Residual {
@@ -1376,6 +1557,91 @@ mod tests {
         assert_eq!(Residual::of(100, 160), Residual::Overflow(60));
         assert_eq!(Residual::of(100, 100), Residual::None);
         assert_eq!(Residual::of(0, u64::MAX), Residual::Overflow(u32::MAX));
+    }
+
+    #[test]
+    fn initiator_builders_round_trip_through_the_views() {
+        let p = LoginRequestBuilder::new(0x80 | 0x40 | (1 << 2) | 3, 0xabcd)
+            .isid([0x80, 0, 0x12, 0x34, 0, 1])
+            .tsih(7)
+            .cid(2)
+            .cmd_sn(55)
+            .exp_stat_sn(9)
+            .build();
+        assert!(p.immediate());
+        let l = LoginRequest(&p);
+        assert!(l.transit() && l.continue_bit());
+        assert_eq!((l.csg(), l.nsg(), l.tsih(), l.cid()), (1, 3, 7, 2));
+        assert_eq!((l.itt(), l.cmd_sn(), l.exp_stat_sn()), (0xabcd, 55, 9));
+        assert_eq!(l.isid(), [0x80, 0, 0x12, 0x34, 0, 1]);
+
+        let p = TextRequestBuilder::new(3, 4, 0x40).build();
+        let t = TextRequest(&p);
+        assert!(p.immediate() && t.continue_bit() && !t.final_bit());
+        assert_eq!((t.itt(), t.target_transfer_tag()), (3, 4));
+
+        let p = DataOutBuilder::new(9, 10)
+            .final_bit(true)
+            .data_sn(1)
+            .buffer_offset(512)
+            .data(Bytes::from_static(b"d"))
+            .build();
+        let d = DataOut(&p);
+        assert!(d.final_bit());
+        assert_eq!(
+            (
+                d.itt(),
+                d.target_transfer_tag(),
+                d.data_sn(),
+                d.buffer_offset()
+            ),
+            (9, 10, 1, 512)
+        );
+
+        let p = DataInBuilder::new(1)
+            .final_bit(true)
+            .status(0)
+            .residual(Residual::Overflow(4))
+            .build();
+        let d = DataIn(&p);
+        assert!(d.final_bit() && d.status_bit() && d.overflow() && !d.underflow());
+        assert_eq!(
+            (d.residual_count(), d.target_transfer_tag()),
+            (4, RESERVED_TAG)
+        );
+        let p = ScsiResponseBuilder::new(1)
+            .status(2)
+            .exp_data_sn(3)
+            .residual(Residual::Underflow(5))
+            .build();
+        let r = ScsiResponse(&p);
+        assert!(r.underflow() && !r.overflow());
+        assert_eq!(
+            (
+                r.response(),
+                r.status(),
+                r.exp_data_sn(),
+                r.residual_count()
+            ),
+            (0, 2, 3, 5)
+        );
+        let p = R2tBuilder::new(0, 1, 2)
+            .r2t_sn(3)
+            .buffer_offset(4)
+            .desired_data_transfer_length(5)
+            .build();
+        let r = R2t(&p);
+        assert_eq!(
+            (
+                r.target_transfer_tag(),
+                r.r2t_sn(),
+                r.buffer_offset(),
+                r.desired_data_transfer_length()
+            ),
+            (2, 3, 4, 5)
+        );
+        let p = TextResponseBuilder::new(1, 2, 0x80).build();
+        assert!(TextResponse(&p).final_bit() && !TextResponse(&p).continue_bit());
     }
 
     #[test]

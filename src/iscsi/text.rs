@@ -322,6 +322,7 @@ pub fn send_targets(ctx: &TextContext<'_>, value: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iscsi::pdu::{TextRequestBuilder, TextResponse};
 
     const INI: &str = "iqn.2024-01.org.example:ini";
 
@@ -355,13 +356,9 @@ mod tests {
     }
 
     fn request(itt: u32, ttt: u32, flags: u8, text: &[u8]) -> Pdu {
-        let mut p = Pdu::new(Opcode::TextRequest);
-        p.set_immediate(true);
-        p.set_flags(flags);
-        p.set_itt(itt);
-        p.set_u32_at(20, ttt);
-        p.set_data(Bytes::copy_from_slice(text));
-        p
+        TextRequestBuilder::new(itt, ttt, flags)
+            .data(Bytes::copy_from_slice(text))
+            .build()
     }
 
     fn respond(o: TextOutcome) -> (Pdu, ParamUpdate) {
@@ -405,7 +402,7 @@ mod tests {
         assert_eq!(r.opcode(), Some(Opcode::TextResponse));
         assert_eq!(r.flags(), FLAG_FINAL, "libiscsi insists on exactly F");
         assert_eq!(r.itt(), 9);
-        assert_eq!(r.field20(), RESERVED_TAG);
+        assert_eq!(TextResponse(&r).target_transfer_tag(), RESERVED_TAG);
         assert_eq!(
             pairs(&r.data),
             vec![
@@ -499,7 +496,7 @@ mod tests {
             &c,
         ));
         assert_eq!(first.flags(), FLAG_CONTINUE);
-        let ttt = first.field20();
+        let ttt = TextResponse(&first).target_transfer_tag();
         assert_ne!(ttt, RESERVED_TAG);
         assert!(first.data.len() <= 1024);
         assert_eq!(*first.data.last().unwrap(), 0, "split at a pair boundary");
@@ -509,11 +506,11 @@ mod tests {
             assert!(r.data.len() <= 1024);
             all.extend_from_slice(&r.data);
             if r.flags() & FLAG_FINAL != 0 {
-                assert_eq!(r.field20(), RESERVED_TAG);
+                assert_eq!(TextResponse(&r).target_transfer_tag(), RESERVED_TAG);
                 break;
             }
             assert_eq!(r.flags(), FLAG_CONTINUE);
-            assert_eq!(r.field20(), ttt);
+            assert_eq!(TextResponse(&r).target_transfer_tag(), ttt);
         }
         let got = pairs(&all);
         assert_eq!(got.iter().filter(|(k, _)| k == "TargetName").count(), 200);
@@ -536,7 +533,7 @@ mod tests {
         let (ack, _) = respond(n.handle(&request(4, RESERVED_TAG, FLAG_CONTINUE, b"SendTarg"), &c));
         assert_eq!(ack.flags(), 0);
         assert!(ack.data.is_empty());
-        let ttt = ack.field20();
+        let ttt = TextResponse(&ack).target_transfer_tag();
         assert_ne!(ttt, RESERVED_TAG);
         let (r, _) = respond(n.handle(&request(4, ttt, FLAG_FINAL, b"ets=All\0"), &c));
         assert_eq!(r.flags(), FLAG_FINAL);
@@ -556,12 +553,15 @@ mod tests {
         let mut n = TextNegotiation::new();
         let (r, _) = respond(n.handle(&request(6, RESERVED_TAG, 0, b"X-foo=1\0"), &c));
         assert_eq!(r.flags() & FLAG_FINAL, 0);
-        assert_ne!(r.field20(), RESERVED_TAG);
+        assert_ne!(TextResponse(&r).target_transfer_tag(), RESERVED_TAG);
         assert_eq!(
             pairs(&r.data),
             vec![("X-foo".into(), "NotUnderstood".into())]
         );
-        let (r2, _) = respond(n.handle(&request(6, r.field20(), FLAG_FINAL, b""), &c));
+        let (r2, _) = respond(n.handle(
+            &request(6, TextResponse(&r).target_transfer_tag(), FLAG_FINAL, b""),
+            &c,
+        ));
         assert_eq!(r2.flags(), FLAG_FINAL);
     }
 
@@ -685,7 +685,9 @@ mod tests {
         let mut rejected = false;
         for _ in 0..20 {
             match n.handle(&request(8, ttt, FLAG_CONTINUE, &vec![b'a'; 8192]), &c) {
-                TextOutcome::Respond { response, .. } => ttt = response.field20(),
+                TextOutcome::Respond { response, .. } => {
+                    ttt = TextResponse(&response).target_transfer_tag()
+                }
                 TextOutcome::Reject { .. } => {
                     rejected = true;
                     break;
@@ -723,6 +725,7 @@ mod tests {
     fn stamping() {
         let mut p = text_response(1, RESERVED_TAG, FLAG_FINAL, Vec::new());
         stamp_sequence_numbers(&mut p, 10, 20, 30);
-        assert_eq!((p.field24(), p.field28(), p.field32()), (10, 20, 30));
+        let r = TextResponse(&p);
+        assert_eq!((r.stat_sn(), r.exp_cmd_sn(), r.max_cmd_sn()), (10, 20, 30));
     }
 }
