@@ -1,8 +1,10 @@
 //! Text key=value format (RFC 7143 §6.1) and operational parameter negotiation (§6.2, §13).
 //!
 //! [`parse_text`] turns a (complete, reassembled) data segment into key=value pairs and never
-//! panics: malformed input yields a [`TextError`]. [`Negotiator`] plays the target's part in
-//! login-time negotiation of the §13 keys and produces [`SessionParams`].
+//! panics: malformed input yields a [`TextError`]. [`KEYS`] declares every key of §12/§13 once
+//! (stage, Use, scope, senders, type and result function, default, range). [`Negotiator`]
+//! plays the target's part in login-time negotiation of those keys, reading the table, and
+//! produces [`SessionParams`]; the few rules one key has on its own stay explicit there.
 
 use std::collections::{HashMap, HashSet};
 
@@ -1882,6 +1884,47 @@ mod tests {
                 "TargetName"
             ]
         );
+        // Exactly the keys answered before the table existed; anything else is NotUnderstood.
+        let mut known: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+        known.sort_unstable();
+        let mut expected = vec![
+            "HeaderDigest",
+            "DataDigest",
+            "MaxConnections",
+            "SendTargets",
+            "TargetName",
+            "InitiatorName",
+            "TargetAlias",
+            "InitiatorAlias",
+            "TargetAddress",
+            "TargetPortalGroupTag",
+            "InitialR2T",
+            "ImmediateData",
+            "MaxRecvDataSegmentLength",
+            "MaxBurstLength",
+            "FirstBurstLength",
+            "DefaultTime2Wait",
+            "DefaultTime2Retain",
+            "MaxOutstandingR2T",
+            "DataPDUInOrder",
+            "DataSequenceInOrder",
+            "ErrorRecoveryLevel",
+            "SessionType",
+            "TaskReporting",
+            "iSCSIProtocolLevel",
+            "IFMarker",
+            "OFMarker",
+            "IFMarkInt",
+            "OFMarkInt",
+            "AuthMethod",
+            "CHAP_A",
+            "CHAP_I",
+            "CHAP_C",
+            "CHAP_N",
+            "CHAP_R",
+        ];
+        expected.sort_unstable();
+        assert_eq!(known, expected);
         assert!(key_def("headerdigest").is_none(), "keys are case-sensitive");
         assert!(key_def("X-com.example.Foo").is_none() && key_def("X#Foo").is_none());
     }
