@@ -4,10 +4,14 @@
 //! a write still needs. StatSN, ExpCmdSN and MaxCmdSN are stamped by the connection's writer
 //! when a PDU is sent, so nothing here knows about sequence numbers but DataSN and R2TSN.
 
-use super::pdu::{Opcode, Pdu, RESERVED_TAG};
+pub use super::pdu::Residual;
+use super::pdu::{
+    DataInBuilder, DataOut, Pdu, R2tBuilder, RejectBuilder, ScsiCommand, ScsiResponseBuilder,
+    RESERVED_TAG,
+};
 use crate::scsi::{ScsiResponse, Status};
 use crate::store::AlignedBuf;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 /// Fields of a SCSI Command PDU (§11.3).
 #[derive(Debug, Clone)]
@@ -26,9 +30,9 @@ pub struct ScsiCommandHeader {
 impl ScsiCommandHeader {
     /// Reads the header; the CDB is the 16 bytes at 32 plus any extended-CDB AHS (§11.2.2.3).
     pub fn parse(pdu: &Pdu) -> Result<ScsiCommandHeader, &'static str> {
-        let flags = pdu.flags();
-        let mut cdb = BytesMut::from(&pdu.bhs[32..48]);
-        let mut ahs = &pdu.ahs[..];
+        let cmd = ScsiCommand(pdu);
+        let mut cdb = BytesMut::from(&cmd.cdb()[..]);
+        let mut ahs = cmd.ahs();
         while ahs.len() >= 3 {
             let len = u16::from_be_bytes([ahs[0], ahs[1]]) as usize;
             let kind = ahs[2];
@@ -42,50 +46,16 @@ impl ScsiCommandHeader {
             ahs = &ahs[total.min(ahs.len())..];
         }
         Ok(ScsiCommandHeader {
-            itt: pdu.itt(),
-            lun: pdu.lun(),
-            read: flags & 0x40 != 0,
-            write: flags & 0x20 != 0,
-            final_bit: flags & 0x80 != 0,
-            attr: flags & 0x07,
-            expected_len: pdu.field20(),
-            cmd_sn: pdu.field24(),
+            itt: cmd.itt(),
+            lun: cmd.lun(),
+            read: cmd.read(),
+            write: cmd.write(),
+            final_bit: cmd.final_bit(),
+            attr: cmd.attr(),
+            expected_len: cmd.expected_data_transfer_length(),
+            cmd_sn: cmd.cmd_sn(),
             cdb: cdb.freeze(),
         })
-    }
-}
-
-/// Residual of a transfer (§11.4.5): what the initiator expected against what the command used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Residual {
-    None,
-    Underflow(u32),
-    Overflow(u32),
-}
-
-impl Residual {
-    pub fn of(expected: u32, actual: u64) -> Residual {
-        let e = expected as u64;
-        if actual < e {
-            Residual::Underflow((e - actual) as u32)
-        } else if actual > e {
-            Residual::Overflow((actual - e).min(u32::MAX as u64) as u32)
-        } else {
-            Residual::None
-        }
-    }
-    fn apply(self, pdu: &mut Pdu) {
-        match self {
-            Residual::None => {}
-            Residual::Underflow(n) => {
-                pdu.bhs[1] |= 0x02;
-                pdu.set_u32_at(44, n);
-            }
-            Residual::Overflow(n) => {
-                pdu.bhs[1] |= 0x04;
-                pdu.set_u32_at(44, n);
-            }
-        }
     }
 }
 
@@ -134,55 +104,34 @@ pub fn build_response(
         let burst_end = ((offset / burst) + 1) * burst;
         let end = (offset + seg).min(to_send.len()).min(burst_end);
         let last = end == to_send.len();
-        let mut p = Pdu::new(Opcode::DataIn);
-        let mut flags = 0u8;
-        if last || end == burst_end {
-            flags |= 0x80;
-        }
+        let final_bit = last || end == burst_end;
+        let mut b = DataInBuilder::new(cmd.itt)
+            .final_bit(final_bit)
+            .data_sn(data_sn)
+            .buffer_offset(offset as u32);
         if last && collapse {
-            flags |= 0x01;
-            p.bhs[3] = resp.status as u8;
+            b = b.status(resp.status as u8).residual(residual);
         }
-        p.set_flags(flags);
-        p.set_itt(cmd.itt);
-        p.set_u32_at(20, RESERVED_TAG);
-        p.set_u32_at(36, data_sn);
-        p.set_u32_at(40, offset as u32);
-        if last && collapse {
-            residual.apply(&mut p);
-        }
-        p.set_data(to_send.slice(offset..end));
-        out.push(p);
+        out.push(b.data(to_send.slice(offset..end)).build());
         data_sn += 1;
         offset = end;
     }
     if !collapse {
-        let mut p = Pdu::new(Opcode::ScsiResponse);
-        p.set_flags(0x80);
-        p.bhs[2] = 0x00; // command completed at target
-        p.bhs[3] = resp.status as u8;
-        p.set_itt(cmd.itt);
-        p.set_u32_at(36, data_sn); // ExpDataSN: Data-In PDUs sent
-        residual.apply(&mut p);
+        let mut b = ScsiResponseBuilder::new(cmd.itt)
+            .status(resp.status as u8)
+            .exp_data_sn(data_sn) // Data-In PDUs sent
+            .residual(residual);
         if let Some(sense) = resp.sense {
-            let mut d = BytesMut::with_capacity(2 + sense.len());
-            d.put_u16(sense.len() as u16);
-            d.put_slice(&sense);
-            p.set_data(d.freeze());
+            b = b.sense(&sense);
         }
-        out.push(p);
+        out.push(b.build());
     }
     out
 }
 
 /// A Reject PDU carrying the offending header (§11.17).
 pub fn reject(reason: super::pdu::RejectReason, bhs: &[u8; 48]) -> Pdu {
-    let mut p = Pdu::new(Opcode::Reject);
-    p.set_flags(0x80);
-    p.bhs[2] = reason as u8;
-    p.set_itt(RESERVED_TAG);
-    p.set_data(Bytes::copy_from_slice(bhs));
-    p
+    RejectBuilder::new(reason, bhs).build()
 }
 
 /// Why a Data-Out PDU is not acceptable (the connection answers with Reject and drops).
@@ -294,14 +243,11 @@ impl WriteGather {
         {
             let len = (self.transfer_len - self.next_r2t_offset).min(self.max_burst);
             let tag = ttt();
-            let mut p = Pdu::new(Opcode::R2t);
-            p.set_flags(0x80);
-            p.set_lun(self.lun);
-            p.set_itt(self.itt);
-            p.set_u32_at(20, tag);
-            p.set_u32_at(36, self.r2t_sn);
-            p.set_u32_at(40, self.next_r2t_offset);
-            p.set_u32_at(44, len);
+            let p = R2tBuilder::new(self.lun, self.itt, tag)
+                .r2t_sn(self.r2t_sn)
+                .buffer_offset(self.next_r2t_offset)
+                .desired_data_transfer_length(len)
+                .build();
             self.open.push(OpenR2t {
                 ttt: tag,
                 offset: self.next_r2t_offset,
@@ -318,11 +264,12 @@ impl WriteGather {
 
     /// Accepts one Data-Out PDU (§11.7).
     pub fn data_out(&mut self, pdu: &Pdu) -> Result<(), DataOutError> {
-        let ttt = pdu.field20();
-        let data_sn = pdu.u32_at(36);
-        let offset = pdu.u32_at(40);
-        let len = pdu.data.len() as u32;
-        let fin = pdu.final_bit();
+        let d = DataOut(pdu);
+        let ttt = d.target_transfer_tag();
+        let data_sn = d.data_sn();
+        let offset = d.buffer_offset();
+        let len = d.data().len() as u32;
+        let fin = d.final_bit();
         let (start, end, expected_sn) = if ttt == RESERVED_TAG {
             if !self.unsolicited_open {
                 return Err(DataOutError::UnsolicitedNotAllowed);
@@ -427,6 +374,7 @@ fn cover(ranges: &mut Vec<(u32, u32)>, start: u32, end: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iscsi::pdu::{DataIn, DataOutBuilder, Opcode, R2t, ScsiResponse as ScsiResponsePdu};
 
     fn cmd(read: bool, write: bool, edtl: u32, fin: bool) -> ScsiCommandHeader {
         ScsiCommandHeader {
@@ -458,8 +406,8 @@ mod tests {
         assert_eq!(pdus[0].flags() & 0x81, 0x00);
         assert_eq!(pdus[1].flags() & 0x81, 0x80);
         assert_eq!(pdus[2].flags() & 0x81, 0x81);
-        assert_eq!(pdus[2].u32_at(36), 2);
-        assert_eq!(pdus[2].u32_at(40), 16384);
+        assert_eq!(DataIn(&pdus[2]).data_sn(), 2);
+        assert_eq!(DataIn(&pdus[2]).buffer_offset(), 16384);
     }
 
     #[test]
@@ -471,7 +419,7 @@ mod tests {
             None,
         );
         assert_eq!(short[0].flags() & 0x06, 0x02);
-        assert_eq!(short[0].u32_at(44), 3584);
+        assert_eq!(DataIn(&short[0]).residual_count(), 3584);
         let over = build_response(
             &cmd(true, false, 512, true),
             ScsiResponse::good(Bytes::from(vec![0u8; 1024])),
@@ -480,7 +428,7 @@ mod tests {
         );
         assert_eq!(over[0].data.len(), 512);
         assert_eq!(over[0].flags() & 0x06, 0x04);
-        assert_eq!(over[0].u32_at(44), 512);
+        assert_eq!(DataIn(&over[0]).residual_count(), 512);
     }
 
     #[test]
@@ -493,19 +441,17 @@ mod tests {
         let pdus = build_response(&cmd(false, false, 0, true), resp, LIMITS, None);
         assert_eq!(pdus.len(), 1);
         assert_eq!(pdus[0].opcode(), Some(Opcode::ScsiResponse));
-        assert_eq!(pdus[0].bhs[3], 0x02);
+        assert_eq!(ScsiResponsePdu(&pdus[0]).status(), 0x02);
         assert_eq!(&pdus[0].data[..], &[0, 3, 0x70, 0, 5]);
     }
 
     fn data_out(ttt: u32, sn: u32, off: u32, len: usize, fin: bool) -> Pdu {
-        let mut p = Pdu::new(Opcode::DataOut);
-        p.set_flags(if fin { 0x80 } else { 0 });
-        p.set_itt(9);
-        p.set_u32_at(20, ttt);
-        p.set_u32_at(36, sn);
-        p.set_u32_at(40, off);
-        p.set_data(Bytes::from(vec![(off / 512) as u8; len]));
-        p
+        DataOutBuilder::new(9, ttt)
+            .final_bit(fin)
+            .data_sn(sn)
+            .buffer_offset(off)
+            .data(Bytes::from(vec![(off / 512) as u8; len]))
+            .build()
     }
 
     #[test]
@@ -518,7 +464,11 @@ mod tests {
             tag
         });
         assert_eq!(r2ts.len(), 1);
-        assert_eq!((r2ts[0].u32_at(40), r2ts[0].u32_at(44)), (2048, 4096));
+        let r = R2t(&r2ts[0]);
+        assert_eq!(
+            (r.buffer_offset(), r.desired_data_transfer_length()),
+            (2048, 4096)
+        );
         g.data_out(&data_out(RESERVED_TAG, 0, 1024, 1024, true))
             .unwrap();
         assert!(!g.complete());
@@ -533,7 +483,11 @@ mod tests {
         g.data_out(&data_out(101, 1, 4096, 2048, true)).unwrap();
         let more = g.next_r2ts(|| 200);
         assert_eq!(
-            (more[0].u32_at(36), more[0].u32_at(40), more[0].u32_at(44)),
+            (
+                R2t(&more[0]).r2t_sn(),
+                R2t(&more[0]).buffer_offset(),
+                R2t(&more[0]).desired_data_transfer_length()
+            ),
             (1, 6144, 2048)
         );
         assert!(g.data_out(&data_out(200, 0, 6000, 2048, true)).is_err());
@@ -611,6 +565,6 @@ mod tests {
         let c = cmd(false, true, 1024, true);
         let mut g = WriteGather::new(&c, 512, Bytes::new(), 65536, true, 65536, 4);
         let r = g.next_r2ts(|| 1);
-        assert_eq!(r[0].u32_at(44), 512);
+        assert_eq!(R2t(&r[0]).desired_data_transfer_length(), 512);
     }
 }

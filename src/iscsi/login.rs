@@ -17,10 +17,11 @@ use rand::RngCore;
 
 use super::chap::{ChapAlgorithm, ChapCredentials, ChapExchange};
 use super::negotiation::{
-    encode_text, parse_text, split_text, KeyValue, NegotiationError, Negotiator, SessionParams,
-    SessionType, TargetLimits, DEFAULT_MAX_RECV_DATA_SEGMENT_LENGTH, MAX_NEGOTIATION_TEXT,
+    encode_text, key_group, parse_text, split_text, KeyGroup, KeyValue, NegotiationError,
+    Negotiator, SessionParams, SessionType, TargetLimits, DEFAULT_MAX_RECV_DATA_SEGMENT_LENGTH,
+    MAX_NEGOTIATION_TEXT,
 };
-use super::pdu::{Opcode, Pdu};
+use super::pdu::{LoginRequest, LoginResponseBuilder, Opcode, Pdu};
 
 /// The only iSCSI version there is (§11.12.4).
 pub const ISCSI_VERSION: u8 = 0x00;
@@ -285,22 +286,20 @@ struct Header {
 
 impl Header {
     fn parse(p: &Pdu) -> Header {
-        let b = &p.bhs;
-        let mut isid = [0u8; 6];
-        isid.copy_from_slice(&b[8..14]);
+        let r = LoginRequest(p);
         Header {
-            transit: b[1] & FLAG_TRANSIT != 0,
-            cont: b[1] & FLAG_CONTINUE != 0,
-            csg: (b[1] >> 2) & 3,
-            nsg: b[1] & 3,
-            version_max: b[2],
-            version_min: b[3],
-            isid,
-            tsih: u16::from_be_bytes([b[14], b[15]]),
-            itt: p.itt(),
-            cid: u16::from_be_bytes([b[20], b[21]]),
-            cmd_sn: p.field24(),
-            exp_stat_sn: p.field28(),
+            transit: r.transit(),
+            cont: r.continue_bit(),
+            csg: r.csg(),
+            nsg: r.nsg(),
+            version_max: r.version_max(),
+            version_min: r.version_min(),
+            isid: r.isid(),
+            tsih: r.tsih(),
+            itt: r.itt(),
+            cid: r.cid(),
+            cmd_sn: r.cmd_sn(),
+            exp_stat_sn: r.exp_stat_sn(),
         }
     }
 }
@@ -364,18 +363,14 @@ impl std::fmt::Debug for LoginNegotiation {
     }
 }
 
+/// Security-stage keys (§12): AuthMethod and the CHAP keys, per the key table.
 fn is_security_key(key: &str) -> bool {
-    matches!(
-        key,
-        "AuthMethod" | "CHAP_A" | "CHAP_I" | "CHAP_C" | "CHAP_N" | "CHAP_R"
-    )
+    key_group(key) == Some(KeyGroup::Security)
 }
 
+/// The keys naming the session (§6.3.1): InitiatorName, InitiatorAlias, TargetName, SessionType.
 fn is_identity_key(key: &str) -> bool {
-    matches!(
-        key,
-        "InitiatorName" | "InitiatorAlias" | "TargetName" | "SessionType"
-    )
+    key_group(key) == Some(KeyGroup::Identity)
 }
 
 fn valid_name(name: &str) -> bool {
@@ -474,20 +469,18 @@ impl LoginNegotiation {
         status: LoginStatus,
         data: Vec<u8>,
     ) -> Pdu {
-        let mut p = Pdu::new(Opcode::LoginResponse);
-        p.set_flags(flags);
-        p.bhs[2] = ISCSI_VERSION; // Version-max
-        p.bhs[3] = ISCSI_VERSION; // Version-active
-        p.bhs[8..14].copy_from_slice(&h.isid);
-        p.bhs[14..16].copy_from_slice(&tsih.to_be_bytes());
-        p.set_itt(h.itt);
-        p.set_u32_at(24, self.stat_sn);
+        let p = LoginResponseBuilder::new(flags, h.itt)
+            .versions(ISCSI_VERSION, ISCSI_VERSION)
+            .isid(h.isid)
+            .tsih(tsih)
+            .stat_sn(self.stat_sn)
+            // Login requests are immediate: ExpCmdSN stays the login's CmdSN.
+            .exp_cmd_sn(h.cmd_sn)
+            .max_cmd_sn(self.max_cmd_sn(h.cmd_sn))
+            .status(status.class(), status.detail())
+            .data(Bytes::from(data))
+            .build();
         self.stat_sn = self.stat_sn.wrapping_add(1);
-        p.set_u32_at(28, h.cmd_sn);
-        p.set_u32_at(32, self.max_cmd_sn(h.cmd_sn));
-        p.bhs[36] = status.class();
-        p.bhs[37] = status.detail();
-        p.set_data(Bytes::from(data));
         p
     }
 
@@ -1095,6 +1088,7 @@ impl LoginNegotiation {
 mod tests {
     use super::*;
     use crate::iscsi::negotiation::{encode_hex, parse_binary, Digest};
+    use crate::iscsi::pdu::{LoginRequestBuilder, LoginResponse};
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
@@ -1169,17 +1163,14 @@ mod tests {
     }
 
     fn pdu(r: &Req) -> Pdu {
-        let mut p = Pdu::new(Opcode::LoginRequest);
-        p.set_immediate(true);
-        p.set_flags(r.flags);
-        p.bhs[8..14].copy_from_slice(&ISID);
-        p.bhs[14..16].copy_from_slice(&r.tsih.to_be_bytes());
-        p.set_itt(0xabcd);
-        p.bhs[20..22].copy_from_slice(&r.cid.to_be_bytes());
-        p.set_u32_at(24, r.cmd_sn);
-        p.set_u32_at(28, 0);
-        p.set_data(Bytes::from(r.data.clone()));
-        p
+        LoginRequestBuilder::new(r.flags, 0xabcd)
+            .isid(ISID)
+            .tsih(r.tsih)
+            .cid(r.cid)
+            .cmd_sn(r.cmd_sn)
+            .exp_stat_sn(0)
+            .data(Bytes::from(r.data.clone()))
+            .build()
     }
 
     fn text_of(p: &Pdu) -> Vec<(String, String)> {
@@ -1198,7 +1189,7 @@ mod tests {
     }
 
     fn status(p: &Pdu) -> u16 {
-        u16::from_be_bytes([p.bhs[36], p.bhs[37]])
+        LoginResponse(p).status()
     }
 
     fn expect_continue(step: LoginStep) -> Pdu {
@@ -1277,17 +1268,18 @@ mod tests {
         let (resp, result) = expect_complete(m.handle(&pdu(&req(1, Some(3), &text)), &mut dir));
         assert_eq!(resp.opcode(), Some(Opcode::LoginResponse));
         assert_eq!(resp.flags(), FLAG_TRANSIT | (1 << 2) | 3);
-        assert_eq!(&resp.bhs[8..14], &ISID);
-        assert_eq!(
-            u16::from_be_bytes([resp.bhs[14], resp.bhs[15]]),
-            1,
-            "TSIH in final response"
-        );
+        assert_eq!(LoginResponse(&resp).isid(), ISID);
+        assert_eq!(LoginResponse(&resp).tsih(), 1, "TSIH in final response");
         assert_eq!(resp.itt(), 0xabcd);
-        assert_eq!(resp.field24(), 1000, "StatSN");
-        assert_eq!(resp.field28(), 55, "ExpCmdSN = login CmdSN");
-        assert_eq!(resp.field32(), 55 + 127, "MaxCmdSN");
-        assert_eq!((resp.bhs[2], resp.bhs[3]), (0, 0));
+        assert_eq!(LoginResponse(&resp).stat_sn(), 1000, "StatSN");
+        assert_eq!(
+            LoginResponse(&resp).exp_cmd_sn(),
+            55,
+            "ExpCmdSN = login CmdSN"
+        );
+        assert_eq!(LoginResponse(&resp).max_cmd_sn(), 55 + 127, "MaxCmdSN");
+        let r = LoginResponse(&resp);
+        assert_eq!((r.version_max(), r.version_active()), (0, 0));
         assert_eq!(val(&resp, "TargetPortalGroupTag").as_deref(), Some("7"));
         assert_eq!(val(&resp, "TargetAlias").as_deref(), Some("disk one"));
         assert_eq!(
@@ -1339,13 +1331,17 @@ mod tests {
             "no operational keys in security stage"
         );
         assert_eq!(
-            u16::from_be_bytes([r1.bhs[14], r1.bhs[15]]),
+            LoginResponse(&r1).tsih(),
             0,
             "TSIH only in the final response"
         );
         assert_eq!(m.stage(), Stage::LoginOperationalNegotiation);
         let (r2, result) = expect_complete(m.handle(&pdu(&req(1, Some(3), OPNEG)), &mut dir));
-        assert_eq!(r2.field24(), 1001, "each response consumes a StatSN");
+        assert_eq!(
+            LoginResponse(&r2).stat_sn(),
+            1001,
+            "each response consumes a StatSN"
+        );
         assert_eq!(result.stat_sn, 1002);
         assert_eq!(val(&r2, "TargetPortalGroupTag"), None, "declared once");
     }
@@ -1793,7 +1789,7 @@ mod tests {
             FLAG_CONTINUE
         );
         assert!(first.data.len() <= 8192);
-        assert_eq!(u16::from_be_bytes([first.bhs[14], first.bhs[15]]), 0);
+        assert_eq!(LoginResponse(&first).tsih(), 0);
         let mut all = first.data.to_vec();
         // Text sent while we are continuing is an error; empty requests fetch the rest.
         let mut steps = 0;
@@ -1810,7 +1806,7 @@ mod tests {
             }
         };
         assert_eq!(last.flags(), FLAG_TRANSIT | (1 << 2) | 3);
-        assert_ne!(u16::from_be_bytes([last.bhs[14], last.bhs[15]]), 0);
+        assert_ne!(LoginResponse(&last).tsih(), 0);
         all.extend_from_slice(&last.data);
         let pairs = parse_text(&all).unwrap();
         assert_eq!(
@@ -1820,7 +1816,10 @@ mod tests {
                 .count(),
             600
         );
-        assert_eq!(result.stat_sn, last.field24().wrapping_add(1));
+        assert_eq!(
+            result.stat_sn,
+            LoginResponse(&last).stat_sn().wrapping_add(1)
+        );
     }
 
     #[test]
@@ -1859,7 +1858,7 @@ mod tests {
         };
         let mut m = machine(config());
         let (resp, result) = expect_complete(m.handle(&pdu(&r), &mut dir));
-        assert_eq!(u16::from_be_bytes([resp.bhs[14], resp.bhs[15]]), 0x77);
+        assert_eq!(LoginResponse(&resp).tsih(), 0x77);
         assert_eq!(val(&resp, "MaxBurstLength").as_deref(), Some("Irrelevant"));
         assert_eq!(result.params.max_burst_length, 65536);
         assert_eq!(

@@ -1,8 +1,10 @@
 //! Text key=value format (RFC 7143 §6.1) and operational parameter negotiation (§6.2, §13).
 //!
 //! [`parse_text`] turns a (complete, reassembled) data segment into key=value pairs and never
-//! panics: malformed input yields a [`TextError`]. [`Negotiator`] plays the target's part in
-//! login-time negotiation of the §13 keys and produces [`SessionParams`].
+//! panics: malformed input yields a [`TextError`]. [`KEYS`] declares every key of §12/§13 once
+//! (stage, Use, scope, senders, type and result function, default, range). [`Negotiator`]
+//! plays the target's part in login-time negotiation of those keys, reading the table, and
+//! produces [`SessionParams`]; the few rules one key has on its own stay explicit there.
 
 use std::collections::{HashMap, HashSet};
 
@@ -407,73 +409,586 @@ pub enum NegotiationError {
     Unacceptable { key: &'static str, value: String },
 }
 
-/// Keys of §13 that only the leading connection may carry ("LO").
-const LEADING_ONLY: &[&str] = &[
-    "MaxConnections",
-    "InitialR2T",
-    "ImmediateData",
-    "MaxBurstLength",
-    "FirstBurstLength",
-    "DefaultTime2Wait",
-    "DefaultTime2Retain",
-    "MaxOutstandingR2T",
-    "DataPDUInOrder",
-    "DataSequenceInOrder",
-    "ErrorRecoveryLevel",
-    "TaskReporting",
-    "iSCSIProtocolLevel",
+/// When a key may be exchanged: the "Use" line of each §13 key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// LO: only in the login of the leading connection; the value is fixed for the session.
+    LeadingOnly,
+    /// IO: only during login (any connection).
+    LoginOnly,
+    /// ALL: during login and in Full Feature Phase Text Requests.
+    All,
+    /// FFPO: only in Full Feature Phase.
+    FfpOnly,
+}
+
+/// Which part of the login processes a key (§6.3): the security stage's authentication
+/// (§12), the session identity read from the first Login Request (§6.3.1), or operational
+/// negotiation ([`Negotiator`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyGroup {
+    Security,
+    Identity,
+    Operational,
+}
+
+/// The "Scope" line of a §13 key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// SW: one value for the whole session.
+    Session,
+    /// CO: negotiated per connection.
+    Connection,
+}
+
+/// The "Senders" line of a §13 key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Senders {
+    Initiator,
+    Target,
+    Both,
+}
+
+/// Result function of a Boolean key (§6.2.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BoolFn {
+    And,
+    Or,
+}
+
+/// Result function of a numerical key (§6.2.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumFn {
+    Minimum,
+    Maximum,
+}
+
+/// Value type of a key and, for the negotiated ones, where the result goes. `ours` reads
+/// what this target offers from [`TargetLimits`]; `set` stores the result in [`SessionParams`].
+#[derive(Clone, Copy)]
+pub enum KeyType {
+    /// Boolean `Yes`/`No` with a result function (§6.2.2).
+    Bool {
+        func: BoolFn,
+        default: bool,
+        ours: fn(&TargetLimits) -> bool,
+        set: fn(&mut SessionParams, bool),
+    },
+    /// Numerical value in `min..=max` with a result function (§6.2.2).
+    Number {
+        func: NumFn,
+        default: u32,
+        min: u32,
+        max: u32,
+        ours: fn(&TargetLimits) -> u32,
+        set: fn(&mut SessionParams, u32),
+    },
+    /// List of values; the result is the first of the proposer's values the acceptor
+    /// supports (§6.2.1).
+    List {
+        default: &'static str,
+        ours: fn(&TargetLimits) -> Vec<&'static str>,
+        set: fn(&mut SessionParams, &str),
+    },
+    /// Declarative number in `min..=max`: each side states its own value and nothing is
+    /// answered (§6.2, §13.12). `set` stores the initiator's declaration.
+    DeclaredNumber {
+        default: u32,
+        min: u32,
+        max: u32,
+        set: fn(&mut SessionParams, u32),
+    },
+    /// Text, name, address or binary values the login state machine or SendTargets handle;
+    /// operational negotiation has nothing to compute for them.
+    Text { default: Option<&'static str> },
+    /// Obsolete in RFC 7143 (§13.25): never negotiated.
+    Obsolete,
+}
+
+impl std::fmt::Debug for KeyType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyType::Bool { func, default, .. } => write!(f, "Bool({func:?}, default {default})"),
+            KeyType::Number {
+                func,
+                default,
+                min,
+                max,
+                ..
+            } => write!(f, "Number({func:?}, {min}..={max}, default {default})"),
+            KeyType::List { default, .. } => write!(f, "List(default {default})"),
+            KeyType::DeclaredNumber {
+                default, min, max, ..
+            } => write!(f, "Declared({min}..={max}, default {default})"),
+            KeyType::Text { default } => write!(f, "Text(default {default:?})"),
+            KeyType::Obsolete => f.write_str("Obsolete"),
+        }
+    }
+}
+
+/// One login/text key: everything §12/§13 say about it, declared once (the layout follows
+/// LIO's `iscsi_target_parameters.c`).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyDef {
+    pub name: &'static str,
+    pub group: KeyGroup,
+    pub usage: Usage,
+    pub scope: Scope,
+    pub senders: Senders,
+    pub kind: KeyType,
+    /// "Irrelevant when: SessionType=Discovery".
+    pub irrelevant_in_discovery: bool,
+    /// Where the rule comes from, e.g. "RFC 7143 §13.10".
+    pub section: &'static str,
+}
+
+fn digest_names(list: &[Digest]) -> Vec<&'static str> {
+    list.iter().map(|d| d.as_str()).collect()
+}
+
+/// Shorthand for the table: a key with no value the negotiator computes.
+const fn text_key(
+    name: &'static str,
+    group: KeyGroup,
+    usage: Usage,
+    senders: Senders,
+    default: Option<&'static str>,
+    section: &'static str,
+) -> KeyDef {
+    KeyDef {
+        name,
+        group,
+        usage,
+        scope: Scope::Session,
+        senders,
+        kind: KeyType::Text { default },
+        irrelevant_in_discovery: false,
+        section,
+    }
+}
+
+/// Shorthand for the table: a leading-only, session-wide key both sides negotiate.
+const fn lo_key(
+    name: &'static str,
+    kind: KeyType,
+    irrelevant_in_discovery: bool,
+    section: &'static str,
+) -> KeyDef {
+    KeyDef {
+        name,
+        group: KeyGroup::Operational,
+        usage: Usage::LeadingOnly,
+        scope: Scope::Session,
+        senders: Senders::Both,
+        kind,
+        irrelevant_in_discovery,
+        section,
+    }
+}
+
+/// Every key this target knows (§12.1, §13, and the obsolete marker keys); anything else is
+/// answered NotUnderstood. Defaults are the RFC defaults, the same values as
+/// [`SessionParams::default`] (a unit test holds the two together).
+pub static KEYS: &[KeyDef] = &[
+    KeyDef {
+        name: "HeaderDigest",
+        group: KeyGroup::Operational,
+        usage: Usage::LoginOnly,
+        scope: Scope::Connection,
+        senders: Senders::Both,
+        kind: KeyType::List {
+            default: "None",
+            ours: |l| digest_names(&l.header_digest),
+            set: |p, v| {
+                if let Some(d) = Digest::parse(v) {
+                    p.header_digest = d
+                }
+            },
+        },
+        irrelevant_in_discovery: false,
+        section: "RFC 7143 §13.1",
+    },
+    KeyDef {
+        name: "DataDigest",
+        group: KeyGroup::Operational,
+        usage: Usage::LoginOnly,
+        scope: Scope::Connection,
+        senders: Senders::Both,
+        kind: KeyType::List {
+            default: "None",
+            ours: |l| digest_names(&l.data_digest),
+            set: |p, v| {
+                if let Some(d) = Digest::parse(v) {
+                    p.data_digest = d
+                }
+            },
+        },
+        irrelevant_in_discovery: false,
+        section: "RFC 7143 §13.1",
+    },
+    lo_key(
+        "MaxConnections",
+        KeyType::Number {
+            func: NumFn::Minimum,
+            default: 1,
+            min: 1,
+            max: 65535,
+            ours: |l| l.max_connections,
+            set: |p, v| p.max_connections = v,
+        },
+        true,
+        "RFC 7143 §13.2",
+    ),
+    KeyDef {
+        name: "SendTargets",
+        group: KeyGroup::Operational,
+        usage: Usage::FfpOnly,
+        scope: Scope::Session,
+        senders: Senders::Initiator,
+        kind: KeyType::Text { default: None },
+        irrelevant_in_discovery: false,
+        section: "RFC 7143 §13.3",
+    },
+    // IO by the initiator, FFPO by the target (in SendTargets answers).
+    text_key(
+        "TargetName",
+        KeyGroup::Identity,
+        Usage::LoginOnly,
+        Senders::Both,
+        None,
+        "RFC 7143 §13.4",
+    ),
+    text_key(
+        "InitiatorName",
+        KeyGroup::Identity,
+        Usage::LoginOnly,
+        Senders::Initiator,
+        None,
+        "RFC 7143 §13.5",
+    ),
+    text_key(
+        "TargetAlias",
+        KeyGroup::Operational,
+        Usage::All,
+        Senders::Target,
+        None,
+        "RFC 7143 §13.6",
+    ),
+    text_key(
+        "InitiatorAlias",
+        KeyGroup::Identity,
+        Usage::All,
+        Senders::Initiator,
+        None,
+        "RFC 7143 §13.7",
+    ),
+    text_key(
+        "TargetAddress",
+        KeyGroup::Operational,
+        Usage::All,
+        Senders::Target,
+        None,
+        "RFC 7143 §13.8",
+    ),
+    text_key(
+        "TargetPortalGroupTag",
+        KeyGroup::Operational,
+        Usage::LoginOnly,
+        Senders::Target,
+        None,
+        "RFC 7143 §13.9",
+    ),
+    lo_key(
+        "InitialR2T",
+        KeyType::Bool {
+            func: BoolFn::Or,
+            default: true,
+            ours: |l| l.initial_r2t,
+            set: |p, v| p.initial_r2t = v,
+        },
+        true,
+        "RFC 7143 §13.10",
+    ),
+    lo_key(
+        "ImmediateData",
+        KeyType::Bool {
+            func: BoolFn::And,
+            default: true,
+            ours: |l| l.immediate_data,
+            set: |p, v| p.immediate_data = v,
+        },
+        true,
+        "RFC 7143 §13.11",
+    ),
+    KeyDef {
+        name: "MaxRecvDataSegmentLength",
+        group: KeyGroup::Operational,
+        usage: Usage::All,
+        scope: Scope::Connection,
+        senders: Senders::Both,
+        // Declarative per direction: the initiator's value bounds what we send it; ours is
+        // declared by `Negotiator::declarations` (§13.12).
+        kind: KeyType::DeclaredNumber {
+            default: DEFAULT_MAX_RECV_DATA_SEGMENT_LENGTH,
+            min: MIN_SEGMENT,
+            max: MAX_SEGMENT,
+            set: |p, v| p.max_xmit_data_segment_length = v,
+        },
+        irrelevant_in_discovery: false,
+        section: "RFC 7143 §13.12",
+    },
+    lo_key(
+        "MaxBurstLength",
+        KeyType::Number {
+            func: NumFn::Minimum,
+            default: 262_144,
+            min: MIN_SEGMENT,
+            max: MAX_SEGMENT,
+            ours: |l| l.max_burst_length,
+            set: |p, v| p.max_burst_length = v,
+        },
+        true,
+        "RFC 7143 §13.13",
+    ),
+    lo_key(
+        "FirstBurstLength",
+        KeyType::Number {
+            func: NumFn::Minimum,
+            default: 65_536,
+            min: MIN_SEGMENT,
+            max: MAX_SEGMENT,
+            ours: |l| l.first_burst_length,
+            set: |p, v| p.first_burst_length = v,
+        },
+        true,
+        "RFC 7143 §13.14",
+    ),
+    lo_key(
+        "DefaultTime2Wait",
+        KeyType::Number {
+            func: NumFn::Maximum,
+            default: 2,
+            min: 0,
+            max: 3600,
+            ours: |l| l.default_time2wait,
+            set: |p, v| p.default_time2wait = v,
+        },
+        false,
+        "RFC 7143 §13.15",
+    ),
+    lo_key(
+        "DefaultTime2Retain",
+        KeyType::Number {
+            func: NumFn::Minimum,
+            default: 20,
+            min: 0,
+            max: 3600,
+            ours: |l| l.default_time2retain,
+            set: |p, v| p.default_time2retain = v,
+        },
+        false,
+        "RFC 7143 §13.16",
+    ),
+    lo_key(
+        "MaxOutstandingR2T",
+        KeyType::Number {
+            func: NumFn::Minimum,
+            default: 1,
+            min: 1,
+            max: 65535,
+            ours: |l| l.max_outstanding_r2t,
+            set: |p, v| p.max_outstanding_r2t = v,
+        },
+        true,
+        "RFC 7143 §13.17",
+    ),
+    // We only deliver in order, so our side of the OR is always Yes.
+    lo_key(
+        "DataPDUInOrder",
+        KeyType::Bool {
+            func: BoolFn::Or,
+            default: true,
+            ours: |_| true,
+            set: |p, v| p.data_pdu_in_order = v,
+        },
+        true,
+        "RFC 7143 §13.18",
+    ),
+    lo_key(
+        "DataSequenceInOrder",
+        KeyType::Bool {
+            func: BoolFn::Or,
+            default: true,
+            ours: |_| true,
+            set: |p, v| p.data_sequence_in_order = v,
+        },
+        true,
+        "RFC 7143 §13.19",
+    ),
+    // We implement ErrorRecoveryLevel 0 only.
+    lo_key(
+        "ErrorRecoveryLevel",
+        KeyType::Number {
+            func: NumFn::Minimum,
+            default: 0,
+            min: 0,
+            max: 2,
+            ours: |_| 0,
+            set: |p, v| p.error_recovery_level = v as u8,
+        },
+        false,
+        "RFC 7143 §13.20",
+    ),
+    KeyDef {
+        name: "SessionType",
+        group: KeyGroup::Identity,
+        usage: Usage::LeadingOnly,
+        scope: Scope::Session,
+        senders: Senders::Initiator,
+        kind: KeyType::Text {
+            default: Some("Normal"),
+        },
+        irrelevant_in_discovery: false,
+        section: "RFC 7143 §13.21",
+    },
+    // Only the RFC 3720 semantics are implemented.
+    lo_key(
+        "TaskReporting",
+        KeyType::List {
+            default: "RFC3720",
+            ours: |_| vec!["RFC3720"],
+            set: |_, _| {},
+        },
+        true,
+        "RFC 7143 §13.23",
+    ),
+    // The default recorded is what `SessionParams` holds while the key is not exchanged.
+    lo_key(
+        "iSCSIProtocolLevel",
+        KeyType::Number {
+            func: NumFn::Minimum,
+            default: 0,
+            min: 0,
+            max: 31,
+            ours: |_| PROTOCOL_LEVEL as u32,
+            set: |p, v| p.protocol_level = v as u8,
+        },
+        false,
+        "RFC 7143 §13.24",
+    ),
+    // Markers are obsolete: "No" is the only answer to the Boolean ones (AND with our No),
+    // the interval keys are rejected.
+    KeyDef {
+        name: "IFMarker",
+        group: KeyGroup::Operational,
+        usage: Usage::LoginOnly,
+        scope: Scope::Connection,
+        senders: Senders::Both,
+        kind: KeyType::Bool {
+            func: BoolFn::And,
+            default: false,
+            ours: |_| false,
+            set: |_, _| {},
+        },
+        irrelevant_in_discovery: false,
+        section: "RFC 7143 §13.25",
+    },
+    KeyDef {
+        name: "OFMarker",
+        group: KeyGroup::Operational,
+        usage: Usage::LoginOnly,
+        scope: Scope::Connection,
+        senders: Senders::Both,
+        kind: KeyType::Bool {
+            func: BoolFn::And,
+            default: false,
+            ours: |_| false,
+            set: |_, _| {},
+        },
+        irrelevant_in_discovery: false,
+        section: "RFC 7143 §13.25",
+    },
+    KeyDef {
+        name: "IFMarkInt",
+        group: KeyGroup::Operational,
+        usage: Usage::LoginOnly,
+        scope: Scope::Connection,
+        senders: Senders::Both,
+        kind: KeyType::Obsolete,
+        irrelevant_in_discovery: false,
+        section: "RFC 7143 §13.25",
+    },
+    KeyDef {
+        name: "OFMarkInt",
+        group: KeyGroup::Operational,
+        usage: Usage::LoginOnly,
+        scope: Scope::Connection,
+        senders: Senders::Both,
+        kind: KeyType::Obsolete,
+        irrelevant_in_discovery: false,
+        section: "RFC 7143 §13.25",
+    },
+    text_key(
+        "AuthMethod",
+        KeyGroup::Security,
+        Usage::LoginOnly,
+        Senders::Both,
+        Some("None"),
+        "RFC 7143 §12.1",
+    ),
+    text_key(
+        "CHAP_A",
+        KeyGroup::Security,
+        Usage::LoginOnly,
+        Senders::Both,
+        None,
+        "RFC 7143 §12.1.3",
+    ),
+    // CHAP_I and CHAP_C come from the initiator too when it wants mutual CHAP.
+    text_key(
+        "CHAP_I",
+        KeyGroup::Security,
+        Usage::LoginOnly,
+        Senders::Both,
+        None,
+        "RFC 7143 §12.1.3",
+    ),
+    text_key(
+        "CHAP_C",
+        KeyGroup::Security,
+        Usage::LoginOnly,
+        Senders::Both,
+        None,
+        "RFC 7143 §12.1.3",
+    ),
+    text_key(
+        "CHAP_N",
+        KeyGroup::Security,
+        Usage::LoginOnly,
+        Senders::Both,
+        None,
+        "RFC 7143 §12.1.3",
+    ),
+    text_key(
+        "CHAP_R",
+        KeyGroup::Security,
+        Usage::LoginOnly,
+        Senders::Both,
+        None,
+        "RFC 7143 §12.1.3",
+    ),
 ];
 
-/// Keys that are Irrelevant in a Discovery session (§13, "Irrelevant when: SessionType=Discovery").
-const IRRELEVANT_IN_DISCOVERY: &[&str] = &[
-    "MaxConnections",
-    "InitialR2T",
-    "ImmediateData",
-    "MaxBurstLength",
-    "FirstBurstLength",
-    "MaxOutstandingR2T",
-    "DataPDUInOrder",
-    "DataSequenceInOrder",
-    "TaskReporting",
-];
+/// The table entry of `name` (keys are case-sensitive, §6.1). `X-` private and `X#` public
+/// extension keys (§13.22) are never in the table, so they are answered NotUnderstood.
+pub fn key_def(name: &str) -> Option<&'static KeyDef> {
+    KEYS.iter().find(|k| k.name == name)
+}
 
-/// Keys we know from §12/§13 (and the obsolete marker keys); anything else is NotUnderstood.
-pub const KNOWN_KEYS: &[&str] = &[
-    "HeaderDigest",
-    "DataDigest",
-    "MaxConnections",
-    "SendTargets",
-    "TargetName",
-    "InitiatorName",
-    "TargetAlias",
-    "InitiatorAlias",
-    "TargetAddress",
-    "TargetPortalGroupTag",
-    "InitialR2T",
-    "ImmediateData",
-    "MaxRecvDataSegmentLength",
-    "MaxBurstLength",
-    "FirstBurstLength",
-    "DefaultTime2Wait",
-    "DefaultTime2Retain",
-    "MaxOutstandingR2T",
-    "DataPDUInOrder",
-    "DataSequenceInOrder",
-    "ErrorRecoveryLevel",
-    "SessionType",
-    "TaskReporting",
-    "iSCSIProtocolLevel",
-    "IFMarker",
-    "OFMarker",
-    "IFMarkInt",
-    "OFMarkInt",
-    "AuthMethod",
-    "CHAP_A",
-    "CHAP_I",
-    "CHAP_C",
-    "CHAP_N",
-    "CHAP_R",
-];
+/// The group `name` belongs to, or `None` for an unknown key.
+pub fn key_group(name: &str) -> Option<KeyGroup> {
+    key_def(name).map(|k| k.group)
+}
 
 /// An offer we made as originator and still expect an answer to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -599,49 +1114,54 @@ impl Negotiator {
             tracing::debug!(key, value, "ignoring reserved constant sent as a proposal");
             return Ok(None);
         }
-        if !KNOWN_KEYS.contains(&key) {
+        let Some(def) = key_def(key) else {
             return Ok(Some("NotUnderstood".into()));
-        }
-        if LEADING_ONLY.contains(&key) && !self.leading {
+        };
+        if def.usage == Usage::LeadingOnly && def.group == KeyGroup::Operational && !self.leading {
+            // Session-wide keys are fixed by the leading connection (§13 "LO").
             return Ok(Some("Irrelevant".into()));
         }
-        if self.session_type == SessionType::Discovery && IRRELEVANT_IN_DISCOVERY.contains(&key) {
+        if self.session_type == SessionType::Discovery && def.irrelevant_in_discovery {
             return Ok(Some("Irrelevant".into()));
         }
 
         let l = &self.limits;
         let p = &mut self.params;
         let reject = || Ok(Some("Reject".to_string()));
-        let num = |min: u64, max: u64| parse_numeric(value).filter(|v| (min..=max).contains(v));
-        Ok(Some(match key {
-            "HeaderDigest" | "DataDigest" => {
-                let allowed = if key == "HeaderDigest" {
-                    &l.header_digest
-                } else {
-                    &l.data_digest
-                };
-                // List negotiation: the first of the initiator's values we support (§6.2.1).
-                match value
-                    .split(',')
-                    .filter_map(Digest::parse)
-                    .find(|d| allowed.contains(d))
-                {
-                    Some(d) => {
-                        if key == "HeaderDigest" {
-                            p.header_digest = d
-                        } else {
-                            p.data_digest = d
-                        }
-                        d.as_str().to_string()
+        // Rules of single keys that the table cannot express.
+        if key == "FirstBurstLength" && p.initial_r2t && !p.immediate_data {
+            // Irrelevant when InitialR2T=Yes and ImmediateData=No (§13.14).
+            return Ok(Some("Irrelevant".into()));
+        }
+        if def.group != KeyGroup::Operational {
+            // Identity and security keys are the login state machine's; should one reach us,
+            // it does not belong to operational negotiation.
+            return Ok(Some("Irrelevant".into()));
+        }
+        if def.senders == Senders::Target {
+            // Only a target may send these (§13.6, §13.8, §13.9).
+            return reject();
+        }
+        if def.usage == Usage::FfpOnly {
+            // Not a login key (SendTargets, §13.3).
+            return Ok(Some("Irrelevant".into()));
+        }
+        Ok(Some(match def.kind {
+            KeyType::List { ours, set, .. } => {
+                // The first of the initiator's values we support (§6.2.1).
+                let ours = ours(l);
+                match value.split(',').find(|v| ours.contains(v)) {
+                    Some(v) => {
+                        set(p, v);
+                        v.to_string()
                     }
                     None => return reject(),
                 }
             }
-            "MaxRecvDataSegmentLength" => {
-                // Declarative: how much we may send the initiator (§13.12). Ours is declared
-                // separately by `declarations`.
-                match num(MIN_SEGMENT as u64, MAX_SEGMENT as u64) {
-                    Some(v) => p.max_xmit_data_segment_length = v as u32,
+            KeyType::DeclaredNumber { min, max, set, .. } => {
+                // A declaration is not answered; a bad one fails the login (§6.2, §13.12).
+                match parse_numeric(value).filter(|v| (min as u64..=max as u64).contains(v)) {
+                    Some(v) => set(p, v as u32),
                     None => {
                         return Err(NegotiationError::BadDeclaration(
                             value.chars().take(64).collect(),
@@ -650,126 +1170,46 @@ impl Negotiator {
                 }
                 return Ok(None);
             }
-            "MaxConnections" => match num(1, 65535) {
+            KeyType::Bool {
+                func, ours, set, ..
+            } => match parse_bool(value) {
                 Some(v) => {
-                    p.max_connections = v.min(l.max_connections as u64) as u32;
-                    p.max_connections.to_string()
+                    let result = match func {
+                        BoolFn::And => v && ours(l),
+                        BoolFn::Or => v || ours(l),
+                    };
+                    set(p, result);
+                    yes_no(result)
                 }
                 None => return reject(),
             },
-            "InitialR2T" => match parse_bool(value) {
-                // Result function OR (§13.10).
+            KeyType::Number {
+                func,
+                min,
+                max,
+                ours,
+                set,
+                ..
+            } => match parse_numeric(value).filter(|v| (min as u64..=max as u64).contains(v)) {
                 Some(v) => {
-                    p.initial_r2t = v || l.initial_r2t;
-                    yes_no(p.initial_r2t)
-                }
-                None => return reject(),
-            },
-            "ImmediateData" => match parse_bool(value) {
-                // Result function AND (§13.11).
-                Some(v) => {
-                    p.immediate_data = v && l.immediate_data;
-                    yes_no(p.immediate_data)
-                }
-                None => return reject(),
-            },
-            "MaxBurstLength" => match num(MIN_SEGMENT as u64, MAX_SEGMENT as u64) {
-                Some(v) => {
-                    p.max_burst_length = v.min(l.max_burst_length as u64) as u32;
-                    p.first_burst_length = p.first_burst_length.min(p.max_burst_length);
-                    p.max_burst_length.to_string()
-                }
-                None => return reject(),
-            },
-            "FirstBurstLength" => {
-                // Irrelevant when InitialR2T=Yes and ImmediateData=No (§13.14).
-                if p.initial_r2t && !p.immediate_data {
-                    "Irrelevant".to_string()
-                } else {
-                    match num(MIN_SEGMENT as u64, MAX_SEGMENT as u64) {
-                        // Minimum, and never above MaxBurstLength (§13.14).
-                        Some(v) => {
-                            p.first_burst_length = v
-                                .min(l.first_burst_length as u64)
-                                .min(p.max_burst_length as u64)
-                                as u32;
-                            p.first_burst_length.to_string()
-                        }
-                        None => return reject(),
+                    let mut result = match func {
+                        NumFn::Minimum => v.min(ours(l) as u64),
+                        NumFn::Maximum => v.max(ours(l) as u64),
+                    } as u32;
+                    if key == "FirstBurstLength" {
+                        // Never above MaxBurstLength (§13.14).
+                        result = result.min(p.max_burst_length);
                     }
-                }
-            }
-            "DefaultTime2Wait" => match num(0, 3600) {
-                // Result function maximum (§13.15).
-                Some(v) => {
-                    p.default_time2wait = v.max(l.default_time2wait as u64) as u32;
-                    p.default_time2wait.to_string()
-                }
-                None => return reject(),
-            },
-            "DefaultTime2Retain" => match num(0, 3600) {
-                Some(v) => {
-                    p.default_time2retain = v.min(l.default_time2retain as u64) as u32;
-                    p.default_time2retain.to_string()
-                }
-                None => return reject(),
-            },
-            "MaxOutstandingR2T" => match num(1, 65535) {
-                Some(v) => {
-                    p.max_outstanding_r2t = v.min(l.max_outstanding_r2t as u64) as u32;
-                    p.max_outstanding_r2t.to_string()
-                }
-                None => return reject(),
-            },
-            "DataPDUInOrder" | "DataSequenceInOrder" => match parse_bool(value) {
-                // Result function OR (§13.18, §13.19); we only do in-order, so always Yes.
-                Some(_) => {
-                    if key == "DataPDUInOrder" {
-                        p.data_pdu_in_order = true
-                    } else {
-                        p.data_sequence_in_order = true
+                    set(p, result);
+                    if key == "MaxBurstLength" {
+                        p.first_burst_length = p.first_burst_length.min(p.max_burst_length);
                     }
-                    yes_no(true)
+                    result.to_string()
                 }
                 None => return reject(),
             },
-            "ErrorRecoveryLevel" => match num(0, 2) {
-                // Minimum; we implement level 0 only (§13.20).
-                Some(_) => {
-                    p.error_recovery_level = 0;
-                    "0".to_string()
-                }
-                None => return reject(),
-            },
-            "TaskReporting" => {
-                // List; only the RFC3720 semantics are implemented (§13.23).
-                if value.split(',').any(|v| v == "RFC3720") {
-                    "RFC3720".to_string()
-                } else {
-                    return reject();
-                }
-            }
-            "iSCSIProtocolLevel" => match num(0, 31) {
-                Some(v) => {
-                    p.protocol_level = v.min(PROTOCOL_LEVEL) as u8;
-                    p.protocol_level.to_string()
-                }
-                None => return reject(),
-            },
-            // Markers are obsolete in RFC 7143 (§13, obsoleted keys): "No" is allowed for the boolean ones, the
-            // interval keys must be rejected.
-            "IFMarker" | "OFMarker" => match parse_bool(value) {
-                Some(_) => yes_no(false),
-                None => return reject(),
-            },
-            "IFMarkInt" | "OFMarkInt" => return reject(),
-            // Full Feature Phase only (§13.3).
-            "SendTargets" => "Irrelevant".to_string(),
-            // Keys only a target sends (§13.6, §13.8, §13.9).
-            "TargetAlias" | "TargetAddress" | "TargetPortalGroupTag" => return reject(),
-            // Identity and security keys are the login state machine's; should one reach us,
-            // it does not belong to operational negotiation.
-            _ => "Irrelevant".to_string(),
+            KeyType::Obsolete => return reject(),
+            KeyType::Text { .. } => "Irrelevant".to_string(),
         }))
     }
 
@@ -788,9 +1228,8 @@ impl Negotiator {
                 let v = parse_numeric(value)
                     .filter(|v| (MIN_SEGMENT as u64..=ours as u64).contains(v))
                     .ok_or_else(bad)? as u32;
-                match key {
-                    "MaxBurstLength" => self.params.max_burst_length = v,
-                    "FirstBurstLength" => self.params.first_burst_length = v,
+                match key_def(key).map(|k| k.kind) {
+                    Some(KeyType::Number { set, .. }) => set(&mut self.params, v),
                     _ => return Err(bad()),
                 }
             }
@@ -798,9 +1237,8 @@ impl Negotiator {
                 let d = Digest::parse(value)
                     .filter(|d| list.contains(d))
                     .ok_or_else(bad)?;
-                match key {
-                    "HeaderDigest" => self.params.header_digest = d,
-                    "DataDigest" => self.params.data_digest = d,
+                match key_def(key).map(|k| k.kind) {
+                    Some(KeyType::List { set, .. }) => set(&mut self.params, d.as_str()),
                     _ => return Err(bad()),
                 }
             }
@@ -1374,6 +1812,343 @@ mod tests {
         assert_eq!(chunks.concat(), text);
         assert!(chunks.iter().all(|c| c.len() <= 4));
         assert_eq!(split_text(b"", 10), vec![Vec::<u8>::new()]);
+    }
+
+    /// The value a key proposes when it keeps its RFC default, as text.
+    fn default_text(def: &KeyDef) -> Option<String> {
+        match def.kind {
+            KeyType::Bool { default, .. } => Some(yes_no(default)),
+            KeyType::Number { default, .. } | KeyType::DeclaredNumber { default, .. } => {
+                Some(default.to_string())
+            }
+            KeyType::List { default, .. } => Some(default.to_string()),
+            KeyType::Text { .. } | KeyType::Obsolete => None,
+        }
+    }
+
+    fn operational() -> impl Iterator<Item = &'static KeyDef> {
+        KEYS.iter().filter(|k| k.group == KeyGroup::Operational)
+    }
+
+    #[test]
+    fn key_table_is_consistent() {
+        let mut names = HashSet::new();
+        for k in KEYS {
+            assert!(names.insert(k.name), "{} declared twice", k.name);
+            assert!(k.section.starts_with("RFC 7143 §1"), "{}", k.name);
+            if k.usage == Usage::LeadingOnly {
+                assert_eq!(
+                    k.scope,
+                    Scope::Session,
+                    "{}: LO keys are session-wide",
+                    k.name
+                );
+            }
+            if let KeyType::Number {
+                default, min, max, ..
+            }
+            | KeyType::DeclaredNumber {
+                default, min, max, ..
+            } = k.kind
+            {
+                assert!((min..=max).contains(&default), "{}", k.name);
+            }
+        }
+        // The lists login.rs used to spell out by hand.
+        let group = |g| {
+            let mut v: Vec<&str> = KEYS
+                .iter()
+                .filter(|k| k.group == g)
+                .map(|k| k.name)
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(
+            group(KeyGroup::Security),
+            [
+                "AuthMethod",
+                "CHAP_A",
+                "CHAP_C",
+                "CHAP_I",
+                "CHAP_N",
+                "CHAP_R"
+            ]
+        );
+        assert_eq!(
+            group(KeyGroup::Identity),
+            [
+                "InitiatorAlias",
+                "InitiatorName",
+                "SessionType",
+                "TargetName"
+            ]
+        );
+        // Exactly the keys answered before the table existed; anything else is NotUnderstood.
+        let mut known: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+        known.sort_unstable();
+        let mut expected = vec![
+            "HeaderDigest",
+            "DataDigest",
+            "MaxConnections",
+            "SendTargets",
+            "TargetName",
+            "InitiatorName",
+            "TargetAlias",
+            "InitiatorAlias",
+            "TargetAddress",
+            "TargetPortalGroupTag",
+            "InitialR2T",
+            "ImmediateData",
+            "MaxRecvDataSegmentLength",
+            "MaxBurstLength",
+            "FirstBurstLength",
+            "DefaultTime2Wait",
+            "DefaultTime2Retain",
+            "MaxOutstandingR2T",
+            "DataPDUInOrder",
+            "DataSequenceInOrder",
+            "ErrorRecoveryLevel",
+            "SessionType",
+            "TaskReporting",
+            "iSCSIProtocolLevel",
+            "IFMarker",
+            "OFMarker",
+            "IFMarkInt",
+            "OFMarkInt",
+            "AuthMethod",
+            "CHAP_A",
+            "CHAP_I",
+            "CHAP_C",
+            "CHAP_N",
+            "CHAP_R",
+        ];
+        expected.sort_unstable();
+        assert_eq!(known, expected);
+        assert!(key_def("headerdigest").is_none(), "keys are case-sensitive");
+        assert!(key_def("X-com.example.Foo").is_none() && key_def("X#Foo").is_none());
+    }
+
+    #[test]
+    fn table_defaults_are_the_session_defaults() {
+        // Storing a key's default changes nothing in the default parameters ...
+        for k in KEYS {
+            let mut p = SessionParams::default();
+            match k.kind {
+                KeyType::Bool { default, set, .. } => set(&mut p, default),
+                KeyType::Number { default, set, .. } => set(&mut p, default),
+                KeyType::DeclaredNumber { default, set, .. } => set(&mut p, default),
+                KeyType::List { default, set, .. } => set(&mut p, default),
+                KeyType::Text { .. } | KeyType::Obsolete => {}
+            }
+            assert_eq!(p, SessionParams::default(), "{}", k.name);
+        }
+        // ... and every setter but the markers' and TaskReporting's writes a field.
+        for k in KEYS {
+            let mut p = SessionParams::default();
+            match k.kind {
+                KeyType::Bool { default, set, .. } => set(&mut p, !default),
+                KeyType::Number {
+                    default,
+                    min,
+                    max,
+                    set,
+                    ..
+                }
+                | KeyType::DeclaredNumber {
+                    default,
+                    min,
+                    max,
+                    set,
+                } => set(&mut p, if default == max { min } else { max }),
+                KeyType::List { set, .. } => set(&mut p, "CRC32C"),
+                KeyType::Text { .. } | KeyType::Obsolete => continue,
+            }
+            let writes = !matches!(k.name, "IFMarker" | "OFMarker" | "TaskReporting");
+            assert_eq!(p != SessionParams::default(), writes, "{}", k.name);
+        }
+    }
+
+    #[test]
+    fn every_key_negotiates_its_default() {
+        let pairs: Vec<KeyValue> = operational()
+            .filter_map(|k| default_text(k).map(|v| kv(k.name, &v)))
+            .collect();
+        assert!(pairs.len() >= 18, "{pairs:?}");
+        let mut n = normal();
+        let r = n.respond(&pairs).unwrap();
+        for pair in &pairs {
+            let answer = get(&r, &pair.key);
+            if pair.key == "MaxRecvDataSegmentLength" {
+                assert_eq!(answer, None, "declarative");
+            } else {
+                assert_eq!(answer, Some(pair.value.as_str()), "{}", pair.key);
+            }
+        }
+        assert_eq!(n.finish().unwrap(), SessionParams::default());
+        // One key at a time too, so no key relies on another's result.
+        for pair in &pairs {
+            let r = normal().respond(std::slice::from_ref(pair)).unwrap();
+            if pair.key != "MaxRecvDataSegmentLength" {
+                assert_eq!(
+                    get(&r, &pair.key),
+                    Some(pair.value.as_str()),
+                    "{}",
+                    pair.key
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn numeric_keys_take_their_range_and_reject_outside_it() {
+        for k in operational() {
+            let (min, max) = match k.kind {
+                KeyType::Number { min, max, .. } | KeyType::DeclaredNumber { min, max, .. } => {
+                    (min as u64, max as u64)
+                }
+                _ => continue,
+            };
+            let declared = matches!(k.kind, KeyType::DeclaredNumber { .. });
+            let mut bad = vec![max + 1];
+            if min > 0 {
+                bad.push(min - 1);
+            }
+            for v in bad {
+                let r = normal().respond(&[kv(k.name, &v.to_string())]);
+                if declared {
+                    assert!(
+                        matches!(r, Err(NegotiationError::BadDeclaration(_))),
+                        "{}={v}",
+                        k.name
+                    );
+                } else {
+                    assert_eq!(get(&r.unwrap(), k.name), Some("Reject"), "{}={v}", k.name);
+                }
+            }
+            for v in [min, max] {
+                let r = normal().respond(&[kv(k.name, &v.to_string())]).unwrap();
+                assert_ne!(get(&r, k.name), Some("Reject"), "{}={v}", k.name);
+            }
+        }
+    }
+
+    #[test]
+    fn boolean_keys_apply_their_result_function() {
+        let strict = TargetLimits {
+            initial_r2t: true,
+            immediate_data: false,
+            ..TargetLimits::default()
+        };
+        for limits in [TargetLimits::default(), strict] {
+            for k in operational() {
+                let KeyType::Bool { func, ours, .. } = k.kind else {
+                    continue;
+                };
+                for v in [true, false] {
+                    let expected = match func {
+                        BoolFn::And => v && ours(&limits),
+                        BoolFn::Or => v || ours(&limits),
+                    };
+                    let mut n = Negotiator::new(
+                        limits.clone(),
+                        SessionType::Normal,
+                        true,
+                        SessionParams::default(),
+                    );
+                    let r = n.respond(&[kv(k.name, &yes_no(v))]).unwrap();
+                    assert_eq!(
+                        get(&r, k.name),
+                        Some(yes_no(expected).as_str()),
+                        "{}",
+                        k.name
+                    );
+                    let r = normal().respond(&[kv(k.name, "yes")]).unwrap();
+                    assert_eq!(
+                        get(&r, k.name),
+                        Some("Reject"),
+                        "{}: values are case-sensitive",
+                        k.name
+                    );
+                }
+            }
+        }
+        // The functions §13.10, §13.11 and §13.18–19 give.
+        let func = |name| match key_def(name).unwrap().kind {
+            KeyType::Bool { func, .. } => func,
+            _ => unreachable!(),
+        };
+        assert_eq!(func("InitialR2T"), BoolFn::Or);
+        assert_eq!(func("ImmediateData"), BoolFn::And);
+        assert_eq!(func("DataPDUInOrder"), BoolFn::Or);
+        assert_eq!(func("DataSequenceInOrder"), BoolFn::Or);
+    }
+
+    #[test]
+    fn leading_only_keys_are_irrelevant_on_a_second_connection() {
+        let mut lo = 0;
+        for k in operational() {
+            let Some(v) = default_text(k) else { continue };
+            let mut n = Negotiator::new(
+                TargetLimits::default(),
+                SessionType::Normal,
+                false,
+                SessionParams::default(),
+            );
+            let r = n.respond(&[kv(k.name, &v)]).unwrap();
+            if k.usage == Usage::LeadingOnly {
+                lo += 1;
+                assert_eq!(get(&r, k.name), Some("Irrelevant"), "{}", k.name);
+            } else {
+                assert_ne!(get(&r, k.name), Some("Irrelevant"), "{}", k.name);
+            }
+        }
+        assert_eq!(lo, 13);
+    }
+
+    #[test]
+    fn discovery_irrelevant_keys_follow_the_table() {
+        for k in operational() {
+            let Some(v) = default_text(k) else { continue };
+            let mut d = Negotiator::new(
+                TargetLimits::default(),
+                SessionType::Discovery,
+                true,
+                SessionParams::default(),
+            );
+            let r = d.respond(&[kv(k.name, &v)]).unwrap();
+            assert_eq!(
+                get(&r, k.name) == Some("Irrelevant"),
+                k.irrelevant_in_discovery,
+                "{}",
+                k.name
+            );
+        }
+    }
+
+    #[test]
+    fn target_only_and_ffp_only_keys_in_a_login() {
+        let mut checked = 0;
+        for k in operational().filter(|k| k.senders == Senders::Target || k.usage == Usage::FfpOnly)
+        {
+            checked += 1;
+            let r = normal().respond(&[kv(k.name, "x")]).unwrap();
+            if k.senders == Senders::Target {
+                assert_eq!(get(&r, k.name), Some("Reject"), "{}", k.name);
+            }
+            if k.usage == Usage::FfpOnly {
+                assert_eq!(get(&r, k.name), Some("Irrelevant"), "{}", k.name);
+            }
+        }
+        assert_eq!(
+            checked, 4,
+            "TargetAlias, TargetAddress, TargetPortalGroupTag, SendTargets"
+        );
+        // Identity and security keys reaching the negotiator are not its business.
+        for k in KEYS.iter().filter(|k| k.group != KeyGroup::Operational) {
+            let r = normal().respond(&[kv(k.name, "x")]).unwrap();
+            assert_eq!(get(&r, k.name), Some("Irrelevant"), "{}", k.name);
+        }
     }
 
     #[test]

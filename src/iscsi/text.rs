@@ -17,10 +17,10 @@ use bytes::Bytes;
 
 use super::login::TargetAuth;
 use super::negotiation::{
-    encode_text, is_reserved_value, parse_numeric, parse_text, split_text, SessionParams,
-    SessionType, KNOWN_KEYS, MAX_NEGOTIATION_TEXT, MAX_SEGMENT, MIN_SEGMENT,
+    encode_text, is_reserved_value, key_def, parse_numeric, parse_text, split_text, SessionParams,
+    SessionType, MAX_NEGOTIATION_TEXT, MAX_SEGMENT, MIN_SEGMENT,
 };
-use super::pdu::{Opcode, Pdu, RejectReason, RESERVED_TAG};
+use super::pdu::{Opcode, Pdu, RejectReason, TextRequest, TextResponseBuilder, RESERVED_TAG};
 
 const FLAG_FINAL: u8 = 0x80;
 const FLAG_CONTINUE: u8 = 0x40;
@@ -64,11 +64,11 @@ pub enum TextOutcome {
     },
 }
 
-/// Fills StatSN (24), ExpCmdSN (28) and MaxCmdSN (32) of a response PDU.
+/// Fills StatSN, ExpCmdSN and MaxCmdSN of a response PDU (§11.11.5).
 pub fn stamp_sequence_numbers(pdu: &mut Pdu, stat_sn: u32, exp_cmd_sn: u32, max_cmd_sn: u32) {
-    pdu.set_u32_at(24, stat_sn);
-    pdu.set_u32_at(28, exp_cmd_sn);
-    pdu.set_u32_at(32, max_cmd_sn);
+    pdu.set_stat_sn(stat_sn);
+    pdu.set_exp_cmd_sn(exp_cmd_sn);
+    pdu.set_max_cmd_sn(max_cmd_sn);
 }
 
 #[derive(Debug)]
@@ -113,16 +113,17 @@ impl TextNegotiation {
         if req.opcode() != Some(Opcode::TextRequest) {
             return reject(RejectReason::ProtocolError, "not a Text Request");
         }
-        let fin = req.flags() & FLAG_FINAL != 0;
-        let cont = req.flags() & FLAG_CONTINUE != 0;
+        let view = TextRequest(req);
+        let fin = view.final_bit();
+        let cont = view.continue_bit();
         if fin && cont {
             return reject(
                 RejectReason::ProtocolError,
                 "F and C bits both set (§11.10.2)",
             );
         }
-        let itt = req.itt();
-        let ttt = req.field20();
+        let itt = view.itt();
+        let ttt = view.target_transfer_tag();
         if itt == RESERVED_TAG {
             return reject(RejectReason::InvalidPduField, "reserved ITT");
         }
@@ -202,9 +203,7 @@ impl TextNegotiation {
                 "InitiatorAlias" => {}
                 _ if is_reserved_value(value) => {}
                 // Login-only keys cannot change in Full Feature Phase.
-                _ if KNOWN_KEYS.contains(&key) => {
-                    answer.extend(encode_text(&[(key, "Irrelevant")]))
-                }
+                _ if key_def(key).is_some() => answer.extend(encode_text(&[(key, "Irrelevant")])),
                 _ => answer.extend(encode_text(&[(key, "NotUnderstood")])),
             }
         }
@@ -239,12 +238,9 @@ impl TextNegotiation {
 }
 
 fn text_response(itt: u32, ttt: u32, flags: u8, data: Vec<u8>) -> Pdu {
-    let mut p = Pdu::new(Opcode::TextResponse);
-    p.set_flags(flags);
-    p.set_itt(itt);
-    p.set_u32_at(20, ttt);
-    p.set_data(Bytes::from(data));
-    p
+    TextResponseBuilder::new(itt, ttt, flags)
+        .data(Bytes::from(data))
+        .build()
 }
 
 /// The addresses to advertise: configured portals, wildcards replaced by the local address.
@@ -326,6 +322,7 @@ pub fn send_targets(ctx: &TextContext<'_>, value: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iscsi::pdu::{TextRequestBuilder, TextResponse};
 
     const INI: &str = "iqn.2024-01.org.example:ini";
 
@@ -359,13 +356,9 @@ mod tests {
     }
 
     fn request(itt: u32, ttt: u32, flags: u8, text: &[u8]) -> Pdu {
-        let mut p = Pdu::new(Opcode::TextRequest);
-        p.set_immediate(true);
-        p.set_flags(flags);
-        p.set_itt(itt);
-        p.set_u32_at(20, ttt);
-        p.set_data(Bytes::copy_from_slice(text));
-        p
+        TextRequestBuilder::new(itt, ttt, flags)
+            .data(Bytes::copy_from_slice(text))
+            .build()
     }
 
     fn respond(o: TextOutcome) -> (Pdu, ParamUpdate) {
@@ -409,7 +402,7 @@ mod tests {
         assert_eq!(r.opcode(), Some(Opcode::TextResponse));
         assert_eq!(r.flags(), FLAG_FINAL, "libiscsi insists on exactly F");
         assert_eq!(r.itt(), 9);
-        assert_eq!(r.field20(), RESERVED_TAG);
+        assert_eq!(TextResponse(&r).target_transfer_tag(), RESERVED_TAG);
         assert_eq!(
             pairs(&r.data),
             vec![
@@ -503,7 +496,7 @@ mod tests {
             &c,
         ));
         assert_eq!(first.flags(), FLAG_CONTINUE);
-        let ttt = first.field20();
+        let ttt = TextResponse(&first).target_transfer_tag();
         assert_ne!(ttt, RESERVED_TAG);
         assert!(first.data.len() <= 1024);
         assert_eq!(*first.data.last().unwrap(), 0, "split at a pair boundary");
@@ -513,11 +506,11 @@ mod tests {
             assert!(r.data.len() <= 1024);
             all.extend_from_slice(&r.data);
             if r.flags() & FLAG_FINAL != 0 {
-                assert_eq!(r.field20(), RESERVED_TAG);
+                assert_eq!(TextResponse(&r).target_transfer_tag(), RESERVED_TAG);
                 break;
             }
             assert_eq!(r.flags(), FLAG_CONTINUE);
-            assert_eq!(r.field20(), ttt);
+            assert_eq!(TextResponse(&r).target_transfer_tag(), ttt);
         }
         let got = pairs(&all);
         assert_eq!(got.iter().filter(|(k, _)| k == "TargetName").count(), 200);
@@ -540,7 +533,7 @@ mod tests {
         let (ack, _) = respond(n.handle(&request(4, RESERVED_TAG, FLAG_CONTINUE, b"SendTarg"), &c));
         assert_eq!(ack.flags(), 0);
         assert!(ack.data.is_empty());
-        let ttt = ack.field20();
+        let ttt = TextResponse(&ack).target_transfer_tag();
         assert_ne!(ttt, RESERVED_TAG);
         let (r, _) = respond(n.handle(&request(4, ttt, FLAG_FINAL, b"ets=All\0"), &c));
         assert_eq!(r.flags(), FLAG_FINAL);
@@ -560,12 +553,15 @@ mod tests {
         let mut n = TextNegotiation::new();
         let (r, _) = respond(n.handle(&request(6, RESERVED_TAG, 0, b"X-foo=1\0"), &c));
         assert_eq!(r.flags() & FLAG_FINAL, 0);
-        assert_ne!(r.field20(), RESERVED_TAG);
+        assert_ne!(TextResponse(&r).target_transfer_tag(), RESERVED_TAG);
         assert_eq!(
             pairs(&r.data),
             vec![("X-foo".into(), "NotUnderstood".into())]
         );
-        let (r2, _) = respond(n.handle(&request(6, r.field20(), FLAG_FINAL, b""), &c));
+        let (r2, _) = respond(n.handle(
+            &request(6, TextResponse(&r).target_transfer_tag(), FLAG_FINAL, b""),
+            &c,
+        ));
         assert_eq!(r2.flags(), FLAG_FINAL);
     }
 
@@ -689,7 +685,9 @@ mod tests {
         let mut rejected = false;
         for _ in 0..20 {
             match n.handle(&request(8, ttt, FLAG_CONTINUE, &vec![b'a'; 8192]), &c) {
-                TextOutcome::Respond { response, .. } => ttt = response.field20(),
+                TextOutcome::Respond { response, .. } => {
+                    ttt = TextResponse(&response).target_transfer_tag()
+                }
                 TextOutcome::Reject { .. } => {
                     rejected = true;
                     break;
@@ -727,6 +725,7 @@ mod tests {
     fn stamping() {
         let mut p = text_response(1, RESERVED_TAG, FLAG_FINAL, Vec::new());
         stamp_sequence_numbers(&mut p, 10, 20, 30);
-        assert_eq!((p.field24(), p.field28(), p.field32()), (10, 20, 30));
+        let r = TextResponse(&p);
+        assert_eq!((r.stat_sn(), r.exp_cmd_sn(), r.max_cmd_sn()), (10, 20, 30));
     }
 }
