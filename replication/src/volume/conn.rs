@@ -719,32 +719,41 @@ impl ReplicatedVolume {
     }
 }
 
+/// How long the writer may take to flush what is buffered when its connection ends.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The connection's socket writer: drains the bounded queue, batching what is queued into
+/// one flush.
 async fn writer(mut sink: Sink, mut rx: mpsc::Receiver<Message>, kill: CancellationToken) {
-    loop {
-        let m = tokio::select! {
-            m = rx.recv() => m,
-            _ = kill.cancelled() => break,
-        };
-        let Some(m) = m else { break };
-        if sink.feed(m).await.is_err() {
-            break;
-        }
-        let mut failed = false;
-        while let Ok(m) = rx.try_recv() {
+    let pump = async {
+        loop {
+            let Some(m) = rx.recv().await else { break };
             if sink.feed(m).await.is_err() {
-                failed = true;
+                break;
+            }
+            let mut failed = false;
+            while let Ok(m) = rx.try_recv() {
+                if sink.feed(m).await.is_err() {
+                    failed = true;
+                    break;
+                }
+            }
+            if failed || sink.flush().await.is_err() {
                 break;
             }
         }
-        if failed || sink.flush().await.is_err() {
-            break;
-        }
+    };
+    // A black-holed peer blocks `feed` / `flush` for good: the kill (ping timeout,
+    // teardown) must interrupt them, not only the wait for the next frame.
+    tokio::select! {
+        _ = pump => {}
+        _ = kill.cancelled() => {}
     }
     kill.cancel();
-    // Close the queue first: senders waiting for space fail now, not when a stalled
-    // socket's close returns.
+    // Close the queue first: senders waiting for space fail now (teardown has answered
+    // their requests), not when a stalled socket's close returns.
     drop(rx);
-    let _ = sink.close().await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
 }
 
 async fn accept_loop(vol: Arc<ReplicatedVolume>, listener: TcpListener, tx: mpsc::Sender<Est>) {
