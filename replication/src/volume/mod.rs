@@ -28,6 +28,14 @@
 //!   were in flight when it died are marked out of sync by the primary, which sees the link
 //!   drop before their acks.
 //!
+//! # Structure
+//! The protocol rules (which state follows which event, what a handshake verdict does to
+//! the role / disk / connection state, what is refused) are a pure machine in
+//! `machine.rs` (`VolumeMachine::step(event) -> actions`, unit tested without I/O). The
+//! async code here and in `conn.rs`, `io.rs` and `sync.rs` moves bytes and metadata, feeds
+//! events to the machine under the state mutex and carries out the actions after it (frames
+//! go to the connection's writer queue, bounded at `LINK_QUEUE` frames, never under the mutex).
+//!
 //! # Initial sync
 //! [`create_metadata`] writes fresh DRBD v08/v09 metadata and takes an [`InitialSync`]:
 //! `FullFrom` on the host whose data is authoritative (it gets a new generation UUID and is
