@@ -241,6 +241,46 @@ async fn link_cut_then_resync_copies_only_changed_blocks() {
     p.shutdown().await;
 }
 
+/// A black-holed link fills the socket buffers and then the bounded link queue, so
+/// application writes wait for queue space. The ping timeout must still end the connection
+/// and every write waiting on the full queue must complete (degraded, marked out of sync)
+/// instead of hanging; after the link is back the replicas are identical again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_link_with_a_full_queue_does_not_hang_writes() {
+    let p = Pair::new(SIZE, skip(), skip(), Role::Primary, |_| {}).await;
+    wait_connected(&p).await;
+    p.ab.stall();
+    p.ba.stall();
+    let st = p.a.vol.store();
+    // 64 MiB in 64 KiB writes: more than the loopback socket buffers plus the queue hold.
+    // One buffer for all (made outside the timed part: a debug build fills slowly).
+    const LEN: u64 = 64 * 1024;
+    let data = block(9000, LEN as usize);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..1024u64 {
+        let (st, data) = (st.clone(), data.clone());
+        set.spawn(async move { st.write((i * LEN) % SIZE, data, WriteMode::Cached).await });
+    }
+    let all = async {
+        while let Some(r) = set.join_next().await {
+            r.unwrap().unwrap();
+        }
+    };
+    tokio::time::timeout(T, all)
+        .await
+        .expect("application writes hung on a stalled link");
+    assert!(!connected(&p.a));
+    assert!(p.a.vol.status().out_of_sync_bytes > 0);
+    p.cut();
+    p.restore();
+    wait_connected(&p).await;
+    assert!(
+        p.a.snapshot() == p.b.snapshot(),
+        "replicas differ after the stall"
+    );
+    p.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_finds_corrupted_block_and_resync_repairs() {
     for digest in [

@@ -13,15 +13,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, warn};
 
-use super::{
-    lock, ConnState, LinkHandle, PendingKind, ReplicatedVolume, Reply, Role, State, Track,
-};
-use crate::drbd::MdFlags;
+use super::machine::{Action, Event};
+use super::{lock, LinkHandle, PendingKind, ReplicatedVolume, Reply, LINK_QUEUE};
+use crate::drbd::{GenerationUuids, MdFlags};
 use crate::link::proto::{VERIFY_BLOCK, WIRE_CRASHED_PRIMARY, WIRE_DISCARD_MY_DATA};
 use crate::link::{establish, DiskState, Established, FrameCodec, LinkError, LocalHello, Message};
-use crate::policy::{decide, Outcome, Side, Verdict};
+use crate::policy::{Outcome, Side};
 use crate::store::{check_range, WriteMode};
 
 type Est = Established<TcpStream>;
@@ -47,15 +46,15 @@ impl ReplicatedVolume {
             size_bytes: self.usable,
             secret: self.cfg.secret.clone(),
             node_id: self.node_id,
-            role: st.role,
+            role: st.m.role(),
             uuids,
-            flags: self.wire_flags(&st),
+            flags: Self::wire_flags(&st),
         }
     }
 
     fn wants_dial(&self) -> bool {
         let st = lock(&self.st);
-        st.link.is_none() && !st.handshaking && !st.standalone && !st.closing
+        st.link.is_none() && st.m.wants_dial()
     }
 
     fn log_link_error(&self, e: &LinkError, addr: SocketAddr, dir: &str) {
@@ -75,30 +74,7 @@ impl ReplicatedVolume {
 
     pub(super) fn epoch_alive(&self, epoch: u64) -> bool {
         let st = lock(&self.st);
-        st.epoch == epoch && st.link.is_some()
-    }
-
-    fn attach(
-        &self,
-        st: &mut State,
-        epoch: u64,
-        tx: &mpsc::UnboundedSender<Message>,
-        kill: &CancellationToken,
-        peer: &Side,
-    ) {
-        st.link = Some(LinkHandle {
-            epoch,
-            tx: tx.clone(),
-            pending: HashMap::new(),
-            next_seq: 1,
-            kill: kill.clone(),
-        });
-        st.handshaking = false;
-        st.peer_role = Some(peer.role);
-        st.peer_disk = Some(peer.disk);
-        st.io_resumed = false;
-        st.discard_my_data = false;
-        st.crashed_primary = false;
+        st.m.epoch_alive(epoch) && st.link.is_some()
     }
 
     /// Runs one authenticated connection until it ends; returns a newer connection that
@@ -111,26 +87,21 @@ impl ReplicatedVolume {
         let dialer = est.dialer;
         let (sink, mut stream) = est.framed.split();
         let kill = self.shutdown.child_token();
-        let (tx, out_rx) = mpsc::unbounded_channel::<Message>();
+        let (tx, out_rx) = mpsc::channel::<Message>(LINK_QUEUE);
         tokio::spawn(writer(sink, out_rx, kill.clone()));
         let epoch = {
             let mut st = lock(&self.st);
-            st.epoch += 1;
-            st.handshaking = true;
-            self.set_conn(
-                &mut st,
-                ConnState::Connecting,
-                "peer authenticated, exchanging state",
-            );
-            st.epoch
+            // LinkUp cannot be refused and leaves nothing to do after the lock.
+            let _ = self.run_step(&mut st, Event::LinkUp, None);
+            st.m.epoch()
         };
         self.notify();
 
         let hs = tokio::select! {
-            r = self.handshake(&tx, &mut stream, dialer) => r,
+            r = self.handshake(epoch, &tx, &mut stream, dialer) => r,
             _ = kill.cancelled() => Err("connection closed during the handshake".to_string()),
         };
-        let (verdict, peer) = match hs {
+        let (actions, peer_runs) = match hs {
             Ok(x) => x,
             Err(reason) => {
                 warn!(volume = %self.cfg.name, "sync handshake failed: {reason}");
@@ -138,18 +109,42 @@ impl ReplicatedVolume {
                 return None;
             }
         };
-        if let Err(reason) = self.apply_verdict(epoch, &verdict, &peer, &tx, &kill).await {
-            self.teardown(epoch, &reason, false, &kill).await;
-            return None;
-        }
-        if let Outcome::Refuse { standalone } = verdict.outcome {
-            let _ = tx.send(Message::Disconnect {
-                reason: verdict.why.clone(),
-            });
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            self.teardown(epoch, "sync handshake refused the peer", standalone, &kill)
-                .await;
-            return None;
+        for a in actions {
+            match a {
+                Action::RefusePeer { why, standalone } => {
+                    let _ = tokio::time::timeout(
+                        self.cfg.timeout,
+                        tx.send(Message::Disconnect { reason: why }),
+                    )
+                    .await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    self.teardown(epoch, "sync handshake refused the peer", standalone, &kill)
+                        .await;
+                    return None;
+                }
+                Action::PersistVerdict {
+                    outcome,
+                    uuids,
+                    peer_disk,
+                } => {
+                    let r = self
+                        .apply_verdict(
+                            epoch,
+                            outcome,
+                            uuids,
+                            peer_disk,
+                            peer_runs.clone(),
+                            &tx,
+                            &kill,
+                        )
+                        .await;
+                    if let Err(reason) = r {
+                        self.teardown(epoch, &reason, false, &kill).await;
+                        return None;
+                    }
+                }
+                other => debug!(volume = %self.cfg.name, "unexpected handshake action {other:?}"),
+            }
         }
 
         let mut ping = tokio::time::interval(self.cfg.ping_interval);
@@ -167,7 +162,9 @@ impl ReplicatedVolume {
                     if last_rx.elapsed() > self.cfg.timeout {
                         break (format!("peer timed out (nothing received for {:?})", self.cfg.timeout), None);
                     }
-                    let _ = tx.send(Message::Ping);
+                    // Never wait here: this loop drains the acks that free the queue. A full
+                    // queue means frames are going out anyway.
+                    let _ = tx.try_send(Message::Ping);
                 }
                 m = stream.next() => match m {
                     None => break ("peer closed the connection".to_string(), None),
@@ -191,116 +188,146 @@ impl ReplicatedVolume {
         next
     }
 
-    /// Exchanges state and bitmaps and decides; see [`crate::policy::decide`].
+    /// Exchanges state and bitmaps and decides (the machine runs
+    /// [`crate::policy::decide`]); returns the decision's actions and the peer's bitmap runs.
     async fn handshake(
-        self: &Arc<Self>,
-        tx: &mpsc::UnboundedSender<Message>,
+        &self,
+        epoch: u64,
+        tx: &mpsc::Sender<Message>,
         stream: &mut Stream,
         dialer: bool,
-    ) -> Result<(Verdict, (Side, Vec<(u64, u64)>)), String> {
+    ) -> Result<(Vec<Action>, Vec<(u64, u64)>), String> {
         let (local, runs, flags) = {
             let st = lock(&self.st);
             let m = lock(&self.md);
-            let local = Side {
-                role: st.role,
-                disk: st.disk,
-                uuids: m.md.uuids(),
-                crashed_primary: st.crashed_primary,
-                discard_my_data: st.discard_my_data,
-                bm_weight: m.md.bitmap().count(),
-            };
+            let local = st.m.local_side(m.md.uuids(), m.md.bitmap().count());
             let runs: Vec<(u64, u64)> =
                 m.md.bitmap().runs().map(|r| (r.first_bit, r.len)).collect();
-            (local, runs, self.wire_flags(&st))
+            (local, runs, Self::wire_flags(&st))
         };
         let bits = lock(&self.md).md.bitmap().bits();
-        let send = |m: Message| {
-            tx.send(m)
-                .map_err(|_| "connection writer is gone".to_string())
-        };
-        send(Message::StateChange {
+        let mut out = vec![Message::StateChange {
             role: local.role,
             disk: local.disk,
             uuids: local.uuids.clone(),
             flags,
             bm_weight: local.bm_weight,
-        })?;
+        }];
         let mut chunks = runs.chunks(crate::link::proto::MAX_RUNS_PER_MSG).peekable();
         if chunks.peek().is_none() {
-            send(Message::Bitmap {
+            out.push(Message::Bitmap {
                 runs: Vec::new(),
                 last: true,
-            })?;
+            });
         }
         while let Some(c) = chunks.next() {
-            send(Message::Bitmap {
+            out.push(Message::Bitmap {
                 runs: c.to_vec(),
                 last: chunks.peek().is_none(),
-            })?;
+            });
         }
-        let mut peer: Option<Side> = None;
-        let mut peer_runs: Vec<(u64, u64)> = Vec::new();
-        let mut covered = 0u64;
-        loop {
-            match self.recv(stream, tx).await? {
-                Message::StateChange {
-                    role,
-                    disk,
-                    uuids,
-                    flags,
-                    bm_weight,
-                } if peer.is_none() => {
-                    peer = Some(Side {
+        // Send while receiving: both sides send their bitmaps first, and with a bounded
+        // queue a large bitmap must not wait for a peer that is itself still sending.
+        let send_all = async {
+            for m in out {
+                tx.send(m)
+                    .await
+                    .map_err(|_| "connection writer is gone".to_string())?;
+            }
+            Ok::<(), String>(())
+        };
+        let receive = async {
+            let mut peer: Option<Side> = None;
+            let mut peer_runs: Vec<(u64, u64)> = Vec::new();
+            let mut covered = 0u64;
+            loop {
+                match self.recv(stream, tx).await? {
+                    Message::StateChange {
                         role,
                         disk,
                         uuids,
-                        crashed_primary: flags & WIRE_CRASHED_PRIMARY != 0,
-                        discard_my_data: flags & WIRE_DISCARD_MY_DATA != 0,
+                        flags,
                         bm_weight,
+                    } if peer.is_none() => {
+                        peer = Some(Side {
+                            role,
+                            disk,
+                            uuids,
+                            crashed_primary: flags & WIRE_CRASHED_PRIMARY != 0,
+                            discard_my_data: flags & WIRE_DISCARD_MY_DATA != 0,
+                            bm_weight,
+                        })
+                    }
+                    Message::Bitmap { runs, last } if peer.is_some() => {
+                        for (s, l) in runs {
+                            let end = s.checked_add(l).filter(|&e| e <= bits && l > 0);
+                            if end.is_none() {
+                                return Err(format!(
+                                    "peer sent a bitmap run {s}+{l} outside {bits} bits"
+                                ));
+                            }
+                            covered += l;
+                            if covered > bits {
+                                return Err("peer's bitmap has more bits than the volume".into());
+                            }
+                            peer_runs.push((s, l));
+                        }
+                        if last {
+                            break;
+                        }
+                    }
+                    other => {
+                        return Err(format!("unexpected {} during the handshake", other.name()))
+                    }
+                }
+            }
+            let peer = peer.ok_or("no state from peer")?;
+            Ok::<_, String>((peer, peer_runs))
+        };
+        let ((), (peer, peer_runs)) = tokio::try_join!(send_all, receive)?;
+        let decision = {
+            let mut st = lock(&self.st);
+            st.m.step(Event::PeerState { epoch, peer })
+                .and_then(|_| {
+                    st.m.step(Event::Decide {
+                        epoch,
+                        local,
+                        dialer,
+                        policies: self.cfg.policies(),
                     })
-                }
-                Message::Bitmap { runs, last } if peer.is_some() => {
-                    for (s, l) in runs {
-                        let end = s.checked_add(l).filter(|&e| e <= bits && l > 0);
-                        if end.is_none() {
-                            return Err(format!(
-                                "peer sent a bitmap run {s}+{l} outside {bits} bits"
-                            ));
-                        }
-                        covered += l;
-                        if covered > bits {
-                            return Err("peer's bitmap has more bits than the volume".into());
-                        }
-                        peer_runs.push((s, l));
-                    }
-                    if last {
-                        break;
-                    }
-                }
-                other => return Err(format!("unexpected {} during the handshake", other.name())),
+                })
+                .map_err(|r| r.to_string())?
+        };
+        for a in decision {
+            if let Action::SendDecision(hg) = a {
+                tx.send(Message::Decision { hg })
+                    .await
+                    .map_err(|_| "connection writer is gone".to_string())?;
             }
         }
-        let peer = peer.ok_or("no state from peer")?;
-        let v = decide(&local, &peer, dialer, &self.cfg.policies());
-        send(Message::Decision { hg: v.hg })?;
         let peer_hg = match self.recv(stream, tx).await? {
             Message::Decision { hg } => hg,
             other => return Err(format!("unexpected {} instead of Decision", other.name())),
         };
-        let agree = (v.hg <= -100 && peer_hg <= -100) || (v.hg > -100 && peer_hg == -v.hg);
-        if !agree {
-            return Err(format!(
-                "sync decisions disagree (ours {}, peer's {peer_hg}); {}",
-                v.hg, v.why
-            ));
-        }
-        Ok((v, (peer, peer_runs)))
+        let actions = {
+            let mut st = lock(&self.st);
+            self.run_step(&mut st, Event::PeerDecision { epoch, hg: peer_hg }, None)
+                .map_err(|r| r.to_string())?
+        };
+        let actions = actions
+            .into_iter()
+            .filter_map(|d| match d {
+                super::Deferred::Act(a) => Some(a),
+                super::Deferred::Send(..) => None,
+            })
+            .collect();
+        Ok((actions, peer_runs))
     }
 
     async fn recv(
         &self,
         stream: &mut Stream,
-        tx: &mpsc::UnboundedSender<Message>,
+        tx: &mpsc::Sender<Message>,
     ) -> Result<Message, String> {
         loop {
             match tokio::time::timeout(self.cfg.timeout, stream.next()).await {
@@ -308,7 +335,7 @@ impl ReplicatedVolume {
                 Ok(None) => return Err("peer closed the connection during the handshake".into()),
                 Ok(Some(Err(e))) => return Err(format!("bad frame from peer: {e}")),
                 Ok(Some(Ok(Message::Ping))) => {
-                    let _ = tx.send(Message::Pong);
+                    let _ = tx.try_send(Message::Pong);
                 }
                 Ok(Some(Ok(Message::Pong))) => {}
                 Ok(Some(Ok(Message::Disconnect { reason }))) => {
@@ -319,34 +346,18 @@ impl ReplicatedVolume {
         }
     }
 
+    /// Writes the decision's UUIDs and bitmap durably, then attaches the link.
+    #[allow(clippy::too_many_arguments)]
     async fn apply_verdict(
         self: &Arc<Self>,
         epoch: u64,
-        v: &Verdict,
-        peer: &(Side, Vec<(u64, u64)>),
-        tx: &mpsc::UnboundedSender<Message>,
+        outcome: Outcome,
+        corrected: GenerationUuids,
+        peer_disk: DiskState,
+        runs: Vec<(u64, u64)>,
+        tx: &mpsc::Sender<Message>,
         kill: &CancellationToken,
     ) -> Result<(), String> {
-        let (peer, peer_runs) = peer;
-        if let Outcome::Refuse { .. } = v.outcome {
-            let mut st = lock(&self.st);
-            if v.split_brain {
-                st.split_brain = true;
-                error!(volume = %self.cfg.name, "split brain detected: {}", v.why);
-            } else {
-                error!(volume = %self.cfg.name, "refusing to connect: {}", v.why);
-            }
-            return Ok(());
-        }
-        if v.split_brain {
-            warn!(volume = %self.cfg.name, "split brain detected and resolved: {}", v.why);
-        } else {
-            info!(volume = %self.cfg.name, "sync handshake: {}", v.why);
-        }
-        let outcome = v.outcome;
-        let corrected = v.local_uuids.clone();
-        let runs = peer_runs.clone();
-        let peer_disk = peer.disk;
         let name = self.cfg.name.clone();
         // Bitmap and UUIDs per decision, durably, before any data moves.
         let sync_uuid = self
@@ -392,44 +403,37 @@ impl ReplicatedVolume {
             .await
             .map_err(|e| format!("metadata update after the handshake failed: {e}"))?;
         let weight = lock(&self.md).md.bitmap().count();
-        {
+        let deferred = {
             let mut st = lock(&self.st);
-            if st.epoch != epoch || kill.is_cancelled() {
-                return Err("connection closed during the handshake".into());
-            }
-            self.attach(&mut st, epoch, tx, kill, peer);
-            st.split_brain = v.split_brain;
-            match outcome {
-                Outcome::NoSync => {
-                    if st.disk < DiskState::UpToDate
-                        && st.disk >= DiskState::Outdated
-                        && peer.disk == DiskState::UpToDate
-                    {
-                        st.disk = DiskState::UpToDate;
-                    }
-                    self.set_conn(&mut st, ConnState::Connected, "no resync needed");
-                }
-                Outcome::Source { full } => {
-                    if let Some(u) = sync_uuid {
-                        let _ = tx.send(Message::SyncUuid { uuid: u });
-                    }
-                    st.peer_disk = Some(DiskState::Inconsistent);
-                    st.resync = Some(Track::start(weight * 4096));
-                    self.set_conn(&mut st, ConnState::SyncSource, sync_kind(full));
-                    info!(volume = %self.cfg.name, "resync of {} bytes to the peer starts", weight * 4096);
-                }
-                Outcome::Target { full } => {
-                    st.disk = DiskState::Inconsistent;
-                    st.resync = Some(Track::start(weight * 4096));
-                    self.set_conn(&mut st, ConnState::SyncTarget, sync_kind(full));
-                }
-                Outcome::Refuse { .. } => {}
-            }
-        }
+            let link = LinkHandle {
+                epoch,
+                tx: tx.clone(),
+                pending: HashMap::new(),
+                next_seq: 1,
+                kill: kill.clone(),
+            };
+            let ev = Event::VerdictPersisted {
+                epoch,
+                sync_uuid,
+                oos_bytes: weight * 4096,
+                killed: kill.is_cancelled(),
+            };
+            self.run_step(&mut st, ev, Some(link))
+                .map_err(|r| r.to_string())?
+        };
         self.notify();
-        if let Outcome::Source { .. } = outcome {
-            self.spawn(self.clone().resync_source(epoch));
-        }
+        let left = self.perform(deferred).await;
+        self.spawn_tasks(left);
+        Ok(())
+    }
+
+    /// A step for a frame from the peer; a refusal is the reason to drop the link.
+    fn step_link(&self, ev: Event) -> Result<(), String> {
+        let mut st = lock(&self.st);
+        let d = self
+            .run_step(&mut st, ev, None)
+            .map_err(|r| r.to_string())?;
+        debug_assert!(d.is_empty(), "deferred actions dropped: {d:?}");
         Ok(())
     }
 
@@ -455,11 +459,12 @@ impl ReplicatedVolume {
         self: &Arc<Self>,
         m: Message,
         epoch: u64,
-        tx: &mpsc::UnboundedSender<Message>,
+        tx: &mpsc::Sender<Message>,
     ) -> Result<(), String> {
+        // Replies go out from spawned tasks: this loop must never wait for queue space.
         match m {
             Message::Ping => {
-                let _ = tx.send(Message::Pong);
+                let _ = tx.try_send(Message::Pong);
             }
             Message::Pong => {}
             Message::Write {
@@ -468,9 +473,7 @@ impl ReplicatedVolume {
                 data,
                 fua,
             } => {
-                if lock(&self.st).role == Role::Primary {
-                    return Err("peer sent a replicated write while we are primary".into());
-                }
+                self.step_link(Event::PeerWrite)?;
                 let len = data.len() as u64;
                 self.ctr.received.fetch_add(len, Ordering::Relaxed);
                 let v = self.clone();
@@ -490,11 +493,11 @@ impl ReplicatedVolume {
                         Err(e) => {
                             v.ctr.write_errors.fetch_add(1, Ordering::Relaxed);
                             error!(volume = %v.cfg.name, offset, len, "applying the peer's write failed: {e}");
-                            let _ = lock(&v.md).md.bitmap_mut().set_range(offset, len);
+                            let _ = v.step_sync(Event::LocalWriteFailed { offset, len });
                             (false, e.to_string())
                         }
                     };
-                    let _ = tx.send(Message::WriteAck { seq, ok, err });
+                    let _ = tx.send(Message::WriteAck { seq, ok, err }).await;
                 });
             }
             Message::Flush { seq } => {
@@ -508,7 +511,7 @@ impl ReplicatedVolume {
                             false
                         }
                     };
-                    let _ = tx.send(Message::FlushAck { seq, ok });
+                    let _ = tx.send(Message::FlushAck { seq, ok }).await;
                 });
             }
             Message::WriteAck { seq, ok, err } => {
@@ -536,37 +539,18 @@ impl ReplicatedVolume {
                 seq, mismatched, ..
             } => self.complete(epoch, seq, Reply::Verify(mismatched))?,
             Message::SyncUuid { uuid } => {
-                {
+                let deferred = {
                     let mut st = lock(&self.st);
-                    if st.role == Role::Primary {
-                        return Err("peer wants to resync to us, but we are primary".into());
-                    }
-                    if st.conn != ConnState::SyncTarget {
-                        let total = lock(&self.md).md.bitmap().count() * 4096;
-                        st.resync = Some(Track::start(total));
-                        self.set_conn(&mut st, ConnState::SyncTarget, "peer started a resync");
-                    }
-                    st.disk = DiskState::Inconsistent;
-                }
-                // In memory now (a ResyncDone right behind must see it), on disk soon.
-                {
-                    let mut m = lock(&self.md);
-                    let mut u = m.md.uuids();
-                    u.receive_sync_uuid(uuid);
-                    if let Err(e) = m.md.set_uuids(&u) {
-                        return Err(format!("cannot take the sync UUID: {e}"));
-                    }
-                    let mut f = m.md.flags();
-                    f.remove(MdFlags::CONSISTENT | MdFlags::WAS_UP_TO_DATE);
-                    m.md.set_flags(f);
-                }
+                    let oos_bytes = lock(&self.md).md.bitmap().count() * 4096;
+                    self.run_step(&mut st, Event::SyncUuid { uuid, oos_bytes }, None)
+                        .map_err(|r| r.to_string())?
+                };
+                self.notify();
                 let v = self.clone();
-                tokio::spawn(async move { v.persist("resync start").await });
+                tokio::spawn(async move { v.perform(deferred).await });
             }
             Message::ResyncData { seq, offset, data } => {
-                if lock(&self.st).conn != ConnState::SyncTarget {
-                    return Err("peer sent resync data while we are not sync target".into());
-                }
+                self.step_link(Event::ResyncData)?;
                 let len = data.len() as u64;
                 self.ctr.received.fetch_add(len, Ordering::Relaxed);
                 self.ctr.resync_received.fetch_add(len, Ordering::Relaxed);
@@ -580,9 +564,7 @@ impl ReplicatedVolume {
                     let ok = match res {
                         Ok(()) => {
                             let _ = lock(&v.md).md.bitmap_mut().clear_range(offset, len);
-                            if let Some(t) = lock(&v.st).resync.as_mut() {
-                                t.done += len;
-                            }
+                            let _ = v.step_sync(Event::ResyncBlockDone { bytes: len });
                             true
                         }
                         Err(e) => {
@@ -591,7 +573,7 @@ impl ReplicatedVolume {
                             false
                         }
                     };
-                    let _ = tx.send(Message::ResyncAck { seq, ok });
+                    let _ = tx.send(Message::ResyncAck { seq, ok }).await;
                 });
             }
             Message::ResyncDone { uuids } => {
@@ -636,28 +618,19 @@ impl ReplicatedVolume {
                         let _ = lock(&v.md).md.bitmap_mut().set_range(off, l);
                         warn!(volume = %v.cfg.name, offset = off, "online verify: block differs from the peer; marked out of sync");
                     }
-                    let _ = tx.send(Message::VerifyReply {
-                        seq,
-                        offset,
-                        len,
-                        equal: mismatched.is_empty(),
-                        mismatched,
-                    });
+                    let _ = tx
+                        .send(Message::VerifyReply {
+                            seq,
+                            offset,
+                            len,
+                            equal: mismatched.is_empty(),
+                            mismatched,
+                        })
+                        .await;
                 });
             }
             Message::StateChange { role, disk, .. } => {
-                let mut st = lock(&self.st);
-                if role == Role::Primary && st.role == Role::Primary {
-                    return Err("peer became primary while we are primary".into());
-                }
-                if st.peer_role != Some(role) {
-                    info!(volume = %self.cfg.name, "peer role {:?} -> {:?}", st.peer_role, role);
-                }
-                if st.peer_disk != Some(disk) {
-                    info!(volume = %self.cfg.name, "peer disk {:?} -> {}", st.peer_disk, disk);
-                }
-                st.peer_role = Some(role);
-                st.peer_disk = Some(disk);
+                self.step_link(Event::PeerStateChange { role, disk })?;
             }
             Message::Disconnect { reason } => return Err(format!("peer disconnected: {reason}")),
             other => return Err(format!("unexpected {} after the handshake", other.name())),
@@ -696,19 +669,15 @@ impl ReplicatedVolume {
             error!(volume = %self.cfg.name, "metadata update at resync end failed: {e}");
             return;
         }
-        let mut st = lock(&self.st);
-        if st.epoch != epoch || st.link.is_none() {
-            return;
-        }
-        let p = st.resync.take().map(|t| t.progress());
-        st.disk = DiskState::UpToDate;
-        if let Some(p) = p {
-            info!(volume = %self.cfg.name, bytes = p.done_bytes, rate = p.bytes_per_sec, "resync finished (sync target), disk UpToDate");
-        }
-        self.set_conn(&mut st, ConnState::Connected, "resync finished");
-        self.send_state_change(&st);
-        drop(st);
+        let deferred = {
+            let mut st = lock(&self.st);
+            match self.run_step(&mut st, Event::ResyncFinishedTarget { epoch }, None) {
+                Ok(d) => d,
+                Err(_) => return,
+            }
+        };
         self.notify();
+        self.perform(deferred).await;
     }
 
     /// Ends connection `epoch`: writes in flight are marked out of sync, a primary starts a
@@ -718,11 +687,11 @@ impl ReplicatedVolume {
         kill.cancel();
         {
             let mut st = lock(&self.st);
-            let mut m = lock(&self.md);
             let mut lost = 0u64;
             if let Some(link) = st.link.take() {
                 if link.epoch == epoch {
                     link.kill.cancel();
+                    let mut m = lock(&self.md);
                     for (_, p) in link.pending {
                         if p.kind == PendingKind::Write {
                             let _ = m.md.bitmap_mut().set_range(p.offset, p.len);
@@ -734,35 +703,13 @@ impl ReplicatedVolume {
                     st.link = Some(link);
                 }
             }
-            st.handshaking = false;
-            st.peer_role = None;
-            st.peer_disk = None;
-            if st.resync.take().is_some() {
-                warn!(volume = %self.cfg.name, "resync interrupted; it continues from the bitmap on the next connect");
-            }
-            if let Some(v) = st.verify.as_mut() {
-                if !v.finished {
-                    v.finished = true;
-                    v.aborted = true;
-                }
-            }
-            if st.role == Role::Primary && st.disk == DiskState::UpToDate && !st.closing {
-                let mut u = m.md.uuids();
-                if u.bitmap == 0 {
-                    u.new_current_random(true);
-                    let _ = m.md.set_uuids(&u);
-                    info!(volume = %self.cfg.name, current = format_args!("{:016X}", u.current), "new data generation (primary lost its peer)");
-                }
-            }
-            if standalone {
-                st.standalone = true;
-            }
-            let new = if st.standalone {
-                ConnState::StandAlone
-            } else {
-                ConnState::Connecting
+            let ev = Event::LinkLost {
+                reason: reason.to_string(),
+                standalone,
             };
-            self.set_conn(&mut st, new, reason);
+            // LinkLost is never refused; what it asks for (logs, a new current UUID) is done
+            // under the lock and the metadata is persisted below.
+            let _ = self.run_step(&mut st, ev, None);
             if lost > 0 {
                 warn!(volume = %self.cfg.name, "{lost} replicated writes were in flight when the link dropped; marked out of sync");
             }
@@ -772,29 +719,41 @@ impl ReplicatedVolume {
     }
 }
 
-async fn writer(mut sink: Sink, mut rx: mpsc::UnboundedReceiver<Message>, kill: CancellationToken) {
-    loop {
-        let m = tokio::select! {
-            m = rx.recv() => m,
-            _ = kill.cancelled() => break,
-        };
-        let Some(m) = m else { break };
-        if sink.feed(m).await.is_err() {
-            break;
-        }
-        let mut failed = false;
-        while let Ok(m) = rx.try_recv() {
+/// How long the writer may take to flush what is buffered when its connection ends.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The connection's socket writer: drains the bounded queue, batching what is queued into
+/// one flush.
+async fn writer(mut sink: Sink, mut rx: mpsc::Receiver<Message>, kill: CancellationToken) {
+    let pump = async {
+        loop {
+            let Some(m) = rx.recv().await else { break };
             if sink.feed(m).await.is_err() {
-                failed = true;
+                break;
+            }
+            let mut failed = false;
+            while let Ok(m) = rx.try_recv() {
+                if sink.feed(m).await.is_err() {
+                    failed = true;
+                    break;
+                }
+            }
+            if failed || sink.flush().await.is_err() {
                 break;
             }
         }
-        if failed || sink.flush().await.is_err() {
-            break;
-        }
+    };
+    // A black-holed peer blocks `feed` / `flush` for good: the kill (ping timeout,
+    // teardown) must interrupt them, not only the wait for the next frame.
+    tokio::select! {
+        _ = pump => {}
+        _ = kill.cancelled() => {}
     }
     kill.cancel();
-    let _ = sink.close().await;
+    // Close the queue first: senders waiting for space fail now (teardown has answered
+    // their requests), not when a stalled socket's close returns.
+    drop(rx);
+    let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
 }
 
 async fn accept_loop(vol: Arc<ReplicatedVolume>, listener: TcpListener, tx: mpsc::Sender<Est>) {
@@ -894,19 +853,10 @@ async fn manager(vol: Arc<ReplicatedVolume>, mut rx: mpsc::Receiver<Est>) {
                 _ = vol.shutdown.cancelled() => return,
             },
         };
-        if lock(&vol.st).standalone {
+        if lock(&vol.st).m.standalone() {
             debug!(volume = %vol.cfg.name, "StandAlone: dropping an authenticated connection");
             continue;
         }
         next = vol.run_connection(est, &mut rx).await;
-    }
-}
-
-/// The reason logged when a resync starts.
-fn sync_kind(full: bool) -> &'static str {
-    if full {
-        "full sync"
-    } else {
-        "bitmap-based resync"
     }
 }

@@ -8,7 +8,8 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tracing::error;
 
-use super::{lock, split_parts, Fencing, Pending, PendingKind, ReplicatedVolume, Reply, Role};
+use super::machine::{Event, WriteGate};
+use super::{lock, split_parts, Pending, PendingKind, ReplicatedVolume, Reply, Role};
 use crate::drbd::activity_log::{extent_of, AlError};
 use crate::drbd::MetadataError;
 use crate::link::proto::MAX_DATA;
@@ -120,7 +121,12 @@ impl ReplicatedVolume {
         }
     }
 
-    fn mark_oos(&self, offset: u64, len: u64) {
+    /// A machine step whose actions are all immediate (write-path failures).
+    fn event_now(&self, ev: Event) {
+        let _ = self.step_sync(ev);
+    }
+
+    pub(super) fn mark_oos(&self, offset: u64, len: u64) {
         let _ = lock(&self.md).md.bitmap_mut().set_range(offset, len);
     }
 
@@ -137,7 +143,7 @@ impl ReplicatedVolume {
             return Ok(());
         }
         let _inflight = self.inflight();
-        if lock(&self.st).role != Role::Primary {
+        if lock(&self.st).m.role() != Role::Primary {
             return Err(StoreError::ReadOnly);
         }
         let _range = self.locks.lock(offset, offset + len).await;
@@ -156,50 +162,67 @@ impl ReplicatedVolume {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
+            let queued = {
                 let mut st = lock(&self.st);
-                if st.role != Role::Primary {
-                    return Err(StoreError::ReadOnly);
-                }
-                if st.closing {
-                    return Err(StoreError::Closed);
-                }
-                let suspended =
-                    self.cfg.fencing == Fencing::SuspendIo && st.link.is_none() && !st.io_resumed;
-                if !st.handshaking && !suspended {
-                    match st.link.as_mut() {
-                        Some(link) => {
-                            let mut v = Vec::with_capacity(parts.len());
-                            for (off, d) in &parts {
-                                let (tx, rx) = oneshot::channel();
-                                let seq = link.next_seq;
-                                link.next_seq += 1;
-                                link.pending.insert(
-                                    seq,
-                                    Pending {
-                                        kind: PendingKind::Write,
-                                        offset: *off,
-                                        len: d.len() as u64,
-                                        tx,
-                                    },
-                                );
-                                let _ = link.tx.send(Message::Write {
-                                    seq,
-                                    offset: *off,
-                                    data: d.clone(),
-                                    fua: mode == WriteMode::Durable,
-                                });
-                                self.ctr.sent.fetch_add(d.len() as u64, Ordering::Relaxed);
-                                v.push((*off, d.len() as u64, rx));
-                            }
-                            break Some(v);
-                        }
-                        None => {
+                match st.m.write_gate(self.cfg.fencing) {
+                    WriteGate::ReadOnly => return Err(StoreError::ReadOnly),
+                    WriteGate::Closed => return Err(StoreError::Closed),
+                    WriteGate::Wait => None,
+                    WriteGate::Degraded => {
+                        self.mark_oos(offset, len);
+                        break None;
+                    }
+                    WriteGate::Replicate { epoch } => {
+                        let Some(link) = st.link.as_mut().filter(|l| l.epoch == epoch) else {
+                            // The link and `Connected` change together under this lock.
+                            debug_assert!(false, "Connected without its link");
                             self.mark_oos(offset, len);
                             break None;
+                        };
+                        // Registered under the lock: a teardown from here on answers
+                        // them `Lost` and marks their ranges out of sync.
+                        let mut v = Vec::with_capacity(parts.len());
+                        let mut frames = Vec::with_capacity(parts.len());
+                        for (off, d) in &parts {
+                            let (tx, rx) = oneshot::channel();
+                            let seq = link.next_seq;
+                            link.next_seq += 1;
+                            link.pending.insert(
+                                seq,
+                                Pending {
+                                    kind: PendingKind::Write,
+                                    offset: *off,
+                                    len: d.len() as u64,
+                                    tx,
+                                },
+                            );
+                            frames.push(Message::Write {
+                                seq,
+                                offset: *off,
+                                data: d.clone(),
+                                fua: mode == WriteMode::Durable,
+                            });
+                            v.push((*off, d.len() as u64, rx));
                         }
+                        Some((link.tx.clone(), frames, v))
                     }
                 }
+            };
+            if let Some((tx, frames, v)) = queued {
+                // Outside the lock: a full queue waits for the writer, which never needs
+                // this lock; if the link dies meanwhile the send fails and teardown has
+                // answered the pending entries.
+                for f in frames {
+                    let n = match &f {
+                        Message::Write { data, .. } => data.len() as u64,
+                        _ => 0,
+                    };
+                    self.ctr.sent.fetch_add(n, Ordering::Relaxed);
+                    if tx.send(f).await.is_err() {
+                        break;
+                    }
+                }
+                break Some(v);
             }
             tokio::select! {
                 _ = &mut notified => {}
@@ -226,7 +249,10 @@ impl ReplicatedVolume {
                     self.ctr.write_errors.fetch_add(1, Ordering::Relaxed);
                     error!(volume = %self.cfg.name, offset = off, len = l,
                         "peer failed to write replicated data: {e}; range marked out of sync");
-                    self.mark_oos(off, l);
+                    self.event_now(Event::PeerWriteFailed {
+                        offset: off,
+                        len: l,
+                    });
                 }
                 // Teardown already marked the range out of sync.
                 _ => all_ok = false,
@@ -236,7 +262,7 @@ impl ReplicatedVolume {
             Err(e) => {
                 self.ctr.write_errors.fetch_add(1, Ordering::Relaxed);
                 error!(volume = %self.cfg.name, offset, len, "local write failed: {e}; range marked out of sync");
-                self.mark_oos(offset, len);
+                self.event_now(Event::LocalWriteFailed { offset, len });
                 Err(e)
             }
             Ok(()) => {
@@ -251,9 +277,9 @@ impl ReplicatedVolume {
 
     pub(crate) async fn app_flush(&self) -> StoreResult<()> {
         let _inflight = self.inflight();
-        let rx = {
+        let queued = {
             let mut st = lock(&self.st);
-            if st.role != Role::Primary {
+            if st.m.role() != Role::Primary {
                 return Err(StoreError::ReadOnly);
             }
             match st.link.as_mut() {
@@ -270,11 +296,17 @@ impl ReplicatedVolume {
                             tx,
                         },
                     );
-                    let _ = link.tx.send(Message::Flush { seq });
-                    Some(rx)
+                    Some((link.tx.clone(), seq, rx))
                 }
                 None => None,
             }
+        };
+        let rx = match queued {
+            Some((tx, seq, rx)) => {
+                let _ = tx.send(Message::Flush { seq }).await;
+                Some(rx)
+            }
+            None => None,
         };
         let local = self.data.flush();
         let (lres, pres) = match rx {
@@ -293,7 +325,7 @@ impl ReplicatedVolume {
 
     pub(crate) async fn app_read(&self, offset: u64, len: usize) -> StoreResult<Bytes> {
         check_range(offset, len as u64, self.usable)?;
-        if lock(&self.st).role != Role::Primary {
+        if lock(&self.st).m.role() != Role::Primary {
             return Err(StoreError::Closed);
         }
         self.data.read(offset, len).await

@@ -28,6 +28,14 @@
 //!   were in flight when it died are marked out of sync by the primary, which sees the link
 //!   drop before their acks.
 //!
+//! # Structure
+//! The protocol rules (which state follows which event, what a handshake verdict does to
+//! the role / disk / connection state, what is refused) are a pure machine in
+//! `machine.rs` (`VolumeMachine::step(event) -> actions`, unit tested without I/O). The
+//! async code here and in `conn.rs`, `io.rs` and `sync.rs` moves bytes and metadata, feeds
+//! events to the machine under the state mutex and carries out the actions after it (frames
+//! go to the connection's writer queue, bounded at `LINK_QUEUE` frames, never under the mutex).
+//!
 //! # Initial sync
 //! [`create_metadata`] writes fresh DRBD v08/v09 metadata and takes an [`InitialSync`]:
 //! `FullFrom` on the host whose data is authoritative (it gets a new generation UUID and is
@@ -40,6 +48,7 @@
 
 mod conn;
 mod io;
+mod machine;
 mod sync;
 
 use std::net::SocketAddr;
@@ -61,6 +70,7 @@ use crate::interval::IntervalLock;
 use crate::link::{DiskState, Message, VerifyDigest};
 use crate::policy::{SplitBrainPolicies, SplitBrainPolicy};
 use crate::store::{BlockStore, StoreError};
+use machine::{Action, Event, Refusal, VolumeMachine};
 
 pub use crate::drbd::Role;
 
@@ -413,6 +423,17 @@ pub enum ReplicationError {
     ShutDown,
 }
 
+impl From<Refusal> for ReplicationError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::NotUpToDate(d) => ReplicationError::NotUpToDate(d),
+            Refusal::PeerIsPrimary => ReplicationError::PeerIsPrimary,
+            Refusal::NotConnected => ReplicationError::NotConnected,
+            Refusal::NotAllowed(s) | Refusal::Protocol(s) => ReplicationError::NotAllowed(s),
+        }
+    }
+}
+
 /// Metadata plus the in-memory activity log, behind one mutex (never held across `.await`).
 pub(crate) struct MdState {
     pub(crate) md: Metadata,
@@ -447,64 +468,38 @@ pub(crate) struct Pending {
 /// The attached connection, as seen by request submitters.
 pub(crate) struct LinkHandle {
     epoch: u64,
-    tx: mpsc::UnboundedSender<Message>,
+    tx: mpsc::Sender<Message>,
     pending: std::collections::HashMap<u64, Pending>,
     next_seq: u64,
     kill: CancellationToken,
 }
 
-pub(crate) struct Track {
-    total: u64,
-    done: u64,
-    started: Instant,
+/// An action [`ReplicatedVolume::run_step`] left for after the state lock.
+#[derive(Debug)]
+pub(crate) enum Deferred {
+    /// A frame for the link of that sender.
+    Send(mpsc::Sender<Message>, Message),
+    /// Anything else (see [`ReplicatedVolume::perform`]).
+    Act(Action),
 }
 
-impl Track {
-    /// A resync of `total` bytes starting now.
-    pub(crate) fn start(total: u64) -> Track {
-        Track {
-            total,
-            done: 0,
-            started: Instant::now(),
-        }
-    }
-
-    fn progress(&self) -> ResyncProgress {
-        let total = self.total.max(self.done);
-        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let bps = (self.done as f64 / secs) as u64;
-        ResyncProgress {
-            done_bytes: self.done,
-            total_bytes: total,
-            percent: if total == 0 {
-                100.0
-            } else {
-                self.done as f64 * 100.0 / total as f64
-            },
-            bytes_per_sec: bps,
-            eta_secs: (bps > 0).then(|| (total - self.done) / bps),
-        }
-    }
-}
-
+/// Everything under the state mutex: the protocol machine and the attached link. The link
+/// is `Some` exactly while the machine is `Connected` on the link's epoch (both change under
+/// this one lock, in [`ReplicatedVolume::run_step`]).
 pub(crate) struct State {
-    role: Role,
-    disk: DiskState,
-    conn: ConnState,
-    peer_role: Option<Role>,
-    peer_disk: Option<DiskState>,
+    m: VolumeMachine,
     link: Option<LinkHandle>,
-    handshaking: bool,
-    standalone: bool,
-    split_brain: bool,
-    discard_my_data: bool,
-    crashed_primary: bool,
-    io_resumed: bool,
-    closing: bool,
-    resync: Option<Track>,
-    verify: Option<VerifyProgress>,
-    epoch: u64,
 }
+
+/// Frames queued to one connection's socket writer. A bound gives backpressure: a peer that
+/// stops reading stalls the senders (application writes, resync) instead of growing memory
+/// without limit until the ping timeout drops the link. 128 frames is far more than the
+/// writer needs to batch (it coalesces whatever is queued into one flush) and more than the
+/// requests usually in flight (iSCSI queue depth, resync `IN_FLIGHT`). No one awaits a send
+/// while holding the state mutex, and the receive loop never awaits a send (it `try_send`s
+/// pongs, and its replies go out from spawned tasks), so a full queue cannot stop the acks
+/// that drain it.
+pub(crate) const LINK_QUEUE: usize = 128;
 
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -599,22 +594,8 @@ impl ReplicatedVolume {
             local_addr,
             md: Arc::new(Mutex::new(mds)),
             st: Mutex::new(State {
-                role: Role::Secondary,
-                disk,
-                conn: ConnState::Connecting,
-                peer_role: None,
-                peer_disk: None,
+                m: VolumeMachine::new(disk, crashed_primary),
                 link: None,
-                handshaking: false,
-                standalone: false,
-                split_brain: false,
-                discard_my_data: false,
-                crashed_primary,
-                io_resumed: false,
-                closing: false,
-                resync: None,
-                verify: None,
-                epoch: 0,
             }),
             changed: Notify::new(),
             locks: IntervalLock::new(),
@@ -649,11 +630,188 @@ impl ReplicatedVolume {
         self.changed.notify_waiters();
     }
 
-    fn set_conn(&self, st: &mut State, new: ConnState, why: &str) {
-        if st.conn != new {
-            info!(volume = %self.cfg.name, "connection {} -> {} ({why})", st.conn, new);
-            st.conn = new;
+    /// Runs the machine on `ev` with the state lock held and carries out the actions that
+    /// need no await: logs, in-memory metadata, cancelling the link, attaching `attach`.
+    /// Frames to send are built here (so they match this state) and returned with the
+    /// link's sender; [`ReplicatedVolume::perform`] sends them after the lock is released.
+    fn run_step(
+        &self,
+        st: &mut State,
+        ev: Event,
+        mut attach: Option<LinkHandle>,
+    ) -> Result<Vec<Deferred>, Refusal> {
+        let name = &self.cfg.name;
+        let mut rest = Vec::new();
+        for a in st.m.step(ev)? {
+            match a {
+                Action::ConnChanged { from, to, why } => {
+                    info!(volume = %name, "connection {from} -> {to} ({why})")
+                }
+                Action::RoleChanged { from, to } => {
+                    info!(volume = %name, "role {from:?} -> {to:?}")
+                }
+                Action::ForcedPromotion { disk } => {
+                    warn!(volume = %name, "forced promotion of a {disk} disk: it is now considered UpToDate")
+                }
+                Action::PeerRoleChanged { from, to } => {
+                    info!(volume = %name, "peer role {from:?} -> {to:?}")
+                }
+                Action::PeerDiskChanged { from, to } => {
+                    info!(volume = %name, "peer disk {from:?} -> {to}")
+                }
+                Action::HandshakeRefused { why, split_brain } => {
+                    if split_brain {
+                        error!(volume = %name, "split brain detected: {why}");
+                    } else {
+                        error!(volume = %name, "refusing to connect: {why}");
+                    }
+                }
+                Action::HandshakeAccepted { why, split_brain } => {
+                    if split_brain {
+                        warn!(volume = %name, "split brain detected and resolved: {why}");
+                    } else {
+                        info!(volume = %name, "sync handshake: {why}");
+                    }
+                }
+                Action::ResyncStarts { bytes } => {
+                    info!(volume = %name, "resync of {bytes} bytes to the peer starts")
+                }
+                Action::ResyncFinished {
+                    source: true,
+                    progress: p,
+                } => info!(
+                    volume = %name,
+                    bytes = p.done_bytes,
+                    "resync finished (sync source): {} bytes at {} KiB/s",
+                    p.done_bytes,
+                    p.bytes_per_sec / 1024
+                ),
+                Action::ResyncFinished {
+                    source: false,
+                    progress: p,
+                } => {
+                    info!(volume = %name, bytes = p.done_bytes, rate = p.bytes_per_sec, "resync finished (sync target), disk UpToDate")
+                }
+                Action::ResyncInterrupted => {
+                    warn!(volume = %name, "resync interrupted; it continues from the bitmap on the next connect")
+                }
+                Action::VerifyFinished { mismatches, secs } => {
+                    info!(volume = %name, "online verify finished in {secs:.1} s: {mismatches} blocks ({} bytes) differ",
+                        mismatches * crate::link::proto::VERIFY_BLOCK)
+                }
+                Action::IoResumed => {
+                    warn!(volume = %name, "I/O resumed without the peer: writes continue degraded")
+                }
+                Action::DiscardMyData => {
+                    warn!(volume = %name, "operator: discard my data on the next connect")
+                }
+                Action::ShuttingDown => info!(volume = %name, "shutting down"),
+                Action::NewGeneration => {
+                    let mut m = lock(&self.md);
+                    let mut u = m.md.uuids();
+                    if u.bitmap == 0 {
+                        u.new_current_random(true);
+                        let _ = m.md.set_uuids(&u);
+                        info!(volume = %name, current = format_args!("{:016X}", u.current), "new data generation (primary lost its peer)");
+                    }
+                }
+                Action::MarkOutOfSync { offset, len } => self.mark_oos(offset, len),
+                Action::TakeSyncUuid(uuid) => {
+                    // In memory now (a ResyncDone right behind must see it), on disk soon.
+                    let mut m = lock(&self.md);
+                    let mut u = m.md.uuids();
+                    u.receive_sync_uuid(uuid);
+                    if let Err(e) = m.md.set_uuids(&u) {
+                        return Err(Refusal::Protocol(format!("cannot take the sync UUID: {e}")));
+                    }
+                    let mut f = m.md.flags();
+                    f.remove(MdFlags::CONSISTENT | MdFlags::WAS_UP_TO_DATE);
+                    m.md.set_flags(f);
+                }
+                Action::AttachLink { epoch } => {
+                    let link = attach.take().filter(|l| l.epoch == epoch);
+                    debug_assert!(link.is_some(), "AttachLink without the link");
+                    st.link = link;
+                }
+                Action::DropLink => {
+                    if let Some(l) = &st.link {
+                        l.kill.cancel();
+                    }
+                }
+                Action::SendStateChange => {
+                    if let Some(link) = &st.link {
+                        let m = lock(&self.md);
+                        let msg = Message::StateChange {
+                            role: st.m.role(),
+                            disk: st.m.disk(),
+                            uuids: m.md.uuids(),
+                            flags: 0,
+                            bm_weight: m.md.bitmap().count(),
+                        };
+                        rest.push(Deferred::Send(link.tx.clone(), msg));
+                    }
+                }
+                Action::SendSyncUuid(uuid) => {
+                    if let Some(link) = &st.link {
+                        rest.push(Deferred::Send(link.tx.clone(), Message::SyncUuid { uuid }));
+                    }
+                }
+                Action::SendResyncDone(uuids) => {
+                    if let Some(link) = &st.link {
+                        rest.push(Deferred::Send(
+                            link.tx.clone(),
+                            Message::ResyncDone { uuids },
+                        ));
+                    }
+                }
+                other => rest.push(Deferred::Act(other)),
+            }
         }
+        Ok(rest)
+    }
+
+    /// [`Self::run_step`] under the state lock, then [`Self::perform`]; returns the actions
+    /// `perform` leaves to the caller.
+    async fn step(&self, ev: Event) -> Result<Vec<Action>, Refusal> {
+        let d = {
+            let mut st = lock(&self.st);
+            self.run_step(&mut st, ev, None)?
+        };
+        self.notify();
+        Ok(self.perform(d).await)
+    }
+
+    /// Carries out deferred actions in order, without the state lock: sends frames (a full
+    /// link queue waits here, never under the lock) and persists the metadata. Returns the
+    /// actions only the caller knows how to do (see [`Self::spawn_tasks`]).
+    async fn perform(&self, deferred: Vec<Deferred>) -> Vec<Action> {
+        let mut left = Vec::new();
+        for d in deferred {
+            match d {
+                // A closed queue means the link is going; teardown answers what was pending.
+                Deferred::Send(tx, m) => {
+                    let _ = tx.send(m).await;
+                }
+                Deferred::Act(Action::Persist(what)) => self.persist(what).await,
+                Deferred::Act(a) => left.push(a),
+            }
+        }
+        left
+    }
+
+    /// Spawns the resync / verify walkers `actions` ask for; returns the other actions.
+    fn spawn_tasks(self: &Arc<Self>, actions: Vec<Action>) -> Vec<Action> {
+        let mut left = Vec::new();
+        for a in actions {
+            match a {
+                Action::StartResyncSource { epoch } => {
+                    self.spawn(self.clone().resync_source(epoch))
+                }
+                Action::StartVerify { epoch } => self.spawn(self.clone().verify_source(epoch)),
+                a => left.push(a),
+            }
+        }
+        left
     }
 
     /// Runs `f` on the metadata in a blocking thread (metadata I/O `fsync`s).
@@ -681,19 +839,6 @@ impl ReplicatedVolume {
         }
     }
 
-    fn send_state_change(&self, st: &State) {
-        if let Some(link) = &st.link {
-            let m = lock(&self.md);
-            let _ = link.tx.send(Message::StateChange {
-                role: st.role,
-                disk: st.disk,
-                uuids: m.md.uuids(),
-                flags: 0,
-                bm_weight: m.md.bitmap().count(),
-            });
-        }
-    }
-
     /// Waits (bounded) until no connection handshake is running.
     async fn wait_no_handshake(&self) -> Result<(), ReplicationError> {
         let deadline = Instant::now() + self.cfg.timeout * 4;
@@ -701,7 +846,7 @@ impl ReplicatedVolume {
             let n = self.changed.notified();
             tokio::pin!(n);
             n.as_mut().enable();
-            if !lock(&self.st).handshaking {
+            if !lock(&self.st).m.is_handshaking() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -722,21 +867,9 @@ impl ReplicatedVolume {
             return Err(ReplicationError::ShutDown);
         }
         self.wait_no_handshake().await?;
-        let (connected, forced) = {
-            let st = lock(&self.st);
-            if st.role == Role::Primary {
-                return Ok(());
-            }
-            if st.link.is_some() && st.peer_role == Some(Role::Primary) {
-                return Err(ReplicationError::PeerIsPrimary);
-            }
-            if st.conn == ConnState::SyncTarget {
-                return Err(ReplicationError::NotUpToDate(st.disk));
-            }
-            if st.disk != DiskState::UpToDate && !force {
-                return Err(ReplicationError::NotUpToDate(st.disk));
-            }
-            (st.link.is_some(), st.disk != DiskState::UpToDate)
+        let plan = self.step(Event::Promote { force }).await?;
+        let Some(&Action::PromoteMetadata { connected, forced }) = plan.first() else {
+            return Ok(()); // already primary
         };
         let name = self.cfg.name.clone();
         self.md_blocking(move |m| {
@@ -757,31 +890,17 @@ impl ReplicatedVolume {
             m.md.mark_unclean(true)
         })
         .await?;
-        let mut st = lock(&self.st);
-        if forced {
-            warn!(volume = %self.cfg.name, "forced promotion of a {} disk: it is now considered UpToDate", st.disk);
-            st.disk = DiskState::UpToDate;
-        }
-        st.role = Role::Primary;
-        info!(volume = %self.cfg.name, "role Secondary -> Primary");
-        self.send_state_change(&st);
-        drop(st);
-        self.notify();
+        self.step(Event::Promoted { forced }).await?;
         Ok(())
     }
 
     /// Makes this host secondary: new writes are refused, in-flight writes drain (bounded),
     /// data and metadata are flushed and the metadata is marked clean.
     pub async fn demote(&self) -> Result<(), ReplicationError> {
-        {
-            let mut st = lock(&self.st);
-            if st.role == Role::Secondary {
-                return Ok(());
-            }
-            st.role = Role::Secondary;
-            info!(volume = %self.cfg.name, "role Primary -> Secondary");
+        if lock(&self.st).m.role() == Role::Secondary {
+            return Ok(());
         }
-        self.notify();
+        self.step(Event::Demote).await?;
         self.drain_app_io().await;
         if let Err(e) = self.data.flush().await {
             error!(volume = %self.cfg.name, "flush on demote failed: {e}");
@@ -798,8 +917,11 @@ impl ReplicatedVolume {
             m.md.mark_clean()
         })
         .await?;
-        let st = lock(&self.st);
-        self.send_state_change(&st);
+        let d = {
+            let mut st = lock(&self.st);
+            self.run_step(&mut st, Event::Demoted, None)?
+        };
+        self.perform(d).await;
         Ok(())
     }
 
@@ -817,53 +939,33 @@ impl ReplicatedVolume {
     /// Resumes suspended writes without the peer (`drbdadm resume-io`): they continue
     /// degraded, marking the bitmap. Cleared on the next connect.
     pub fn resume_io(&self) {
-        lock(&self.st).io_resumed = true;
-        warn!(volume = %self.cfg.name, "I/O resumed without the peer: writes continue degraded");
-        self.notify();
+        let _ = self.step_sync(Event::ResumeIo);
     }
 
     /// Leaves StandAlone and tries to connect again (`drbdadm connect`).
     pub fn connect(&self) {
-        let mut st = lock(&self.st);
-        st.standalone = false;
-        if st.conn == ConnState::StandAlone {
-            self.set_conn(&mut st, ConnState::Connecting, "operator connect");
-        }
-        drop(st);
-        self.notify();
+        let _ = self.step_sync(Event::Connect);
     }
 
     /// Drops the connection and stays StandAlone (`drbdadm disconnect`).
     pub fn disconnect(&self) {
-        let mut st = lock(&self.st);
-        st.standalone = true;
-        if let Some(l) = &st.link {
-            l.kill.cancel();
-        }
-        if st.link.is_none() && !st.handshaking {
-            self.set_conn(&mut st, ConnState::StandAlone, "operator disconnect");
-        }
-        drop(st);
-        self.notify();
+        let _ = self.step_sync(Event::Disconnect);
     }
 
     /// Split-brain recovery on the losing host (`drbdadm connect --discard-my-data`): on
     /// the next connect this host becomes sync target and its changes (its bitmap, merged
     /// with the peer's) are overwritten. Requires the Secondary role.
     pub fn discard_my_data(&self) -> Result<(), ReplicationError> {
-        let mut st = lock(&self.st);
-        if st.role == Role::Primary {
-            return Err(ReplicationError::NotAllowed(
-                "discard-my-data on a primary; demote first".into(),
-            ));
-        }
-        warn!(volume = %self.cfg.name, "operator: discard my data on the next connect");
-        st.discard_my_data = true;
-        st.standalone = false;
-        if st.conn == ConnState::StandAlone {
-            self.set_conn(&mut st, ConnState::Connecting, "discard-my-data");
-        }
-        drop(st);
+        self.step_sync(Event::DiscardMyData)
+    }
+
+    /// A step whose actions need no await (operator commands that only change state).
+    fn step_sync(&self, ev: Event) -> Result<(), ReplicationError> {
+        let d = {
+            let mut st = lock(&self.st);
+            self.run_step(&mut st, ev, None)?
+        };
+        debug_assert!(d.is_empty(), "deferred actions dropped: {d:?}");
         self.notify();
         Ok(())
     }
@@ -873,10 +975,9 @@ impl ReplicatedVolume {
     /// the current connection so the handshake runs again.
     pub async fn invalidate(&self) -> Result<(), ReplicationError> {
         self.wait_no_handshake().await?;
-        if lock(&self.st).role == Role::Primary {
-            return Err(ReplicationError::NotAllowed(
-                "invalidate on a primary".into(),
-            ));
+        {
+            let mut st = lock(&self.st);
+            self.run_step(&mut st, Event::Invalidate, None)?;
         }
         warn!(volume = %self.cfg.name, "invalidate: whole replica marked out of sync");
         // Bitmap and flags first, so the next handshake sees them.
@@ -889,15 +990,7 @@ impl ReplicatedVolume {
             m.md.write_superblock()
         })
         .await?;
-        {
-            let mut st = lock(&self.st);
-            st.disk = DiskState::Inconsistent;
-            if let Some(l) = &st.link {
-                l.kill.cancel();
-            }
-        }
-        self.notify();
-        Ok(())
+        self.step_sync(Event::Invalidated)
     }
 
     /// Current state.
@@ -907,24 +1000,21 @@ impl ReplicatedVolume {
         let u = m.md.uuids();
         VolumeStatus {
             name: self.cfg.name.clone(),
-            role: st.role,
-            peer_role: st.peer_role,
-            connection: st.conn,
-            disk_state: st.disk,
-            peer_disk_state: st.peer_disk,
-            resync: st.resync.as_ref().map(Track::progress),
-            verify: st.verify.clone(),
+            role: st.m.role(),
+            peer_role: st.m.peer().map(|p| p.role),
+            connection: st.m.conn_state(),
+            disk_state: st.m.disk(),
+            peer_disk_state: st.m.peer().map(|p| p.disk),
+            resync: st.m.resync(),
+            verify: st.m.verify().cloned(),
             out_of_sync_bytes: m.md.bitmap().count() * 4096,
             sent_bytes: self.ctr.sent.load(Ordering::Relaxed),
             received_bytes: self.ctr.received.load(Ordering::Relaxed),
             resync_sent_bytes: self.ctr.resync_sent.load(Ordering::Relaxed),
             resync_received_bytes: self.ctr.resync_received.load(Ordering::Relaxed),
             write_errors: self.ctr.write_errors.load(Ordering::Relaxed),
-            split_brain: st.split_brain,
-            suspended: self.cfg.fencing == Fencing::SuspendIo
-                && st.role == Role::Primary
-                && st.link.is_none()
-                && !st.io_resumed,
+            split_brain: st.m.split_brain(),
+            suspended: st.m.suspended(self.cfg.fencing),
             size_bytes: self.usable,
             current_uuid: u.current,
             bitmap_uuid: u.bitmap,
@@ -938,12 +1028,11 @@ impl ReplicatedVolume {
     pub async fn shutdown(&self) -> Result<(), ReplicationError> {
         {
             let mut st = lock(&self.st);
-            if st.closing {
+            if st.m.closing() {
                 return Ok(());
             }
-            st.closing = true;
+            self.run_step(&mut st, Event::Shutdown, None)?;
         }
-        info!(volume = %self.cfg.name, "shutting down");
         self.shutdown.cancel();
         self.notify();
         self.drain_app_io().await;
@@ -964,10 +1053,7 @@ impl ReplicatedVolume {
             m.md.mark_clean()
         })
         .await?;
-        let mut st = lock(&self.st);
-        st.role = Role::Secondary;
-        self.set_conn(&mut st, ConnState::StandAlone, "shut down");
-        Ok(())
+        self.step_sync(Event::ShutdownDone)
     }
 
     /// Test hook: simulates a crash. Every background task and the peer connection are
@@ -976,13 +1062,7 @@ impl ReplicatedVolume {
     #[doc(hidden)]
     pub fn crash_for_test(&self) {
         self.crashed.store(true, Ordering::SeqCst);
-        {
-            let mut st = lock(&self.st);
-            st.closing = true;
-            if let Some(l) = &st.link {
-                l.kill.cancel();
-            }
-        }
+        let _ = self.step_sync(Event::Crash);
         self.shutdown.cancel();
         for h in lock(&self.tasks).drain(..) {
             h.abort();
@@ -997,12 +1077,13 @@ impl ReplicatedVolume {
         t.push(h);
     }
 
-    fn wire_flags(&self, st: &State) -> u32 {
+    fn wire_flags(st: &State) -> u32 {
+        let flags = st.m.flags();
         let mut f = 0;
-        if st.discard_my_data {
+        if flags.discard_my_data {
             f |= crate::link::proto::WIRE_DISCARD_MY_DATA;
         }
-        if st.crashed_primary {
+        if flags.crashed_primary {
             f |= crate::link::proto::WIRE_CRASHED_PRIMARY;
         }
         f

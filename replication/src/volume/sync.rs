@@ -14,12 +14,10 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-use super::{
-    lock, ConnState, Pending, PendingKind, ReplicatedVolume, ReplicationError, Reply, Role, Track,
-    VerifyProgress,
-};
+use super::machine::{Action, Event};
+use super::{lock, ConnState, Pending, PendingKind, ReplicatedVolume, ReplicationError, Reply};
 use crate::link::proto::VERIFY_BLOCK;
-use crate::link::{DiskState, Message};
+use crate::link::Message;
 
 /// Largest resync / verify request (coalesced runs of out-of-sync bits).
 pub const RESYNC_CHUNK: u64 = 1 << 20;
@@ -76,11 +74,12 @@ impl Bucket {
 impl ReplicatedVolume {
     fn conn_is(&self, epoch: u64, c: ConnState) -> bool {
         let st = lock(&self.st);
-        st.epoch == epoch && st.link.is_some() && st.conn == c
+        st.m.conn_is(epoch, c) && st.link.is_some()
     }
 
-    /// Sends a request on connection `epoch`; `None` if it is gone.
-    fn submit(
+    /// Sends a request on connection `epoch`; `None` if it is gone. The request is
+    /// registered under the lock and sent after it (the queue may be full).
+    async fn submit(
         &self,
         epoch: u64,
         kind: PendingKind,
@@ -88,28 +87,30 @@ impl ReplicatedVolume {
         len: u64,
         make: impl FnOnce(u64) -> Message,
     ) -> Option<oneshot::Receiver<Reply>> {
-        let mut st = lock(&self.st);
-        let link = st.link.as_mut().filter(|l| l.epoch == epoch)?;
-        let (tx, rx) = oneshot::channel();
-        let seq = link.next_seq;
-        link.next_seq += 1;
-        link.pending.insert(
-            seq,
-            Pending {
-                kind,
-                offset,
-                len,
-                tx,
-            },
-        );
-        link.tx.send(make(seq)).ok()?;
+        let (tx, msg, rx) = {
+            let mut st = lock(&self.st);
+            let link = st.link.as_mut().filter(|l| l.epoch == epoch)?;
+            let (tx, rx) = oneshot::channel();
+            let seq = link.next_seq;
+            link.next_seq += 1;
+            link.pending.insert(
+                seq,
+                Pending {
+                    kind,
+                    offset,
+                    len,
+                    tx,
+                },
+            );
+            (link.tx.clone(), make(seq), rx)
+        };
+        tx.send(msg).await.ok()?;
         Some(rx)
     }
 
     fn log_progress(&self, what: &str) {
-        let st = lock(&self.st);
-        if let Some(t) = &st.resync {
-            let p = t.progress();
+        let p = lock(&self.st).m.resync();
+        if let Some(p) = p {
             info!(
                 volume = %self.cfg.name,
                 "{what}: {:.1}% ({} of {} bytes), {} KiB/s, ETA {}",
@@ -200,9 +201,12 @@ impl ReplicatedVolume {
                 return;
             }
         };
-        let Some(rx) = self.submit(epoch, PendingKind::Resync, offset, len, |seq| {
-            Message::ResyncData { seq, offset, data }
-        }) else {
+        let Some(rx) = self
+            .submit(epoch, PendingKind::Resync, offset, len, |seq| {
+                Message::ResyncData { seq, offset, data }
+            })
+            .await
+        else {
             return;
         };
         self.ctr.sent.fetch_add(len, Ordering::Relaxed);
@@ -210,9 +214,7 @@ impl ReplicatedVolume {
         match rx.await {
             Ok(Reply::Ok) => {
                 let _ = lock(&self.md).md.bitmap_mut().clear_range(offset, len);
-                if let Some(t) = lock(&self.st).resync.as_mut() {
-                    t.done += len;
-                }
+                let _ = self.step_sync(Event::ResyncBlockDone { bytes: len });
             }
             Ok(Reply::Failed(e)) => {
                 self.ctr.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -240,25 +242,19 @@ impl ReplicatedVolume {
                 return;
             }
         };
-        let mut st = lock(&self.st);
-        if st.epoch != epoch {
-            return;
-        }
-        let Some(link) = st.link.as_ref() else { return };
-        let _ = link.tx.send(Message::ResyncDone { uuids: u });
-        if let Some(p) = st.resync.take().map(|t| t.progress()) {
-            info!(
-                volume = %self.cfg.name,
-                bytes = p.done_bytes,
-                "resync finished (sync source): {} bytes at {} KiB/s",
-                p.done_bytes,
-                p.bytes_per_sec / 1024
-            );
-        }
-        st.peer_disk = Some(DiskState::UpToDate);
-        self.set_conn(&mut st, ConnState::Connected, "resync finished");
-        drop(st);
+        let deferred = {
+            let mut st = lock(&self.st);
+            match self.run_step(
+                &mut st,
+                Event::ResyncFinishedSource { epoch, uuids: u },
+                None,
+            ) {
+                Ok(d) => d,
+                Err(_) => return,
+            }
+        };
         self.notify();
+        self.perform(deferred).await;
     }
 
     /// Starts online verify (`drbdadm verify`): compares every 4 KiB block of the data area
@@ -267,39 +263,20 @@ impl ReplicatedVolume {
     /// counted in [`super::VolumeStatus::verify`] and logged; at the end, if any were found
     /// and this host is UpToDate, a resync from this host repairs them automatically.
     pub fn start_verify(self: &Arc<Self>) -> Result<(), ReplicationError> {
-        let epoch = {
+        let deferred = {
             let mut st = lock(&self.st);
-            let Some(link) = st.link.as_ref() else {
-                return Err(ReplicationError::NotConnected);
-            };
-            let epoch = link.epoch;
-            if st.conn != ConnState::Connected {
-                return Err(ReplicationError::NotAllowed(format!(
-                    "verify needs state Connected, not {}",
-                    st.conn
-                )));
-            }
-            if st.role == Role::Secondary && st.peer_role == Some(Role::Primary) {
-                return Err(ReplicationError::NotAllowed(
-                    "run verify on the primary".into(),
-                ));
-            }
-            st.verify = Some(VerifyProgress {
-                done_bytes: 0,
-                total_bytes: self.usable,
-                mismatched_blocks: 0,
-                finished: false,
-                aborted: false,
-            });
-            self.set_conn(&mut st, ConnState::VerifySource, "online verify started");
-            epoch
+            self.run_step(&mut st, Event::StartVerify { total: self.usable }, None)?
         };
         self.notify();
-        self.spawn(self.clone().verify_source(epoch));
+        for d in deferred {
+            if let super::Deferred::Act(a) = d {
+                self.spawn_tasks(vec![a]);
+            }
+        }
         Ok(())
     }
 
-    async fn verify_source(self: Arc<Self>, epoch: u64) {
+    pub(super) async fn verify_source(self: Arc<Self>, epoch: u64) {
         let alg = self.cfg.verify_digest;
         let mut bucket = Bucket::new(self.cfg.resync_rate);
         let mut offset = 0u64;
@@ -329,15 +306,18 @@ impl ReplicatedVolume {
                 digests.extend_from_slice(&alg.digest(block));
             }
             let digests = digests.freeze();
-            let Some(rx) = self.submit(epoch, PendingKind::Verify, offset, len, |seq| {
-                Message::VerifyRequest {
-                    seq,
-                    offset,
-                    len: len as u32,
-                    alg,
-                    digests,
-                }
-            }) else {
+            let Some(rx) = self
+                .submit(epoch, PendingKind::Verify, offset, len, |seq| {
+                    Message::VerifyRequest {
+                        seq,
+                        offset,
+                        len: len as u32,
+                        alg,
+                        digests,
+                    }
+                })
+                .await
+            else {
                 return;
             };
             let reply = rx.await;
@@ -357,43 +337,37 @@ impl ReplicatedVolume {
                 _ => return,
             }
             offset += len;
-            if let Some(v) = lock(&self.st).verify.as_mut() {
-                v.done_bytes = offset;
-                v.mismatched_blocks = mismatches;
-            }
+            let _ = self.step_sync(Event::VerifyProgress {
+                done: offset,
+                mismatches,
+            });
             if last_log.elapsed() >= PROGRESS_EVERY {
                 last_log = Instant::now();
                 info!(volume = %self.cfg.name, "online verify: {:.1}% done, {mismatches} blocks differ so far",
                     offset as f64 * 100.0 / self.usable as f64);
             }
         }
-        let can_repair = {
-            let mut st = lock(&self.st);
-            if st.epoch != epoch || st.link.is_none() {
-                return;
-            }
-            if let Some(v) = st.verify.as_mut() {
-                v.finished = true;
-                v.done_bytes = self.usable;
-                v.mismatched_blocks = mismatches;
-            }
-            info!(volume = %self.cfg.name, "online verify finished in {:.1} s: {mismatches} blocks ({} bytes) differ",
-                started.elapsed().as_secs_f64(), mismatches * VERIFY_BLOCK);
-            self.set_conn(&mut st, ConnState::Connected, "online verify finished");
-            st.disk == DiskState::UpToDate
-                && (st.role == Role::Primary || st.peer_role != Some(Role::Primary))
+        let ev = Event::VerifyFinished {
+            epoch,
+            total: self.usable,
+            mismatches,
+            secs: started.elapsed().as_secs_f64(),
         };
-        self.notify();
-        self.persist("verify").await;
-        if mismatches == 0 {
+        let Ok(left) = self.step(ev).await else {
             return;
+        };
+        for a in left {
+            match a {
+                Action::CannotRepair => {
+                    warn!(volume = %self.cfg.name, "verify found differences, but this host cannot be sync source; start a resync from the peer");
+                }
+                Action::RepairAfterVerify { epoch, mismatches } => {
+                    info!(volume = %self.cfg.name, "starting a resync to repair the {mismatches} differing blocks");
+                    self.begin_resync_source(epoch).await;
+                }
+                _ => {}
+            }
         }
-        if !can_repair {
-            warn!(volume = %self.cfg.name, "verify found differences, but this host cannot be sync source; start a resync from the peer");
-            return;
-        }
-        info!(volume = %self.cfg.name, "starting a resync to repair the {mismatches} differing blocks");
-        self.begin_resync_source(epoch).await;
     }
 
     /// Starts a resync to the peer on an established connection (after verify).
@@ -416,22 +390,13 @@ impl ReplicatedVolume {
             }
         };
         let weight = lock(&self.md).md.bitmap().count();
-        {
-            let mut st = lock(&self.st);
-            if st.epoch != epoch || st.conn != ConnState::Connected {
-                return;
-            }
-            let Some(link) = st.link.as_ref() else { return };
-            let _ = link.tx.send(Message::SyncUuid { uuid: sync_uuid });
-            st.peer_disk = Some(DiskState::Inconsistent);
-            st.resync = Some(Track::start(weight * 4096));
-            self.set_conn(
-                &mut st,
-                ConnState::SyncSource,
-                "repairing verify mismatches",
-            );
+        let ev = Event::RepairStart {
+            epoch,
+            sync_uuid,
+            oos_bytes: weight * 4096,
+        };
+        if let Ok(left) = self.step(ev).await {
+            self.spawn_tasks(left);
         }
-        self.notify();
-        self.spawn(self.clone().resync_source(epoch));
     }
 }
