@@ -8,6 +8,7 @@
 //! sender writes to the socket itself; a writer task takes over whatever the socket did not
 //! accept at once and everything queued meanwhile.
 
+use super::context::IscsiContext;
 use super::ffp::{build_response, reject, DataInLimits, Residual, ScsiCommandHeader, WriteGather};
 use super::negotiation::SessionType;
 use super::pdu::{
@@ -16,7 +17,6 @@ use super::pdu::{
 use super::session::{wait_stopped, Session, Task, TaskState};
 use super::text::{TextContext, TextNegotiation, TextOutcome};
 use crate::scsi::{DataOutPlan, ScsiRequest, ScsiResponse, Sense};
-use crate::server::ServerState;
 use bytes::Bytes;
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -211,7 +211,7 @@ fn consume(segments: &mut Vec<Bytes>, mut n: usize) {
 }
 
 /// Serves one accepted TCP connection until it closes.
-pub async fn serve(stream: TcpStream, state: Arc<ServerState>) {
+pub async fn serve(stream: TcpStream, ctx: Arc<IscsiContext>) {
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
@@ -221,7 +221,7 @@ pub async fn serve(stream: TcpStream, state: Arc<ServerState>) {
     let span = tracing::info_span!("conn", peer = %peer);
     async move {
         debug!("connection accepted");
-        match run(stream, local, state).await {
+        match run(stream, local, ctx).await {
             Ok(()) => debug!("connection closed"),
             Err(e) => info!("connection ended: {e}"),
         }
@@ -233,14 +233,14 @@ pub async fn serve(stream: TcpStream, state: Arc<ServerState>) {
 async fn run(
     stream: TcpStream,
     local: Option<std::net::SocketAddr>,
-    state: Arc<ServerState>,
+    ctx: Arc<IscsiContext>,
 ) -> anyhow::Result<()> {
     let (rd, mut wr) = stream.into_split();
     let mut reader = FramedRead::new(rd, PduCodec::default());
-    let login_timeout = Duration::from_secs(state.settings.login_timeout_secs);
+    let login_timeout = ctx.timers.login_timeout;
     let login = tokio::time::timeout(
         login_timeout,
-        super::login_driver::drive_login(&mut reader, &mut wr, &state, local),
+        super::login_driver::drive_login(&mut reader, &mut wr, &ctx, local),
     )
     .await
     .map_err(|_| anyhow::anyhow!("login did not complete within {login_timeout:?}"))??;
@@ -259,7 +259,7 @@ async fn run(
     let writer = tokio::spawn(write_loop(out.clone()).instrument(span.clone()));
     let mut conn = FeatureConnection {
         local,
-        state: state.clone(),
+        ctx: ctx.clone(),
         session: session.clone(),
         params,
         out,
@@ -284,7 +284,7 @@ async fn run(
     }
     // Tasks of a connection that is gone can never be answered: stop them.
     let waiters = session.abort_where(|_| true);
-    state.sessions.unregister(&session);
+    ctx.sessions.unregister(&session);
     conn.out.close();
     drop(conn);
     let _ = writer.await;
@@ -419,7 +419,7 @@ struct PendingWrite {
 
 struct FeatureConnection {
     local: Option<std::net::SocketAddr>,
-    state: Arc<ServerState>,
+    ctx: Arc<IscsiContext>,
     session: Arc<Session>,
     params: FeatureParams,
     out: Outbox,
@@ -444,13 +444,12 @@ impl FeatureConnection {
         &mut self,
         reader: &mut FramedRead<OwnedReadHalf, PduCodec>,
     ) -> anyhow::Result<()> {
-        let interval = self.state.settings.nop_in_interval_secs;
-        let idle = if interval == 0 {
-            Duration::from_secs(365 * 86400)
-        } else {
-            Duration::from_secs(interval)
-        };
-        let timeout = Duration::from_secs(self.state.settings.nop_in_timeout_secs.max(1));
+        let idle = self
+            .ctx
+            .timers
+            .nop_in_interval
+            .unwrap_or(Duration::from_secs(365 * 86400));
+        let timeout = self.ctx.timers.nop_in_timeout;
         let shutdown = self.session.shutdown.clone();
         let mut quiet_until = Instant::now() + idle;
         while !self.closing {
@@ -866,7 +865,7 @@ impl FeatureConnection {
             TMF_CLEAR_TASK_SET => {
                 // One task set shared by all I_T nexuses (TST=000): clears every session's.
                 self.drop_gathers_where(|p| p.hdr.lun == lun);
-                for s in self.state.sessions.of_target(&target.iqn) {
+                for s in self.ctx.sessions.of_target(&target.iqn) {
                     waiters.extend(s.abort_where(|t| t.lun == lun));
                 }
                 info!(lun, aborted = waiters.len(), "CLEAR TASK SET");
@@ -875,7 +874,7 @@ impl FeatureConnection {
             TMF_LOGICAL_UNIT_RESET if !lun_exists => TMF_NO_LUN,
             TMF_LOGICAL_UNIT_RESET => {
                 self.drop_gathers_where(|p| p.hdr.lun == lun);
-                for s in self.state.sessions.of_target(&target.iqn) {
+                for s in self.ctx.sessions.of_target(&target.iqn) {
                     waiters.extend(s.abort_where(|t| t.lun == lun));
                 }
                 target.scsi.logical_unit_reset(lun, self.session.nexus);
@@ -884,7 +883,7 @@ impl FeatureConnection {
             }
             TMF_TARGET_WARM_RESET | TMF_TARGET_COLD_RESET => {
                 self.drop_gathers_where(|_| true);
-                for s in self.state.sessions.of_target(&target.iqn) {
+                for s in self.ctx.sessions.of_target(&target.iqn) {
                     waiters.extend(s.abort_where(|_| true));
                 }
                 target.scsi.target_reset(self.session.nexus);
@@ -903,14 +902,14 @@ impl FeatureConnection {
         p.bhs[2] = response;
         p.set_itt(pdu.itt());
         let out = self.out.clone();
-        let state = self.state.clone();
+        let ctx = self.ctx.clone();
         let iqn = target.iqn.clone();
         tokio::spawn(async move {
             wait_stopped(waiters).await;
             out.one(p);
             if cold_reset {
                 // §11.5.1: a cold reset closes every connection of the target after the response.
-                for s in state.sessions.of_target(&iqn) {
+                for s in ctx.sessions.of_target(&iqn) {
                     s.shutdown.cancel();
                 }
             }
@@ -925,9 +924,9 @@ impl FeatureConnection {
             SessionType::Discovery
         };
         let ctx = TextContext {
-            targets: &self.state.login.targets,
-            portal_group_tag: self.state.login.portal_group_tag,
-            portals: &self.state.portals,
+            targets: &self.ctx.login.targets,
+            portal_group_tag: self.ctx.login.portal_group_tag,
+            portals: &self.ctx.portals,
             local_addr: self.local,
             session_type,
             initiator_name: &self.session.initiator,

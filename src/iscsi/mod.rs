@@ -2,6 +2,7 @@
 
 pub mod chap;
 pub mod connection;
+pub mod context;
 pub mod ffp;
 pub mod login;
 pub mod login_driver;
