@@ -1,10 +1,10 @@
 //! Runs the sans-IO [`LoginNegotiation`] on a connection and turns its result into a session.
 
-use super::connection::FeatureParams;
 use super::context::IscsiContext;
 use super::login::{ExistingSession, LoginNegotiation, LoginStep, SessionDirectory, SessionQuery};
 use super::negotiation::{Digest, SessionParams, SessionType};
 use super::pdu::{encode_pdu, Opcode, PduCodec};
+use super::sequencer::FeatureParams;
 use super::session::{wait_stopped, NewSession, Session, SessionRegistry};
 use bytes::BytesMut;
 use futures::StreamExt;

@@ -8,5 +8,6 @@ pub mod login;
 pub mod login_driver;
 pub mod negotiation;
 pub mod pdu;
+pub mod sequencer;
 pub mod session;
 pub mod text;
