@@ -48,16 +48,26 @@ struct OutboxShared {
     wake_writer: Notify,
 }
 
+/// Who may write to the socket. One owner at a time keeps the bytes of PDUs from
+/// interleaving and keeps them in StatSN order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SocketOwner {
+    /// Nobody: the next sender writes directly.
+    Free,
+    /// A sender is writing directly (without blocking) from its own thread.
+    Direct,
+    /// The writer task owns the socket until everything queued (and any leftover) is out.
+    Writer,
+}
+
 struct OutState {
     stat_sn: u32,
     /// Encoded PDUs not yet handed to the socket, in StatSN order.
     queued: WireBatch,
     /// What a direct write left over (the socket was full), sent before `queued`.
     leftover: Vec<Bytes>,
-    /// Someone (a direct sender or the writer task) owns the socket; others only queue.
-    busy: bool,
-    /// The socket was handed to the writer task (it stays `busy` until the task is done).
-    writer_owns: bool,
+    /// Who writes to the socket now; while someone does, others only queue.
+    socket: SocketOwner,
     /// Flush what is queued, then shut the socket down; later PDUs are dropped.
     closing: bool,
     /// The socket failed; nothing more is sent.
@@ -85,8 +95,7 @@ impl Outbox {
                 stat_sn,
                 queued: WireBatch::default(),
                 leftover: Vec::new(),
-                busy: false,
-                writer_owns: false,
+                socket: SocketOwner::Free,
                 closing: false,
                 failed: false,
             }),
@@ -108,18 +117,18 @@ impl Outbox {
             st.queued
                 .push(&p, sh.params.header_digest, sh.params.data_digest);
         }
-        if st.busy {
+        if st.socket != SocketOwner::Free {
             return;
         }
-        st.busy = true;
         if sh.session.active_tasks() > 0 {
             // More responses are coming: let the writer task gather them into one write
             // (one syscall for many PDUs at high queue depth).
-            st.writer_owns = true;
+            st.socket = SocketOwner::Writer;
             drop(st);
             sh.wake_writer.notify_one();
             return;
         }
+        st.socket = SocketOwner::Direct;
         let segments = st.queued.take();
         drop(st);
         let result = write_now(&sh.wr, segments);
@@ -132,10 +141,10 @@ impl Outbox {
             }
         }
         if st.leftover.is_empty() && st.queued.is_empty() && !st.closing && !st.failed {
-            st.busy = false;
+            st.socket = SocketOwner::Free;
         } else {
-            // Stays busy: the writer task owns the socket until everything is out.
-            st.writer_owns = true;
+            // The writer task takes the socket over until everything is out.
+            st.socket = SocketOwner::Writer;
             drop(st);
             sh.wake_writer.notify_one();
         }
@@ -149,9 +158,8 @@ impl Outbox {
     fn close(&self) {
         let mut st = self.0.lock();
         st.closing = true;
-        if !st.busy {
-            st.busy = true;
-            st.writer_owns = true;
+        if st.socket == SocketOwner::Free {
+            st.socket = SocketOwner::Writer;
             drop(st);
             self.0.wake_writer.notify_one();
         }
@@ -306,12 +314,12 @@ fn closed_by_peer(e: &anyhow::Error) -> bool {
 }
 
 /// The writer task: owns the socket while a direct send could not finish (socket full) and
-/// until everything queued meanwhile is out; then gives it back (`busy = false`).
+/// until everything queued meanwhile is out; then gives it back ([`SocketOwner::Free`]).
 async fn write_loop(out: Outbox) {
     let sh = &*out.0;
     loop {
         sh.wake_writer.notified().await;
-        if !sh.lock().writer_owns {
+        if sh.lock().socket != SocketOwner::Writer {
             continue;
         }
         loop {
@@ -332,8 +340,7 @@ async fn write_loop(out: Outbox) {
                         unsafe { libc::shutdown(sh.wr.as_ref().as_raw_fd(), libc::SHUT_WR) };
                         return;
                     }
-                    st.busy = false;
-                    st.writer_owns = false;
+                    st.socket = SocketOwner::Free;
                     break;
                 }
                 segments
@@ -526,6 +533,95 @@ async fn feature_phase(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iscsi::negotiation::SessionParams;
+    use crate::iscsi::session::{NewSession, SessionRegistry};
+    use crate::scsi::ScsiTarget;
+    use tokio::net::TcpListener;
+
+    fn nop_in(itt: u32, len: usize) -> Pdu {
+        let mut p = Pdu::new(Opcode::NopIn);
+        p.set_flags(0x80);
+        p.set_itt(itt);
+        p.set_u32_at(20, RESERVED_TAG);
+        p.set_data(Bytes::from(vec![itt as u8; len]));
+        p
+    }
+
+    /// Both send paths (direct, and the writer task when commands are outstanding or the
+    /// socket is full) deliver every PDU once, in StatSN order, and close flushes first.
+    #[tokio::test]
+    async fn outbox_keeps_stat_sn_order_on_both_paths_and_flushes_before_close() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (_rd, wr) = accepted.unwrap().0.into_split();
+        let reg = SessionRegistry::default();
+        let target = Arc::new(TargetEntry {
+            iqn: "iqn.x:t".into(),
+            scsi: Arc::new(ScsiTarget::new(vec![])),
+        });
+        let (session, _) = reg.register(
+            reg.allocate_tsih(),
+            NewSession {
+                initiator: "iqn.x:i".into(),
+                isid: [1; 6],
+                target: Some(target),
+                exp_cmd_sn: 1,
+                queue_depth: 8,
+                params: SessionParams::default(),
+                cid: 0,
+            },
+        );
+        let params = FeatureParams {
+            header_digest: false,
+            data_digest: false,
+            max_recv_segment: 8192,
+            max_xmit_segment: 8192,
+            max_burst: 262_144,
+            first_burst: 65_536,
+            immediate_data: true,
+            initial_r2t: false,
+            max_outstanding_r2t: 1,
+            cid: 0,
+        };
+        let out = Outbox::new(wr, session.clone(), params, 100);
+        let writer = tokio::spawn(write_loop(out.clone()));
+        // Direct: nothing outstanding.
+        out.one(nop_in(1, 16));
+        // Larger than a socket buffer takes at once: the writer task sends the rest.
+        out.one(nop_in(2, 8 << 20));
+        out.one(nop_in(3, 16));
+        // A command outstanding: the writer task batches.
+        session.add_task(9, 0, 1, false).unwrap();
+        out.send(vec![nop_in(4, 16), nop_in(5, 16)]);
+        session.remove_task(9);
+        out.close();
+        out.one(nop_in(6, 16));
+        let mut reader = FramedRead::new(
+            client.unwrap(),
+            PduCodec {
+                max_recv_data_segment: 16 << 20,
+                ..PduCodec::default()
+            },
+        );
+        let mut got = Vec::new();
+        while let Some(frame) = reader.next().await {
+            let p = frame.unwrap().unwrap();
+            got.push((p.itt(), p.u32_at(24), p.data.len()));
+        }
+        writer.await.unwrap();
+        assert_eq!(
+            got,
+            vec![
+                (1, 100, 16),
+                (2, 101, 8 << 20),
+                (3, 102, 16),
+                (4, 103, 16),
+                (5, 104, 16)
+            ],
+            "every PDU once, in StatSN order; nothing after close"
+        );
+    }
 
     #[test]
     fn a_reset_or_eof_is_the_peer_closing_and_other_errors_are_not() {
