@@ -107,6 +107,7 @@ pub enum ControlError {
 
 fn status(state: &ServerState, started: Instant) -> Status {
     let mut targets: Vec<TargetStatus> = state
+        .iscsi
         .targets
         .values()
         .map(|t| TargetStatus {
@@ -134,6 +135,7 @@ fn status(state: &ServerState, started: Instant) -> Status {
         uptime_secs: started.elapsed().as_secs(),
         targets,
         sessions: state
+            .iscsi
             .sessions
             .list()
             .iter()

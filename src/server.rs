@@ -1,10 +1,12 @@
 //! The iSCSI server: builds targets and LUNs from the configuration, listens on every portal
 //! and hands each accepted connection to [`crate::iscsi::connection`].
 
-use crate::config::{Config, LunConfig, ServerConfig, TargetConfig};
+use crate::config::{Config, Credentials, LunConfig, TargetConfig};
 use crate::identity::IdentityStore;
-use crate::iscsi::login::LoginConfig;
-use crate::iscsi::login_driver::build_login_config;
+use crate::iscsi::chap::ChapCredentials;
+use crate::iscsi::context::{ConnectionTimers, IscsiContext};
+use crate::iscsi::login::{LoginConfig, TargetAuth};
+use crate::iscsi::negotiation::{Digest, TargetLimits};
 use crate::iscsi::session::{SessionRegistry, TargetEntry};
 use crate::scsi::{LunSettings, ScsiTarget};
 use crate::store::{choose_engine, open_file_store, BlockStore, EngineChoice, FileStoreOptions};
@@ -17,15 +19,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use twinsan_replication::volume::ReplicatedVolume;
 
-/// What every connection shares.
+/// What the daemon's parts share: the iSCSI side, the volumes, the HA handle.
 pub struct ServerState {
-    pub settings: ServerConfig,
-    pub sessions: SessionRegistry,
-    /// Targets by lower-case IQN.
-    pub targets: HashMap<String, Arc<TargetEntry>>,
-    pub login: Arc<LoginConfig>,
-    /// Portals advertised by SendTargets, in configuration order.
-    pub portals: Vec<SocketAddr>,
+    /// Targets, sessions, login settings and portals: what every connection needs.
+    pub iscsi: Arc<IscsiContext>,
     /// Replicated volumes behind LUNs.
     pub volumes: Vec<Arc<ReplicatedVolume>>,
     /// The HA role loop, when `[ha]` is configured (set once it runs).
@@ -107,12 +104,20 @@ impl Server {
                 .with_context(|| format!("cannot listen on portal {a}"))?;
             listeners.push(l);
         }
-        let state = Arc::new(ServerState {
-            settings: config.server.clone(),
+        let s = &config.server;
+        let iscsi = Arc::new(IscsiContext {
             sessions: SessionRegistry::default(),
             targets,
             login: build_login_config(config),
             portals,
+            timers: ConnectionTimers::from_secs(
+                s.login_timeout_secs,
+                s.nop_in_interval_secs,
+                s.nop_in_timeout_secs,
+            ),
+        });
+        let state = Arc::new(ServerState {
+            iscsi,
             volumes,
             ha: std::sync::OnceLock::new(),
             effective_config: config.masked_json(),
@@ -153,9 +158,9 @@ impl Server {
             })
         };
         for listener in self.listeners {
-            let state = self.state.clone();
+            let iscsi = self.state.iscsi.clone();
             let shutdown = shutdown.clone();
-            tasks.push(tokio::spawn(accept_loop(listener, state, shutdown)));
+            tasks.push(tokio::spawn(accept_loop(listener, iscsi, shutdown)));
         }
         for t in tasks {
             let _ = t.await;
@@ -172,7 +177,7 @@ impl Server {
 }
 
 /// Accepts iSCSI connections on `listener` until `stop`; dropping the listener closes the port.
-pub async fn accept_loop(listener: TcpListener, state: Arc<ServerState>, stop: CancellationToken) {
+pub async fn accept_loop(listener: TcpListener, iscsi: Arc<IscsiContext>, stop: CancellationToken) {
     let addr = listener.local_addr().ok();
     info!(portal = ?addr, "listening");
     loop {
@@ -180,7 +185,7 @@ pub async fn accept_loop(listener: TcpListener, state: Arc<ServerState>, stop: C
             _ = stop.cancelled() => break,
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
-                    tokio::spawn(crate::iscsi::connection::serve(stream, state.clone()));
+                    tokio::spawn(crate::iscsi::connection::serve(stream, iscsi.clone()));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -191,6 +196,63 @@ pub async fn accept_loop(listener: TcpListener, state: Arc<ServerState>, stop: C
         }
     }
     info!(portal = ?addr, "portal closed");
+}
+
+fn chap(c: &Option<Credentials>) -> Option<ChapCredentials> {
+    c.as_ref().map(|c| ChapCredentials {
+        user: c.user.clone(),
+        secret: c.secret.clone(),
+    })
+}
+
+/// Maps the configuration to what login needs.
+pub fn build_login_config(config: &Config) -> Arc<LoginConfig> {
+    let n = &config.negotiation;
+    let d = TargetLimits::default();
+    let digests = |v: &Option<Vec<String>>, default: &Vec<Digest>| {
+        v.as_ref()
+            .map(|l| l.iter().filter_map(|s| Digest::parse(s)).collect())
+            .unwrap_or_else(|| default.clone())
+    };
+    let limits = TargetLimits {
+        max_recv_data_segment_length: n
+            .max_recv_data_segment_length
+            .unwrap_or(d.max_recv_data_segment_length),
+        max_burst_length: n.max_burst_length.unwrap_or(d.max_burst_length),
+        first_burst_length: n.first_burst_length.unwrap_or(d.first_burst_length),
+        immediate_data: n.immediate_data.unwrap_or(d.immediate_data),
+        initial_r2t: n.initial_r2t.unwrap_or(d.initial_r2t),
+        max_outstanding_r2t: n.max_outstanding_r2t.unwrap_or(d.max_outstanding_r2t),
+        header_digest: digests(&n.header_digest, &d.header_digest),
+        data_digest: digests(&n.data_digest, &d.data_digest),
+        default_time2wait: n.default_time2wait.unwrap_or(d.default_time2wait),
+        // Sessions end with their connection (ErrorRecoveryLevel 0, no retention).
+        default_time2retain: n.default_time2retain.unwrap_or(0),
+        max_connections: 1,
+    };
+    let targets = config
+        .targets
+        .iter()
+        .map(|t| {
+            let mut a = TargetAuth::new(t.iqn.clone());
+            a.alias = t.alias.clone();
+            a.allowed_initiators = t.allowed_initiators.clone();
+            a.chap = chap(&t.chap);
+            a.mutual_chap = chap(&t.mutual_chap);
+            a.portals = t.portals.iter().filter_map(|p| p.parse().ok()).collect();
+            a.portal_group_tag = Some(t.tpgt);
+            a
+        })
+        .collect();
+    Arc::new(LoginConfig {
+        portal_group_tag: config.targets.first().map(|t| t.tpgt).unwrap_or(1),
+        targets,
+        discovery_chap: chap(&config.discovery.chap),
+        discovery_mutual_chap: chap(&config.discovery.mutual_chap),
+        limits,
+        cmd_window: config.server.queue_depth,
+        ..LoginConfig::default()
+    })
 }
 
 fn open_store(l: &LunConfig, engine: &EngineChoice) -> anyhow::Result<Arc<dyn BlockStore>> {

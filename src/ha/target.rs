@@ -59,7 +59,7 @@ impl TargetControl {
             return Ok(());
         }
         let mut listeners = Vec::new();
-        for a in &self.state.portals {
+        for a in &self.state.iscsi.portals {
             listeners
                 .push(bind_portal(*a).with_context(|| format!("cannot listen on portal {a}"))?);
         }
@@ -68,12 +68,12 @@ impl TargetControl {
             let stop = CancellationToken::new();
             let task = tokio::spawn(crate::server::accept_loop(
                 l,
-                self.state.clone(),
+                self.state.iscsi.clone(),
                 stop.clone(),
             ));
             running.push((stop, task));
         }
-        info!(portals = ?self.state.portals, "target serving");
+        info!(portals = ?self.state.iscsi.portals, "target serving");
         Ok(())
     }
 
@@ -89,6 +89,7 @@ impl TargetControl {
 
     fn in_flight(&self) -> u32 {
         self.state
+            .iscsi
             .sessions
             .list()
             .iter()
@@ -125,12 +126,12 @@ impl TargetControl {
         let started = Instant::now();
         let mut dropped = std::collections::HashSet::new();
         loop {
-            for s in self.state.sessions.list() {
+            for s in self.state.iscsi.sessions.list() {
                 s.shutdown.cancel();
                 dropped.insert(s.tsih);
             }
             let elapsed = started.elapsed();
-            let empty = self.state.sessions.count() == 0;
+            let empty = self.state.iscsi.sessions.count() == 0;
             if (empty && elapsed >= Duration::from_millis(20)) || elapsed >= Duration::from_secs(1)
             {
                 break;

@@ -1,16 +1,11 @@
 //! Runs the sans-IO [`LoginNegotiation`] on a connection and turns its result into a session.
 
-use super::chap::ChapCredentials;
-use super::connection::FeatureParams;
-use super::login::{
-    ExistingSession, LoginConfig, LoginNegotiation, LoginStep, SessionDirectory, SessionQuery,
-    TargetAuth,
-};
-use super::negotiation::{Digest, SessionParams, SessionType, TargetLimits};
+use super::context::IscsiContext;
+use super::login::{ExistingSession, LoginNegotiation, LoginStep, SessionDirectory, SessionQuery};
+use super::negotiation::{Digest, SessionParams, SessionType};
 use super::pdu::{encode_pdu, Opcode, PduCodec};
+use super::sequencer::FeatureParams;
 use super::session::{wait_stopped, NewSession, Session, SessionRegistry};
-use crate::config::{Config, Credentials};
-use crate::server::ServerState;
 use bytes::BytesMut;
 use futures::StreamExt;
 use std::net::SocketAddr;
@@ -64,11 +59,11 @@ impl SessionDirectory for Directory<'_> {
 pub async fn drive_login(
     reader: &mut FramedRead<OwnedReadHalf, PduCodec>,
     wr: &mut OwnedWriteHalf,
-    state: &Arc<ServerState>,
+    ctx: &IscsiContext,
     local: Option<SocketAddr>,
 ) -> anyhow::Result<Option<LoggedIn>> {
     let _ = local;
-    let mut login = LoginNegotiation::new(state.login.clone(), rand::random::<u32>() & 0x7fff_ffff);
+    let mut login = LoginNegotiation::new(ctx.login.clone(), rand::random::<u32>() & 0x7fff_ffff);
     let mut buf = BytesMut::new();
     loop {
         let Some(frame) = reader.next().await else {
@@ -87,7 +82,7 @@ pub async fn drive_login(
         let step = login.handle(
             &pdu,
             &mut Directory {
-                registry: &state.sessions,
+                registry: &ctx.sessions,
             },
         );
         let (response, done) = match step {
@@ -112,22 +107,20 @@ pub async fn drive_login(
 
         let target = match (&result.session_type, &result.target_name) {
             (SessionType::Normal, Some(name)) => Some(
-                state
-                    .targets
-                    .get(&name.to_ascii_lowercase())
+                ctx.target(name)
                     .cloned()
                     .ok_or_else(|| anyhow::anyhow!("login completed for unknown target {name}"))?,
             ),
             _ => None,
         };
-        let (session, waiters) = state.sessions.register(
+        let (session, waiters) = ctx.sessions.register(
             result.tsih,
             NewSession {
                 initiator: result.initiator_name.clone(),
                 isid: result.isid,
                 target,
                 exp_cmd_sn: result.exp_cmd_sn,
-                queue_depth: state.login.cmd_window,
+                queue_depth: ctx.login.cmd_window,
                 params: result.params.clone(),
                 cid: result.cid,
             },
@@ -164,61 +157,4 @@ fn feature_params(p: &SessionParams, cid: u16) -> FeatureParams {
         max_outstanding_r2t: p.max_outstanding_r2t,
         cid,
     }
-}
-
-fn chap(c: &Option<Credentials>) -> Option<ChapCredentials> {
-    c.as_ref().map(|c| ChapCredentials {
-        user: c.user.clone(),
-        secret: c.secret.clone(),
-    })
-}
-
-/// Maps the configuration to what login needs.
-pub fn build_login_config(config: &Config) -> Arc<LoginConfig> {
-    let n = &config.negotiation;
-    let d = TargetLimits::default();
-    let digests = |v: &Option<Vec<String>>, default: &Vec<Digest>| {
-        v.as_ref()
-            .map(|l| l.iter().filter_map(|s| Digest::parse(s)).collect())
-            .unwrap_or_else(|| default.clone())
-    };
-    let limits = TargetLimits {
-        max_recv_data_segment_length: n
-            .max_recv_data_segment_length
-            .unwrap_or(d.max_recv_data_segment_length),
-        max_burst_length: n.max_burst_length.unwrap_or(d.max_burst_length),
-        first_burst_length: n.first_burst_length.unwrap_or(d.first_burst_length),
-        immediate_data: n.immediate_data.unwrap_or(d.immediate_data),
-        initial_r2t: n.initial_r2t.unwrap_or(d.initial_r2t),
-        max_outstanding_r2t: n.max_outstanding_r2t.unwrap_or(d.max_outstanding_r2t),
-        header_digest: digests(&n.header_digest, &d.header_digest),
-        data_digest: digests(&n.data_digest, &d.data_digest),
-        default_time2wait: n.default_time2wait.unwrap_or(d.default_time2wait),
-        // Sessions end with their connection (ErrorRecoveryLevel 0, no retention).
-        default_time2retain: n.default_time2retain.unwrap_or(0),
-        max_connections: 1,
-    };
-    let targets = config
-        .targets
-        .iter()
-        .map(|t| {
-            let mut a = TargetAuth::new(t.iqn.clone());
-            a.alias = t.alias.clone();
-            a.allowed_initiators = t.allowed_initiators.clone();
-            a.chap = chap(&t.chap);
-            a.mutual_chap = chap(&t.mutual_chap);
-            a.portals = t.portals.iter().filter_map(|p| p.parse().ok()).collect();
-            a.portal_group_tag = Some(t.tpgt);
-            a
-        })
-        .collect();
-    Arc::new(LoginConfig {
-        portal_group_tag: config.targets.first().map(|t| t.tpgt).unwrap_or(1),
-        targets,
-        discovery_chap: chap(&config.discovery.chap),
-        discovery_mutual_chap: chap(&config.discovery.mutual_chap),
-        limits,
-        cmd_window: config.server.queue_depth,
-        ..LoginConfig::default()
-    })
 }

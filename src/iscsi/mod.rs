@@ -2,10 +2,12 @@
 
 pub mod chap;
 pub mod connection;
+pub mod context;
 pub mod ffp;
 pub mod login;
 pub mod login_driver;
 pub mod negotiation;
 pub mod pdu;
+pub mod sequencer;
 pub mod session;
 pub mod text;

@@ -73,13 +73,14 @@ impl ScsiResponse {
     }
 }
 
-/// What the transport must do before a command can run.
+/// What the transport must do before a command can run. `P` is what execution takes: the
+/// target's [`PlannedCommand`] (a transport's unit tests may plan with their own type).
 #[derive(Debug, Clone)]
-pub enum DataOutPlan {
+pub enum DataOutPlan<P = PlannedCommand> {
     /// No Data-Out; execute the command now.
-    None(PlannedCommand),
+    None(P),
     /// Gather this many bytes of Data-Out (as the CDB says), then execute the command.
-    Gather(u32, PlannedCommand),
+    Gather(u32, P),
     /// The CDB is already known to fail (bad opcode/field, LBA out of range, write protected,
     /// unit attention...): respond with this, without soliciting data.
     Fail(ScsiResponse),
