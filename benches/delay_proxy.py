@@ -18,6 +18,11 @@ timestamp, queue) and a writer thread (sleep until due with time.sleep, which us
 clock_nanosleep, then sendall). With DELAY = 0 the proxy still costs one thread hand-off per
 chunk: run it at 0 as the baseline to separate that constant from the delay.
 
+--calibrate US measures the proxy alone (an echo server behind it on an ephemeral loopback
+port, 64-byte ping-pong, at most ~2 s per setting) at 0 and at US per direction and prints
+JSON {"delay_us": US, "rtt0_us": median, "rtt_delay_us": median, "samples": n}: the expected
+added round trip is 2*US; the rest is the proxy's sleep overshoot on this machine.
+
 Only loopback addresses are accepted. The proxy exits by itself after --max-seconds (and on
 SIGTERM / SIGINT), closing every connection.
 """
@@ -130,13 +135,66 @@ def serve(ls: socket.socket, target: tuple[str, int]) -> None:
         threading.Thread(target=pipe, args=(t, c), daemon=True).start()
 
 
+def calibrate(delay_us: int) -> int:
+    global DELAY_US
+    import json
+    import statistics
+
+    echo = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    echo.bind(("127.0.0.1", 0))
+    echo.listen(1)
+
+    def echo_loop() -> None:
+        c, _ = echo.accept()
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while True:
+                d = c.recv(65536)
+                if not d:
+                    return
+                c.sendall(d)
+        except OSError:
+            return
+
+    threading.Thread(target=echo_loop, daemon=True).start()
+    ls = bind(("127.0.0.1", 0))
+    threading.Thread(target=serve, args=(ls, echo.getsockname()), daemon=True).start()
+    c = socket.create_connection(ls.getsockname(), timeout=5)
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    res = {"delay_us": delay_us}
+    n = 0
+    for key, d in (("rtt0_us", 0), ("rtt_delay_us", delay_us)):
+        DELAY_US = d
+        lat = []
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end and len(lat) < 2000:
+            t = time.perf_counter()
+            c.sendall(b"x" * 64)
+            got = 0
+            while got < 64:
+                got += len(c.recv(64 - got))
+            lat.append((time.perf_counter() - t) * 1e6)
+        res[key] = round(statistics.median(lat), 1)
+        n = max(n, len(lat))
+    res["samples"] = n
+    STOP.set()
+    c.close()
+    print(json.dumps(res))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--listen", action="append", required=True)
-    ap.add_argument("--target", action="append", required=True)
-    ap.add_argument("--delay-file", required=True)
-    ap.add_argument("--max-seconds", type=float, required=True)
+    ap.add_argument("--calibrate", type=int, metavar="US")
+    ap.add_argument("--listen", action="append")
+    ap.add_argument("--target", action="append")
+    ap.add_argument("--delay-file")
+    ap.add_argument("--max-seconds", type=float)
     a = ap.parse_args()
+    if a.calibrate is not None:
+        return calibrate(a.calibrate)
+    if not (a.listen and a.target and a.delay_file and a.max_seconds):
+        ap.error("--listen, --target, --delay-file and --max-seconds are required")
     if len(a.listen) != len(a.target):
         ap.error("give one --target per --listen")
     if not 0 < a.max_seconds <= 86400:

@@ -474,10 +474,12 @@ resync_case() {  # label rate with_app(0|1)
         FIO_BG_PID=$!
     fi
     st=""
+    # Bounded in count and in wall time (a status call can take a while on a busy machine).
     for ((i = 0; i < RESYNC_SECS * 5; i++)); do
         sleep 0.2
         st="$(vol_state new a)"
         if in_sync "$st" && in_sync "$(vol_state new b)"; then done_flag=1; break; fi
+        if awk -v s="$t_start" -v n="$(now_s)" -v l="$RESYNC_SECS" 'BEGIN { exit !(n - s >= l) }'; then break; fi
     done
     t_end="$(now_s)"
     [ -n "$st" ] || st="$(vol_state new a)"
@@ -504,6 +506,9 @@ printf '%s\n' "${RESYNC_LINES[@]}" >"$RAW/resync.txt"
 if want_section delay; then
     DELAY_FILE="$WORK/delay_us"
     echo 0 >"$DELAY_FILE"
+    # The proxy alone (echo server behind it): its own round trip at 0 and at DELAY_US.
+    timeout 30 python3 "$REPO/benches/delay_proxy.py" --calibrate "$DELAY_US" >"$RAW/delay_calibration.before.json" \
+        || log "warning: delay proxy calibration failed"
     budget=$(( (RAMP + RUNTIME + 90) * ${#DELAY_JOBS[@]} * REPEAT * 2 + 300 ))
     python3 "$REPO/benches/delay_proxy.py" \
         --listen "$HOST:$(port_of new pab)" --target "$HOST:$(port_of new rlb)" \
@@ -530,6 +535,8 @@ if want_section delay; then
     stop_pair new
     stop_pid "$PROXY_PID" 5
     PROXY_PID=""
+    timeout 30 python3 "$REPO/benches/delay_proxy.py" --calibrate "$DELAY_US" >"$RAW/delay_calibration.after.json" \
+        || log "warning: delay proxy calibration failed"
 fi
 BENCH_SECS="$(elapsed "$T0")"
 LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"

@@ -293,6 +293,26 @@ def main() -> int:
                 f"{spread(adds)} | {spread([x - 2 * d for x in adds])} | "
                 f"{fmt_lat(med([lat(r, rw, 'p99_us') for r in Z]))} | {fmt_lat(med([lat(r, rw, 'p99_us') for r in D]))} |"
             )
+        cal = []
+        for when in ("before", "after"):
+            try:
+                with open(os.path.join(raw, f"delay_calibration.{when}.json"), encoding="utf-8") as f:
+                    c = json.load(f)
+                cal.append(
+                    f"{when} the section: round trip {fmt(c['rtt0_us'], 1)} us at 0, {fmt(c['rtt_delay_us'], 1)} us at "
+                    f"{c['delay_us']} us each way (added {fmt(c['rtt_delay_us'] - c['rtt0_us'], 1)} us, "
+                    f"expected {2 * int(c['delay_us'])})"
+                )
+            except (OSError, ValueError, KeyError):
+                pass
+        if cal:
+            o.append("")
+            o.append(
+                "The proxy alone (64-byte ping-pong through it to an echo server, median): "
+                + "; ".join(cal)
+                + ". Added latency beyond that is twinsan's (one round trip per write at QD1 means "
+                "added = the proxy's added round trip)."
+            )
         o.append("")
         o.append(
             "At QD1 every write waits for one replication round trip, so the added latency should "
