@@ -210,12 +210,12 @@ def main() -> int:
             "Paired ratios per repetition (both ran back to back on the same file), median "
             "[min .. max] over the repetitions. IOPS: higher is better. Server CPU per I/O: "
             "utime + stime of the server process from the end of the ramp to the end of the "
-            "run, divided by the I/Os fio completed; lower is better."
+            "run, divided by the I/Os fio completed (s/M I/O: CPU seconds per million I/Os, = us per I/O); lower is better."
         )
         out.append("")
         out.append(
-            f"| job | IOPS {new}/base | CPU per I/O {new}/base | {new} CPU us/I/O | "
-            "twinsan-base CPU us/I/O |"
+            f"| job | IOPS {new}/base | CPU per I/O {new}/base | {new} CPU s/M I/O | "
+            "twinsan-base CPU s/M I/O |"
         )
         out.append("|---|---:|---:|---:|---:|")
         for j in meta["jobs"]:

@@ -141,7 +141,8 @@ def main() -> int:
             f"Medians of {meta.get('repeat')} repetitions per setup; the ratio and the added "
             "latency are paired (replicated and unreplicated ran back to back in each "
             "repetition): median [min .. max] over the repetitions. Latency is fio's total "
-            "latency (submission to completion) in microseconds; for the mixed job writes / reads."
+            "latency (submission to completion) in microseconds; for the mixed job writes / reads "
+            "(its added latency: writes)."
         )
         o.append("")
         o.append(
