@@ -107,11 +107,15 @@ run_cpu_sampled() {
     local -a labels=() pids=() t0=() t1=() t2=()
     for p in $procs; do labels+=("${p%%=*}"); pids+=("${p#*=}"); done
     for pid in "${pids[@]}"; do t0+=("$(proc_cpu_ticks "$pid")"); done
+    local t_ramp=$(( ${EPOCHREALTIME/./} + ramp * 1000000 ))   # microseconds (bash >= 5.0)
     "$@" &
     RUN_CPU_CHILD=$!
-    for ((i = 0; i < ramp * 10; i++)); do
+    # Until RAMP seconds after the start by the clock (not by counting sleeps, which run
+    # late on a busy machine); bounded by the count too.
+    for ((i = 0; i < ramp * 40 + 1; i++)); do
+        [ "${EPOCHREALTIME/./}" -lt "$t_ramp" ] || break
         kill -0 "$RUN_CPU_CHILD" 2>/dev/null || break
-        sleep 0.1
+        sleep 0.025
     done
     for pid in "${pids[@]}"; do t1+=("$(proc_cpu_ticks "$pid")"); done
     wait "$RUN_CPU_CHILD" || rc=$?
