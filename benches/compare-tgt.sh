@@ -4,8 +4,8 @@
 #
 # Usage: benches/compare-tgt.sh
 #
-# For every job, tgt and then twinsan with each of its I/O engines (io_uring, threads) run
-# back to back (each server is started fresh for the job and stopped by PID afterwards;
+# For every job, tgt and then twinsan with each of its I/O engines (io_uring, threads), and
+# with TWINSAN_BIN_BASE an older twinsan binary (twinsan-base), run back to back (each server is started fresh for the job and stopped by PID afterwards;
 # with BENCH_REPEAT>1 the order rotates every repetition), so all see the same machine
 # state as closely as possible. The backing file is filled with random data once before the first job, so
 # reads never hit holes. Writes a markdown report to benches/results/compare-tgt-<date>.md
