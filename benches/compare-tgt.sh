@@ -4,8 +4,8 @@
 #
 # Usage: benches/compare-tgt.sh
 #
-# For every job, tgt and then twinsan with each of its I/O engines (io_uring, threads) run
-# back to back (each server is started fresh for the job and stopped by PID afterwards;
+# For every job, tgt and then twinsan with each of its I/O engines (io_uring, threads), and
+# with TWINSAN_BIN_BASE an older twinsan binary (twinsan-base), run back to back (each server is started fresh for the job and stopped by PID afterwards;
 # with BENCH_REPEAT>1 the order rotates every repetition), so all see the same machine
 # state as closely as possible. The backing file is filled with random data once before the first job, so
 # reads never hit holes. Writes a markdown report to benches/results/compare-tgt-<date>.md
@@ -34,6 +34,11 @@
 #   TWINSAN_WORKER_THREADS=0    twinsan's `server.worker_threads` (0 = half the CPUs)
 #   TWINSAN_IO_THREADS=0        twinsan's `server.io_threads` (threads engine; 0 = default)
 #   TWINSAN_BIN=<repo>/target/release/twinsan   TWINSAN_FIO=<fio with libiscsi>
+#   TWINSAN_BIN_BASE=PATH       an older twinsan binary (refactor check): adds the server
+#                               twinsan-base (same configuration and io_engine as the first of
+#                               TWINSAN_ENGINES, this binary) and a table of paired ratios
+#                               new/base per job (IOPS, server CPU per I/O), median and range.
+#                               Unset: no base server, the report is as without it.
 #   RUST_LOG=warn               log level for twinsan while measuring
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -72,6 +77,13 @@ for e in "${engines[@]}"; do
         *) die "TWINSAN_ENGINES: unknown engine '${e}' (io_uring, threads)" ;;
     esac
 done
+TWINSAN_BIN_BASE="${TWINSAN_BIN_BASE:-}"
+BASE_ENGINE=""
+if [ -n "$TWINSAN_BIN_BASE" ]; then
+    [ "${#TWINSAN_SERVERS[@]}" -gt 0 ] || die "TWINSAN_BIN_BASE needs at least one engine in TWINSAN_ENGINES"
+    BASE_ENGINE="${TWINSAN_SERVERS[0]#twinsan-}"
+    TWINSAN_SERVERS+=("twinsan-base")
+fi
 case "${BENCH_ONLY:-both}" in
     both) SERVERS=(tgt "${TWINSAN_SERVERS[@]}") ;;
     tgt) SERVERS=(tgt) ;;
@@ -112,6 +124,9 @@ for s in "${SERVERS[@]}"; do
             [ -x "$TWINSAN_BIN" ] || die "twinsan binary not found at ${TWINSAN_BIN}: build it with
     cargo build --release --bin twinsan
 or point TWINSAN_BIN at it, or run only the tgt half with BENCH_ONLY=tgt"
+            if [ "$s" = twinsan-base ] && [ ! -x "$TWINSAN_BIN_BASE" ]; then
+                die "TWINSAN_BIN_BASE ${TWINSAN_BIN_BASE} is not an executable"
+            fi
             if port_open "$HOST" "$TWINSAN_PORT"; then die "${HOST}:${TWINSAN_PORT} (TWINSAN_PORT) is already in use"; fi
             ;;
     esac
@@ -144,6 +159,7 @@ mkdir -p "$RAW"
 TWINSAN_PID=""
 cleanup() {
     local rc=$?
+    stop_pid "$RUN_CPU_CHILD" 5 || true
     tgt_stop || true
     stop_pid "$TWINSAN_PID" 15 || true
     TWINSAN_PID=""
@@ -190,12 +206,12 @@ direct = ${TWINSAN_DIRECT:-true}
 TOML
 }
 
-twinsan_start() {  # engine logfile
-    local engine="$1" logf="$2"
+twinsan_start() {  # engine logfile [binary config-name]
+    local engine="$1" logf="$2" bin="${3:-$TWINSAN_BIN}" cname="${4:-twinsan-$1}"
     mkdir -p "$WORK/twinsan-data"
     twinsan_config "$engine" >"$WORK/twinsan.toml"
-    cp "$WORK/twinsan.toml" "$RAW/twinsan-${engine}.toml"
-    "$TWINSAN_BIN" serve --config "$WORK/twinsan.toml" >>"$logf" 2>&1 &
+    cp "$WORK/twinsan.toml" "$RAW/${cname}.toml"
+    "$bin" serve --config "$WORK/twinsan.toml" >>"$logf" 2>&1 &
     TWINSAN_PID=$!
     if ! wait_port "$HOST" "$TWINSAN_PORT" 30 "$TWINSAN_PID"; then
         tail -n 30 "$logf" >&2 || true
@@ -205,7 +221,7 @@ twinsan_start() {  # engine logfile
         wait "$TWINSAN_PID" 2>/dev/null && true
         local rc=$?
         TWINSAN_PID=""
-        die "twinsan exited at startup (exit ${rc}): ${TWINSAN_BIN} serve --config ${RAW}/twinsan-${engine}.toml; log: ${logf}"
+        die "twinsan exited at startup (exit ${rc}): ${bin} serve --config ${RAW}/${cname}.toml; log: ${logf}"
     fi
 }
 
@@ -214,6 +230,7 @@ twinsan_stop() { stop_pid "$TWINSAN_PID" 15; TWINSAN_PID=""; }
 server_start() {
     case "$1" in
         tgt) tgt_start "$HOST" "$TGT_PORT" "$TGT_IQN" "$FILE" "$RAW/tgtd.$2.log" ;;
+        twinsan-base) twinsan_start "$BASE_ENGINE" "$RAW/$1.log" "$TWINSAN_BIN_BASE" twinsan-base ;;
         twinsan-*) twinsan_start "${1#twinsan-}" "$RAW/$1.log" ;;
     esac
     # A login + INQUIRY proves the target is usable before fio relies on it.
@@ -243,12 +260,16 @@ server_port() { if [ "$1" = tgt ]; then echo "$TGT_PORT"; else echo "$TWINSAN_PO
 # ------------------------------------------------------------------ fio
 FAILURES=0
 run_job() {  # server job-spec rep
-    local server="$1" spec="$2" rep="$3" name rw bs qd out filename rc=0
+    local server="$1" spec="$2" rep="$3" name rw bs qd out filename rc=0 pid
     IFS='|' read -r name rw bs qd <<<"$spec"
     out="$RAW/${server}__${name}__${rep}"
     filename="$(fio_iscsi_filename "$HOST" "$(server_port "$server")" "$(server_iqn "$server")" 1)"
     log "${server}: ${name} (rep ${rep}/${REPEAT}, ${RAMP}+${RUNTIME} s)"
-    timeout --kill-after=10 $((RUNTIME + RAMP + 60)) \
+    if [ "$server" = tgt ]; then pid="$TGT_PID"; else pid="$TWINSAN_PID"; fi
+    # Server CPU (utime + stime) is sampled around the run into ${out}.cpu; the report uses it
+    # only for the new/base table (TWINSAN_BIN_BASE).
+    run_cpu_sampled "${out}.cpu" "$RAMP" "server=${pid}" \
+        timeout --kill-after=10 $((RUNTIME + RAMP + 60)) \
         "$FIO" --name="$name" --ioengine=libiscsi --filename="$filename" \
         --initiator="$FIO_INITIATOR" \
         --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
@@ -304,6 +325,10 @@ if [ "${#TWINSAN_SERVERS[@]}" -gt 0 ] && [ "${BENCH_ONLY:-both}" != tgt ]; then
     twinsan_ver="$("$TWINSAN_BIN" --version 2>/dev/null | head -n1 || true)"
     twinsan_ver="${twinsan_ver:-unknown} ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no commit'))"
 fi
+base_fact=""
+if [ -n "$TWINSAN_BIN_BASE" ] && [ "${BENCH_ONLY:-both}" != tgt ]; then
+    base_fact="$("$TWINSAN_BIN_BASE" --version 2>/dev/null | head -n1 || true): ${TWINSAN_BIN_BASE} (sha256 $(sha256sum "$TWINSAN_BIN_BASE" | cut -c1-12)), io_engine = ${BASE_ENGINE}, otherwise configured as twinsan-${BASE_ENGINE}; new binary ${TWINSAN_BIN} (sha256 $(sha256sum "$TWINSAN_BIN" | cut -c1-12))"
+fi
 fs_type="$(stat -f -c %T "$FILE" 2>/dev/null || echo unknown)"
 DATE="$(date +%Y-%m-%d)"
 OUT="${BENCH_OUT:-$REPO/benches/results/compare-tgt-${DATE}.md}"
@@ -329,6 +354,8 @@ facts = [
     ["per job", "$RAMP s ramp + $RUNTIME s measured (--time_based), $order_note, repetitions: $REPEAT, wall time $BENCH_SECS s"],
     ["load average (1/5/15 min)", "start $LOAD_START, end $LOAD_END"],
 ]
+if """$base_fact""":
+    facts.insert(5, ["twinsan-base", """$base_fact"""])
 notes = [
     "fio prints 'queue depth will be capped at 1' for the libiscsi engine (it is flagged FIO_SYNCIO) but it does keep iodepth commands in flight (Little's law on the numbers confirms it).",
     "Loopback numbers: the client, the target and the page cache share the same $(nproc) CPUs, so this compares CPU efficiency more than storage speed. Compare within one report, as a ratio.",

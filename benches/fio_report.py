@@ -12,6 +12,10 @@ has "jobs" (ordered list of {name, rw, bs, iodepth}), "servers" (list) and "fact
 With several repetitions the run with the median IOPS is reported and the IOPS range is
 shown. Throughput is in MiB/s (2^20 bytes/s); latency is fio's total latency (lat_ns,
 submission to completion) in microseconds, p99 from lat_percentiles.
+
+When the servers include twinsan-base (compare-tgt.sh with TWINSAN_BIN_BASE), a table of
+paired ratios new/base follows: IOPS and server CPU per I/O, where the CPU time comes from
+SERVER__JOB__REP.cpu (written by run_cpu_sampled in scripts/lib/common.sh).
 """
 
 from __future__ import annotations
@@ -43,12 +47,39 @@ def summarise(doc: dict, rw: str) -> dict:
     p99 = pct.get("99.000000")
     if side.get("total_ios", 0) == 0:
         raise ValueError("no I/O completed")
+    ios = sum(int(job.get(d, {}).get("total_ios", 0)) for d in ("read", "write", "trim"))
     return {
+        "ios": ios,
         "iops": float(side["iops"]),
         "mibs": float(side["bw_bytes"]) / 2**20,
         "lat_mean_us": float(lat.get("mean", 0.0)) / 1000.0,
         "lat_p99_us": float(p99) / 1000.0 if p99 is not None else None,
     }
+
+
+def cpu_seconds(path: str) -> dict[str, float] | None:
+    """CPU seconds per process label over the measured part of a run, from a .cpu file:
+    from the ramp-end sample to the end (from the start when there was no ramp)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return None
+    tck = float(d.get("clk_tck") or 100)
+    out = {}
+    for label, (t0, t1, t2) in d.get("procs", {}).items():
+        start = t1 if float(d.get("ramp_s", 0)) > 0 else t0
+        out[label] = max(0, t2 - start) / tck
+    return out
+
+
+def ratio_summary(xs: list[float]) -> str:
+    """'median [min .. max]' of per-repetition ratios."""
+    if not xs:
+        return "n/a"
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}"
+    return f"{statistics.median(xs):.2f} [{min(xs):.2f} .. {max(xs):.2f}]"
 
 
 def fmt(x, digits=0) -> str:
@@ -85,6 +116,9 @@ def main() -> int:
         try:
             summary = summarise(load_fio_json(path), jobs_by_name[job]["rw"])
             summary["rep"] = rep
+            cpu = cpu_seconds(os.path.join(raw_dir, parts[0] + ".cpu"))
+            if cpu and "server" in cpu and summary["ios"] > 0:
+                summary["cpu_us_per_io"] = cpu["server"] / summary["ios"] * 1e6
             runs.setdefault((server, job), []).append(summary)
         except (ValueError, KeyError, IndexError) as e:
             errors.setdefault((server, job), []).append(f"{fname}: {e}")
@@ -164,6 +198,45 @@ def main() -> int:
         )
         out.append("")
         out.extend(f"- {x}" for x in spreads)
+    # Refactor check: the new binary (first twinsan engine) against the base binary, which
+    # ran with the same configuration and engine, paired per repetition.
+    news = [s for s in servers if s.startswith("twinsan-") and s != "twinsan-base"]
+    if "twinsan-base" in servers and news:
+        new = news[0]
+        out.append("")
+        out.append(f"## New binary against base binary ({new} / twinsan-base)")
+        out.append("")
+        out.append(
+            "Paired ratios per repetition (both ran back to back on the same file), median "
+            "[min .. max] over the repetitions. IOPS: higher is better. Server CPU per I/O: "
+            "utime + stime of the server process from the end of the ramp to the end of the "
+            "run, divided by the I/Os fio completed (s/M I/O: CPU seconds per million I/Os, = us per I/O); lower is better."
+        )
+        out.append("")
+        out.append(
+            f"| job | IOPS {new}/base | CPU per I/O {new}/base | {new} CPU s/M I/O | "
+            "twinsan-base CPU s/M I/O |"
+        )
+        out.append("|---|---:|---:|---:|---:|")
+        for j in meta["jobs"]:
+            name = j["name"]
+            nr = {r["rep"]: r for r in runs.get((new, name), [])}
+            br = {r["rep"]: r for r in runs.get(("twinsan-base", name), [])}
+            reps = sorted((k for k in nr if k in br), key=int)
+            iops = [nr[k]["iops"] / br[k]["iops"] for k in reps if br[k]["iops"] > 0]
+            cpu = [
+                nr[k]["cpu_us_per_io"] / br[k]["cpu_us_per_io"]
+                for k in reps
+                if nr[k].get("cpu_us_per_io") and br[k].get("cpu_us_per_io")
+            ]
+
+            def med_cpu(rs):
+                xs = [r["cpu_us_per_io"] for r in rs.values() if r.get("cpu_us_per_io")]
+                return fmt(statistics.median(xs), 2) if xs else "n/a"
+
+            out.append(
+                f"| {name} | {ratio_summary(iops)} | {ratio_summary(cpu)} | {med_cpu(nr)} | {med_cpu(br)} |"
+            )
     if any_error:
         out.append("")
         out.append("## Failures")

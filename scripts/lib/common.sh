@@ -83,6 +83,53 @@ stop_pid() {
     wait "$pid" 2>/dev/null || true
 }
 
+# proc_cpu_ticks PID: user + system CPU time of the process PID (all its threads, io_uring
+# workers included) in clock ticks (getconf CLK_TCK per second); 0 when it is gone.
+proc_cpu_ticks() {
+    local stat rest
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || { echo 0; return 0; }
+    rest="${stat##*) }"    # the command name may hold spaces and ')': cut after the last ')'
+    # rest starts at field 3 (state); utime and stime are fields 14 and 15.
+    awk '{ print $12 + $13 }' <<<"$rest"
+}
+
+# run_cpu_sampled CPUFILE RAMP PROCS CMD...: run CMD (in the background, so that it can be
+# sampled mid-run) and record the CPU time of the processes named in PROCS ("label=pid
+# label=pid ...") three times: before CMD starts, RAMP seconds after (fio's ramp end,
+# give or take its login) and after CMD exits. Writes CPUFILE as JSON: {"clk_tck": N,
+# "ramp_s": RAMP, "procs": {label: [before, ramp_end, after], ...}} (ticks). Returns CMD's
+# exit status. Nothing is logged (callers redirect CMD's output around this call).
+# RUN_CPU_CHILD holds CMD's PID while it runs, for the caller's cleanup trap.
+RUN_CPU_CHILD=""
+run_cpu_sampled() {
+    local cpuf="$1" ramp="$2" procs="$3" rc=0 i p label pid json
+    shift 3
+    local -a labels=() pids=() t0=() t1=() t2=()
+    for p in $procs; do labels+=("${p%%=*}"); pids+=("${p#*=}"); done
+    for pid in "${pids[@]}"; do t0+=("$(proc_cpu_ticks "$pid")"); done
+    local t_ramp=$(( ${EPOCHREALTIME/./} + ramp * 1000000 ))   # microseconds (bash >= 5.0)
+    "$@" &
+    RUN_CPU_CHILD=$!
+    # Until RAMP seconds after the start by the clock (not by counting sleeps, which run
+    # late on a busy machine); bounded by the count too.
+    for ((i = 0; i < ramp * 40 + 1; i++)); do
+        [ "${EPOCHREALTIME/./}" -lt "$t_ramp" ] || break
+        kill -0 "$RUN_CPU_CHILD" 2>/dev/null || break
+        sleep 0.025
+    done
+    for pid in "${pids[@]}"; do t1+=("$(proc_cpu_ticks "$pid")"); done
+    wait "$RUN_CPU_CHILD" || rc=$?
+    RUN_CPU_CHILD=""
+    for pid in "${pids[@]}"; do t2+=("$(proc_cpu_ticks "$pid")"); done
+    json=""
+    for ((i = 0; i < ${#labels[@]}; i++)); do
+        label="${labels[$i]}"
+        json="${json}${json:+, }\"${label}\": [${t0[$i]}, ${t1[$i]}, ${t2[$i]}]"
+    done
+    printf '{"clk_tck": %s, "ramp_s": %s, "procs": {%s}}\n' "$(getconf CLK_TCK)" "$ramp" "$json" >"$cpuf"
+    return "$rc"
+}
+
 # fio_bin: path of the fio built with the libiscsi engine.
 fio_bin() {
     if [ -n "${TWINSAN_FIO:-}" ]; then printf '%s\n' "$TWINSAN_FIO"; return; fi
