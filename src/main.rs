@@ -365,8 +365,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let ha = match &config.ha {
         Some(_) => {
-            let h = twinsan::ha::start(&config, server.state()).await?;
-            let _ = server.state().ha.set(h.clone());
+            let h = twinsan::ha::start(&config, server.iscsi(), server.volumes()).await?;
+            server.set_ha(h.clone());
             Some(h)
         }
         None => None,

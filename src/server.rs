@@ -1,15 +1,20 @@
 //! The iSCSI server: builds targets and LUNs from the configuration, listens on every portal
-//! and hands each accepted connection to [`crate::iscsi::connection`].
+//! and hands each accepted connection to [`crate::iscsi::connection`]; serves the control
+//! socket.
 
 use crate::config::{Config, Credentials, LunConfig, TargetConfig};
+use crate::control::ControlContext;
+use crate::ha::HaHandle;
 use crate::identity::IdentityStore;
 use crate::iscsi::chap::ChapCredentials;
 use crate::iscsi::context::{ConnectionTimers, IscsiContext};
+use crate::iscsi::listener::accept_loop;
 use crate::iscsi::login::{LoginConfig, TargetAuth};
 use crate::iscsi::negotiation::{Digest, TargetLimits};
 use crate::iscsi::session::{SessionRegistry, TargetEntry};
 use crate::scsi::{LunSettings, ScsiTarget};
 use crate::store::{choose_engine, open_file_store, BlockStore, EngineChoice, FileStoreOptions};
+use crate::volumes::Volumes;
 use anyhow::Context;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -17,22 +22,14 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-use twinsan_replication::volume::ReplicatedVolume;
 
-/// What the daemon's parts share: the iSCSI side, the volumes, the HA handle.
-pub struct ServerState {
-    /// Targets, sessions, login settings and portals: what every connection needs.
-    pub iscsi: Arc<IscsiContext>,
-    /// Replicated volumes behind LUNs.
-    pub volumes: Vec<Arc<ReplicatedVolume>>,
-    /// The HA role loop, when `[ha]` is configured (set once it runs).
-    pub ha: std::sync::OnceLock<Arc<crate::ha::HaHandle>>,
-    /// The effective configuration with secrets masked (`twinsan get`).
-    pub effective_config: serde_json::Value,
-}
-
+/// The daemon's iSCSI side, volumes and control socket, built from the configuration. Each
+/// part gets only its own context: connections the [`IscsiContext`], the HA loop that and
+/// the [`Volumes`], the control socket the [`ControlContext`].
 pub struct Server {
-    state: Arc<ServerState>,
+    iscsi: Arc<IscsiContext>,
+    volumes: Volumes,
+    control: Arc<ControlContext>,
     listeners: Vec<TcpListener>,
     control_socket: std::path::PathBuf,
 }
@@ -116,21 +113,35 @@ impl Server {
                 s.nop_in_timeout_secs,
             ),
         });
-        let state = Arc::new(ServerState {
-            iscsi,
-            volumes,
+        let volumes = Volumes::new(volumes);
+        let control = Arc::new(ControlContext {
+            iscsi: iscsi.clone(),
+            volumes: volumes.clone(),
             ha: std::sync::OnceLock::new(),
             effective_config: config.masked_json(),
         });
         Ok(Server {
-            state,
+            iscsi,
+            volumes,
+            control,
             listeners,
             control_socket: config.server.control_socket_path(),
         })
     }
 
-    pub fn state(&self) -> Arc<ServerState> {
-        self.state.clone()
+    /// Targets, sessions, login settings and portals (for the HA loop's portal control).
+    pub fn iscsi(&self) -> Arc<IscsiContext> {
+        self.iscsi.clone()
+    }
+
+    /// The replicated volumes (for the HA loop).
+    pub fn volumes(&self) -> Volumes {
+        self.volumes.clone()
+    }
+
+    /// Hands the running HA loop to the control socket (`status`, `ha ...`).
+    pub fn set_ha(&self, ha: Arc<HaHandle>) {
+        let _ = self.control.ha.set(ha);
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
@@ -146,7 +157,7 @@ impl Server {
         let control = {
             let (path, state, shutdown) = (
                 self.control_socket.clone(),
-                self.state.clone(),
+                self.control.clone(),
                 shutdown.clone(),
             );
             // Bind first so a second twinsan on the same data dir fails at start, not later.
@@ -158,7 +169,7 @@ impl Server {
             })
         };
         for listener in self.listeners {
-            let iscsi = self.state.iscsi.clone();
+            let iscsi = self.iscsi.clone();
             let shutdown = shutdown.clone();
             tasks.push(tokio::spawn(accept_loop(listener, iscsi, shutdown)));
         }
@@ -166,7 +177,7 @@ impl Server {
             let _ = t.await;
         }
         let _ = control.await;
-        for v in &self.state.volumes {
+        for v in &self.volumes {
             match v.shutdown().await {
                 Ok(()) => info!(volume = v.name(), "volume stopped cleanly"),
                 Err(e) => error!(volume = v.name(), "volume shutdown: {e}"),
@@ -174,28 +185,6 @@ impl Server {
         }
         Ok(())
     }
-}
-
-/// Accepts iSCSI connections on `listener` until `stop`; dropping the listener closes the port.
-pub async fn accept_loop(listener: TcpListener, iscsi: Arc<IscsiContext>, stop: CancellationToken) {
-    let addr = listener.local_addr().ok();
-    info!(portal = ?addr, "listening");
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok((stream, _)) => {
-                    tokio::spawn(crate::iscsi::connection::serve(stream, iscsi.clone()));
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    error!(portal = ?addr, "accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-    info!(portal = ?addr, "portal closed");
 }
 
 fn chap(c: &Option<Credentials>) -> Option<ChapCredentials> {

@@ -1,5 +1,6 @@
 //! Replicated LUNs: turns `[target.lun.replication]` into a running
-//! [`ReplicatedVolume`] and answers the `twinsan replication ...` commands.
+//! [`ReplicatedVolume`], the [`Volumes`] handle the HA loop and the control socket share, and
+//! answers the `twinsan replication ...` commands.
 
 use crate::config::{parse_meta, LunConfig, MetaDisk, ReplicationConfig};
 use crate::store::BlockStore;
@@ -12,6 +13,34 @@ use twinsan_replication::volume::{
     create_metadata, skip_sync_uuid, Fencing, InitialSync, MetaLocation, ReplicatedVolume, Role,
     VolumeConfig,
 };
+
+/// The daemon's replicated volumes, in configuration order: what the HA loop promotes and
+/// demotes and the control socket reports and acts on. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Volumes(Arc<[Arc<ReplicatedVolume>]>);
+
+impl Volumes {
+    pub fn new(volumes: Vec<Arc<ReplicatedVolume>>) -> Self {
+        Volumes(volumes.into())
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Arc<ReplicatedVolume>> {
+        self.0.iter()
+    }
+
+    /// The volume named `name` (`[target.lun.replication] name`).
+    pub fn by_name(&self, name: &str) -> Option<&Arc<ReplicatedVolume>> {
+        self.0.iter().find(|v| v.name() == name)
+    }
+}
+
+impl<'a> IntoIterator for &'a Volumes {
+    type Item = &'a Arc<ReplicatedVolume>;
+    type IntoIter = std::slice::Iter<'a, Arc<ReplicatedVolume>>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
 
 pub fn meta_location(lun: &LunConfig, r: &ReplicationConfig) -> anyhow::Result<MetaLocation> {
     Ok(

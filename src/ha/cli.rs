@@ -1,7 +1,7 @@
 //! Operator commands of the `twinsan` binary that talk to the running daemon: `get`, `log`,
 //! `manual-mode-enable`, `manual-mode-disable`, `become-primary`, `become-secondary`.
 
-use crate::control::{request_with_timeout, ControlError};
+use crate::control::client::{request_with_timeout, ControlError};
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;

@@ -12,7 +12,8 @@ pub mod target;
 
 use crate::config::ha::HaConfig;
 use crate::config::Config;
-use crate::server::ServerState;
+use crate::iscsi::context::IscsiContext;
+use crate::volumes::Volumes;
 use serde_json::json;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -305,7 +306,11 @@ pub(crate) fn label_for_source(role: PoolRole, what: &str, detail: Option<&str>)
 }
 
 /// Starts the role loop and its feeders. Removes VIPs left behind by a crash first.
-pub async fn start(config: &Config, state: Arc<ServerState>) -> anyhow::Result<Arc<HaHandle>> {
+pub async fn start(
+    config: &Config,
+    iscsi: Arc<IscsiContext>,
+    volumes: Volumes,
+) -> anyhow::Result<Arc<HaHandle>> {
     let ha: HaConfig = config.ha.clone().expect("[ha] configured");
     let stop = CancellationToken::new();
     let vips = ha.vip_list();
@@ -347,7 +352,7 @@ pub async fn start(config: &Config, state: Arc<ServerState>) -> anyhow::Result<A
         state: machine.role().as_peer_state(),
         manual,
     });
-    let target = Arc::new(target::TargetControl::new(state.clone()));
+    let target = Arc::new(target::TargetControl::new(iscsi));
     let alerts_sent = Arc::new(AtomicU64::new(0));
     let alerter = runtime::build_alerter(&ha);
     alerter.set_manual(manual);
@@ -458,7 +463,7 @@ pub async fn start(config: &Config, state: Arc<ServerState>) -> anyhow::Result<A
     let rt = runtime::Runtime {
         machine,
         ha: ha.clone(),
-        state,
+        volumes,
         target,
         vips,
         vip_mgr,

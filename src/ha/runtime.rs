@@ -8,7 +8,7 @@
 
 use super::{label_for_source, Command, Counters, Input, Published};
 use crate::config::ha::{parse_xapi_url, HaConfig, HaXapiConfig};
-use crate::server::ServerState;
+use crate::volumes::Volumes;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +32,7 @@ use twinsan_replication::volume::ReplicationError;
 pub(super) struct Runtime {
     pub machine: RoleMachine,
     pub ha: HaConfig,
-    pub state: Arc<ServerState>,
+    pub volumes: Volumes,
     pub target: Arc<super::target::TargetControl>,
     pub vips: Vec<Vip>,
     pub vip_mgr: Option<Arc<VipManager>>,
@@ -160,7 +160,7 @@ impl Runtime {
         if s.role != HostRole::Primary || !peer_secondary {
             return;
         }
-        for v in &self.state.volumes {
+        for v in &self.volumes {
             if v.status().suspended {
                 warn!(
                     volume = v.name(),
@@ -433,7 +433,7 @@ impl Runtime {
             }
             Action::DemoteVolumes => {
                 let mut errors = Vec::new();
-                for v in &self.state.volumes {
+                for v in &self.volumes {
                     if let Err(e) = v.demote().await {
                         error!(volume = v.name(), "demotion failed: {e}");
                         errors.push(format!("{}: {e}", v.name()));
@@ -545,7 +545,7 @@ impl Runtime {
     async fn promote_volumes(&self) -> (bool, String) {
         let mut done = Vec::new();
         let mut failure = None;
-        for v in &self.state.volumes {
+        for v in &self.volumes {
             let deadline = Instant::now() + self.peer_wait;
             let mut waited = false;
             loop {

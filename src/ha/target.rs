@@ -3,7 +3,8 @@
 //! first the portals close and in-flight commands get a bounded time to finish, then every
 //! session is dropped (initiators reconnect to the VIP, which by then points at the new primary).
 
-use crate::server::ServerState;
+use crate::iscsi::context::IscsiContext;
+use crate::iscsi::listener::accept_loop;
 use anyhow::Context;
 use socket2::{Domain, Socket, Type};
 use std::net::SocketAddr;
@@ -15,7 +16,7 @@ use tracing::{info, warn};
 
 /// The portals of every target, bound or not.
 pub struct TargetControl {
-    state: Arc<ServerState>,
+    iscsi: Arc<IscsiContext>,
     listening: Mutex<Vec<(CancellationToken, JoinHandle<()>)>>,
 }
 
@@ -37,9 +38,9 @@ fn bind_portal(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 impl TargetControl {
-    pub fn new(state: Arc<ServerState>) -> Self {
+    pub fn new(iscsi: Arc<IscsiContext>) -> Self {
         TargetControl {
-            state,
+            iscsi,
             listening: Mutex::new(Vec::new()),
         }
     }
@@ -59,21 +60,17 @@ impl TargetControl {
             return Ok(());
         }
         let mut listeners = Vec::new();
-        for a in &self.state.iscsi.portals {
+        for a in &self.iscsi.portals {
             listeners
                 .push(bind_portal(*a).with_context(|| format!("cannot listen on portal {a}"))?);
         }
         let mut running = self.listening.lock().unwrap_or_else(|e| e.into_inner());
         for l in listeners {
             let stop = CancellationToken::new();
-            let task = tokio::spawn(crate::server::accept_loop(
-                l,
-                self.state.iscsi.clone(),
-                stop.clone(),
-            ));
+            let task = tokio::spawn(accept_loop(l, self.iscsi.clone(), stop.clone()));
             running.push((stop, task));
         }
-        info!(portals = ?self.state.iscsi.portals, "target serving");
+        info!(portals = ?self.iscsi.portals, "target serving");
         Ok(())
     }
 
@@ -88,8 +85,7 @@ impl TargetControl {
     }
 
     fn in_flight(&self) -> u32 {
-        self.state
-            .iscsi
+        self.iscsi
             .sessions
             .list()
             .iter()
@@ -126,12 +122,12 @@ impl TargetControl {
         let started = Instant::now();
         let mut dropped = std::collections::HashSet::new();
         loop {
-            for s in self.state.iscsi.sessions.list() {
+            for s in self.iscsi.sessions.list() {
                 s.shutdown.cancel();
                 dropped.insert(s.tsih);
             }
             let elapsed = started.elapsed();
-            let empty = self.state.iscsi.sessions.count() == 0;
+            let empty = self.iscsi.sessions.count() == 0;
             if (empty && elapsed >= Duration::from_millis(20)) || elapsed >= Duration::from_secs(1)
             {
                 break;

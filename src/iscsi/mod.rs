@@ -4,6 +4,7 @@ pub mod chap;
 pub mod connection;
 pub mod context;
 pub mod ffp;
+pub mod listener;
 pub mod login;
 pub mod login_driver;
 pub mod negotiation;

@@ -2,15 +2,32 @@
 //! JSON request per line and one JSON answer per line. `twinsan status` and the other
 //! operator commands are clients of it; scripts can be too (`{"command":"status"}`).
 
-use crate::server::ServerState;
+use crate::iscsi::context::IscsiContext;
+use crate::volumes::Volumes;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+pub mod client;
+
+pub use client::{request, request_with_timeout, ControlError};
+
+/// What the control socket answers from and acts on.
+pub struct ControlContext {
+    /// Targets, logical units and sessions (`status`).
+    pub iscsi: Arc<IscsiContext>,
+    /// Replicated volumes (`status`, `replication ...`).
+    pub volumes: Volumes,
+    /// The HA role loop, when `[ha]` is configured (set once it runs).
+    pub ha: std::sync::OnceLock<Arc<crate::ha::HaHandle>>,
+    /// The effective configuration with secrets masked (`twinsan get`).
+    pub effective_config: serde_json::Value,
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
@@ -85,27 +102,7 @@ pub struct SessionStatus {
     pub active_tasks: u32,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    #[error(
-        "cannot reach twinsan at {path}: {source} (is `twinsan serve` running with this config?)"
-    )]
-    Connect {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("control socket {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("bad answer from twinsan: {0}")]
-    Protocol(String),
-    #[error("twinsan refused: {0}")]
-    Refused(String),
-}
-
-fn status(state: &ServerState, started: Instant) -> Status {
+fn status(state: &ControlContext, started: Instant) -> Status {
     let mut targets: Vec<TargetStatus> = state
         .iscsi
         .targets
@@ -155,7 +152,7 @@ fn status(state: &ServerState, started: Instant) -> Status {
     }
 }
 
-async fn answer(state: &ServerState, started: Instant, line: &str) -> serde_json::Value {
+async fn answer(state: &ControlContext, started: Instant, line: &str) -> serde_json::Value {
     match serde_json::from_str::<Request>(line) {
         Ok(Request::Status) => {
             let mut st = status(state, started);
@@ -185,7 +182,7 @@ async fn answer(state: &ServerState, started: Instant, line: &str) -> serde_json
             action,
             force,
         }) => {
-            let Some(v) = state.volumes.iter().find(|v| v.name() == volume) else {
+            let Some(v) = state.volumes.by_name(&volume) else {
                 return serde_json::json!({ "ok": false, "error": format!("no replicated volume `{volume}`") });
             };
             match crate::volumes::act(v, &action, force).await {
@@ -201,7 +198,7 @@ async fn answer(state: &ServerState, started: Instant, line: &str) -> serde_json
 /// replaced; a live one (another twinsan answering) is an error.
 pub async fn serve(
     path: PathBuf,
-    state: Arc<ServerState>,
+    state: Arc<ControlContext>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     if path.exists() {
@@ -244,7 +241,11 @@ pub async fn serve(
     Ok(())
 }
 
-async fn client(stream: UnixStream, state: &ServerState, started: Instant) -> std::io::Result<()> {
+async fn client(
+    stream: UnixStream,
+    state: &ControlContext,
+    started: Instant,
+) -> std::io::Result<()> {
     let (rd, mut wr) = stream.into_split();
     // A bounded read: a client cannot make the daemon buffer without limit.
     let mut lines = BufReader::new(rd.take(1 << 20)).lines();
@@ -284,51 +285,6 @@ async fn stream_log(
         wr.write_all(out.as_bytes()).await?;
     }
     Ok(())
-}
-
-/// Sends one request to the daemon at `path` and returns the `ok` answer's payload.
-pub async fn request(
-    path: &Path,
-    request: serde_json::Value,
-) -> Result<serde_json::Value, ControlError> {
-    request_with_timeout(path, request, Duration::from_secs(10)).await
-}
-
-/// [`request`] with a custom answer deadline (role changes may take longer).
-pub async fn request_with_timeout(
-    path: &Path,
-    request: serde_json::Value,
-    timeout: Duration,
-) -> Result<serde_json::Value, ControlError> {
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|source| ControlError::Connect {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let io = |source| ControlError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let (rd, mut wr) = stream.into_split();
-    let mut line = request.to_string();
-    line.push('\n');
-    wr.write_all(line.as_bytes()).await.map_err(io)?;
-    let mut lines = BufReader::new(rd).lines();
-    let reply = tokio::time::timeout(timeout, lines.next_line())
-        .await
-        .map_err(|_| ControlError::Protocol(format!("no answer within {} s", timeout.as_secs())))?
-        .map_err(io)?
-        .ok_or_else(|| ControlError::Protocol("connection closed without an answer".into()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&reply).map_err(|e| ControlError::Protocol(e.to_string()))?;
-    if v["ok"].as_bool() == Some(true) {
-        Ok(v)
-    } else {
-        Err(ControlError::Refused(
-            v["error"].as_str().unwrap_or("unknown error").to_string(),
-        ))
-    }
 }
 
 /// Human-readable rendering of a status.
