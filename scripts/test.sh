@@ -102,7 +102,8 @@ lint_tooling() {
     else
         log "shellcheck not installed; skipping shell lint"
     fi
-    python3 - scripts/parse-cu.py scripts/check-cycles.py benches/fio_report.py <<'PY' || rc=1
+    python3 - scripts/parse-cu.py scripts/check-cycles.py benches/fio_report.py \
+        benches/replication_report.py benches/delay_proxy.py <<'PY' || rc=1
 import ast, sys
 for path in sys.argv[1:]:
     with open(path, encoding="utf-8") as f:
