@@ -19,17 +19,12 @@ use tracing::{debug, info, warn};
 
 use crate::xapi::{Session, XapiClient};
 
-/// How bad an alert is; maps onto XAPI message priorities (1 = most severe).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Severity {
-    /// Data or availability at risk now (two primaries, promotion failed).
-    Critical,
-    /// Something an operator should look at (promotion blocked, VIP taken).
-    Warning,
-    /// A role change or other notable event.
-    Info,
-}
+// The alert data types live in the role machine, which raises them as actions; delivery
+// (this module) depends on role, never the other way round. Re-exported so callers keep
+// naming them `alerts::Alert` / `alerts::Severity`.
+pub use crate::role::{Alert, Severity};
 
+// The priority mapping is delivery detail, so it stays here, next to `message.create`.
 impl Severity {
     /// XAPI message priority (1 = most severe ... 5 = informational).
     pub fn xapi_priority(self) -> i64 {
@@ -37,28 +32,6 @@ impl Severity {
             Severity::Critical => 1,
             Severity::Warning => 3,
             Severity::Info => 5,
-        }
-    }
-}
-
-/// One alert, as raised by the role machine or the daemon.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Alert {
-    /// Severity.
-    pub severity: Severity,
-    /// Short machine-friendly name (used as the XAPI message name).
-    pub name: String,
-    /// Human text; duplicate suppression keys on it.
-    pub text: String,
-}
-
-impl Alert {
-    /// Builds an alert.
-    pub fn new(severity: Severity, name: impl Into<String>, text: impl Into<String>) -> Self {
-        Alert {
-            severity,
-            name: name.into(),
-            text: text.into(),
         }
     }
 }
