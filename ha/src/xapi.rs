@@ -440,9 +440,10 @@ where
             body,
         })
     };
-    // The connection future drives the socket and ends once the reply is read (or the socket
-    // fails); both run here, not in a spawned task, so the call's timeout drops the socket too.
-    // Its own result only matters when the call failed, and then the call's error says it.
+    // The connection future drives the socket; both run here, not in a spawned task, so the
+    // call's timeout drops the socket too. With `Connection: close` hyper ends the connection
+    // itself once the reply is read, without waiting for the peer to close (tested below). Its
+    // own result only matters when the call failed, and then the call's error says it.
     let (reply, _conn) = tokio::join!(call, conn);
     reply
 }
@@ -750,6 +751,32 @@ mod tests {
         ] {
             assert!(reply_to(bad).await.is_err(), "accepted {bad:?}");
         }
+    }
+
+    /// The reply comes back while the server still holds the connection open: the client does
+    /// not wait for the peer's close (a real XAPI may linger).
+    #[tokio::test]
+    async fn reply_does_not_wait_for_the_peer_to_close() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let peer = tokio::spawn(async move {
+            let mut req = [0u8; 4096];
+            let _ = server.read(&mut req).await;
+            server
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        let m = tokio::time::timeout(
+            Duration::from_secs(5),
+            exchange(client, "xapi", "<x/>".into()),
+        )
+        .await
+        .expect("the client waited for the server to close")
+        .unwrap();
+        peer.abort();
+        assert_eq!(m.body, &b"ok"[..]);
     }
 
     /// A non-200 status is an HTTP error carrying the status line, as before.
