@@ -24,7 +24,41 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::alerts::{Alert, Severity};
+// The machine imports nothing from the rest of the crate: the alerts it raises are plain data
+// here, and `crate::alerts` delivers them (mail, XenCenter message).
+
+/// How bad an alert is; `crate::alerts` maps it onto XAPI message priorities (1 = most severe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Severity {
+    /// Data or availability at risk now (two primaries, promotion failed).
+    Critical,
+    /// Something an operator should look at (promotion blocked, VIP taken).
+    Warning,
+    /// A role change or other notable event.
+    Info,
+}
+
+/// One alert, as raised by the role machine or the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Alert {
+    /// Severity.
+    pub severity: Severity,
+    /// Short machine-friendly name (used as the XAPI message name).
+    pub name: String,
+    /// Human text; duplicate suppression keys on it.
+    pub text: String,
+}
+
+impl Alert {
+    /// Builds an alert.
+    pub fn new(severity: Severity, name: impl Into<String>, text: impl Into<String>) -> Self {
+        Alert {
+            severity,
+            name: name.into(),
+            text: text.into(),
+        }
+    }
+}
 
 /// Storage role of this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

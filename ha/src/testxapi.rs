@@ -16,7 +16,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, BufReader};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -331,31 +335,49 @@ async fn serve(shared: Arc<Shared>, host: usize, listener: TcpListener) {
 }
 
 async fn handle(shared: Arc<Shared>, host: usize, conn: TcpStream) {
-    let mut r = BufReader::new(conn);
-    let Ok(req) = xmlrpc::read_http(&mut r, false).await else {
-        return;
-    };
+    // One call per connection, as the client sends `Connection: close`; hyper does the HTTP/1.1
+    // framing on this side too.
+    let service = service_fn(move |req: hyper::Request<Incoming>| {
+        let shared = shared.clone();
+        async move { answer(&shared, host, req).await }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(conn), service)
+        .await;
+}
+
+/// The reply to one XML-RPC request; an error (unreadable request) drops the connection
+/// without an answer.
+async fn answer(
+    shared: &Shared,
+    host: usize,
+    req: hyper::Request<Incoming>,
+) -> std::io::Result<hyper::Response<Full<Bytes>>> {
+    let req_body = Limited::new(req.into_body(), xmlrpc::MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .to_bytes();
     let hang = shared.state.lock().map(|s| s.hang[host]).unwrap_or(false);
     if hang {
         tokio::time::sleep(Duration::from_secs(60)).await;
-        return;
+        return Err(std::io::Error::other("hung host"));
     }
-    let body = match xmlrpc::parse_call(&String::from_utf8_lossy(&req.body)) {
+    let body = match xmlrpc::parse_call(&String::from_utf8_lossy(&req_body)) {
         Ok((method, params)) => {
             if let Ok(mut s) = shared.state.lock() {
                 s.calls.push((host, method.clone()));
             }
-            xmlrpc::encode_response(&dispatch(&shared, host, &method, &params).await)
+            xmlrpc::encode_response(&dispatch(shared, host, &method, &params).await)
         }
         Err(e) => xmlrpc::encode_fault(-1, &e.to_string()),
     };
-    let resp = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let mut conn = r.into_inner();
-    let _ = conn.write_all(resp.as_bytes()).await;
-    let _ = conn.shutdown().await;
+    hyper::Response::builder()
+        .header(hyper::header::CONTENT_TYPE, "text/xml")
+        .header(hyper::header::CONNECTION, "close")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(std::io::Error::other)
 }
 
 fn arg(params: &[Value], i: usize) -> String {

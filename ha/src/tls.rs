@@ -1,8 +1,7 @@
-//! TLS client configurations shared by the XAPI and SMTP clients.
+//! TLS client configuration of the XAPI client (SMTP's TLS is lettre's, see `alerts`).
 //!
 //! XAPI uses self-signed certificates, so its connections accept any certificate unless a SHA-256
-//! fingerprint of the server certificate is pinned. SMTP uses the system trust store unless told
-//! otherwise. The handshake signature is always checked, so a pin cannot be replayed by a host that
+//! fingerprint of the server certificate is pinned. The handshake signature is always checked, so a pin cannot be replayed by a host that
 //! merely copied the certificate.
 
 use std::sync::Arc;
@@ -110,21 +109,6 @@ pub fn pinned_config(pin: Option<[u8; 32]>) -> Result<Arc<ClientConfig>, TlsErro
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider }))
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
-}
-
-/// Client config verifying against the system trust store.
-pub fn system_config() -> Result<Arc<ClientConfig>, TlsError> {
-    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-    let loaded = rustls_native_certs::load_native_certs();
-    for cert in loaded.certs {
-        // Unparsable system certificates are skipped, as browsers do.
-        let _ = roots.add(cert);
-    }
-    let cfg = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(cfg))
 }

@@ -14,13 +14,18 @@
 //! create the [`VipManager`] and call the raw functions from a thread in the right namespace.
 
 use std::io;
+use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
+use nix::errno::Errno;
+use nix::ifaddrs::getifaddrs;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, CacheInfo};
 use rtnetlink::packet_route::link::LinkAttribute;
+use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
 use tracing::{debug, info, warn};
 
 /// Default label marking our IPv4 VIPs (`<ifname>:twinsan`).
@@ -134,7 +139,7 @@ impl VipManager {
         match links.try_next().await {
             Ok(Some(l)) => Ok(l.header.index),
             Ok(None) => Err(VipError::NoInterface(ifname.into())),
-            Err(e) if netlink_errno(&e) == Some(libc::ENODEV) => {
+            Err(e) if netlink_errno(&e) == Some(Errno::ENODEV as i32) => {
                 Err(VipError::NoInterface(ifname.into()))
             }
             Err(e) => Err(nl(e)),
@@ -225,7 +230,7 @@ impl VipManager {
                 debug!(addr = %vip.addr, ifname = %vip.ifname, ?lifetime, "VIP added or refreshed");
                 Ok(())
             }
-            Err(e) if netlink_errno(&e) == Some(libc::EEXIST) => {
+            Err(e) if netlink_errno(&e) == Some(Errno::EEXIST as i32) => {
                 debug!(addr = %vip.addr, "VIP already present");
                 Ok(())
             }
@@ -241,7 +246,7 @@ impl VipManager {
             if msg_addr(&m) == Some(vip.addr) {
                 match self.handle.address().del(m).execute().await {
                     Ok(()) => removed = true,
-                    Err(e) if netlink_errno(&e) == Some(libc::EADDRNOTAVAIL) => {}
+                    Err(e) if netlink_errno(&e) == Some(Errno::EADDRNOTAVAIL as i32) => {}
                     Err(e) => return Err(nl(e)),
                 }
             }
@@ -449,85 +454,61 @@ pub fn nd_conflicts(frame: &[u8], target: Ipv6Addr, my_mac: [u8; 6]) -> bool {
 // ---------------------------------------------------------------- raw sockets
 
 struct PacketSocket {
-    fd: OwnedFd,
+    sock: Socket,
     ifindex: i32,
 }
 
 fn ifindex_of(ifname: &str) -> io::Result<i32> {
-    let c =
-        std::ffi::CString::new(ifname).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: c is a valid NUL-terminated string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if idx == 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(idx as i32)
+    let idx = nix::net::if_::if_nametoindex(ifname)?;
+    i32::try_from(idx).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
-fn sockaddr_ll(ifindex: i32, proto: u16, dst: [u8; 6]) -> libc::sockaddr_ll {
-    // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
-    let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sa.sll_family = libc::AF_PACKET as u16;
-    sa.sll_protocol = proto.to_be();
-    sa.sll_ifindex = ifindex;
-    sa.sll_halen = 6;
-    sa.sll_addr[..6].copy_from_slice(&dst);
-    sa
+/// The packet(7) link-layer address `sockaddr_ll` for `bind`/`sendto`. Raw on purpose: neither
+/// socket2 nor nix has a safe constructor for AF_PACKET addresses, so this one conversion stays
+/// unsafe.
+fn link_addr(ifindex: i32, proto: u16, dst: [u8; 6]) -> SockAddr {
+    let mut sll_addr = [0u8; 8];
+    sll_addr[..6].copy_from_slice(&dst);
+    let sa = libc::sockaddr_ll {
+        sll_family: libc::AF_PACKET as u16,
+        sll_protocol: proto.to_be(),
+        sll_ifindex: ifindex,
+        sll_hatype: 0,
+        sll_pkttype: 0,
+        sll_halen: 6,
+        sll_addr,
+    };
+    let mut storage = SockAddrStorage::zeroed();
+    // SAFETY: sockaddr_storage is larger than sockaddr_ll and aligned for every address type.
+    unsafe { *storage.view_as::<libc::sockaddr_ll>() = sa };
+    // SAFETY: the storage holds an initialised sockaddr_ll of exactly this length.
+    unsafe {
+        SockAddr::new(
+            storage,
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    }
 }
 
 impl PacketSocket {
     /// `raw`: frames include the Ethernet header (SOCK_RAW) or not (SOCK_DGRAM).
     fn open(ifname: &str, proto: u16, raw: bool) -> io::Result<Self> {
         let ifindex = ifindex_of(ifname)?;
-        let ty = if raw {
-            libc::SOCK_RAW
-        } else {
-            libc::SOCK_DGRAM
-        };
-        // SAFETY: plain socket(2) call.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                ty | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                i32::from(proto.to_be()),
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let sa = sockaddr_ll(ifindex, proto, [0; 6]);
-        // SAFETY: sa is a valid sockaddr_ll of the given length.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sa as *const libc::sockaddr_ll as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(PacketSocket { fd, ifindex })
+        let ty = if raw { Type::RAW } else { Type::DGRAM };
+        // packet(7): the protocol is in network byte order. socket2 sets SOCK_CLOEXEC itself.
+        let sock = Socket::new(
+            Domain::PACKET,
+            ty,
+            Some(Protocol::from(i32::from(proto.to_be()))),
+        )?;
+        sock.set_nonblocking(true)?;
+        sock.bind(&link_addr(ifindex, proto, [0; 6]))?;
+        Ok(PacketSocket { sock, ifindex })
     }
 
     fn send(&self, proto: u16, dst: [u8; 6], data: &[u8]) -> io::Result<()> {
-        let sa = sockaddr_ll(self.ifindex, proto, dst);
-        // SAFETY: data and sa are valid for the given lengths.
-        let r = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                data.as_ptr() as *const libc::c_void,
-                data.len(),
-                0,
-                &sa as *const libc::sockaddr_ll as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        self.sock
+            .send_to(data, &link_addr(self.ifindex, proto, dst))?;
         Ok(())
     }
 
@@ -539,43 +520,22 @@ impl PacketSocket {
             if left.is_zero() {
                 return Ok(false);
             }
-            let mut pfd = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
+            let mut pfd = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
             let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-            // SAFETY: pfd is a valid pollfd array of length 1.
-            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if r == 0 {
-                continue;
+            let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+            match poll(&mut pfd, timeout) {
+                Err(Errno::EINTR) | Ok(0) => continue,
+                Err(e) => return Err(e.into()),
+                Ok(_) => {}
             }
             // Drain everything queued.
             loop {
-                // SAFETY: buf is valid for buf.len() bytes.
-                let n = unsafe {
-                    libc::recv(
-                        self.fd.as_raw_fd(),
-                        buf.as_mut_ptr() as *mut libc::c_void,
-                        buf.len(),
-                        0,
-                    )
+                let n = match (&self.sock).read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
                 };
-                if n < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::WouldBlock {
-                        break;
-                    }
-                    return Err(e);
-                }
-                if hit(&buf[..n as usize]) {
+                if hit(&buf[..n]) {
                     return Ok(true);
                 }
             }
@@ -583,35 +543,21 @@ impl PacketSocket {
     }
 }
 
+/// The interface's hardware address: its AF_PACKET entry in getifaddrs(3), the address
+/// SIOCGIFHWADDR reports.
 fn mac_of(ifname: &str) -> io::Result<[u8; 6]> {
-    // SIOCGIFHWADDR via a socket in the current namespace.
-    // SAFETY: plain socket(2) call.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just created and is owned here.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ifreq is plain old data.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    let name = ifname.as_bytes();
-    if name.len() >= ifr.ifr_name.len() {
+    if ifname.len() >= libc::IFNAMSIZ {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
-    for (d, s) in ifr.ifr_name.iter_mut().zip(name) {
-        *d = *s as libc::c_char;
+    for ifa in getifaddrs()? {
+        if ifa.interface_name != ifname {
+            continue;
+        }
+        if let Some(link) = ifa.address.as_ref().and_then(|a| a.as_link_addr()) {
+            return Ok(link.addr().unwrap_or([0; 6]));
+        }
     }
-    // SAFETY: ifr is a valid ifreq for SIOCGIFHWADDR.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut ifr) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: after SIOCGIFHWADDR the union holds ifru_hwaddr.
-    let sa = unsafe { ifr.ifr_ifru.ifru_hwaddr };
-    let mut mac = [0u8; 6];
-    for (d, s) in mac.iter_mut().zip(sa.sa_data.iter()) {
-        *d = *s as u8;
-    }
-    Ok(mac)
+    Err(Errno::ENODEV.into())
 }
 
 /// Sends `count` gratuitous ARPs (IPv4) or unsolicited neighbour advertisements (IPv6), spaced by
@@ -863,9 +809,9 @@ mod tests {
         let path = format!("/run/netns/{ns}");
         std::thread::spawn(move || {
             let file = std::fs::File::open(&path).expect("open netns");
-            // SAFETY: setns on a valid namespace fd affects only this thread.
-            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", io::Error::last_os_error());
+            // setns(2) with CLONE_NEWNET moves only this thread into the namespace.
+            let r = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET);
+            assert!(r.is_ok(), "setns: {r:?}");
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

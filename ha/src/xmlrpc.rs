@@ -1,4 +1,4 @@
-//! XML-RPC wire format (as XAPI speaks it) and minimal HTTP/1.1 framing.
+//! XML-RPC wire format (as XAPI speaks it). The HTTP/1.1 under it is hyper's (see `xapi`).
 //!
 //! Parsing never panics on garbage: every malformed document is an [`XmlRpcError`]. An untyped
 //! `<value>text</value>` is a string, as in the XML-RPC spec and XAPI's output. Documents are
@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 use quick_xml::events::Event as XmlEvent;
 use quick_xml::Reader;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 
 /// Largest accepted HTTP body (XAPI records for big pools can be several MiB).
 pub const MAX_BODY: usize = 64 << 20;
@@ -23,7 +22,7 @@ pub enum XmlRpcError {
     /// Well-formed, but not the XML-RPC shape expected.
     #[error("bad XML-RPC: {0}")]
     Shape(String),
-    /// Broken HTTP framing.
+    /// Broken HTTP framing or an oversized body (the XAPI client's HTTP layer).
     #[error("bad HTTP: {0}")]
     Http(String),
 }
@@ -430,115 +429,6 @@ pub fn parse_call(xml: &str) -> Result<(String, Vec<Value>), XmlRpcError> {
     Ok((name.text.trim().to_string(), params))
 }
 
-/// A received HTTP message: start line, lower-cased headers, body.
-#[derive(Debug)]
-pub struct HttpMessage {
-    /// `POST / HTTP/1.1` or `HTTP/1.1 200 OK`.
-    pub start: String,
-    /// Headers, names lower-cased.
-    pub headers: Vec<(String, String)>,
-    /// Body (de-chunked).
-    pub body: Vec<u8>,
-}
-
-impl HttpMessage {
-    /// First header with this (lower-case) name.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-async fn read_line<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> Result<String, XmlRpcError> {
-    let mut buf = Vec::new();
-    let n = (&mut *r)
-        .take(16 * 1024)
-        .read_until(b'\n', &mut buf)
-        .await
-        .map_err(|e| XmlRpcError::Http(e.to_string()))?;
-    if n == 0 {
-        return Err(XmlRpcError::Http("connection closed".into()));
-    }
-    if !buf.ends_with(b"\n") {
-        return Err(XmlRpcError::Http("header line too long".into()));
-    }
-    Ok(String::from_utf8_lossy(&buf)
-        .trim_end_matches(['\r', '\n'])
-        .to_string())
-}
-
-/// Reads one HTTP/1.x message (request or response). Without Content-Length or chunking, the
-/// body runs to end of stream (`Connection: close` responses).
-pub async fn read_http<R: AsyncRead + Unpin>(
-    r: &mut BufReader<R>,
-    body_to_eof: bool,
-) -> Result<HttpMessage, XmlRpcError> {
-    let start = read_line(r).await?;
-    let mut headers = Vec::new();
-    loop {
-        let line = read_line(r).await?;
-        if line.is_empty() {
-            break;
-        }
-        if headers.len() > 100 {
-            return Err(XmlRpcError::Http("too many headers".into()));
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-        }
-    }
-    let mut msg = HttpMessage {
-        start,
-        headers,
-        body: Vec::new(),
-    };
-    let io = |e: std::io::Error| XmlRpcError::Http(e.to_string());
-    if msg
-        .header("transfer-encoding")
-        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-    {
-        loop {
-            let line = read_line(r).await?;
-            let size_txt = line.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(size_txt, 16)
-                .map_err(|_| XmlRpcError::Http(format!("bad chunk size {size_txt:?}")))?;
-            if msg.body.len() + size > MAX_BODY {
-                return Err(XmlRpcError::Http("body too large".into()));
-            }
-            if size == 0 {
-                // Trailers until the empty line.
-                while !read_line(r).await?.is_empty() {}
-                break;
-            }
-            let old = msg.body.len();
-            msg.body.resize(old + size, 0);
-            r.read_exact(&mut msg.body[old..]).await.map_err(io)?;
-            read_line(r).await?;
-        }
-    } else if let Some(len) = msg.header("content-length") {
-        let len: usize = len
-            .parse()
-            .map_err(|_| XmlRpcError::Http(format!("bad content-length {len:?}")))?;
-        if len > MAX_BODY {
-            return Err(XmlRpcError::Http("body too large".into()));
-        }
-        msg.body.resize(len, 0);
-        r.read_exact(&mut msg.body).await.map_err(io)?;
-    } else if body_to_eof {
-        (&mut *r)
-            .take(MAX_BODY as u64 + 1)
-            .read_to_end(&mut msg.body)
-            .await
-            .map_err(io)?;
-        if msg.body.len() > MAX_BODY {
-            return Err(XmlRpcError::Http("body too large".into()));
-        }
-    }
-    Ok(msg)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,37 +519,5 @@ mod tests {
         assert!(parse_response(&format!("<methodResponse><params><param>{deep}")).is_err());
         assert!(parse_call("<methodResponse/>").is_err());
         assert!(parse_call("<methodCall><params/></methodCall>").is_err());
-    }
-
-    #[tokio::test]
-    async fn http_framing() {
-        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX: y\r\n\r\nabcEXTRA";
-        let mut r = BufReader::new(&raw[..]);
-        let m = read_http(&mut r, true).await.unwrap();
-        assert_eq!(m.start, "HTTP/1.1 200 OK");
-        assert_eq!(m.header("x"), Some("y"));
-        assert_eq!(m.body, b"abc");
-
-        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;ext\r\nde\r\n0\r\n\r\n";
-        let m = read_http(&mut BufReader::new(&raw[..]), true)
-            .await
-            .unwrap();
-        assert_eq!(m.body, b"abcde");
-
-        let raw = b"HTTP/1.1 200 OK\r\n\r\nto the end";
-        let m = read_http(&mut BufReader::new(&raw[..]), true)
-            .await
-            .unwrap();
-        assert_eq!(m.body, b"to the end");
-
-        for bad in [
-            &b""[..],
-            b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-        ] {
-            assert!(read_http(&mut BufReader::new(bad), true).await.is_err());
-        }
     }
 }
