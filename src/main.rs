@@ -323,13 +323,13 @@ fn main() -> anyhow::Result<()> {
             let path = socket_path(d.config, d.socket)?;
             print!(
                 "{}",
-                client_runtime()?.block_on(twinsan::ha::cli::get(&path))?
+                client_runtime()?.block_on(twinsan::control::client::get(&path))?
             );
             Ok(())
         }
         Command::Log { daemon, follow } => {
             let path = socket_path(daemon.config, daemon.socket)?;
-            client_runtime()?.block_on(twinsan::ha::cli::log(&path, follow))
+            client_runtime()?.block_on(twinsan::control::client::log(&path, follow))
         }
         Command::ManualModeEnable(d)
         | Command::ManualModeDisable(d)

@@ -8,7 +8,7 @@ use crate::ha::HaHandle;
 use crate::identity::IdentityStore;
 use crate::iscsi::chap::ChapCredentials;
 use crate::iscsi::context::{ConnectionTimers, IscsiContext};
-use crate::iscsi::listener::accept_loop;
+use crate::iscsi::listener::{self, accept_loop};
 use crate::iscsi::login::{LoginConfig, TargetAuth};
 use crate::iscsi::negotiation::{Digest, TargetLimits};
 use crate::iscsi::session::{SessionRegistry, TargetEntry};
@@ -96,9 +96,8 @@ impl Server {
         let mut listeners = Vec::new();
         // With [ha] the role loop binds the portals while this host is primary.
         for a in addrs.into_iter().filter(|_| config.ha.is_none()) {
-            let l = TcpListener::bind(a)
-                .await
-                .with_context(|| format!("cannot listen on portal {a}"))?;
+            let l =
+                listener::bind(a, false).with_context(|| format!("cannot listen on portal {a}"))?;
             listeners.push(l);
         }
         let s = &config.server;

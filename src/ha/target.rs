@@ -4,10 +4,8 @@
 //! session is dropped (initiators reconnect to the VIP, which by then points at the new primary).
 
 use crate::iscsi::context::IscsiContext;
-use crate::iscsi::listener::accept_loop;
+use crate::iscsi::listener::{self, accept_loop};
 use anyhow::Context;
-use socket2::{Domain, Socket, Type};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -18,23 +16,6 @@ use tracing::{info, warn};
 pub struct TargetControl {
     iscsi: Arc<IscsiContext>,
     listening: Mutex<Vec<(CancellationToken, JoinHandle<()>)>>,
-}
-
-/// Binds a listening socket with `IP_FREEBIND`: the portal address may be the VIP, which the
-/// role machine adds only after the target is accepting logins.
-fn bind_portal(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    if addr.is_ipv4() {
-        s.set_freebind_v4(true)?;
-    } else {
-        s.set_only_v6(true)?;
-        s.set_freebind_v6(true)?;
-    }
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    tokio::net::TcpListener::from_std(s.into())
 }
 
 impl TargetControl {
@@ -61,8 +42,9 @@ impl TargetControl {
         }
         let mut listeners = Vec::new();
         for a in &self.iscsi.portals {
-            listeners
-                .push(bind_portal(*a).with_context(|| format!("cannot listen on portal {a}"))?);
+            listeners.push(
+                listener::bind(*a, true).with_context(|| format!("cannot listen on portal {a}"))?,
+            );
         }
         let mut running = self.listening.lock().unwrap_or_else(|e| e.into_inner());
         for l in listeners {

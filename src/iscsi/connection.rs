@@ -378,13 +378,13 @@ fn stamp(p: &mut Pdu, session: &Session, stat_sn: &mut u32) {
         _ => Some(true),
     };
     if let Some(adv) = advance {
-        p.set_u32_at(24, *stat_sn);
+        p.set_stat_sn(*stat_sn);
         if adv {
             *stat_sn = stat_sn.wrapping_add(1);
         }
     }
-    p.set_u32_at(28, session.exp_cmd_sn());
-    p.set_u32_at(32, session.max_cmd_sn());
+    p.set_exp_cmd_sn(session.exp_cmd_sn());
+    p.set_max_cmd_sn(session.max_cmd_sn());
 }
 
 /// The [`Env`] of a connection's [`Sequencer`]: the SCSI target, the other sessions of the

@@ -190,6 +190,12 @@ impl Pdu {
         self.u32_at(32)
     }
 
+    /// CmdSN of an initiator request that carries one (SCSI Command, Task Management, Text,
+    /// Logout, NOP-Out: bytes 24..28, §11.2.1 and the sections of each request).
+    pub fn cmd_sn(&self) -> u32 {
+        self.u32_at(offset::WORD24)
+    }
+
     /// StatSN of a target-to-initiator PDU (§11.2.1, bytes 24..28).
     pub fn set_stat_sn(&mut self, v: u32) {
         self.set_u32_at(offset::WORD24, v)

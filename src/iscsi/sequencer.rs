@@ -15,7 +15,10 @@
 
 use super::ffp::{build_response, reject, DataInLimits, Residual, ScsiCommandHeader, WriteGather};
 use super::negotiation::SessionType;
-use super::pdu::{serial, BadPdu, Opcode, Pdu, RejectReason, RESERVED_TAG};
+use super::pdu::{
+    serial, BadPdu, DataOut, LogoutRequest, LogoutResponseBuilder, NopInBuilder, NopOut, Opcode,
+    Pdu, RejectReason, TaskMgmtRequest, TaskMgmtResponseBuilder, RESERVED_TAG,
+};
 use super::session::{Session, Task, TaskState};
 use super::text::{TextContext, TextNegotiation, TextOutcome};
 use crate::scsi::{DataOutPlan, PlannedCommand, ScsiResponse, Sense};
@@ -261,11 +264,7 @@ impl<P> Sequencer<P> {
         }
         if now >= self.nop.quiet_until {
             let ttt = self.tags.next();
-            let mut p = Pdu::new(Opcode::NopIn);
-            p.set_flags(0x80);
-            p.set_itt(RESERVED_TAG);
-            p.set_u32_at(20, ttt);
-            send_one(env, p);
+            send_one(env, NopInBuilder::new(RESERVED_TAG, ttt).build());
             self.nop.ping = Some(now + self.nop.timeout);
         }
         Ok(())
@@ -302,16 +301,16 @@ impl<P> Sequencer<P> {
             self.dispatch(pdu, env);
             return;
         }
-        let sn = pdu.field24();
+        let sn = pdu.cmd_sn();
         if self.session.advance(sn) {
             self.dispatch(pdu, env);
             while let Some(i) = self
                 .held
                 .iter()
-                .position(|p| p.field24() == self.session.exp_cmd_sn())
+                .position(|p| p.cmd_sn() == self.session.exp_cmd_sn())
             {
                 let next = self.held.swap_remove(i);
-                self.session.advance(next.field24());
+                self.session.advance(next.cmd_sn());
                 self.dispatch(next, env);
             }
         } else if self.session.in_window(sn) && self.held.len() < self.session.queue_depth as usize
@@ -348,15 +347,13 @@ impl<P> Sequencer<P> {
             return;
         }
         if !pdu.immediate() {
-            self.session.advance(pdu.field24());
+            self.session.advance(NopOut(&pdu).cmd_sn());
         }
-        let mut p = Pdu::new(Opcode::NopIn);
-        p.set_flags(0x80);
-        p.set_lun(pdu.lun());
-        p.set_itt(pdu.itt());
-        p.set_u32_at(20, RESERVED_TAG);
         let echo = pdu.data.len().min(self.params.max_xmit_segment as usize);
-        p.set_data(pdu.data.slice(..echo));
+        let p = NopInBuilder::new(pdu.itt(), RESERVED_TAG)
+            .lun(NopOut(&pdu).lun())
+            .data(pdu.data.slice(..echo))
+            .build();
         send_one(env, p);
     }
 
@@ -504,7 +501,7 @@ impl<P> Sequencer<P> {
     /// before the command may run. Returns whether the PDU was kept.
     fn hold_early_data_out(&mut self, pdu: &Pdu) -> bool {
         let itt = pdu.itt();
-        if pdu.field20() != RESERVED_TAG
+        if DataOut(pdu).target_transfer_tag() != RESERVED_TAG
             || !self
                 .held
                 .iter()
@@ -584,10 +581,11 @@ impl<P> Sequencer<P> {
     /// Task management (§11.5, SAM-5 §7). The response is sent once every affected task has
     /// stopped, so no response of an aborted task can follow it.
     fn task_management(&mut self, pdu: Pdu, env: &mut impl Env<Planned = P>) {
-        let function = pdu.flags() & 0x7f;
-        let lun = pdu.lun();
-        let ref_itt = pdu.field20();
-        let ref_cmd_sn = pdu.u32_at(32);
+        let req = TaskMgmtRequest(&pdu);
+        let function = req.function();
+        let lun = req.lun();
+        let ref_itt = req.referenced_task_tag();
+        let ref_cmd_sn = req.ref_cmd_sn();
         let lun_exists = env.has_lun(lun);
         let mut waiters = Vec::new();
         let mut cold_reset = false;
@@ -603,9 +601,9 @@ impl<P> Sequencer<P> {
                     None => {
                         // §11.5.1: a command not received yet but inside the window counts as
                         // received and aborted.
-                        let tmf_sn = pdu.field24();
+                        let tmf_sn = req.cmd_sn();
                         if self.session.in_window(ref_cmd_sn) && serial::lt(ref_cmd_sn, tmf_sn) {
-                            self.held.retain(|p| p.field24() != ref_cmd_sn);
+                            self.held.retain(|p| p.cmd_sn() != ref_cmd_sn);
                             self.early_data_out
                                 .retain(|itt, _| self.held.iter().any(|p| p.itt() == *itt));
                             if self.session.advance(ref_cmd_sn) {
@@ -658,12 +656,8 @@ impl<P> Sequencer<P> {
                 TMF_NOT_SUPPORTED
             }
         };
-        let mut p = Pdu::new(Opcode::TaskMgmtResponse);
-        p.set_flags(0x80);
-        p.bhs[2] = response;
-        p.set_itt(pdu.itt());
         env.act(Action::TmfResponse {
-            response: p,
+            response: TaskMgmtResponseBuilder::new(req.itt(), response).build(),
             waiters,
             close_target_sessions: cold_reset,
         });
@@ -690,18 +684,16 @@ impl<P> Sequencer<P> {
     /// Logout (§11.14). Outstanding commands finish before the response (the driver waits
     /// for them); connection recovery is not offered at ErrorRecoveryLevel 0.
     fn logout(&mut self, pdu: Pdu, env: &mut impl Env<Planned = P>) {
-        let reason = pdu.flags() & 0x7f;
-        let cid = u16::from_be_bytes([pdu.bhs[20], pdu.bhs[21]]);
+        let req = LogoutRequest(&pdu);
+        let reason = req.reason_code();
+        let cid = req.cid();
         let response = match reason {
             0 => 0,
             1 if cid == self.params.cid => 0,
             1 => 1,
             _ => 2,
         };
-        let mut p = Pdu::new(Opcode::LogoutResponse);
-        p.set_flags(0x80);
-        p.bhs[2] = response;
-        p.set_itt(pdu.itt());
+        let p = LogoutResponseBuilder::new(req.itt(), response).build();
         info!(reason, response, "logout");
         if response != 0 {
             send_one(env, p);
