@@ -162,6 +162,9 @@ pub struct Sequencer<P = PlannedCommand> {
     gathers: HashMap<u32, PendingWrite<P>>,
     /// Commands that arrived ahead of ExpCmdSN (§4.2.2.1), delivered in order.
     held: Vec<Pdu>,
+    /// CmdSNs ahead of ExpCmdSN whose commands an ABORT TASK aborted (held or not yet
+    /// arrived): consumed in order without running. Bounded by the window (in_window).
+    aborted_ahead: Vec<u32>,
     /// Unsolicited Data-Out that arrived for a held command, by ITT; replayed when the
     /// command is dispatched. At most FirstBurstLength bytes per command.
     early_data_out: HashMap<u32, Vec<Pdu>>,
@@ -188,6 +191,7 @@ impl<P> Sequencer<P> {
             params,
             gathers: HashMap::new(),
             held: Vec::new(),
+            aborted_ahead: Vec::new(),
             early_data_out: HashMap::new(),
             tags: TransferTags(1),
             text_negotiation: TextNegotiation::new(),
@@ -299,20 +303,29 @@ impl<P> Sequencer<P> {
     fn ordered(&mut self, pdu: Pdu, env: &mut impl Env<Planned = P>) {
         if pdu.immediate() {
             self.dispatch(pdu, env);
+            // An immediate ABORT TASK may have consumed a CmdSN that held commands wait behind.
+            self.release_in_order(env);
             return;
         }
         let sn = pdu.cmd_sn();
+        if let Some(i) = self.aborted_ahead.iter().position(|&a| a == sn) {
+            // Aborted before it arrived (§11.5.1): it counts as received, and never runs.
+            self.aborted_ahead.swap_remove(i);
+            if self.session.advance(sn) {
+                self.release_in_order(env);
+            } else {
+                self.aborted_ahead.push(sn);
+            }
+            debug!(
+                cmd_sn = sn,
+                itt = pdu.itt(),
+                "command aborted before it arrived: dropped"
+            );
+            return;
+        }
         if self.session.advance(sn) {
             self.dispatch(pdu, env);
-            while let Some(i) = self
-                .held
-                .iter()
-                .position(|p| p.cmd_sn() == self.session.exp_cmd_sn())
-            {
-                let next = self.held.swap_remove(i);
-                self.session.advance(next.cmd_sn());
-                self.dispatch(next, env);
-            }
+            self.release_in_order(env);
         } else if self.session.in_window(sn) && self.held.len() < self.session.queue_depth as usize
         {
             debug!(
@@ -327,6 +340,25 @@ impl<P> Sequencer<P> {
                 exp = self.session.exp_cmd_sn(),
                 "CmdSN outside the window: ignored (§4.2.2.1)"
             );
+        }
+    }
+
+    /// Runs the held commands whose turn has come, in CmdSN order, and consumes the CmdSNs of
+    /// commands aborted before they arrived (§4.2.2.1, §11.5.1): the window never stalls on
+    /// a hole an ABORT TASK left.
+    fn release_in_order(&mut self, env: &mut impl Env<Planned = P>) {
+        loop {
+            let exp = self.session.exp_cmd_sn();
+            if let Some(i) = self.aborted_ahead.iter().position(|&a| a == exp) {
+                self.aborted_ahead.swap_remove(i);
+                self.session.advance(exp);
+            } else if let Some(i) = self.held.iter().position(|p| p.cmd_sn() == exp) {
+                let next = self.held.swap_remove(i);
+                self.session.advance(exp);
+                self.dispatch(next, env);
+            } else {
+                break;
+            }
         }
     }
 
@@ -346,8 +378,8 @@ impl<P> Sequencer<P> {
         if pdu.itt() == RESERVED_TAG {
             return;
         }
-        if !pdu.immediate() {
-            self.session.advance(NopOut(&pdu).cmd_sn());
+        if !pdu.immediate() && self.session.advance(NopOut(&pdu).cmd_sn()) {
+            self.release_in_order(env);
         }
         let echo = pdu.data.len().min(self.params.max_xmit_segment as usize);
         let p = NopInBuilder::new(pdu.itt(), RESERVED_TAG)
@@ -611,6 +643,10 @@ impl<P> Sequencer<P> {
                                     ref_cmd_sn,
                                     "ABORT TASK for a command never received: CmdSN consumed"
                                 );
+                            } else if !self.aborted_ahead.contains(&ref_cmd_sn) {
+                                // Ahead of ExpCmdSN: consumed when its turn comes
+                                // (release_in_order), whether or not it arrives first.
+                                self.aborted_ahead.push(ref_cmd_sn);
                             }
                             TMF_COMPLETE
                         } else {
@@ -1092,6 +1128,26 @@ mod tests {
         f.clear();
         feed(&mut seq, &mut f, cmd(1, 10, TEST_UNIT_READY));
         assert_eq!(f.executed(), vec![10], "the aborted write never runs");
+        // Its CmdSN is consumed in turn: the window does not stall on the hole.
+        assert_eq!(f.session.exp_cmd_sn(), 12);
+        feed(&mut seq, &mut f, cmd(3, 12, TEST_UNIT_READY));
+        assert_eq!(f.executed(), vec![10, 12]);
+    }
+
+    #[test]
+    fn abort_task_of_a_command_ahead_that_arrives_later_never_runs_it() {
+        let (mut seq, mut f) = setup(10, 8, Instant::now());
+        // The initiator sent CmdSN 10 to 12 (none arrived yet) and then the immediate TMF.
+        feed(&mut seq, &mut f, tmf(TMF_ABORT_TASK, LUN, 7, 12, 13));
+        assert_eq!(f.tmf().0, TMF_COMPLETE);
+        f.clear();
+        feed(&mut seq, &mut f, cmd(7, 12, TEST_UNIT_READY));
+        feed(&mut seq, &mut f, cmd(5, 10, TEST_UNIT_READY));
+        feed(&mut seq, &mut f, cmd(6, 11, TEST_UNIT_READY));
+        feed(&mut seq, &mut f, cmd(8, 13, TEST_UNIT_READY));
+        assert_eq!(f.executed(), vec![10, 11, 13], "CmdSN 12 was aborted");
+        assert_eq!(f.session.exp_cmd_sn(), 14);
+        assert!(seq.held.is_empty() && seq.aborted_ahead.is_empty());
     }
 
     #[test]
@@ -1100,8 +1156,9 @@ mod tests {
         feed(&mut seq, &mut f, cmd(2, 11, TEST_UNIT_READY));
         feed(&mut seq, &mut f, tmf(TMF_ABORT_TASK, LUN, 1, 10, 12));
         assert_eq!(f.tmf().0, TMF_COMPLETE);
-        assert_eq!(f.session.exp_cmd_sn(), 11);
-        assert!(f.executed().is_empty());
+        // CmdSN 10 counts as received and aborted, so the held CmdSN 11 runs now.
+        assert_eq!(f.session.exp_cmd_sn(), 12);
+        assert_eq!(f.executed(), vec![11]);
     }
 
     #[test]
