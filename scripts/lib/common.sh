@@ -104,9 +104,9 @@ RUN_CPU_CHILD=""
 run_cpu_sampled() {
     local cpuf="$1" ramp="$2" procs="$3" rc=0 i p label pid json
     shift 3
-    local -a labels=() pids=() t0=() t1=() t2=()
+    local -a labels=() pids=() ticks_start=() ticks_ramp=() ticks_end=()
     for p in $procs; do labels+=("${p%%=*}"); pids+=("${p#*=}"); done
-    for pid in "${pids[@]}"; do t0+=("$(proc_cpu_ticks "$pid")"); done
+    for pid in "${pids[@]}"; do ticks_start+=("$(proc_cpu_ticks "$pid")"); done
     local t_ramp=$(( ${EPOCHREALTIME/./} + ramp * 1000000 ))   # microseconds (bash >= 5.0)
     "$@" &
     RUN_CPU_CHILD=$!
@@ -117,14 +117,14 @@ run_cpu_sampled() {
         kill -0 "$RUN_CPU_CHILD" 2>/dev/null || break
         sleep 0.025
     done
-    for pid in "${pids[@]}"; do t1+=("$(proc_cpu_ticks "$pid")"); done
+    for pid in "${pids[@]}"; do ticks_ramp+=("$(proc_cpu_ticks "$pid")"); done
     wait "$RUN_CPU_CHILD" || rc=$?
     RUN_CPU_CHILD=""
-    for pid in "${pids[@]}"; do t2+=("$(proc_cpu_ticks "$pid")"); done
+    for pid in "${pids[@]}"; do ticks_end+=("$(proc_cpu_ticks "$pid")"); done
     json=""
     for ((i = 0; i < ${#labels[@]}; i++)); do
         label="${labels[$i]}"
-        json="${json}${json:+, }\"${label}\": [${t0[$i]}, ${t1[$i]}, ${t2[$i]}]"
+        json="${json}${json:+, }\"${label}\": [${ticks_start[$i]}, ${ticks_ramp[$i]}, ${ticks_end[$i]}]"
     done
     printf '{"clk_tck": %s, "ramp_s": %s, "procs": {%s}}\n' "$(getconf CLK_TCK)" "$ramp" "$json" >"$cpuf"
     return "$rc"
