@@ -132,25 +132,7 @@ or point TWINSAN_BIN at it, or run only the tgt half with BENCH_ONLY=tgt"
     esac
 done
 
-pick_dir() {
-    local d need_kb=$(((SIZE_MIB + 512) * 1024)) avail
-    for d in ${TMPDIR:+"$TMPDIR"} /tmp /var/tmp "$REPO/target"; do
-        mkdir -p "$d" 2>/dev/null || continue
-        is_tmpfs "$d" && continue
-        avail="$(df -Pk "$d" | awk 'NR == 2 {print $4}')"
-        [ "${avail:-0}" -ge "$need_kb" ] || continue
-        printf '%s\n' "$d"
-        return 0
-    done
-    return 1
-}
-if [ -n "${BENCH_DIR:-}" ]; then
-    mkdir -p "$BENCH_DIR"
-    is_tmpfs "$BENCH_DIR" && log "warning: BENCH_DIR ${BENCH_DIR} is tmpfs; numbers will not reflect a disk"
-    base_dir="$BENCH_DIR"
-else
-    base_dir="$(pick_dir)" || die "no non-tmpfs directory with $((SIZE_MIB + 512)) MiB free (set BENCH_DIR)"
-fi
+base_dir="$(bench_base_dir "$SIZE_MIB")" || die "no non-tmpfs directory with $((SIZE_MIB + 512)) MiB free (set BENCH_DIR)"
 WORK="$(mktemp -d "${base_dir%/}/twinsan-bench.XXXXXX")"
 STAMP="$(date +%Y%m%d-%H%M%S)"
 RAW="$REPO/target/bench/$STAMP"

@@ -157,6 +157,28 @@ is_tmpfs() {
     [ "$fstype" = "tmpfs" ] || [ "$fstype" = "ramfs" ]
 }
 
+# bench_base_dir FILES_MIB: where a benchmark keeps its backing files: $BENCH_DIR if set (a
+# warning if it is tmpfs), else the first non-tmpfs of $TMPDIR, /tmp, /var/tmp, <repo>/target
+# with FILES_MIB + 512 MiB free. Prints the directory; returns 1 if none has room.
+bench_base_dir() {
+    local d need_kb=$((($1 + 512) * 1024)) avail
+    if [ -n "${BENCH_DIR:-}" ]; then
+        mkdir -p "$BENCH_DIR" || return 1
+        is_tmpfs "$BENCH_DIR" && log "warning: BENCH_DIR ${BENCH_DIR} is tmpfs; numbers will not reflect a disk"
+        printf '%s\n' "$BENCH_DIR"
+        return 0
+    fi
+    for d in ${TMPDIR:+"$TMPDIR"} /tmp /var/tmp "$REPO/target"; do
+        mkdir -p "$d" 2>/dev/null || continue
+        is_tmpfs "$d" && continue
+        avail="$(df -Pk "$d" | awk 'NR == 2 {print $4}')"
+        [ "${avail:-0}" -ge "$need_kb" ] || continue
+        printf '%s\n' "$d"
+        return 0
+    done
+    return 1
+}
+
 # ---------------------------------------------------------------- tgt (incumbent)
 # tgtd's control socket is chosen by --control-port, so several tgtd instances
 # (bench, conformance, other engineers) never collide as long as they differ.
