@@ -281,6 +281,55 @@ async fn stalled_link_with_a_full_queue_does_not_hang_writes() {
     p.shutdown().await;
 }
 
+/// A write whose activity-log extent cannot be activated because every slot is held by a
+/// write in flight waits until one of them completes, then goes through (DRBD blocks in
+/// `drbd_al_begin_io` the same way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_waits_for_a_free_activity_log_extent() {
+    const EXTENT: u64 = 4 * MIB;
+    let p = Pair::new(SIZE, skip(), skip(), Role::Primary, |c| c.al_extents = 7).await;
+    wait_connected(&p).await;
+    // Acks stop coming: seven writes in seven extents hold every slot until the link's
+    // timeout drops the connection and they complete degraded.
+    p.ab.stall();
+    p.ba.stall();
+    let st = p.a.vol.store();
+    let mut holders = tokio::task::JoinSet::new();
+    for e in 0..7u64 {
+        let st = st.clone();
+        holders.spawn(async move {
+            st.write(e * EXTENT, block(e, 4096), WriteMode::Cached)
+                .await
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(holders.len(), 7, "the holders wait for their acks");
+    let st8 = st.clone();
+    let mut waiter = tokio::spawn(async move {
+        st8.write(7 * EXTENT, block(7, 4096), WriteMode::Cached)
+            .await
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut waiter)
+            .await
+            .is_err(),
+        "a write in an eighth extent went through while all seven slots were busy"
+    );
+    let r = tokio::time::timeout(T, waiter)
+        .await
+        .expect("the waiting write never got an extent");
+    r.unwrap().unwrap();
+    while let Some(r) = holders.join_next().await {
+        r.unwrap().unwrap();
+    }
+    assert!(!connected(&p.a));
+    p.cut();
+    p.restore();
+    wait_connected(&p).await;
+    assert!(p.a.snapshot() == p.b.snapshot(), "replicas differ");
+    p.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_finds_corrupted_block_and_resync_repairs() {
     for digest in [
@@ -423,6 +472,9 @@ async fn crash_replays_activity_log_and_resyncs() {
     }
     drop(st);
     assert_eq!(p.a.vol.status().out_of_sync_bytes, 0);
+    // No link until the reopened node's state is checked: A would otherwise reconnect
+    // through the proxy to B at once, resync and clear the flags this test looks at.
+    p.cut();
     p.a.vol.crash_for_test();
     // Something the crashed primary wrote locally but never replicated.
     p.a.data
@@ -437,6 +489,7 @@ async fn crash_replays_activity_log_and_resyncs() {
         3 * 4 * MIB,
         "every bit of the 3 hot extents is out of sync"
     );
+    p.restore();
     p.repoint();
     wait_connected(&p).await;
     assert!(
