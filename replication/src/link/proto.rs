@@ -11,6 +11,8 @@
 //! payload that does not parse is a [`FrameError`]: the connection is dropped (and logged by
 //! the caller), never a panic. The codec is pure (no I/O) and unit-tested on garbage.
 
+use std::collections::VecDeque;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -490,6 +492,15 @@ impl Message {
 
     /// Writes type byte and payload.
     pub fn encode_body(&self, b: &mut BytesMut) {
+        if let Some(bulk) = self.encode_head(b) {
+            b.put_slice(&bulk);
+        }
+    }
+
+    /// Writes type byte and payload up to the bulk data of a `Write` / `ResyncData` (its
+    /// length field included) and returns that data, which is the end of the body: a frame
+    /// writer sends it as it is instead of copying it ([`FrameQueue`]).
+    fn encode_head(&self, b: &mut BytesMut) -> Option<Bytes> {
         match self {
             Message::Hello {
                 protocol_version,
@@ -561,7 +572,8 @@ impl Message {
                 b.put_u64(*seq);
                 b.put_u64(*offset);
                 b.put_u8(u8::from(*fua));
-                put_data(b, data);
+                b.put_u32(data.len() as u32);
+                return Some(data.clone());
             }
             Message::WriteAck { seq, ok, err } => {
                 b.put_u8(ty::WRITE_ACK);
@@ -582,7 +594,8 @@ impl Message {
                 b.put_u8(ty::RESYNC_DATA);
                 b.put_u64(*seq);
                 b.put_u64(*offset);
-                put_data(b, data);
+                b.put_u32(data.len() as u32);
+                return Some(data.clone());
             }
             Message::ResyncAck { seq, ok } => {
                 b.put_u8(ty::RESYNC_ACK);
@@ -631,6 +644,7 @@ impl Message {
                 put_str(b, reason);
             }
         }
+        None
     }
 
     /// Parses type byte + payload (without length and CRC).
@@ -798,6 +812,93 @@ pub fn encode_frame(msg: &Message) -> Result<BytesMut, FrameError> {
     Ok(b)
 }
 
+/// Frames queued for the socket, written with vectored writes: lengths, headers and CRCs
+/// are encoded into one scratch buffer, and the bulk data of `Write` / `ResyncData` is queued
+/// as the `Bytes` it arrived in, never copied. The bytes on the wire are [`FrameCodec`]'s.
+#[derive(Debug, Default)]
+pub struct FrameQueue {
+    /// Encoded bytes before `scratch`, in wire order.
+    chunks: VecDeque<Bytes>,
+    /// The tail being encoded into.
+    scratch: BytesMut,
+    /// Bytes in `chunks` (not counting `scratch`).
+    queued: usize,
+}
+
+impl FrameQueue {
+    /// Appends one frame.
+    pub fn push(&mut self, msg: &Message) -> Result<(), FrameError> {
+        let start = self.scratch.len();
+        self.scratch.put_u32(0);
+        let bulk = msg.encode_head(&mut self.scratch);
+        let head = self.scratch.len() - start - 4;
+        let len = head + bulk.as_ref().map_or(0, Bytes::len) + 4;
+        if len > MAX_FRAME_LEN {
+            self.scratch.truncate(start);
+            return Err(FrameError::TooLarge(len));
+        }
+        self.scratch[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+        let mut crc = crc32c::crc32c(&self.scratch[start + 4..]);
+        if let Some(data) = bulk.filter(|d| !d.is_empty()) {
+            crc = crc32c::crc32c_append(crc, &data);
+            let encoded = self.scratch.split().freeze();
+            self.queued += encoded.len() + data.len();
+            self.chunks.push_back(encoded);
+            self.chunks.push_back(data);
+        }
+        self.scratch.put_u32(crc);
+        Ok(())
+    }
+}
+
+impl Buf for FrameQueue {
+    fn remaining(&self) -> usize {
+        self.queued + self.scratch.len()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        match self.chunks.front() {
+            Some(c) => c,
+            None => &self.scratch,
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [std::io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for c in self
+            .chunks
+            .iter()
+            .map(|c| &c[..])
+            .chain(std::iter::once(&self.scratch[..]))
+        {
+            if n == dst.len() {
+                break;
+            }
+            if !c.is_empty() {
+                dst[n] = std::io::IoSlice::new(c);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        while cnt > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                self.scratch.advance(cnt);
+                return;
+            };
+            let n = cnt.min(front.len());
+            front.advance(n);
+            self.queued -= n;
+            cnt -= n;
+            if front.is_empty() {
+                self.chunks.pop_front();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -888,6 +989,59 @@ mod tests {
         }
         assert_eq!(out, samples());
         assert!(buf.is_empty());
+    }
+
+    /// The vectored queue puts exactly the codec's bytes on the wire, whatever the write
+    /// sizes (partial writes advance through headers, payloads and CRCs alike).
+    #[test]
+    fn frame_queue_writes_the_codec_bytes() {
+        let mut want = BytesMut::new();
+        let mut q = FrameQueue::default();
+        let mut msgs = samples();
+        msgs.push(Message::Write {
+            seq: 9,
+            offset: 0,
+            data: Bytes::new(),
+            fua: false,
+        });
+        msgs.extend(samples());
+        for m in &msgs {
+            FrameCodec.encode(m.clone(), &mut want).unwrap();
+            q.push(m).unwrap();
+        }
+        assert_eq!(q.remaining(), want.len());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut got = Vec::new();
+        while q.has_remaining() {
+            let mut io = [std::io::IoSlice::new(&[]); 5];
+            let n = q.chunks_vectored(&mut io);
+            assert!(n > 0);
+            let avail: Vec<u8> = io[..n].iter().flat_map(|s| s.iter().copied()).collect();
+            assert_eq!(&avail[..q.chunk().len().min(avail.len())], q.chunk());
+            let take = rng.gen_range(1..=avail.len());
+            got.extend_from_slice(&avail[..take]);
+            q.advance(take);
+        }
+        assert_eq!(got, want.to_vec());
+        // Empty again, and usable for the next batch.
+        q.push(&Message::Ping).unwrap();
+        assert_eq!(q.chunk(), &encode_frame(&Message::Ping).unwrap()[..]);
+    }
+
+    #[test]
+    fn frame_queue_refuses_an_oversized_frame_and_keeps_the_rest() {
+        let mut q = FrameQueue::default();
+        q.push(&Message::Ping).unwrap();
+        let big = Message::Write {
+            seq: 1,
+            offset: 0,
+            data: Bytes::from(vec![0u8; MAX_FRAME_LEN]),
+            fua: false,
+        };
+        assert!(matches!(q.push(&big), Err(FrameError::TooLarge(_))));
+        let mut got = BytesMut::new();
+        got.put(&mut q);
+        assert_eq!(got, encode_frame(&Message::Ping).unwrap());
     }
 
     #[test]

@@ -7,25 +7,30 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
+use bytes::Buf;
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_util::codec::Framed;
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use super::machine::{Action, Event};
 use super::{lock, LinkHandle, PendingKind, ReplicatedVolume, Reply, LINK_QUEUE};
 use crate::drbd::{GenerationUuids, MdFlags};
+use crate::link::proto::FrameQueue;
 use crate::link::proto::{VERIFY_BLOCK, WIRE_CRASHED_PRIMARY, WIRE_DISCARD_MY_DATA};
 use crate::link::{establish, DiskState, Established, FrameCodec, LinkError, LocalHello, Message};
 use crate::policy::{Outcome, Side};
 use crate::store::{check_range, WriteMode};
 
 type Est = Established<TcpStream>;
-type Stream = SplitStream<Framed<TcpStream, FrameCodec>>;
-type Sink = SplitSink<Framed<TcpStream, FrameCodec>, Message>;
+type Stream = FramedRead<OwnedReadHalf, FrameCodec>;
+
+/// Queued bytes the link writer gathers into one vectored write before it sends them.
+const WRITE_BATCH: usize = 8 << 20;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -85,10 +90,20 @@ impl ReplicatedVolume {
         rx_new: &mut mpsc::Receiver<Est>,
     ) -> Option<Est> {
         let dialer = est.dialer;
-        let (sink, mut stream) = est.framed.split();
+        let parts = est.framed.into_parts();
+        // `establish` sends with `SinkExt::send`, which flushes: nothing is left to write.
+        debug_assert!(parts.write_buf.is_empty());
+        let (read_half, write_half) = parts.io.into_split();
+        let mut stream = FramedRead::new(read_half, FrameCodec);
+        stream.read_buffer_mut().extend_from_slice(&parts.read_buf);
         let kill = self.shutdown.child_token();
         let (tx, out_rx) = mpsc::channel::<Message>(LINK_QUEUE);
-        tokio::spawn(writer(sink, out_rx, kill.clone()));
+        tokio::spawn(writer(
+            write_half,
+            out_rx,
+            kill.clone(),
+            self.cfg.name.clone(),
+        ));
         let epoch = {
             let mut st = lock(&self.st);
             // LinkUp cannot be refused and leaves nothing to do after the lock.
@@ -724,27 +739,35 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// The connection's socket writer: drains the bounded queue, batching what is queued into
 /// one flush.
-async fn writer(mut sink: Sink, mut rx: mpsc::Receiver<Message>, kill: CancellationToken) {
+/// The connection's socket writer: frames from the queue go out in vectored writes of
+/// everything queued (up to [`WRITE_BATCH`]), payloads uncopied ([`FrameQueue`]).
+async fn writer(
+    mut sock: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Message>,
+    kill: CancellationToken,
+    volume: String,
+) {
+    let mut q = FrameQueue::default();
     let pump = async {
-        loop {
-            let Some(m) = rx.recv().await else { break };
-            if sink.feed(m).await.is_err() {
-                break;
-            }
-            let mut failed = false;
-            while let Ok(m) = rx.try_recv() {
-                if sink.feed(m).await.is_err() {
-                    failed = true;
-                    break;
+        while let Some(m) = rx.recv().await {
+            let mut next = Some(m);
+            while let Some(m) = next.take() {
+                if let Err(e) = q.push(&m) {
+                    // Our own messages are split to fit; this is a bug, not a peer fault.
+                    error!(volume = %volume, "dropping connection: cannot frame a {}: {e}", m.name());
+                    return;
+                }
+                if q.remaining() < WRITE_BATCH {
+                    next = rx.try_recv().ok();
                 }
             }
-            if failed || sink.flush().await.is_err() {
-                break;
+            if sock.write_all_buf(&mut q).await.is_err() {
+                return;
             }
         }
     };
-    // A black-holed peer blocks `feed` / `flush` for good: the kill (ping timeout,
-    // teardown) must interrupt them, not only the wait for the next frame.
+    // A black-holed peer blocks the write for good: the kill (ping timeout, teardown)
+    // must interrupt it, not only the wait for the next frame.
     tokio::select! {
         _ = pump => {}
         _ = kill.cancelled() => {}
@@ -753,7 +776,7 @@ async fn writer(mut sink: Sink, mut rx: mpsc::Receiver<Message>, kill: Cancellat
     // Close the queue first: senders waiting for space fail now (teardown has answered
     // their requests), not when a stalled socket's close returns.
     drop(rx);
-    let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, sock.shutdown()).await;
 }
 
 async fn accept_loop(vol: Arc<ReplicatedVolume>, listener: TcpListener, tx: mpsc::Sender<Est>) {
