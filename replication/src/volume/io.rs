@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -75,8 +75,12 @@ impl ReplicatedVolume {
                 }
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
+            // Enabled before the attempt: a release between the attempt and the wait wakes it.
+            let idle = self.al_idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
             let md = self.md.clone();
             let ex = extents.clone();
             let r = tokio::task::spawn_blocking(move || -> Result<bool, MetadataError> {
@@ -102,10 +106,12 @@ impl ReplicatedVolume {
             .map_err(|e| eio(format!("activity log task: {e}")))?;
             match r {
                 Ok(true) => return Ok(extents),
-                Ok(false) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                // Every extent is in use: wait until a write releases one.
+                Ok(false) => {
+                    if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                        return Err(eio("activity log: all extents busy for 30 s".into()));
+                    }
                 }
-                Ok(false) => return Err(eio("activity log: all extents busy for 30 s".into())),
                 Err(e) => {
                     error!(volume = %self.cfg.name, "activity log write failed: {e}");
                     return Err(eio(format!("activity log: {e}")));
@@ -115,9 +121,17 @@ impl ReplicatedVolume {
     }
 
     fn al_end(&self, extents: &[u32]) {
-        let mut g = lock(&self.md);
-        for e in extents {
-            let _ = g.al.release(*e);
+        let freed = {
+            let mut g = lock(&self.md);
+            let mut freed = false;
+            for e in extents {
+                let _ = g.al.release(*e);
+                freed |= g.al.refs(*e) == 0;
+            }
+            freed
+        };
+        if freed {
+            self.al_idle.notify_waiters();
         }
     }
 

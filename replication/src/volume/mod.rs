@@ -521,6 +521,9 @@ pub struct ReplicatedVolume {
     md: Arc<Mutex<MdState>>,
     st: Mutex<State>,
     changed: Notify,
+    /// A write released the last reference on an activity-log extent (writers waiting
+    /// because every extent was busy try again).
+    al_idle: Notify,
     locks: IntervalLock,
     ctr: Counters,
     shutdown: CancellationToken,
@@ -598,6 +601,7 @@ impl ReplicatedVolume {
                 link: None,
             }),
             changed: Notify::new(),
+            al_idle: Notify::new(),
             locks: IntervalLock::new(),
             ctr: Counters::default(),
             shutdown: CancellationToken::new(),
