@@ -789,20 +789,34 @@ impl Encoder<Message> for FrameCodec {
     type Error = FrameError;
 
     fn encode(&mut self, msg: Message, dst: &mut BytesMut) -> Result<(), FrameError> {
-        let start = dst.len();
-        dst.put_u32(0);
-        msg.encode_body(dst);
-        let body_len = dst.len() - start - 4;
-        let len = body_len + 4;
-        if len > MAX_FRAME_LEN {
-            dst.truncate(start);
-            return Err(FrameError::TooLarge(len));
+        let (bulk, crc) = put_frame_head(dst, &msg)?;
+        if let Some(data) = bulk {
+            dst.put_slice(&data);
         }
-        let crc = crc32c::crc32c(&dst[start + 4..]);
         dst.put_u32(crc);
-        dst[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
         Ok(())
     }
+}
+
+/// Appends a frame's length field and its body up to the bulk payload to `dst`, and
+/// returns that payload (if any, not empty) and the frame's CRC32C (over the body, payload
+/// included): the frame is complete once the caller adds the payload, then the CRC. A frame
+/// longer than [`MAX_FRAME_LEN`] leaves `dst` as it was.
+fn put_frame_head(dst: &mut BytesMut, msg: &Message) -> Result<(Option<Bytes>, u32), FrameError> {
+    let start = dst.len();
+    dst.put_u32(0);
+    let bulk = msg.encode_head(dst).filter(|d| !d.is_empty());
+    let len = dst.len() - start - 4 + bulk.as_ref().map_or(0, Bytes::len) + 4;
+    if len > MAX_FRAME_LEN {
+        dst.truncate(start);
+        return Err(FrameError::TooLarge(len));
+    }
+    dst[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    let mut crc = crc32c::crc32c(&dst[start + 4..]);
+    if let Some(data) = &bulk {
+        crc = crc32c::crc32c_append(crc, data);
+    }
+    Ok((bulk, crc))
 }
 
 /// Encodes one message into a complete frame (tests, tools).
@@ -828,19 +842,8 @@ pub struct FrameQueue {
 impl FrameQueue {
     /// Appends one frame.
     pub fn push(&mut self, msg: &Message) -> Result<(), FrameError> {
-        let start = self.scratch.len();
-        self.scratch.put_u32(0);
-        let bulk = msg.encode_head(&mut self.scratch);
-        let head = self.scratch.len() - start - 4;
-        let len = head + bulk.as_ref().map_or(0, Bytes::len) + 4;
-        if len > MAX_FRAME_LEN {
-            self.scratch.truncate(start);
-            return Err(FrameError::TooLarge(len));
-        }
-        self.scratch[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
-        let mut crc = crc32c::crc32c(&self.scratch[start + 4..]);
-        if let Some(data) = bulk.filter(|d| !d.is_empty()) {
-            crc = crc32c::crc32c_append(crc, &data);
+        let (bulk, crc) = put_frame_head(&mut self.scratch, msg)?;
+        if let Some(data) = bulk {
             let encoded = self.scratch.split().freeze();
             self.queued += encoded.len() + data.len();
             self.chunks.push_back(encoded);

@@ -737,8 +737,6 @@ impl ReplicatedVolume {
 /// How long the writer may take to flush what is buffered when its connection ends.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// The connection's socket writer: drains the bounded queue, batching what is queued into
-/// one flush.
 /// The connection's socket writer: frames from the queue go out in vectored writes of
 /// everything queued (up to [`WRITE_BATCH`]), payloads uncopied ([`FrameQueue`]).
 async fn writer(
