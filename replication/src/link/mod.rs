@@ -6,6 +6,8 @@
 
 pub mod auth;
 pub mod proto;
+pub mod sender;
 
 pub use auth::{establish, Established, LinkError, LocalHello, PeerHello};
 pub use proto::{DiskState, FrameCodec, FrameError, Message, VerifyDigest};
+pub use sender::{link_channel, LinkSender, LinkWriter, SendError};

@@ -839,18 +839,72 @@ pub struct FrameQueue {
     queued: usize,
 }
 
+/// One frame encoded for a [`FrameQueue`]: length, header and CRC, with the bulk payload
+/// of a `Write` / `ResyncData` kept apart (not copied). Encoding (and the CRC over a large
+/// payload) happens here, before a queue's lock is taken.
+#[derive(Debug)]
+pub struct EncodedFrame {
+    /// Length field and header; the CRC too when there is no bulk payload.
+    head: Bytes,
+    /// The bulk payload and the CRC that follows it.
+    bulk: Option<(Bytes, [u8; 4])>,
+}
+
+impl EncodedFrame {
+    pub fn new(msg: &Message) -> Result<EncodedFrame, FrameError> {
+        let mut b = BytesMut::with_capacity(64);
+        let (bulk, crc) = put_frame_head(&mut b, msg)?;
+        let bulk = match bulk {
+            Some(data) => Some((data, crc.to_be_bytes())),
+            None => {
+                b.put_u32(crc);
+                None
+            }
+        };
+        Ok(EncodedFrame {
+            head: b.freeze(),
+            bulk,
+        })
+    }
+
+    /// Length of the bulk payload (0 without one).
+    pub fn payload_len(&self) -> usize {
+        self.bulk.as_ref().map_or(0, |(d, _)| d.len())
+    }
+}
+
 impl FrameQueue {
     /// Appends one frame.
     pub fn push(&mut self, msg: &Message) -> Result<(), FrameError> {
-        let (bulk, crc) = put_frame_head(&mut self.scratch, msg)?;
-        if let Some(data) = bulk {
+        self.push_encoded(EncodedFrame::new(msg)?);
+        Ok(())
+    }
+
+    /// Appends one encoded frame.
+    pub fn push_encoded(&mut self, f: EncodedFrame) {
+        self.scratch.extend_from_slice(&f.head);
+        if let Some((data, crc)) = f.bulk {
             let encoded = self.scratch.split().freeze();
             self.queued += encoded.len() + data.len();
             self.chunks.push_back(encoded);
             self.chunks.push_back(data);
+            self.scratch.extend_from_slice(&crc);
         }
-        self.scratch.put_u32(crc);
-        Ok(())
+    }
+
+    /// Appends everything `other` holds, after what this queue holds.
+    pub fn append(&mut self, mut other: FrameQueue) {
+        if !other.has_remaining() {
+            return;
+        }
+        if !self.scratch.is_empty() {
+            let tail = self.scratch.split().freeze();
+            self.queued += tail.len();
+            self.chunks.push_back(tail);
+        }
+        self.queued += other.queued;
+        self.chunks.append(&mut other.chunks);
+        self.scratch = other.scratch;
     }
 }
 
@@ -1029,6 +1083,31 @@ mod tests {
         // Empty again, and usable for the next batch.
         q.push(&Message::Ping).unwrap();
         assert_eq!(q.chunk(), &encode_frame(&Message::Ping).unwrap()[..]);
+    }
+
+    #[test]
+    fn frame_queue_append_keeps_the_order() {
+        let msgs = samples();
+        let (first, second) = msgs.split_at(9);
+        let mut want = BytesMut::new();
+        for m in &msgs {
+            FrameCodec.encode(m.clone(), &mut want).unwrap();
+        }
+        let mut a = FrameQueue::default();
+        for m in first {
+            a.push(m).unwrap();
+        }
+        // Part of `a` already went out, as after a short direct write.
+        let mut got = BytesMut::new();
+        got.extend_from_slice(&a.copy_to_bytes(7));
+        let mut b = FrameQueue::default();
+        for m in second {
+            b.push(m).unwrap();
+        }
+        a.append(b);
+        a.append(FrameQueue::default());
+        got.put(&mut a);
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -7,10 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Buf;
 use futures::StreamExt;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
@@ -20,17 +18,16 @@ use tracing::{debug, error, warn};
 use super::machine::{Action, Event};
 use super::{lock, LinkHandle, PendingKind, ReplicatedVolume, Reply, LINK_QUEUE};
 use crate::drbd::{GenerationUuids, MdFlags};
-use crate::link::proto::FrameQueue;
 use crate::link::proto::{VERIFY_BLOCK, WIRE_CRASHED_PRIMARY, WIRE_DISCARD_MY_DATA};
-use crate::link::{establish, DiskState, Established, FrameCodec, LinkError, LocalHello, Message};
+use crate::link::{
+    establish, link_channel, DiskState, Established, FrameCodec, LinkError, LinkSender, LocalHello,
+    Message,
+};
 use crate::policy::{Outcome, Side};
 use crate::store::{check_range, WriteMode};
 
 type Est = Established<TcpStream>;
 type Stream = FramedRead<OwnedReadHalf, FrameCodec>;
-
-/// Queued bytes the link writer gathers into one vectored write before it sends them.
-const WRITE_BATCH: usize = 8 << 20;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -97,13 +94,19 @@ impl ReplicatedVolume {
         let mut stream = FramedRead::new(read_half, FrameCodec);
         stream.read_buffer_mut().extend_from_slice(&parts.read_buf);
         let kill = self.shutdown.child_token();
-        let (tx, out_rx) = mpsc::channel::<Message>(LINK_QUEUE);
-        tokio::spawn(writer(
-            write_half,
-            out_rx,
-            kill.clone(),
-            self.cfg.name.clone(),
-        ));
+        let (tx, writer) = link_channel(write_half, LINK_QUEUE);
+        let k = kill.clone();
+        tokio::spawn(async move {
+            // A black-holed peer blocks the writer for good: the kill (ping timeout,
+            // teardown) must interrupt it, not only the wait for the next frame.
+            tokio::select! {
+                _ = writer.run() => {}
+                _ = k.cancelled() => {}
+            }
+            k.cancel();
+            // Senders waiting for space fail now (teardown has answered their requests).
+            writer.finish();
+        });
         let epoch = {
             let mut st = lock(&self.st);
             // LinkUp cannot be refused and leaves nothing to do after the lock.
@@ -208,7 +211,7 @@ impl ReplicatedVolume {
     async fn handshake(
         &self,
         epoch: u64,
-        tx: &mpsc::Sender<Message>,
+        tx: &LinkSender,
         stream: &mut Stream,
         dialer: bool,
     ) -> Result<(Vec<Action>, Vec<(u64, u64)>), String> {
@@ -339,11 +342,7 @@ impl ReplicatedVolume {
         Ok((actions, peer_runs))
     }
 
-    async fn recv(
-        &self,
-        stream: &mut Stream,
-        tx: &mpsc::Sender<Message>,
-    ) -> Result<Message, String> {
+    async fn recv(&self, stream: &mut Stream, tx: &LinkSender) -> Result<Message, String> {
         loop {
             match tokio::time::timeout(self.cfg.timeout, stream.next()).await {
                 Err(_) => return Err("peer timed out during the handshake".into()),
@@ -370,7 +369,7 @@ impl ReplicatedVolume {
         corrected: GenerationUuids,
         peer_disk: DiskState,
         runs: Vec<(u64, u64)>,
-        tx: &mpsc::Sender<Message>,
+        tx: &LinkSender,
         kill: &CancellationToken,
     ) -> Result<(), String> {
         let name = self.cfg.name.clone();
@@ -470,12 +469,7 @@ impl ReplicatedVolume {
     }
 
     /// Handles one message after the handshake. Returns `Err(reason)` to drop the link.
-    fn handle(
-        self: &Arc<Self>,
-        m: Message,
-        epoch: u64,
-        tx: &mpsc::Sender<Message>,
-    ) -> Result<(), String> {
+    fn handle(self: &Arc<Self>, m: Message, epoch: u64, tx: &LinkSender) -> Result<(), String> {
         // Replies go out from spawned tasks: this loop must never wait for queue space.
         match m {
             Message::Ping => {
@@ -491,6 +485,9 @@ impl ReplicatedVolume {
                 self.step_link(Event::PeerWrite)?;
                 let len = data.len() as u64;
                 self.ctr.received.fetch_add(len, Ordering::Relaxed);
+                self.ctr
+                    .peer_writes_inflight
+                    .fetch_add(1, Ordering::Relaxed);
                 let v = self.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
@@ -512,7 +509,13 @@ impl ReplicatedVolume {
                             (false, e.to_string())
                         }
                     };
-                    let _ = tx.send(Message::WriteAck { seq, ok, err }).await;
+                    let ack = Message::WriteAck { seq, ok, err };
+                    // Other peer writes still running: their acks follow, one write for all.
+                    if v.ctr.peer_writes_inflight.fetch_sub(1, Ordering::Relaxed) > 1 {
+                        let _ = tx.send_batched(ack).await;
+                    } else {
+                        let _ = tx.send(ack).await;
+                    }
                 });
             }
             Message::Flush { seq } => {
@@ -732,49 +735,6 @@ impl ReplicatedVolume {
         self.notify();
         self.persist("connection lost").await;
     }
-}
-
-/// How long the writer may take to flush what is buffered when its connection ends.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-/// The connection's socket writer: frames from the queue go out in vectored writes of
-/// everything queued (up to [`WRITE_BATCH`]), payloads uncopied ([`FrameQueue`]).
-async fn writer(
-    mut sock: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Message>,
-    kill: CancellationToken,
-    volume: String,
-) {
-    let mut q = FrameQueue::default();
-    let pump = async {
-        while let Some(m) = rx.recv().await {
-            let mut next = Some(m);
-            while let Some(m) = next.take() {
-                if let Err(e) = q.push(&m) {
-                    // Our own messages are split to fit; this is a bug, not a peer fault.
-                    error!(volume = %volume, "dropping connection: cannot frame a {}: {e}", m.name());
-                    return;
-                }
-                if q.remaining() < WRITE_BATCH {
-                    next = rx.try_recv().ok();
-                }
-            }
-            if sock.write_all_buf(&mut q).await.is_err() {
-                return;
-            }
-        }
-    };
-    // A black-holed peer blocks the write for good: the kill (ping timeout, teardown)
-    // must interrupt it, not only the wait for the next frame.
-    tokio::select! {
-        _ = pump => {}
-        _ = kill.cancelled() => {}
-    }
-    kill.cancel();
-    // Close the queue first: senders waiting for space fail now (teardown has answered
-    // their requests), not when a stalled socket's close returns.
-    drop(rx);
-    let _ = tokio::time::timeout(CLOSE_GRACE, sock.shutdown()).await;
 }
 
 async fn accept_loop(vol: Arc<ReplicatedVolume>, listener: TcpListener, tx: mpsc::Sender<Est>) {

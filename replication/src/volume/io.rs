@@ -218,11 +218,14 @@ impl ReplicatedVolume {
                             });
                             v.push((*off, d.len() as u64, rx));
                         }
-                        Some((link.tx.clone(), frames, v))
+                        // Other writes in flight: their frames and acks are about to
+                        // share the link, so let the writer gather them.
+                        let busy = link.pending.len() > v.len();
+                        Some((link.tx.clone(), frames, v, busy))
                     }
                 }
             };
-            if let Some((tx, frames, v)) = queued {
+            if let Some((tx, frames, v, busy)) = queued {
                 // Outside the lock: a full queue waits for the writer, which never needs
                 // this lock; if the link dies meanwhile the send fails and teardown has
                 // answered the pending entries.
@@ -232,7 +235,12 @@ impl ReplicatedVolume {
                         _ => 0,
                     };
                     self.ctr.sent.fetch_add(n, Ordering::Relaxed);
-                    if tx.send(f).await.is_err() {
+                    let sent = if busy {
+                        tx.send_batched(f).await
+                    } else {
+                        tx.send(f).await
+                    };
+                    if sent.is_err() {
                         break;
                     }
                 }

@@ -34,7 +34,8 @@
 //! `machine.rs` (`VolumeMachine::step(event) -> actions`, unit tested without I/O). The
 //! async code here and in `conn.rs`, `io.rs` and `sync.rs` moves bytes and metadata, feeds
 //! events to the machine under the state mutex and carries out the actions after it (frames
-//! go to the connection's writer queue, bounded at `LINK_QUEUE` frames, never under the mutex).
+//! go to the connection's [`LinkSender`], never under the mutex: a small frame straight to
+//! the socket when it is free, the rest through the writer task, at most `LINK_QUEUE` queued).
 //!
 //! # Initial sync
 //! [`create_metadata`] writes fresh DRBD v08/v09 metadata and takes an [`InitialSync`]:
@@ -58,7 +59,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -67,7 +68,7 @@ use crate::drbd::{
     ActivityLog, GenerationUuids, MdFlags, MdVersion, MetaState, Metadata, MetadataError,
 };
 use crate::interval::IntervalLock;
-use crate::link::{DiskState, Message, VerifyDigest};
+use crate::link::{DiskState, LinkSender, Message, VerifyDigest};
 use crate::policy::{SplitBrainPolicies, SplitBrainPolicy};
 use crate::store::{BlockStore, StoreError};
 use machine::{Action, Event, Refusal, VolumeMachine};
@@ -468,7 +469,7 @@ pub(crate) struct Pending {
 /// The attached connection, as seen by request submitters.
 pub(crate) struct LinkHandle {
     epoch: u64,
-    tx: mpsc::Sender<Message>,
+    tx: LinkSender,
     pending: std::collections::HashMap<u64, Pending>,
     next_seq: u64,
     kill: CancellationToken,
@@ -478,7 +479,7 @@ pub(crate) struct LinkHandle {
 #[derive(Debug)]
 pub(crate) enum Deferred {
     /// A frame for the link of that sender.
-    Send(mpsc::Sender<Message>, Message),
+    Send(LinkSender, Message),
     /// Anything else (see [`ReplicatedVolume::perform`]).
     Act(Action),
 }
@@ -491,10 +492,10 @@ pub(crate) struct State {
     link: Option<LinkHandle>,
 }
 
-/// Frames queued to one connection's socket writer. A bound gives backpressure: a peer that
+/// Frames queued to one connection's [`LinkSender`]. A bound gives backpressure: a peer that
 /// stops reading stalls the senders (application writes, resync) instead of growing memory
 /// without limit until the ping timeout drops the link. 128 frames is far more than the
-/// writer needs to batch (it coalesces whatever is queued into one flush) and more than the
+/// writer needs to batch (it sends whatever is queued in vectored writes) and more than the
 /// requests usually in flight (iSCSI queue depth, resync `IN_FLIGHT`). No one awaits a send
 /// while holding the state mutex, and the receive loop never awaits a send (it `try_send`s
 /// pongs, and its replies go out from spawned tasks), so a full queue cannot stop the acks
@@ -509,6 +510,8 @@ pub(crate) struct Counters {
     resync_received: AtomicU64,
     write_errors: AtomicU64,
     app_inflight: AtomicU64,
+    /// The peer's writes being applied here (secondary).
+    peer_writes_inflight: AtomicU64,
 }
 
 /// A replicated volume. See the module docs.
