@@ -9,7 +9,7 @@
 #
 # Usage: benches/replication.sh
 #
-# Sections (BENCH_SECTIONS, default all three):
+# Sections (BENCH_SECTIONS, default all four):
 #   main    the job list below on both setups: IOPS, MiB/s, mean and p99 latency, and the CPU
 #           seconds per million I/Os of every server process (primary, secondary,
 #           unreplicated): utime + stime from /proc/PID/stat, sampled at the end of fio's
@@ -20,6 +20,10 @@
 #   delay   the replication link through benches/delay_proxy.py (a user-space TCP proxy; this
 #           kernel has no netem) with 0 and with BENCH_DELAY_US added to each direction,
 #           alternating per repetition: the added write latency against the round trip.
+#   volumes one pair with BENCH_VOLUMES replicated LUNs (each its own volume and replication
+#           link): per job of BENCH_VOLUME_JOBS, LUN 0 written alone and all LUNs written at
+#           once (one fio job per LUN, the same job each), alternating per repetition: the
+#           aggregate against the one volume's rate, and each volume's share.
 #
 # All servers of the main section are started once, before the first job, and run until the
 # end (idle ones only exchange pings); before every replicated measurement the pair must be
@@ -40,12 +44,16 @@
 #                               non-tmpfs of $TMPDIR, /tmp, /var/tmp, <repo>/target)
 #   BENCH_OUT=PATH              report path (default benches/results/replication-<date>.md)
 #   BENCH_PORT_BASE=3300        first TCP port; each binary uses 10 (iSCSI A, B, unreplicated,
-#                               replication A, B, proxies): 3300-3309 new, 3310-3319 base
-#   BENCH_RESYNC_RATE=50M       the capped resync_rate of the resync section
+#                               replication A, B, proxies): 3300-3309 new, 3310-3319 base;
+#                               the volumes section 3320 on (iSCSI A, B, two per volume)
+#   BENCH_RESYNC_RATE=200M      the capped resync_rate of the resync section
 #   BENCH_RESYNC_UNCAPPED=100G  the "uncapped" resync_rate (the setting has no "off")
 #   BENCH_RESYNC_SECS=BENCH_RUNTIME   longest measured stretch of one resync case
 #   BENCH_DELAY_US=200          delay added to each direction of the replication link
 #   BENCH_DELAY_JOBS=randwrite-4k-qd1,randwrite-4k-qd32   jobs of the delay section
+#   BENCH_VOLUMES=4             replicated LUNs of the volumes section (2..8)
+#   BENCH_VOLUME_SIZE_MIB=256   backing file size of each of them
+#   BENCH_VOLUME_JOBS=randwrite-4k-qd32,seqwrite-1m-qd8   jobs of the volumes section
 #   TWINSAN_DIRECT=false        the LUNs' `direct` setting; false (page cache) is the default,
 #                               like the issue's measurement; true = O_DIRECT
 #   TWINSAN_ENGINE=auto         `server.io_engine` of every server (auto, io_uring, threads)
@@ -72,10 +80,12 @@ RAMP="${BENCH_RAMP:-3}"
 REPEAT="${BENCH_REPEAT:-3}"
 SIZE_MIB="${BENCH_SIZE_MIB:-1024}"
 PORT_BASE="${BENCH_PORT_BASE:-3300}"
-RESYNC_RATE="${BENCH_RESYNC_RATE:-50M}"
+RESYNC_RATE="${BENCH_RESYNC_RATE:-200M}"
 RESYNC_UNCAPPED="${BENCH_RESYNC_UNCAPPED:-100G}"
 RESYNC_SECS="${BENCH_RESYNC_SECS:-$RUNTIME}"
 DELAY_US="${BENCH_DELAY_US:-200}"
+NVOL="${BENCH_VOLUMES:-4}"
+VOL_SIZE_MIB="${BENCH_VOLUME_SIZE_MIB:-256}"
 DIRECT="${TWINSAN_DIRECT:-false}"
 ENGINE="${TWINSAN_ENGINE:-auto}"
 TWINSAN_BIN="${TWINSAN_BIN:-$REPO/target/release/twinsan}"
@@ -94,7 +104,7 @@ JOBS=(
 ALL_JOBS=("${JOBS[@]}")
 
 # ------------------------------------------------------------------ arguments
-for v in RUNTIME RAMP REPEAT SIZE_MIB PORT_BASE RESYNC_SECS DELAY_US; do
+for v in RUNTIME RAMP REPEAT SIZE_MIB PORT_BASE RESYNC_SECS DELAY_US NVOL VOL_SIZE_MIB; do
     [[ "${!v}" =~ ^[0-9]+$ ]] || die "${v} must be a whole number (got '${!v}')"
 done
 if [ "$RUNTIME" -lt 1 ] || [ "$RUNTIME" -gt 3600 ]; then die "BENCH_RUNTIME must be 1..3600 s"; fi
@@ -103,6 +113,8 @@ if [ "$REPEAT" -lt 1 ] || [ "$REPEAT" -gt 20 ]; then die "BENCH_REPEAT must be 1
 if [ "$SIZE_MIB" -lt 64 ]; then die "BENCH_SIZE_MIB must be at least 64"; fi
 if [ "$RESYNC_SECS" -lt 1 ] || [ "$RESYNC_SECS" -gt 3600 ]; then die "BENCH_RESYNC_SECS must be 1..3600"; fi
 if [ "$DELAY_US" -gt 100000 ]; then die "BENCH_DELAY_US must be at most 100000"; fi
+if [ "$NVOL" -lt 2 ] || [ "$NVOL" -gt 8 ]; then die "BENCH_VOLUMES must be 2..8"; fi
+if [ "$VOL_SIZE_MIB" -lt 64 ]; then die "BENCH_VOLUME_SIZE_MIB must be at least 64"; fi
 if [ "$PORT_BASE" -lt 1024 ] || [ "$PORT_BASE" -gt 65000 ]; then die "BENCH_PORT_BASE must be 1024..65000"; fi
 case "$DIRECT" in true|false) ;; *) die "TWINSAN_DIRECT must be true or false" ;; esac
 case "$ENGINE" in auto|io_uring|threads) ;; *) die "TWINSAN_ENGINE must be auto, io_uring or threads" ;; esac
@@ -120,10 +132,12 @@ select_jobs() {  # comma list -> SELECTED
 if [ -n "${BENCH_JOBS:-}" ]; then select_jobs "$BENCH_JOBS"; JOBS=("${SELECTED[@]}"); fi
 select_jobs "${BENCH_DELAY_JOBS:-randwrite-4k-qd1,randwrite-4k-qd32}"
 DELAY_JOBS=("${SELECTED[@]}")
+select_jobs "${BENCH_VOLUME_JOBS:-randwrite-4k-qd32,seqwrite-1m-qd8}"
+VOLUME_JOBS=("${SELECTED[@]}")
 
-SECTIONS=",${BENCH_SECTIONS:-main,resync,delay},"
+SECTIONS=",${BENCH_SECTIONS:-main,resync,delay,volumes},"
 for s in ${SECTIONS//,/ }; do
-    case "$s" in main|resync|delay) ;; *) die "BENCH_SECTIONS: unknown section '${s}' (main, resync, delay)" ;; esac
+    case "$s" in main|resync|delay|volumes) ;; *) die "BENCH_SECTIONS: unknown section '${s}' (main, resync, delay, volumes)" ;; esac
 done
 want_section() { [[ "$SECTIONS" == *",$1,"* ]]; }
 
@@ -134,10 +148,20 @@ if [ -n "$TWINSAN_BIN_BASE" ]; then
 fi
 bin_of() { if [ "$1" = base ]; then echo "$TWINSAN_BIN_BASE"; else echo "$TWINSAN_BIN"; fi; }
 # Ports of variant index I: iSCSI A, B, unreplicated = +0, +1, +2; replication listen A, B =
-# +3, +4; delay proxies A->B, B->A = +5, +6.
+# +3, +4; delay proxies A->B, B->A = +5, +6. The volumes section's pair (variant "vol"): iSCSI
+# A, B = +20, +21, replication listen of volume I on A, B = +22 + 2I, +23 + 2I.
 port_of() {  # variant role
     local off=0
     [ "$1" = base ] && off=10
+    if [ "$1" = vol ]; then
+        case "$2" in
+            a) echo $((PORT_BASE + 20)) ;;
+            b) echo $((PORT_BASE + 21)) ;;
+            rla*) echo $((PORT_BASE + 22 + 2 * ${2#rla})) ;;
+            rlb*) echo $((PORT_BASE + 23 + 2 * ${2#rlb})) ;;
+        esac
+        return
+    fi
     case "$2" in
         a) echo $((PORT_BASE + off)) ;;
         b) echo $((PORT_BASE + off + 1)) ;;
@@ -164,8 +188,14 @@ for var in "${VARIANTS[@]}"; do
         if port_open "$HOST" "$p"; then die "${HOST}:${p} is already in use (set BENCH_PORT_BASE)"; fi
     done
 done
+if [[ "$SECTIONS" == *",volumes,"* ]]; then
+    for ((p = PORT_BASE + 20; p < PORT_BASE + 22 + 2 * NVOL; p++)); do
+        if port_open "$HOST" "$p"; then die "${HOST}:${p} is already in use (set BENCH_PORT_BASE)"; fi
+    done
+fi
 
-base_dir="$(bench_base_dir $((SIZE_MIB * (1 + 3 * ${#VARIANTS[@]}))))" || die "no non-tmpfs directory with room for $((1 + 3 * ${#VARIANTS[@]})) files of ${SIZE_MIB} MiB (set BENCH_DIR)"
+NEED_MIB=$((SIZE_MIB * (1 + 3 * ${#VARIANTS[@]}) + VOL_SIZE_MIB * (1 + 2 * NVOL)))
+base_dir="$(bench_base_dir "$NEED_MIB")" || die "no non-tmpfs directory with room for ${NEED_MIB} MiB of backing files (set BENCH_DIR)"
 WORK="$(mktemp -d "${base_dir%/}/twinsan-repl-bench.XXXXXX")"
 STAMP="$(date +%Y%m%d-%H%M%S)"
 RAW="$REPO/target/bench/repl-$STAMP"
@@ -271,8 +301,8 @@ stop_daemon() {  # variant role
     unset "PIDS[$1-$2]"
 }
 
-# vol_state VARIANT ROLE: one line "connection disk peer_disk oos resync_sent resync_received
-# size role" of the replicated volume (or "unreachable").
+# vol_state VARIANT ROLE [VOLUME]: one line "connection disk peer_disk oos resync_sent
+# resync_received size role" of the replicated volume (or "unreachable").
 vol_state() {
     local d bin
     d="$(dir_of "$1" "$2")"; bin="$(bin_of "$1")"
@@ -285,7 +315,7 @@ try:
           v["resync_sent_bytes"], v["resync_received_bytes"], v["size_bytes"], v["role"])
 except Exception:
     print("unreachable")
-' "$VOLUME" || echo unreachable
+' "${3:-$VOLUME}" || echo unreachable
 }
 
 in_sync() {  # "state line"
@@ -294,11 +324,24 @@ in_sync() {  # "state line"
     [ "$c" = Connected ] && [ "$d" = UpToDate ] && [ "$p" = UpToDate ] && [ "$o" = 0 ]
 }
 
-wait_in_sync() {  # variant seconds
-    local var="$1" secs="$2" i sa sb
+volumes_of() {  # variant: the names of its replicated volumes
+    if [ "$1" = vol ]; then
+        local i
+        for ((i = 0; i < NVOL; i++)); do echo "v$i"; done
+    else
+        echo "$VOLUME"
+    fi
+}
+
+wait_in_sync() {  # variant seconds: every volume of the pair
+    local var="$1" secs="$2" i sa sb v ok
     for ((i = 0; i < secs * 5; i++)); do
-        sa="$(vol_state "$var" a)"; sb="$(vol_state "$var" b)"
-        if in_sync "$sa" && in_sync "$sb"; then return 0; fi
+        ok=1
+        for v in $(volumes_of "$var"); do
+            sa="$(vol_state "$var" a "$v")"; sb="$(vol_state "$var" b "$v")"
+            if ! in_sync "$sa" || ! in_sync "$sb"; then ok=0; sa="${v}: ${sa}"; sb="${v}: ${sb}"; break; fi
+        done
+        if [ "$ok" = 1 ]; then return 0; fi
         kill -0 "${PIDS[$var-a]:-0}" 2>/dev/null || die "${var}-a exited; log $RAW/${var}-a.log"
         kill -0 "${PIDS[$var-b]:-0}" 2>/dev/null || die "${var}-b exited; log $RAW/${var}-b.log"
         sleep 0.2
@@ -357,21 +400,26 @@ log "usable size ${USABLE} bytes; fio uses the first ${FIO_MIB} MiB"
 
 # ------------------------------------------------------------------ fio
 FAILURES=0
-# run_fio OUT_PREFIX PORT SPEC PROCS [RUNTIME]: one fio run against LUN 0 at PORT, server CPU
-# sampled for PROCS ("label=pid ...").
+# run_fio OUT_PREFIX PORT SPEC PROCS [RUNTIME] [LUNS]: one fio run against LUN 0 at PORT (or
+# one fio job per LUN of the space-separated LUNS, all at once, each the whole SPEC), server
+# CPU sampled for PROCS ("label=pid ...").
 run_fio() {
-    local out="$1" port="$2" spec="$3" procs="$4" runtime="${5:-$RUNTIME}" name rw bs qd mix rc=0 filename
+    local out="$1" port="$2" spec="$3" procs="$4" runtime="${5:-$RUNTIME}" luns="${6:-0}" name rw bs qd mix rc=0 lun
     IFS='|' read -r name rw bs qd mix <<<"$spec"
-    filename="$(fio_iscsi_filename "$HOST" "$port" "$IQN" 0)"
-    local -a extra=()
+    local -a extra=() targets=()
     [ -n "$mix" ] && extra+=("--rwmixread=$mix")
+    for lun in $luns; do
+        if [ "$luns" = 0 ]; then targets+=(--name="$name"); else targets+=(--name="${name}-lun${lun}"); fi
+        targets+=(--filename="$(fio_iscsi_filename "$HOST" "$port" "$IQN" "$lun")")
+    done
+    # Options before the first --name apply to every job.
     run_cpu_sampled "${out}.cpu" "$RAMP" "$procs" \
         timeout --kill-after=10 $((runtime + RAMP + 60)) \
-        "$FIO" --name="$name" --ioengine=libiscsi --filename="$filename" \
-        --initiator="$FIO_INITIATOR" \
+        "$FIO" --ioengine=libiscsi --initiator="$FIO_INITIATOR" \
         --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 "${extra[@]}" \
         --size="${FIO_MIB}M" --runtime="$runtime" --ramp_time="$RAMP" --time_based \
         --norandommap --randrepeat=0 --lat_percentiles=1 \
+        "${targets[@]}" \
         --output-format=json --output="${out}.json" >"${out}.stderr" 2>&1 || rc=$?
     if [ "$rc" -ne 0 ]; then
         FAILURES=$((FAILURES + 1))
@@ -520,6 +568,96 @@ if want_section delay; then
     timeout 30 python3 "$REPO/benches/delay_proxy.py" --calibrate "$DELAY_US" >"$RAW/delay_calibration.after.json" \
         || log "warning: delay proxy calibration failed"
 fi
+# ------------------------------------------------------------------ volumes
+# One pair with NVOL replicated LUNs on one target, each its own volume (v0..) with its own
+# replication link; per job and repetition, LUN 0 alone and all LUNs at once (order
+# alternating). Setups vol1 / vol<N> in the raw file names.
+write_vol_config() {  # role(a|b)
+    local r="$1" d i role
+    d="$(dir_of vol "$r")"
+    mkdir -p "$d/data"
+    role=primary; [ "$r" = b ] && role=secondary
+    {
+        cat <<TOML
+[server]
+data_dir = "$d/data"
+control_socket = "$d/data/twinsan.sock"
+worker_threads = ${TWINSAN_WORKER_THREADS:-0}
+io_engine = "$ENGINE"
+io_threads = ${TWINSAN_IO_THREADS:-0}
+
+[[target]]
+iqn = "$IQN"
+portals = ["$HOST:$(port_of vol "$r")"]
+TOML
+        for ((i = 0; i < NVOL; i++)); do
+            local listen peer
+            if [ "$r" = a ]; then listen="$(port_of vol "rla$i")"; peer="$(port_of vol "rlb$i")"
+            else listen="$(port_of vol "rlb$i")"; peer="$(port_of vol "rla$i")"; fi
+            cat <<TOML
+
+[[target.lun]]
+number = $i
+path = "$d/disk$i.img"
+direct = $DIRECT
+
+[target.lun.replication]
+name = "v$i"
+listen = "$HOST:$listen"
+peer = "$HOST:$peer"
+secret = "$SECRET"
+meta = "internal"
+role = "$role"
+resync_rate = "$RESYNC_UNCAPPED"
+TOML
+        done
+    } >"$d/twinsan.toml"
+}
+
+VOL_FIO_MIB=""
+VOL_N_SETUP="vol${NVOL}"
+if want_section volumes; then
+    SRC="$WORK/vol-source.img"
+    timed "precondition ${VOL_SIZE_MIB} MiB" make_backing_file "$SRC" "$VOL_SIZE_MIB"
+    usable=""
+    for r in a b; do
+        mkdir -p "$(dir_of vol "$r")"
+        write_vol_config "$r"
+        for ((i = 0; i < NVOL; i++)); do
+            cp --sparse=never "$SRC" "$(dir_of vol "$r")/disk$i.img"
+            out="$("$TWINSAN_BIN" replication create-md --config "$(dir_of vol "$r")/twinsan.toml" \
+                --volume "v$i" --initial-sync skip-identical --skip-token "bench-vol$i-$STAMP" 2>&1)" \
+                || die "vol-${r}: create-md of v${i} failed: ${out}"
+            printf '%s\n' "$out" >"$RAW/create-md.vol-${r}-v${i}.txt"
+            u="$(grep -o 'size [0-9]* bytes' <<<"$out" | awk '{print $2}' | head -n1)"
+            [ -n "$u" ] || die "vol-${r}: no usable size in create-md output: ${out}"
+            if [ -z "$usable" ] || [ "$u" -lt "$usable" ]; then usable="$u"; fi
+        done
+    done
+    rm -f "$SRC"
+    VOL_FIO_MIB=$((usable / 1048576))
+    all_luns="$(seq -s ' ' 0 $((NVOL - 1)))"
+    start_daemon vol a volumes
+    start_daemon vol b volumes
+    wait_in_sync vol 120
+    check_serving vol a
+    for ((rep = 1; rep <= REPEAT; rep++)); do
+        for spec in "${VOLUME_JOBS[@]}"; do
+            if [ $((rep % 2)) = 1 ]; then order=(vol1 "$VOL_N_SETUP"); else order=("$VOL_N_SETUP" vol1); fi
+            for setup in "${order[@]}"; do
+                wait_in_sync vol 120
+                luns=0; [ "$setup" = vol1 ] || luns="$all_luns"
+                log "volumes: ${spec%%|*} on LUN(s) ${luns} (rep ${rep}/${REPEAT})"
+                FIO_MIB="$VOL_FIO_MIB" run_fio "$RAW/${setup}__${spec%%|*}__${rep}" "$(port_of vol a)" "$spec" \
+                    "primary=${PIDS[vol-a]} secondary=${PIDS[vol-b]}" "$RUNTIME" "$luns"
+            done
+        done
+    done
+    wait_in_sync vol 120
+    stop_daemon vol b
+    stop_daemon vol a
+fi
+
 BENCH_SECS="$(elapsed "$T0")"
 LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"
 
@@ -545,9 +683,10 @@ cache_word="page cache (direct = false: buffered I/O on the backing files, like 
 [ "$DIRECT" = true ] && cache_word="O_DIRECT (direct = true)"
 
 export R_DATE="$DATE" R_STAMP="$STAMP" R_REPEAT="$REPEAT" R_BUSY="$busy_note" R_DELAY_US="$DELAY_US" \
+    R_NVOL="$NVOL" \
     R_SETUPS="${SETUPS[*]}" R_SECTIONS="$SECTIONS" R_RAMP="$RAMP" R_RUNTIME="$RUNTIME"
 python3 - "$RAW/meta.json" \
-    "$(printf '%s\n' "${JOBS[@]}")" "$(printf '%s\n' "${DELAY_JOBS[@]}")" \
+    "$(printf '%s\n' "${JOBS[@]}")" "$(printf '%s\n' "${DELAY_JOBS[@]}")" "$(printf '%s\n' "${VOLUME_JOBS[@]}")" \
     "date=$(date -u '+%Y-%m-%d %H:%M:%S UTC')" \
     "machine=$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(awk '/MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo)" \
     "kernel=$(uname -r)" \
@@ -557,10 +696,11 @@ python3 - "$RAW/meta.json" \
     "replication=protocol C over 127.0.0.1 (A ${HOST}:$(port_of new rla) <-> B ${HOST}:$(port_of new rlb)), internal DRBD v08 metadata, create-md --initial-sync skip-identical on identical copies; the secondary writes to its own backing file" \
     "client=$("$FIO" --version) with libiscsi engine, libiscsi ${libiscsi_ver}, one job, one session per run, target the primary (replicated) or the single server" \
     "backing files=${SIZE_MIB} MiB each on ${fs_type} (${WORK}), random data; fio uses the first ${FIO_MIB} MiB (the pair's usable size) on every setup" \
+    "volumes section=${NVOL} replicated LUNs of ${VOL_SIZE_MIB} MiB on one pair (one target, each LUN its own volume and replication link; fio uses the first ${VOL_FIO_MIB:-0} MiB of each)" \
     "per job=${RAMP} s ramp + ${RUNTIME} s measured (--time_based), setups per job: ${SETUPS[*]} (order rotated by one every repetition), repetitions: ${REPEAT}; main section ${MAIN_SECS:-not run} s, all ${BENCH_SECS} s" \
     "load average (1/5/15 min)=start ${LOAD_START}, end ${LOAD_END}" <<'PY'
 import json, os, sys
-out, jobs_txt, delay_txt, *facts = sys.argv[1:]
+out, jobs_txt, delay_txt, volume_txt, *facts = sys.argv[1:]
 def jobs(txt):
     r = []
     for spec in txt.split():
@@ -582,7 +722,8 @@ if os.environ.get("R_BUSY"):
     notes.insert(0, os.environ["R_BUSY"])
 json.dump({"date": os.environ["R_DATE"], "repeat": int(os.environ["R_REPEAT"]),
            "setups": os.environ["R_SETUPS"].split(), "jobs": jobs(jobs_txt), "delay_jobs": jobs(delay_txt),
-           "delay_us": int(os.environ["R_DELAY_US"]), "sections": [s for s in os.environ["R_SECTIONS"].split(",") if s],
+           "delay_us": int(os.environ["R_DELAY_US"]),
+           "volume_jobs": jobs(volume_txt), "volumes": int(os.environ["R_NVOL"]), "sections": [s for s in os.environ["R_SECTIONS"].split(",") if s],
            "facts": fl, "notes": notes}, open(out, "w"), indent=1)
 PY
 

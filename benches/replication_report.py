@@ -27,21 +27,32 @@ from fio_report import cpu_seconds, fmt, load_fio_json, ratio_summary  # noqa: E
 
 
 def summarise(doc: dict) -> dict:
-    job = doc["jobs"][0]
-    if job.get("error"):
-        raise ValueError(f"fio job error {job['error']}")
-    r = {"iops": 0.0, "mibs": 0.0, "ios": 0}
-    for d in ("read", "write"):
-        side = job.get(d) or {}
-        ios = int(side.get("total_ios", 0))
-        r["ios"] += ios
-        r["iops"] += float(side.get("iops", 0.0))
-        r["mibs"] += float(side.get("bw_bytes", 0)) / 2**20
-        lat = side.get("lat_ns") or {}
-        pct = lat.get("percentile") or {}
-        p99 = pct.get("99.000000")
-        r[f"{d}_mean_us"] = float(lat.get("mean", 0.0)) / 1000.0 if ios else None
-        r[f"{d}_p99_us"] = float(p99) / 1000.0 if (ios and p99 is not None) else None
+    """Totals over fio's jobs (one per LUN in the volumes section): IOPS and MiB/s summed,
+    mean latency weighted by I/Os, p99 the worst job's; `per_job_iops` for the shares."""
+    r = {"iops": 0.0, "mibs": 0.0, "ios": 0, "per_job_iops": []}
+    acc = {d: [0, 0.0, None] for d in ("read", "write")}  # ios, sum of mean * ios, p99
+    for job in doc["jobs"]:
+        if job.get("error"):
+            raise ValueError(f"fio job error {job['error']}")
+        job_iops = 0.0
+        for d in ("read", "write"):
+            side = job.get(d) or {}
+            ios = int(side.get("total_ios", 0))
+            r["ios"] += ios
+            job_iops += float(side.get("iops", 0.0))
+            r["mibs"] += float(side.get("bw_bytes", 0)) / 2**20
+            lat = side.get("lat_ns") or {}
+            p99 = (lat.get("percentile") or {}).get("99.000000")
+            if ios:
+                acc[d][0] += ios
+                acc[d][1] += float(lat.get("mean", 0.0)) * ios
+                if p99 is not None:
+                    acc[d][2] = max(acc[d][2] or 0.0, float(p99))
+        r["iops"] += job_iops
+        r["per_job_iops"].append(job_iops)
+    for d, (ios, lat_sum, p99) in acc.items():
+        r[f"{d}_mean_us"] = lat_sum / ios / 1000.0 if ios else None
+        r[f"{d}_p99_us"] = p99 / 1000.0 if (ios and p99 is not None) else None
     if r["ios"] == 0:
         raise ValueError("no I/O completed")
     return r
@@ -85,7 +96,7 @@ def main() -> int:
     raw, meta_path = sys.argv[1], sys.argv[2]
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
-    jobs = {j["name"]: j for j in meta["jobs"] + meta.get("delay_jobs", [])}
+    jobs = {j["name"]: j for j in meta["jobs"] + meta.get("delay_jobs", []) + meta.get("volume_jobs", [])}
 
     runs: dict[tuple[str, str], dict[str, dict]] = {}
     errors: list[str] = []
@@ -320,6 +331,36 @@ def main() -> int:
             "be the round trip plus a constant; at QD32 the round trips of concurrent writes "
             "overlap, so the added mean latency shows how well the link is pipelined."
         )
+
+    if "volumes" in sections:
+        nv = int(meta.get("volumes", 0))
+        one, many = "vol1", f"vol{nv}"
+        o.append("")
+        o.append(f"## {nv} replicated volumes on one pair")
+        o.append("")
+        o.append(
+            f"One pair serving {nv} replicated LUNs (each its own volume and replication link). "
+            f"Per job and repetition: LUN 0 written alone, and all {nv} written at once with one "
+            "fio job (session) each, the same job on every LUN (order alternating). Aggregate / one: "
+            "paired per repetition, median [min .. max]. Share: the slowest volume's IOPS over the "
+            f"mean of the {nv} (1.00 = an even split). CPU: primary + secondary seconds per million I/Os."
+        )
+        o.append("")
+        o.append(
+            f"| job | one volume IOPS | {nv} volumes aggregate IOPS | aggregate / one | one volume MiB/s | "
+            f"aggregate MiB/s | slowest volume's share | CPU s/M I/O, one | CPU s/M I/O, {nv} |"
+        )
+        o.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for j in meta.get("volume_jobs", []):
+            n = j["name"]
+            A, M = list(runs.get((one, n), {}).values()), list(runs.get((many, n), {}).values())
+            ratios = paired(many, one, n, lambda x, y: div(x["iops"], y["iops"]))
+            shares = [min(r["per_job_iops"]) / statistics.mean(r["per_job_iops"]) for r in M if r["per_job_iops"] and statistics.mean(r["per_job_iops"])]
+            o.append(
+                f"| {n} | {fmt(med([r['iops'] for r in A]))} | {fmt(med([r['iops'] for r in M]))} | "
+                f"{ratio_summary(ratios)} | {fmt(med([r['mibs'] for r in A]), 1)} | {fmt(med([r['mibs'] for r in M]), 1)} | "
+                f"{spread(shares, 2)} | {fmt(med([r['cpu_total'] for r in A]), 2)} | {fmt(med([r['cpu_total'] for r in M]), 2)} |"
+            )
 
     if errors:
         o.append("")
