@@ -173,13 +173,14 @@ pub fn vpd_logical_block_provisioning(thin: bool) -> Vec<u8> {
 /// Maps a store failure on the range starting at `lba` to sense data (never a panic).
 fn store_error(e: StoreError, lba: u64, writing: bool) -> Sense {
     match e {
-        StoreError::Io(err)
-            if writing && matches!(err.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
-        {
+        // SBC-3 4.7.3.6: a thin LUN that cannot allocate space for a write answers DATA
+        // PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT, not a medium error: the disk is
+        // healthy, the pool needs space (or the write goes to blocks already allocated).
+        StoreError::NoSpace(err) if writing => {
             warn!(lba, error = %err, "backing store is full: write refused");
             Sense::space_allocation_failed(lba)
         }
-        StoreError::Io(err) => {
+        StoreError::Io(err) | StoreError::NoSpace(err) => {
             warn!(lba, writing, error = %err, "medium error");
             if writing {
                 Sense::write_error(lba)
@@ -523,11 +524,27 @@ mod tests {
 
     #[test]
     fn full_backing_store_is_data_protect_not_a_medium_error() {
-        let io = |errno| StoreError::Io(std::io::Error::from_raw_os_error(errno));
+        let io = StoreError::from_errno;
         for errno in [libc::ENOSPC, libc::EDQUOT] {
             let s = store_error(io(errno), 77, true);
             assert_eq!((s.key, s.asc, s.ascq), (SenseKey::DataProtect, 0x27, 0x07));
+            assert_eq!(s.info, Some(77));
+            let b = s.to_fixed_array();
+            assert_eq!((b[0], b[2], b[12], b[13]), (0xF0, 0x07, 0x27, 0x07));
+            assert_eq!(&b[3..7], &[0, 0, 0, 77]);
         }
+        // A NoSpace built from the io::Error directly (`?`) maps the same way.
+        let e: StoreError = std::io::Error::from_raw_os_error(libc::ENOSPC).into();
+        let s = store_error(e, 1, true);
+        assert_eq!((s.key, s.asc, s.ascq), (SenseKey::DataProtect, 0x27, 0x07));
+        // Reads never allocate: a NoSpace there (cannot happen) stays a read error.
+        let s = store_error(io(libc::ENOSPC), 5, false);
+        assert_eq!((s.key, s.asc, s.ascq), (SenseKey::MediumError, 0x11, 0x00));
+        // Other errors of a write stay medium errors; read-only stays 27/00.
+        let s = store_error(io(libc::EFBIG), 5, true);
+        assert_eq!((s.key, s.asc, s.ascq), (SenseKey::MediumError, 0x0C, 0x00));
+        let s = store_error(StoreError::ReadOnly, 5, true);
+        assert_eq!((s.key, s.asc, s.ascq), (SenseKey::DataProtect, 0x27, 0x00));
         let s = store_error(io(libc::EIO), 5, true);
         assert_eq!((s.key, s.asc, s.ascq), (SenseKey::MediumError, 0x0C, 0x00));
         let s = store_error(io(libc::EIO), 5, false);

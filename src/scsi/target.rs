@@ -517,6 +517,55 @@ mod tests {
         assert_eq!(r.status, Status::Good);
     }
 
+    /// A full pool (the store answers ENOSPC): every command that writes gets DATA PROTECT /
+    /// SPACE ALLOCATION FAILED WRITE PROTECT with the LBA, reads go on, and once space is
+    /// back writes succeed again.
+    #[tokio::test]
+    async fn full_store_is_space_allocation_failed() {
+        let (t, store) = target_with(false, true);
+        let data = vec![0x5Au8; 2 * BS as usize];
+        assert_eq!(
+            run(&t, 1, &cdb10(opcode::WRITE_10, 0, 4, 2), &data)
+                .await
+                .status,
+            Status::Good
+        );
+        store.set_full(true);
+        let mut caw = [0u8; 16];
+        caw[0] = opcode::COMPARE_AND_WRITE;
+        caw[2..10].copy_from_slice(&4u64.to_be_bytes());
+        caw[13] = 1;
+        let mut caw_data = vec![0x5Au8; BS as usize];
+        caw_data.extend_from_slice(&[1u8; BS as usize]);
+        for (cdb, out, lba) in [
+            (cdb10(opcode::WRITE_10, 0, 9, 2).to_vec(), data.clone(), 9u32),
+            (cdb16(opcode::WRITE_16, 0x08, 20, 2).to_vec(), data.clone(), 20),
+            (
+                cdb16(opcode::WRITE_AND_VERIFY_16, 0, 30, 2).to_vec(),
+                data.clone(),
+                30,
+            ),
+            (
+                cdb16(opcode::WRITE_SAME_16, 0, 40, 3).to_vec(),
+                data[..BS as usize].to_vec(),
+                40,
+            ),
+            (caw.to_vec(), caw_data.clone(), 4),
+        ] {
+            let r = run(&t, 1, &cdb, &out).await;
+            assert_eq!(sense_of(&r), (0x7, 0x27, 0x07), "cdb {cdb:02x?}");
+            let s = r.sense.unwrap();
+            assert_eq!(s[0], 0xF0, "VALID with the LBA in INFORMATION");
+            assert_eq!(&s[3..7], &lba.to_be_bytes());
+        }
+        let r = run(&t, 1, &cdb10(opcode::READ_10, 0, 4, 2), &[]).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(&r.data_in[..], &data[..]);
+        store.set_full(false);
+        let r = run(&t, 1, &cdb10(opcode::WRITE_10, 0, 9, 2), &data).await;
+        assert_eq!(r.status, Status::Good);
+    }
+
     #[tokio::test]
     async fn read_only_write_is_write_protected() {
         let (t, store) = target_with(true, true);
