@@ -152,7 +152,9 @@ async fn full_primary_disk_is_no_space() {
     let p = Pair::new(SIZE, skip(), skip(), Role::Primary, |_| {}).await;
     wait_connected(&p).await;
     let st = p.a.vol.store();
-    st.write(0, block(1, 8192), WriteMode::Cached).await.unwrap();
+    st.write(0, block(1, 8192), WriteMode::Cached)
+        .await
+        .unwrap();
     p.a.data.set_full(true);
     for mode in [WriteMode::Cached, WriteMode::Durable] {
         let e = st.write(MIB, block(2, 8192), mode).await.unwrap_err();
@@ -161,7 +163,9 @@ async fn full_primary_disk_is_no_space() {
     assert_eq!(&st.read(0, 8192).await.unwrap()[..], &block(1, 8192)[..]);
     assert_eq!(p.a.vol.status().write_errors, 2);
     p.a.data.set_full(false);
-    st.write(MIB, block(3, 8192), WriteMode::Cached).await.unwrap();
+    st.write(MIB, block(3, 8192), WriteMode::Cached)
+        .await
+        .unwrap();
 
     // Secondary full: the primary holds the data, the range waits for a resync.
     p.b.data.set_full(true);

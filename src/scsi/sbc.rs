@@ -159,11 +159,14 @@ pub fn vpd_block_device_characteristics() -> Vec<u8> {
 
 /// Logical Block Provisioning VPD page B2h (SBC-3 6.6.4): when thin, UNMAP and WRITE SAME
 /// (10/16) with UNMAP are supported, unmapped blocks read as zeroes, provisioning type thin.
-pub fn vpd_logical_block_provisioning(thin: bool) -> Vec<u8> {
+/// THRESHOLD EXPONENT is non-zero only for a LUN with a soft threshold
+/// ([`super::thin::threshold_exponent`]); 0 says "no thresholds".
+pub fn vpd_logical_block_provisioning(thin: bool, threshold_exponent: u8) -> Vec<u8> {
     let mut d = vec![0u8; 8];
     d[1] = 0xB2;
     d[3] = 0x04;
     if thin {
+        d[4] = threshold_exponent;
         d[5] = 0x80 | 0x40 | 0x20 | 0x04; // LBPU LBPWS LBPWS10 LBPRZ
         d[6] = 0x02;
     }
@@ -569,6 +572,7 @@ mod tests {
             },
             write_cache: true,
             thin_provisioning: thin,
+            thin_threshold: None,
         }
     }
 
@@ -690,7 +694,13 @@ mod tests {
         assert_eq!(u32::from_be_bytes([d[24], d[25], d[26], d[27]]), 256);
         let d = vpd_block_limits(&l, false);
         assert!(d[20..28].iter().all(|&b| b == 0));
-        assert_eq!(vpd_logical_block_provisioning(true)[5], 0xE4);
+        assert_eq!(vpd_logical_block_provisioning(true, 0)[5], 0xE4);
+        assert_eq!(vpd_logical_block_provisioning(true, 0)[4], 0);
+        assert_eq!(vpd_logical_block_provisioning(true, 3)[4], 3);
+        assert_eq!(
+            vpd_logical_block_provisioning(false, 3),
+            [0, 0xB2, 0, 4, 0, 0, 0, 0]
+        );
         assert_eq!(vpd_block_device_characteristics()[5], 1);
     }
 
