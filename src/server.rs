@@ -12,6 +12,7 @@ use crate::iscsi::listener::{self, accept_loop};
 use crate::iscsi::login::{LoginConfig, TargetAuth};
 use crate::iscsi::negotiation::{Digest, TargetLimits};
 use crate::iscsi::session::{SessionRegistry, TargetEntry};
+use crate::scsi::thin::ThinThreshold;
 use crate::scsi::{LunSettings, ScsiTarget};
 use crate::store::{choose_engine, open_file_store, BlockStore, EngineChoice, FileStoreOptions};
 use crate::volumes::Volumes;
@@ -72,6 +73,7 @@ impl Server {
                     identity,
                     write_cache: l.write_cache,
                     thin_provisioning: l.thin_provisioning && !l.read_only,
+                    thin_threshold: thin_threshold(l),
                 };
                 luns.push((l.number, settings, store));
             }
@@ -240,6 +242,27 @@ pub fn build_login_config(config: &Config) -> Arc<LoginConfig> {
         limits,
         cmd_window: config.server.queue_depth,
         ..LoginConfig::default()
+    })
+}
+
+/// The soft threshold of a thin, writable LUN on a file (`thin_threshold_percent`); check-config
+/// refuses the key for block devices, and a path that became one since is warned about here.
+fn thin_threshold(l: &LunConfig) -> Option<ThinThreshold> {
+    use std::os::unix::fs::FileTypeExt;
+    let percent = l.thin_threshold_percent?;
+    if !l.thin_provisioning || l.read_only {
+        return None;
+    }
+    if std::fs::metadata(&l.path).is_ok_and(|m| m.file_type().is_block_device()) {
+        warn!(lun = l.number, path = %l.path.display(),
+            "thin_threshold_percent applies to files, not block devices: not checked");
+        return None;
+    }
+    info!(lun = l.number, path = %l.path.display(), threshold_percent = percent,
+        "thin provisioning soft threshold on the backing filesystem");
+    Some(ThinThreshold {
+        percent,
+        path: l.path.clone(),
     })
 }
 

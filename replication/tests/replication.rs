@@ -143,6 +143,53 @@ async fn peer_write_error_is_reported_and_marked() {
     p.shutdown().await;
 }
 
+/// A full backing filesystem on the primary (its store answers ENOSPC): the write fails with
+/// `NoSpace` (which the SCSI layer answers DATA PROTECT / SPACE ALLOCATION FAILED), not a
+/// generic I/O error, connected and degraded alike; reads go on. A full secondary fails only
+/// its copy: the primary's write succeeds and the range is out of sync, as for any peer error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_primary_disk_is_no_space() {
+    let p = Pair::new(SIZE, skip(), skip(), Role::Primary, |_| {}).await;
+    wait_connected(&p).await;
+    let st = p.a.vol.store();
+    st.write(0, block(1, 8192), WriteMode::Cached)
+        .await
+        .unwrap();
+    p.a.data.set_full(true);
+    for mode in [WriteMode::Cached, WriteMode::Durable] {
+        let e = st.write(MIB, block(2, 8192), mode).await.unwrap_err();
+        assert!(matches!(e, StoreError::NoSpace(_)), "{e:?}");
+    }
+    assert_eq!(&st.read(0, 8192).await.unwrap()[..], &block(1, 8192)[..]);
+    assert_eq!(p.a.vol.status().write_errors, 2);
+    p.a.data.set_full(false);
+    st.write(MIB, block(3, 8192), WriteMode::Cached)
+        .await
+        .unwrap();
+
+    // Secondary full: the primary holds the data, the range waits for a resync.
+    p.b.data.set_full(true);
+    st.write(2 * MIB, block(4, 4096), WriteMode::Cached)
+        .await
+        .unwrap();
+    let s = p.a.vol.status();
+    assert_eq!(s.write_errors, 3, "peer write error counted");
+    assert!(s.out_of_sync_bytes >= 4096, "{s:?}");
+    p.b.data.set_full(false);
+
+    // Degraded (the link is cut): still NoSpace.
+    p.cut();
+    wait_until("A disconnected", T, || !connected(&p.a)).await;
+    p.a.data.set_full(true);
+    let e = st
+        .write(3 * MIB, block(5, 4096), WriteMode::Cached)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::NoSpace(_)), "{e:?}");
+    p.a.data.set_full(false);
+    p.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_full_sync_from_one_side() {
     // A's disk holds data from before twinsan.

@@ -184,6 +184,10 @@ pub struct LunConfig {
     /// Offer UNMAP / WRITE SAME unmap (thin provisioning).
     #[serde(default = "default_true")]
     pub thin_provisioning: bool,
+    /// Soft threshold (1..=99 percent of the backing file's filesystem in use): crossing it
+    /// raises UNIT ATTENTION THIN PROVISIONING SOFT THRESHOLD REACHED, a warn line and an
+    /// alert; off when unset. Files only, with thin_provisioning.
+    pub thin_threshold_percent: Option<u8>,
     pub vendor: Option<String>,
     pub product: Option<String>,
     pub revision: Option<String>,
@@ -529,6 +533,7 @@ impl Config {
                     direct: true,
                     write_cache: true,
                     thin_provisioning: true,
+                    thin_threshold_percent: None,
                     vendor: None,
                     product: None,
                     revision: None,
@@ -757,6 +762,11 @@ impl Config {
                         }
                     }
                 }
+                if let Some(p) = l.thin_threshold_percent {
+                    if let Err(m) = check_thin_threshold(l, p) {
+                        return Err(err(format!("{lk}.thin_threshold_percent"), m));
+                    }
+                }
                 if let Some(naa) = &l.naa {
                     if let Err(m) = parse_naa(naa) {
                         return Err(err(format!("{lk}.naa"), m));
@@ -781,6 +791,33 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `thin_threshold_percent = p` of LUN `l`: 1..=99, on a thin, writable LUN whose path is a
+/// file (or will be created as one): a block device has no filesystem usage to watch.
+fn check_thin_threshold(l: &LunConfig, p: u8) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    if !(1..=99).contains(&p) {
+        return Err(format!(
+            "{p} is outside 1..=99 (percent of the backing filesystem in use)"
+        ));
+    }
+    if !l.thin_provisioning {
+        return Err(
+            "needs thin_provisioning = true (the soft threshold is a thin provisioning threshold)"
+                .into(),
+        );
+    }
+    if l.read_only {
+        return Err("a read-only LUN allocates nothing: remove the key".into());
+    }
+    if std::fs::metadata(&l.path).is_ok_and(|m| m.file_type().is_block_device()) {
+        return Err(format!(
+            "{} is a block device: the threshold watches a file's filesystem (statvfs) and does not apply",
+            l.path.display()
+        ));
+    }
+    Ok(())
 }
 
 /// The identity-mode keys of one LUN: which keys each mode needs or refuses, and the field
@@ -984,6 +1021,58 @@ naa = "600140512345678901234567890abcde"
             invalid_key(&GOOD.replace("data_dir = \"/tmp/x\"", "worker_threads = 5000")),
             "server.worker_threads"
         );
+    }
+
+    #[test]
+    fn thin_threshold_percent_is_checked() {
+        let with = |extra: &str| {
+            GOOD.replace(
+                "block_size = 4096\n",
+                &format!("block_size = 4096\n{extra}\n"),
+            )
+        };
+        let c = parse(&with("thin_threshold_percent = 80")).unwrap();
+        assert_eq!(c.targets[0].luns[0].thin_threshold_percent, Some(80));
+        assert_eq!(
+            parse(GOOD).unwrap().targets[0].luns[0].thin_threshold_percent,
+            None
+        );
+        for ok in [1, 99] {
+            parse(&with(&format!("thin_threshold_percent = {ok}"))).unwrap();
+        }
+        let key = "target[0].lun[0].thin_threshold_percent";
+        for bad in [
+            "thin_threshold_percent = 0",
+            "thin_threshold_percent = 100",
+            "thin_threshold_percent = 80\nthin_provisioning = false",
+            "thin_threshold_percent = 80\nread_only = true",
+        ] {
+            assert_eq!(invalid_key(&with(bad)), key, "{bad}");
+        }
+        // Does not fit a u8: refused by the parser, with the key in the message.
+        match parse(&with("thin_threshold_percent = 256")) {
+            Err(ConfigError::Syntax { message, .. }) => {
+                assert!(message.contains("thin_threshold_percent"), "{message}")
+            }
+            other => panic!("expected a syntax error, got {other:?}"),
+        }
+        // A block device has no filesystem usage to watch.
+        let loop_dev = ["/dev/loop0"].into_iter().find(|d| {
+            use std::os::unix::fs::FileTypeExt;
+            std::fs::metadata(d).is_ok_and(|m| m.file_type().is_block_device())
+        });
+        if let Some(dev) = loop_dev {
+            let cfg = with("thin_threshold_percent = 80").replace("/tmp/x/disk", dev);
+            match parse(&cfg) {
+                Err(ConfigError::Invalid {
+                    key: k, message, ..
+                }) => {
+                    assert_eq!(k, key);
+                    assert!(message.contains("block device"), "{message}");
+                }
+                other => panic!("expected invalid, got {other:?}"),
+            }
+        }
     }
 
     #[test]

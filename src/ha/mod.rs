@@ -352,10 +352,34 @@ pub async fn start(
         state: machine.role().as_peer_state(),
         manual,
     });
+    let scsi_targets: Vec<_> = iscsi
+        .targets
+        .values()
+        .map(|t| (t.iqn.clone(), t.scsi.clone()))
+        .collect();
     let target = Arc::new(target::TargetControl::new(iscsi));
     let alerts_sent = Arc::new(AtomicU64::new(0));
     let alerter = runtime::build_alerter(&ha);
     alerter.set_manual(manual);
+    // A LUN crossing its thin provisioning soft threshold is an alert too (warning).
+    for (iqn, scsi) in scsi_targets {
+        let (alerter, sent) = (alerter.clone(), alerts_sent.clone());
+        scsi.set_thin_alert(Box::new(move |_lun, text| {
+            let alert = twinsan_ha::alerts::Alert::new(
+                twinsan_ha::alerts::Severity::Warning,
+                "TWINSAN_THIN_THRESHOLD",
+                format!("target {iqn}, {text}"),
+            );
+            let (alerter, sent) = (alerter.clone(), sent.clone());
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(async move {
+                    if alerter.raise(&alert).await.decision == twinsan_ha::alerts::Decision::Send {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        }));
+    }
     let mut tasks = Vec::new();
 
     // Heartbeats: one task per path.

@@ -11,10 +11,11 @@ pub mod sbc;
 pub mod sense;
 pub mod spc;
 mod target;
+pub mod thin;
 mod unit;
 
 pub use sense::{Sense, SenseKey};
-pub use target::{PlannedCommand, ScsiTarget};
+pub use target::{PlannedCommand, ScsiTarget, ThinAlertHook};
 pub use unit::LogicalUnit;
 
 use bytes::Bytes;
@@ -125,4 +126,7 @@ pub struct LunSettings {
     pub write_cache: bool,
     /// Whether UNMAP / WRITE SAME with UNMAP are offered (thin provisioning VPD 0xB2).
     pub thin_provisioning: bool,
+    /// Soft threshold on the backing filesystem's usage (`thin_threshold_percent`): unit
+    /// attention 38/07 when crossed. Only with `thin_provisioning` on a file.
+    pub thin_threshold: Option<thin::ThinThreshold>,
 }

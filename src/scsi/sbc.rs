@@ -159,11 +159,14 @@ pub fn vpd_block_device_characteristics() -> Vec<u8> {
 
 /// Logical Block Provisioning VPD page B2h (SBC-3 6.6.4): when thin, UNMAP and WRITE SAME
 /// (10/16) with UNMAP are supported, unmapped blocks read as zeroes, provisioning type thin.
-pub fn vpd_logical_block_provisioning(thin: bool) -> Vec<u8> {
+/// THRESHOLD EXPONENT is non-zero only for a LUN with a soft threshold
+/// ([`super::thin::threshold_exponent`]); 0 says "no thresholds".
+pub fn vpd_logical_block_provisioning(thin: bool, threshold_exponent: u8) -> Vec<u8> {
     let mut d = vec![0u8; 8];
     d[1] = 0xB2;
     d[3] = 0x04;
     if thin {
+        d[4] = threshold_exponent;
         d[5] = 0x80 | 0x40 | 0x20 | 0x04; // LBPU LBPWS LBPWS10 LBPRZ
         d[6] = 0x02;
     }
@@ -173,13 +176,14 @@ pub fn vpd_logical_block_provisioning(thin: bool) -> Vec<u8> {
 /// Maps a store failure on the range starting at `lba` to sense data (never a panic).
 fn store_error(e: StoreError, lba: u64, writing: bool) -> Sense {
     match e {
-        StoreError::Io(err)
-            if writing && matches!(err.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
-        {
+        // SBC-3 4.7.3.6: a thin LUN that cannot allocate space for a write answers DATA
+        // PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT, not a medium error: the disk is
+        // healthy, the pool needs space (or the write goes to blocks already allocated).
+        StoreError::NoSpace(err) if writing => {
             warn!(lba, error = %err, "backing store is full: write refused");
             Sense::space_allocation_failed(lba)
         }
-        StoreError::Io(err) => {
+        StoreError::Io(err) | StoreError::NoSpace(err) => {
             warn!(lba, writing, error = %err, "medium error");
             if writing {
                 Sense::write_error(lba)
@@ -523,11 +527,27 @@ mod tests {
 
     #[test]
     fn full_backing_store_is_data_protect_not_a_medium_error() {
-        let io = |errno| StoreError::Io(std::io::Error::from_raw_os_error(errno));
+        let io = StoreError::from_errno;
         for errno in [libc::ENOSPC, libc::EDQUOT] {
             let s = store_error(io(errno), 77, true);
             assert_eq!((s.key, s.asc, s.ascq), (SenseKey::DataProtect, 0x27, 0x07));
+            assert_eq!(s.info, Some(77));
+            let b = s.to_fixed_array();
+            assert_eq!((b[0], b[2], b[12], b[13]), (0xF0, 0x07, 0x27, 0x07));
+            assert_eq!(&b[3..7], &[0, 0, 0, 77]);
         }
+        // A NoSpace built from the io::Error directly (`?`) maps the same way.
+        let e: StoreError = std::io::Error::from_raw_os_error(libc::ENOSPC).into();
+        let s = store_error(e, 1, true);
+        assert_eq!((s.key, s.asc, s.ascq), (SenseKey::DataProtect, 0x27, 0x07));
+        // Reads never allocate: a NoSpace there (cannot happen) stays a read error.
+        let s = store_error(io(libc::ENOSPC), 5, false);
+        assert_eq!((s.key, s.asc, s.ascq), (SenseKey::MediumError, 0x11, 0x00));
+        // Other errors of a write stay medium errors; read-only stays 27/00.
+        let s = store_error(io(libc::EFBIG), 5, true);
+        assert_eq!((s.key, s.asc, s.ascq), (SenseKey::MediumError, 0x0C, 0x00));
+        let s = store_error(StoreError::ReadOnly, 5, true);
+        assert_eq!((s.key, s.asc, s.ascq), (SenseKey::DataProtect, 0x27, 0x00));
         let s = store_error(io(libc::EIO), 5, true);
         assert_eq!((s.key, s.asc, s.ascq), (SenseKey::MediumError, 0x0C, 0x00));
         let s = store_error(io(libc::EIO), 5, false);
@@ -552,6 +572,7 @@ mod tests {
             },
             write_cache: true,
             thin_provisioning: thin,
+            thin_threshold: None,
         }
     }
 
@@ -673,7 +694,13 @@ mod tests {
         assert_eq!(u32::from_be_bytes([d[24], d[25], d[26], d[27]]), 256);
         let d = vpd_block_limits(&l, false);
         assert!(d[20..28].iter().all(|&b| b == 0));
-        assert_eq!(vpd_logical_block_provisioning(true)[5], 0xE4);
+        assert_eq!(vpd_logical_block_provisioning(true, 0)[5], 0xE4);
+        assert_eq!(vpd_logical_block_provisioning(true, 0)[4], 0);
+        assert_eq!(vpd_logical_block_provisioning(true, 3)[4], 3);
+        assert_eq!(
+            vpd_logical_block_provisioning(false, 3),
+            [0, 0xB2, 0, 4, 0, 0, 0, 0]
+        );
         assert_eq!(vpd_block_device_characteristics()[5], 1);
     }
 

@@ -176,6 +176,7 @@ pub fn inquiry_vpd(
     page: u8,
     settings: &LunSettings,
     limits: &BlockLimits,
+    num_blocks: u64,
 ) -> Result<Vec<u8>, Sense> {
     let thin = settings.thin_provisioning;
     if let Some(compat) = &settings.identity.compat {
@@ -200,7 +201,10 @@ pub fn inquiry_vpd(
         0x83 => device_identification(&settings.identity),
         0xB0 => sbc::vpd_block_limits(limits, thin),
         0xB1 => sbc::vpd_block_device_characteristics(),
-        0xB2 => sbc::vpd_logical_block_provisioning(thin),
+        0xB2 => sbc::vpd_logical_block_provisioning(
+            thin,
+            super::thin::threshold_exponent(num_blocks, thin && settings.thin_threshold.is_some()),
+        ),
         _ => return Err(Sense::invalid_field_in_cdb(2, None)),
     })
 }
@@ -622,6 +626,7 @@ mod tests {
             identity: identity(),
             write_cache: true,
             thin_provisioning: true,
+            thin_threshold: None,
         }
     }
 
@@ -715,18 +720,18 @@ mod tests {
     fn supported_vpd_pages_are_all_readable() {
         let s = settings();
         let l = BlockLimits::for_block_size(512);
-        let list = inquiry_vpd(0, &s, &l).unwrap();
+        let list = inquiry_vpd(0, &s, &l, 1 << 20).unwrap();
         assert_eq!(usize::from(list[3]), list.len() - 4);
         for &p in &list[4..] {
-            let page = inquiry_vpd(p, &s, &l).unwrap();
+            let page = inquiry_vpd(p, &s, &l, 1 << 20).unwrap();
             assert_eq!(page[1], p);
             assert_eq!(
                 usize::from(u16::from_be_bytes([page[2], page[3]])),
                 page.len() - 4
             );
         }
-        assert_eq!(inquiry_vpd(0x86, &s, &l).unwrap_err().asc, 0x24);
-        let serial = inquiry_vpd(0x80, &s, &l).unwrap();
+        assert_eq!(inquiry_vpd(0x86, &s, &l, 1 << 20).unwrap_err().asc, 0x24);
+        let serial = inquiry_vpd(0x80, &s, &l, 1 << 20).unwrap();
         assert_eq!(&serial[4..], b"SN0001");
     }
 

@@ -23,20 +23,24 @@
 
 use super::cdb::{self, opcode, Command};
 use super::sbc;
-use super::sense::Sense;
+use super::sense::{Sense, SenseKey};
 use super::spc;
+use super::thin::{ThresholdEvent, UA_SOFT_THRESHOLD};
 use super::unit::LogicalUnit;
 use super::{DataOutPlan, LunSettings, NexusId, ScsiRequest, ScsiResponse};
 use crate::store::BlockStore;
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use tracing::{debug, error, info, warn};
 
 /// Additional sense codes of the unit attentions this target establishes (SPC-4 D.2).
 const UA_RESET: (u8, u8) = (0x29, 0x00);
 const UA_LOGICAL_UNIT_RESET: (u8, u8) = (0x29, 0x03);
 const UA_CAPACITY_CHANGED: (u8, u8) = (0x2A, 0x09);
+
+/// What the HA layer gives the target to send an alert: (LUN, message).
+pub type ThinAlertHook = Box<dyn Fn(u64, String) + Send + Sync>;
 
 /// Operation code of a CDB for logs, in hex.
 struct Opcode<'a>(&'a [u8]);
@@ -73,6 +77,9 @@ enum Route<'a> {
 /// them.
 pub struct ScsiTarget {
     luns: BTreeMap<u64, Arc<LogicalUnit>>,
+    /// Called with (LUN, message) when a LUN crosses its thin provisioning soft threshold
+    /// (the HA layer sends it as an alert); unset without `[ha]`.
+    thin_alert: OnceLock<ThinAlertHook>,
     /// Every I_T nexus that has sent a command since it was established; resets establish
     /// unit attentions for these. New nexuses get none (no power-on unit attention: a
     /// reconnecting initiator must not see a spurious one).
@@ -119,6 +126,7 @@ impl ScsiTarget {
         }
         ScsiTarget {
             luns: map,
+            thin_alert: OnceLock::new(),
             nexuses: RwLock::new(HashSet::new()),
         }
     }
@@ -156,6 +164,45 @@ impl ScsiTarget {
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(nexus);
+        }
+    }
+
+    /// Sets what is called, besides the log line and the unit attention, when a LUN crosses
+    /// its thin provisioning soft threshold. The first hook set stays.
+    pub fn set_thin_alert(&self, hook: ThinAlertHook) {
+        let _ = self.thin_alert.set(hook);
+    }
+
+    /// After a command that writes or unmaps on `unit` (`full`: it failed for want of space):
+    /// compares the backing filesystem's usage with the LUN's soft threshold, and on an
+    /// upward crossing raises UNIT ATTENTION 38/07 for every I_T nexus (SBC-3 4.7.3.8, SITUA
+    /// 0), logs one warn line and calls the alert hook; below the threshold again, re-arms.
+    fn check_thin_threshold(&self, unit: &LogicalUnit, full: bool) {
+        let Some(monitor) = &unit.thin else {
+            return;
+        };
+        let t = &monitor.threshold;
+        match monitor.after_write(full) {
+            Some(ThresholdEvent::Reached { used }) => {
+                let msg = format!(
+                    "LUN {}: the filesystem of {} is {used}% full, at or above the thin provisioning soft threshold of {}%; writes fail with SPACE ALLOCATION FAILED once it is full",
+                    unit.lun(),
+                    t.path.display(),
+                    t.percent
+                );
+                warn!(lun = unit.lun(), path = %t.path.display(), used_percent = used,
+                    threshold_percent = t.percent, "thin provisioning soft threshold reached: {msg}");
+                self.establish_unit_attention(&[unit], UA_SOFT_THRESHOLD);
+                if let Some(hook) = self.thin_alert.get() {
+                    hook(unit.lun(), msg);
+                }
+            }
+            Some(ThresholdEvent::Cleared { used }) => {
+                info!(lun = unit.lun(), path = %t.path.display(), used_percent = used,
+                    threshold_percent = t.percent,
+                    "backing filesystem below the thin provisioning soft threshold again; re-armed");
+            }
+            None => {}
         }
     }
 
@@ -229,7 +276,14 @@ impl ScsiTarget {
         // The logical units never change after start: a planned unit is still there.
         let data = match unit.and_then(|n| self.luns.get(&n)) {
             None => self.execute_without_unit(&cmd),
-            Some(unit) => self.execute_on(unit, &cmd, &req).await,
+            Some(unit) => {
+                let r = self.execute_on(unit, &cmd, &req).await;
+                if unit.thin.is_some() && cmd.writes_medium() {
+                    let full = matches!(&r, Err(s) if (s.key, s.asc, s.ascq) == (SenseKey::DataProtect, 0x27, 0x07));
+                    self.check_thin_threshold(unit, full);
+                }
+                r
+            }
         }
         .map(|d| match cmd.alloc_len() {
             Some(alloc) if (alloc as usize) < d.len() => d.slice(..alloc as usize),
@@ -281,7 +335,7 @@ impl ScsiTarget {
                 Ok(spc::standard_inquiry(&settings.identity).into())
             }
             Command::Inquiry { page, .. } => {
-                spc::inquiry_vpd(*page, settings, &unit.limits).map(Bytes::from)
+                spc::inquiry_vpd(*page, settings, &unit.limits, unit.num_blocks()).map(Bytes::from)
             }
             Command::ReportLuns {
                 select_report,
@@ -383,6 +437,7 @@ mod tests {
             identity: identity(),
             write_cache: true,
             thin_provisioning: thin,
+            thin_threshold: None,
         }
     }
 
@@ -515,6 +570,124 @@ mod tests {
         assert_eq!(sense_of(&r), (0x3, 0x11, 0x00));
         let r = run(&t, 1, &cdb10(opcode::READ_10, 0, 11, 4), &[]).await;
         assert_eq!(r.status, Status::Good);
+    }
+
+    /// A full pool (the store answers ENOSPC): every command that writes gets DATA PROTECT /
+    /// SPACE ALLOCATION FAILED WRITE PROTECT with the LBA, reads go on, and once space is
+    /// back writes succeed again.
+    #[tokio::test]
+    async fn full_store_is_space_allocation_failed() {
+        let (t, store) = target_with(false, true);
+        let data = vec![0x5Au8; 2 * BS as usize];
+        assert_eq!(
+            run(&t, 1, &cdb10(opcode::WRITE_10, 0, 4, 2), &data)
+                .await
+                .status,
+            Status::Good
+        );
+        store.set_full(true);
+        let mut caw = [0u8; 16];
+        caw[0] = opcode::COMPARE_AND_WRITE;
+        caw[2..10].copy_from_slice(&4u64.to_be_bytes());
+        caw[13] = 1;
+        let mut caw_data = vec![0x5Au8; BS as usize];
+        caw_data.extend_from_slice(&[1u8; BS as usize]);
+        for (cdb, out, lba) in [
+            (
+                cdb10(opcode::WRITE_10, 0, 9, 2).to_vec(),
+                data.clone(),
+                9u32,
+            ),
+            (
+                cdb16(opcode::WRITE_16, 0x08, 20, 2).to_vec(),
+                data.clone(),
+                20,
+            ),
+            (
+                cdb16(opcode::WRITE_AND_VERIFY_16, 0, 30, 2).to_vec(),
+                data.clone(),
+                30,
+            ),
+            (
+                cdb16(opcode::WRITE_SAME_16, 0, 40, 3).to_vec(),
+                data[..BS as usize].to_vec(),
+                40,
+            ),
+            (caw.to_vec(), caw_data.clone(), 4),
+        ] {
+            let r = run(&t, 1, &cdb, &out).await;
+            assert_eq!(sense_of(&r), (0x7, 0x27, 0x07), "cdb {cdb:02x?}");
+            let s = r.sense.unwrap();
+            assert_eq!(s[0], 0xF0, "VALID with the LBA in INFORMATION");
+            assert_eq!(&s[3..7], &lba.to_be_bytes());
+        }
+        let r = run(&t, 1, &cdb10(opcode::READ_10, 0, 4, 2), &[]).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(&r.data_in[..], &data[..]);
+        store.set_full(false);
+        let r = run(&t, 1, &cdb10(opcode::WRITE_10, 0, 9, 2), &data).await;
+        assert_eq!(r.status, Status::Good);
+    }
+
+    /// A soft threshold the backing filesystem is over (1 %): the first write raises UNIT
+    /// ATTENTION 38/07 once for every nexus (the writer's too), the alert hook runs once,
+    /// further writes raise nothing until re-armed; VPD B2 reports a threshold exponent.
+    #[tokio::test]
+    async fn soft_threshold_raises_unit_attention_once() {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        if crate::scsi::thin::used_percent(&path).unwrap() < 1 {
+            eprintln!("skipped: the filesystem of {} is empty", path.display());
+            return;
+        }
+        let store = Arc::new(MemStore::new((BLOCKS * u64::from(BS)) as usize));
+        let mut s = settings(false, true);
+        s.thin_threshold = Some(crate::scsi::thin::ThinThreshold { percent: 1, path });
+        let t = ScsiTarget::new(vec![(0, s, store as Arc<dyn BlockStore>)]);
+        let alerts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a = alerts.clone();
+        t.set_thin_alert(Box::new(move |lun, text| {
+            a.lock().unwrap().push((lun, text))
+        }));
+        // Both nexuses known before the crossing.
+        assert_eq!(run(&t, 1, &TUR, &[]).await.status, Status::Good);
+        assert_eq!(run(&t, 2, &TUR, &[]).await.status, Status::Good);
+        let data = vec![1u8; BS as usize];
+        let r = run(&t, 1, &cdb10(opcode::WRITE_10, 0, 0, 1), &data).await;
+        assert_eq!(r.status, Status::Good, "the write itself succeeds");
+        for nexus in [1, 2] {
+            let r = run(&t, nexus, &TUR, &[]).await;
+            assert_eq!(sense_of(&r), (0x6, 0x38, 0x07), "nexus {nexus}");
+            assert_eq!(run(&t, nexus, &TUR, &[]).await.status, Status::Good);
+        }
+        {
+            let alerts = alerts.lock().unwrap();
+            assert_eq!(alerts.len(), 1);
+            assert_eq!(alerts[0].0, 0);
+            assert!(
+                alerts[0].1.contains("soft threshold of 1%"),
+                "{}",
+                alerts[0].1
+            );
+        }
+        tokio::time::sleep(crate::scsi::thin::CHECK_INTERVAL * 2).await;
+        let r = run(&t, 1, &cdb10(opcode::WRITE_10, 0, 1, 1), &data).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(
+            run(&t, 1, &TUR, &[]).await.status,
+            Status::Good,
+            "raised once"
+        );
+        assert_eq!(alerts.lock().unwrap().len(), 1);
+        let mut inq = [0u8; 6];
+        inq[0] = opcode::INQUIRY;
+        inq[1] = 1;
+        inq[2] = 0xB2;
+        inq[4] = 64;
+        let r = run(&t, 1, &inq, &[]).await;
+        assert_eq!(r.data_in[4], 1, "THRESHOLD EXPONENT");
+        // Without a threshold the exponent is 0.
+        let (t0, _) = target_with(false, true);
+        assert_eq!(run(&t0, 1, &inq, &[]).await.data_in[4], 0);
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 
 use super::limits::BlockLimits;
 use super::sense::Sense;
+use super::thin::ThinMonitor;
 use super::{LunSettings, NexusId};
 use crate::store::BlockStore;
 use std::collections::HashMap;
@@ -21,12 +22,20 @@ pub struct LogicalUnit {
     unit_attentions: Mutex<HashMap<NexusId, Vec<(u8, u8)>>>,
     /// Fast path: false when no nexus has a unit attention pending.
     any_unit_attention: AtomicBool,
+    /// The soft threshold of a thin LUN that has one.
+    pub(crate) thin: Option<ThinMonitor>,
 }
 
 impl LogicalUnit {
     pub(super) fn new(lun: u64, settings: LunSettings, store: Arc<dyn BlockStore>) -> Self {
+        let thin = settings
+            .thin_threshold
+            .clone()
+            .filter(|_| settings.thin_provisioning)
+            .map(ThinMonitor::new);
         LogicalUnit {
             lun,
+            thin,
             limits: BlockLimits::for_block_size(settings.block_size),
             settings,
             store,

@@ -135,6 +135,9 @@ pub struct OpenHooks {
     pub refuse_direct: bool,
     pub offset_align: Option<u32>,
     pub rdonly_main_fd: bool,
+    /// The main fd is `/dev/full`: every write fails with ENOSPC as on a full filesystem,
+    /// reads return zeroes.
+    pub full_main_fd: bool,
 }
 
 /// What happens after one fallocate attempt of a discard.
@@ -344,6 +347,10 @@ impl Backing {
             };
             main = open_fd(path, true, flags).map_err(|e| open_err(path, "open", e))?;
         }
+        if hooks.full_main_fd {
+            let full = Path::new("/dev/full");
+            main = open_fd(full, false, 0).map_err(|e| open_err(full, "open", e))?;
+        }
         let mut files = vec![main];
         if let IoMode::Direct { .. } = io_mode {
             files.push(open_buffered()?);
@@ -474,7 +481,7 @@ impl Backing {
             }
             // Misaligned for this device: only this request takes the slow path.
             libc::EINVAL => Ok(DiscardStep::Next),
-            e => Err(StoreError::Io(io::Error::from_raw_os_error(e))),
+            e => Err(StoreError::from_errno(e)),
         }
     }
 

@@ -36,7 +36,7 @@ impl StdFileStore {
         tokio::task::spawn_blocking(move || f(&file))
             .await
             .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
-            .map_err(StoreError::Io)
+            .map_err(StoreError::io)
     }
 }
 

@@ -35,17 +35,65 @@ pub use mem::MemStore;
 pub use threads::ThreadStore;
 pub use uring::UringStore;
 
-/// Errors a store reports for one request. The SCSI layer turns `Io` into MEDIUM ERROR sense.
+/// Errors a store reports for one request. The SCSI layer turns `Io` into MEDIUM ERROR sense
+/// and `NoSpace` into DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT.
+///
+/// Build them from an `io::Error` with [`StoreError::io`] (or `From`/`?`), never with the
+/// variants directly: that is what sorts ENOSPC and EDQUOT into `NoSpace`.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("I/O error on backing store: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+    /// The backing store has no space for the write (ENOSPC, or EDQUOT: the owner's quota is
+    /// used up). The medium is fine; a thin LUN's pool is full.
+    #[error("backing store is full: {0}")]
+    NoSpace(std::io::Error),
     #[error("request at offset {offset} length {len} is outside the store (size {size})")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("store is read-only")]
     ReadOnly,
     #[error("store is shut down")]
     Closed,
+}
+
+impl StoreError {
+    /// Classifies an I/O error: ENOSPC and EDQUOT are [`StoreError::NoSpace`], every other
+    /// error is [`StoreError::Io`].
+    pub fn io(e: std::io::Error) -> Self {
+        if is_no_space_errno(e.raw_os_error()) {
+            StoreError::NoSpace(e)
+        } else {
+            StoreError::Io(e)
+        }
+    }
+
+    /// [`StoreError::io`] of a raw errno.
+    pub fn from_errno(errno: i32) -> Self {
+        Self::io(std::io::Error::from_raw_os_error(errno))
+    }
+
+    /// The errno of an I/O failure (`Io` or `NoSpace`), when the OS gave one.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            StoreError::Io(e) | StoreError::NoSpace(e) => e.raw_os_error(),
+            _ => None,
+        }
+    }
+
+    /// Whether the store failed for want of space (a full thin pool), not a medium error.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::NoSpace(_))
+    }
+}
+
+fn is_no_space_errno(errno: Option<i32>) -> bool {
+    matches!(errno, Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        StoreError::io(e)
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -1,9 +1,10 @@
 //! An in-memory store for tests, with fault injection so tests can prove that an I/O error
-//! becomes MEDIUM ERROR sense and never a crash.
+//! becomes MEDIUM ERROR sense and never a crash, and that a full pool (ENOSPC) becomes
+//! DATA PROTECT sense.
 
 use super::{check_range, BlockStore, IoFuture, StoreError, WriteMode};
 use bytes::Bytes;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 pub struct MemStore {
@@ -12,6 +13,8 @@ pub struct MemStore {
     fail_from: AtomicU64,
     fail_to: AtomicU64,
     flushes: AtomicU64,
+    /// Writes fail with ENOSPC (a full thin pool); reads still work.
+    full: AtomicBool,
 }
 
 impl MemStore {
@@ -21,6 +24,7 @@ impl MemStore {
             fail_from: AtomicU64::new(0),
             fail_to: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            full: AtomicBool::new(false),
         }
     }
 
@@ -28,6 +32,12 @@ impl MemStore {
     pub fn inject_fault(&self, from: u64, to: u64) {
         self.fail_from.store(from, Ordering::SeqCst);
         self.fail_to.store(to, Ordering::SeqCst);
+    }
+
+    /// Makes every write fail with ENOSPC (`true`) as a full thin pool does, or lets writes
+    /// through again (`false`).
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, Ordering::SeqCst);
     }
 
     pub fn flush_count(&self) -> u64 {
@@ -45,9 +55,7 @@ impl MemStore {
             self.fail_to.load(Ordering::SeqCst),
         );
         if from < to && offset < to && offset + len > from {
-            return Err(StoreError::Io(std::io::Error::from_raw_os_error(
-                5, /* EIO */
-            )));
+            return Err(StoreError::from_errno(libc::EIO));
         }
         Ok(())
     }
@@ -71,6 +79,9 @@ impl BlockStore for MemStore {
     fn write(&self, offset: u64, data: Bytes, _mode: WriteMode) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.check(offset, data.len() as u64)?;
+            if self.full.load(Ordering::SeqCst) {
+                return Err(StoreError::from_errno(libc::ENOSPC));
+            }
             let mut d = self.data.lock().unwrap();
             d[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
             Ok(())

@@ -114,7 +114,7 @@ async fn wait_idle<E: TestEngine>(store: &E) {
 }
 
 fn is_errno(e: &StoreError, errno: i32) -> bool {
-    matches!(e, StoreError::Io(io) if io.raw_os_error() == Some(errno))
+    e.raw_os_error() == Some(errno)
 }
 
 /// Random sizes and offsets (512-byte granularity), checked against a shadow copy.
@@ -433,6 +433,50 @@ async fn io_errors_surface_and_store_keeps_working<E: TestEngine>() {
         assert_eq!(&got[..], &pattern(7, MIB as usize)[..8192]);
     }
     assert_eq!(store.in_flight(), 0);
+}
+
+/// ENOSPC from the write (a full filesystem: the fd is /dev/full) is `NoSpace`, not a
+/// medium error, on every engine; reads keep working.
+async fn full_filesystem_is_no_space<E: TestEngine>() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = OpenHooks {
+        full_main_fd: true,
+        ..Default::default()
+    };
+    let opts = FileStoreOptions {
+        direct: false,
+        ..opts(&dir, MIB)
+    };
+    let store = E::open_with(opts, hooks).unwrap();
+    for mode in [WriteMode::Cached, WriteMode::Durable] {
+        let err = store
+            .write(4096, Bytes::from(pattern(3, 8192)), mode)
+            .await
+            .unwrap_err();
+        assert!(err.is_no_space(), "{mode:?}: {err:?}");
+        assert!(matches!(err, StoreError::NoSpace(_)), "{err:?}");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(&store.read(0, 8192).await.unwrap()[..], &[0u8; 8192][..]);
+    }
+    assert_eq!(store.in_flight(), 0);
+}
+
+/// The classification itself: ENOSPC and EDQUOT are `NoSpace`, everything else `Io`.
+#[test]
+fn enospc_and_edquot_are_no_space() {
+    for errno in [libc::ENOSPC, libc::EDQUOT] {
+        assert!(StoreError::from_errno(errno).is_no_space());
+        let e: StoreError = std::io::Error::from_raw_os_error(errno).into();
+        assert!(matches!(e, StoreError::NoSpace(_)));
+    }
+    for errno in [libc::EIO, libc::EBADF, libc::EFBIG, libc::EROFS] {
+        let e = StoreError::from_errno(errno);
+        assert!(matches!(e, StoreError::Io(_)), "{errno}: {e:?}");
+        assert_eq!(e.raw_os_error(), Some(errno));
+    }
+    let other = StoreError::io(std::io::Error::other("no errno"));
+    assert!(!other.is_no_space());
+    assert!(!StoreError::ReadOnly.is_no_space());
 }
 
 async fn direct_refused_falls_back_to_buffered<E: TestEngine>() {
@@ -771,7 +815,7 @@ macro_rules! engine_tests {
             use super::*;
 
             engine_test_fns!($E;
-                multi_thread: [random_io_direct_multi_thread, concurrency_64_in_flight, concurrency_above_queue_depth, fua_writes_and_flush_reach_the_file, discard_reads_back_zeroes_and_frees_space, short_read_at_eof_returns_zeroes, io_errors_surface_and_store_keeps_working, direct_refused_falls_back_to_buffered, unaligned_requests_use_buffered_fd, cancelled_ops_do_not_corrupt];
+                multi_thread: [random_io_direct_multi_thread, concurrency_64_in_flight, concurrency_above_queue_depth, fua_writes_and_flush_reach_the_file, discard_reads_back_zeroes_and_frees_space, short_read_at_eof_returns_zeroes, io_errors_surface_and_store_keeps_working, full_filesystem_is_no_space, direct_refused_falls_back_to_buffered, unaligned_requests_use_buffered_fd, cancelled_ops_do_not_corrupt];
                 current_thread: [random_io_buffered_current_thread, buffered_cache_hits_are_read_without_the_ring, random_io_direct_current_thread, discard_falls_back_to_writing_zeroes, sparse_create_and_existing_file_kept, open_errors_name_the_path, read_only_refuses_writes_and_discards, out_of_range_is_an_error]);
 
             #[test]

@@ -316,7 +316,9 @@ impl ThreadStore {
             for (method, mode) in b.discard_modes() {
                 let errno = match retrying(|| sys::fallocate(b.file(MAIN), mode, offset, len)) {
                     Ok(()) => 0,
-                    Err(StoreError::Io(e)) => e.raw_os_error().unwrap_or(libc::EIO),
+                    Err(e @ (StoreError::Io(_) | StoreError::NoSpace(_))) => {
+                        e.raw_os_error().unwrap_or(libc::EIO)
+                    }
                     Err(e) => return Err(e),
                 };
                 if let DiscardStep::Done = b.discard_step(method, mode, errno)? {
@@ -352,7 +354,7 @@ fn retrying<T>(mut f: impl FnMut() -> io::Result<T>) -> StoreResult<T> {
                     std::thread::sleep(Duration::from_micros(100));
                 }
             }
-            Err(e) => return Err(StoreError::Io(e)),
+            Err(e) => return Err(StoreError::io(e)),
         }
     }
 }

@@ -787,7 +787,7 @@ async fn retry_or_fail(errno: i32, retries: &mut u32) -> StoreResult<()> {
         tokio::task::yield_now().await;
         return Ok(());
     }
-    Err(StoreError::Io(io::Error::from_raw_os_error(errno)))
+    Err(StoreError::from_errno(errno))
 }
 
 impl Drop for UringStore {

@@ -29,6 +29,21 @@ fn eio(msg: String) -> StoreError {
     StoreError::Io(std::io::Error::other(msg))
 }
 
+/// A metadata (activity log, bitmap) write that failed, as the write's error: a full backing
+/// filesystem stays [`StoreError::NoSpace`] (the initiator gets DATA PROTECT / SPACE
+/// ALLOCATION FAILED, not a medium error), anything else is an I/O error.
+fn md_error(what: &str, e: MetadataError) -> StoreError {
+    let msg = format!("{what}: {e}");
+    match &e {
+        MetadataError::Io { source, .. }
+            if StoreError::from_errno(source.raw_os_error().unwrap_or(0)).is_no_space() =>
+        {
+            StoreError::NoSpace(std::io::Error::new(source.kind(), msg))
+        }
+        _ => eio(msg),
+    }
+}
+
 /// The [`BlockStore`] a primary serves: `[0, usable)` of the backing store, replicated.
 pub struct VolumeStore {
     vol: Arc<ReplicatedVolume>,
@@ -68,7 +83,7 @@ impl ReplicatedVolume {
                     Ok(Some(w)) => {
                         g.md.write_bitmap(false)
                             .and_then(|_| g.md.write_al(&w))
-                            .map_err(|e| eio(format!("activity log: {e}")))?;
+                            .map_err(|e| md_error("activity log", e))?;
                         return Ok(extents);
                     }
                     Err(e) => return Err(eio(format!("activity log: {e}"))),
@@ -114,7 +129,7 @@ impl ReplicatedVolume {
                 }
                 Err(e) => {
                     error!(volume = %self.cfg.name, "activity log write failed: {e}");
-                    return Err(eio(format!("activity log: {e}")));
+                    return Err(md_error("activity log", e));
                 }
             }
         }
@@ -402,5 +417,34 @@ impl BlockStore for VolumeStore {
 
     fn engine(&self) -> &'static str {
         self.vol.data.engine()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md_io(errno: i32) -> MetadataError {
+        MetadataError::Io {
+            path: "/dev/x".into(),
+            op: "write",
+            offset: 4096,
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    /// A metadata write that found the filesystem full is `NoSpace` (DATA PROTECT 27/07 for
+    /// the initiator), any other metadata failure an I/O error (MEDIUM ERROR).
+    #[test]
+    fn metadata_enospc_is_no_space() {
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let e = md_error("activity log", md_io(errno));
+            assert!(e.is_no_space(), "{e:?}");
+            assert!(e.to_string().contains("activity log"), "{e}");
+        }
+        assert!(matches!(
+            md_error("activity log", md_io(libc::EIO)),
+            StoreError::Io(_)
+        ));
     }
 }
