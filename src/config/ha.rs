@@ -390,10 +390,7 @@ impl HaConfig {
         if self.secret.len() < crate::config::MIN_SECRET_LEN {
             return e(
                 "secret",
-                format!(
-                    "must be at least {} bytes",
-                    crate::config::MIN_SECRET_LEN
-                ),
+                format!("must be at least {} bytes", crate::config::MIN_SECRET_LEN),
             );
         }
         if !(10..=10_000).contains(&self.heartbeat_interval_ms) {
@@ -725,10 +722,7 @@ to = ["ops@example.org"]
             "ha.management_peer"
         );
         assert_eq!(key_of(&sub("shared-ha-secret", "short")), "ha.secret");
-        assert_eq!(
-            key_of(&sub("shared-ha-secret", "shared-ha-s")),
-            "ha.secret"
-        );
+        assert_eq!(key_of(&sub("shared-ha-secret", "shared-ha-s")), "ha.secret");
         parse(&sub("shared-ha-secret", "shared-ha-se")).unwrap();
         assert_eq!(
             key_of(&sub(
@@ -738,7 +732,10 @@ to = ["ops@example.org"]
             "ha.alerts.suppress_minutes"
         );
         assert_eq!(
-            key_of(&sub("smtp_server", "startup_quiet_secs = 86401\nsmtp_server")),
+            key_of(&sub(
+                "smtp_server",
+                "startup_quiet_secs = 86401\nsmtp_server"
+            )),
             "ha.alerts.startup_quiet_secs"
         );
         assert_eq!(key_of(&sub("10.99.0.254", "not-an-ip")), "ha.witnesses");

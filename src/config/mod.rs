@@ -1222,7 +1222,10 @@ naa = "600140512345678901234567890abcde"
         let e = parse(&GOOD.replace("secretsecret", &short))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("target[0].chap.secret") && e.contains("12..=255"), "{e}");
+        assert!(
+            e.contains("target[0].chap.secret") && e.contains("12..=255"),
+            "{e}"
+        );
         assert_eq!(
             invalid_key(&GOOD.replace("secretsecret", "abc")),
             "target[0].chap.secret"

@@ -276,7 +276,10 @@ async fn client(
                     return stream_log(&mut wr, follow).await;
                 }
                 let reply = answer(state, started, line).await;
-                if let Some(e) = reply["error"].as_str().filter(|e| e.starts_with("bad request")) {
+                if let Some(e) = reply["error"]
+                    .as_str()
+                    .filter(|e| e.starts_with("bad request"))
+                {
                     warn!(client = %peer, "control socket: refused a request: {e}");
                 }
                 reply

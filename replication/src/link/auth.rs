@@ -431,11 +431,7 @@ mod tests {
         // The dialer has the lower id: the connection would be dropped as a duplicate, but
         // the wrong secret is found (and refused) by both ends first, whichever id wins.
         for (da, db) in [(3, 9), (9, 3)] {
-            let (a, b) = pair(
-                hello("v", 100, "s3cret", da),
-                hello("v", 100, "other", db),
-            )
-            .await;
+            let (a, b) = pair(hello("v", 100, "s3cret", da), hello("v", 100, "other", db)).await;
             for r in [a, b] {
                 assert!(
                     matches!(r, Err(LinkError::WrongSecret)),
