@@ -55,7 +55,7 @@ fn values(ty: Ty, lo: i128, hi: i128) -> Vec<i128> {
         Ty::U64 => I64_MAX,
     };
     let mut v = vec![I64_MIN, 0, lo - 1, lo, hi, hi + 1, ty_max, I64_MAX];
-    v.retain(|&x| x >= I64_MIN && x <= I64_MAX && (x >= 0 || x == I64_MIN));
+    v.retain(|&x| (I64_MIN..=I64_MAX).contains(&x) && (x >= 0 || x == I64_MIN));
     v.sort();
     v.dedup();
     v
