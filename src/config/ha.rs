@@ -4,7 +4,12 @@
 //! imported from iscsi-ha and the namespace tests agree on them. Validation names the key
 //! (`ha.vip[0].address`) like the rest of [`crate::config`].
 
-use crate::config::ConfigError;
+use crate::config::{check_range, ConfigError};
+
+/// `[ha.alerts]` `suppress_minutes` at most: a week.
+pub const MAX_SUPPRESS_MINUTES: u64 = 7 * 24 * 60;
+/// `[ha.alerts]` `startup_quiet_secs` at most: a day.
+pub const MAX_STARTUP_QUIET_SECS: u64 = 86_400;
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -382,8 +387,11 @@ impl HaConfig {
                 )
             }
         }
-        if self.secret.len() < 8 {
-            return e("secret", "must be at least 8 bytes".into());
+        if self.secret.len() < crate::config::MIN_SECRET_LEN {
+            return e(
+                "secret",
+                format!("must be at least {} bytes", crate::config::MIN_SECRET_LEN),
+            );
         }
         if !(10..=10_000).contains(&self.heartbeat_interval_ms) {
             return e(
@@ -518,6 +526,22 @@ impl HaConfig {
                     return e("alerts.smtp_port", "must not be 0".into());
                 }
             }
+            check_range(
+                err,
+                "ha.alerts.suppress_minutes",
+                a.suppress_minutes,
+                0,
+                MAX_SUPPRESS_MINUTES,
+                "minutes, at most a week",
+            )?;
+            check_range(
+                err,
+                "ha.alerts.startup_quiet_secs",
+                a.startup_quiet_secs,
+                0,
+                MAX_STARTUP_QUIET_SECS,
+                "seconds, at most a day",
+            )?;
             if a.smtp_user.is_empty() != a.smtp_password.is_empty() {
                 return e(
                     "alerts.smtp_password",
@@ -698,6 +722,22 @@ to = ["ops@example.org"]
             "ha.management_peer"
         );
         assert_eq!(key_of(&sub("shared-ha-secret", "short")), "ha.secret");
+        assert_eq!(key_of(&sub("shared-ha-secret", "shared-ha-s")), "ha.secret");
+        parse(&sub("shared-ha-secret", "shared-ha-se")).unwrap();
+        assert_eq!(
+            key_of(&sub(
+                "smtp_server",
+                "suppress_minutes = 9223372036854775807\nsmtp_server"
+            )),
+            "ha.alerts.suppress_minutes"
+        );
+        assert_eq!(
+            key_of(&sub(
+                "smtp_server",
+                "startup_quiet_secs = 86401\nsmtp_server"
+            )),
+            "ha.alerts.startup_quiet_secs"
+        );
         assert_eq!(key_of(&sub("10.99.0.254", "not-an-ip")), "ha.witnesses");
         assert_eq!(
             key_of(&sub("10.99.0.100/24", "10.99.0.100")),

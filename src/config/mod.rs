@@ -30,6 +30,49 @@ pub enum ConfigError {
     },
 }
 
+/// The shortest secret accepted anywhere: CHAP and mutual CHAP (RFC 7143 §12.1.3 asks for
+/// at least 12 bytes where CHAP secrets are not random), the replication link and the HA
+/// heartbeats.
+pub const MIN_SECRET_LEN: usize = 12;
+
+/// The longest timer of the iSCSI connection (login, NOP-In interval and answer): an hour.
+pub const MAX_CONNECTION_TIMER_SECS: u64 = 3600;
+
+/// The largest LUN file `size` creates: 1 PiB (sparse).
+pub const MAX_LUN_SIZE: u64 = 1 << 50;
+
+/// Replication: the largest `ping_interval_secs` and `timeout_secs` (DRBD's ping-int and
+/// timeout allow 120 s and 60 s).
+pub const MAX_REPLICATION_PING_SECS: u64 = 120;
+pub const MAX_REPLICATION_TIMEOUT_SECS: u64 = 600;
+
+/// Replication: `resync_rate` bounds, bytes per second (1 MiB/s ..= 1 TiB/s).
+pub const MIN_RESYNC_RATE: u64 = 1 << 20;
+pub const MAX_RESYNC_RATE: u64 = 1 << 40;
+
+/// Refuses `v` outside `lo..=hi`, naming the key and the range; `note` explains special values.
+pub(crate) fn check_range<T: PartialOrd + std::fmt::Display>(
+    err: &impl Fn(String, String) -> ConfigError,
+    key: &str,
+    v: T,
+    lo: T,
+    hi: T,
+    note: &str,
+) -> Result<(), ConfigError> {
+    if v < lo || v > hi {
+        let note = if note.is_empty() {
+            String::new()
+        } else {
+            format!(" ({note})")
+        };
+        return Err(err(
+            key.to_string(),
+            format!("{v} is outside {lo}..={hi}{note}"),
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -346,10 +389,10 @@ impl ReplicationConfig {
                 "must differ from `listen`".into(),
             ));
         }
-        if self.secret.len() < 8 {
+        if self.secret.len() < MIN_SECRET_LEN {
             return Err(err(
                 format!("{key}.secret"),
-                "must be at least 8 bytes".into(),
+                format!("must be at least {MIN_SECRET_LEN} bytes"),
             ));
         }
         let choice = |k: &str, v: &str, allowed: &[&str]| {
@@ -380,18 +423,39 @@ impl ReplicationConfig {
             SPLIT_BRAIN_POLICIES_2PRI,
         )?;
         choice("verify_digest", &self.verify_digest, &["crc32c", "sha256"])?;
-        if self.ping_interval_secs == 0 || self.timeout_secs <= self.ping_interval_secs {
+        check_range(
+            err,
+            &format!("{key}.ping_interval_secs"),
+            self.ping_interval_secs,
+            1,
+            MAX_REPLICATION_PING_SECS,
+            "seconds",
+        )?;
+        check_range(
+            err,
+            &format!("{key}.timeout_secs"),
+            self.timeout_secs,
+            2,
+            MAX_REPLICATION_TIMEOUT_SECS,
+            "seconds",
+        )?;
+        if self.timeout_secs <= self.ping_interval_secs {
             return Err(err(
                 format!("{key}.timeout_secs"),
-                "must be greater than ping_interval_secs (and both above 0)".into(),
+                format!(
+                    "{} must be greater than ping_interval_secs ({})",
+                    self.timeout_secs, self.ping_interval_secs
+                ),
             ));
         }
-        if self.resync_rate.0 < 1 << 20 {
-            return Err(err(
-                format!("{key}.resync_rate"),
-                "must be at least 1M".into(),
-            ));
-        }
+        check_range(
+            err,
+            &format!("{key}.resync_rate"),
+            self.resync_rate.0,
+            MIN_RESYNC_RATE,
+            MAX_RESYNC_RATE,
+            "bytes per second, 1M..=1T",
+        )?;
         parse_meta(&self.meta).map_err(|m| err(format!("{key}.meta"), m))?;
         Ok(())
     }
@@ -570,29 +634,46 @@ impl Config {
                 "no target configured: add a [[target]] table".into(),
             ));
         }
-        if self.server.worker_threads > 1024 {
-            return Err(err(
-                "server.worker_threads".into(),
-                format!(
-                    "{} is outside 0..=1024 (0 = half the CPUs)",
-                    self.server.worker_threads
-                ),
-            ));
-        }
-        if self.server.io_threads > 256 {
-            return Err(err(
-                "server.io_threads".into(),
-                format!(
-                    "{} is outside 0..=256 (0 = 16 per O_DIRECT LUN, 4 per buffered one)",
-                    self.server.io_threads
-                ),
-            ));
-        }
-        if self.server.queue_depth == 0 || self.server.queue_depth > 4096 {
-            return Err(err(
-                "server.queue_depth".into(),
-                format!("{} is outside 1..=4096", self.server.queue_depth),
-            ));
+        let s = &self.server;
+        for (key, v, lo, hi, note) in [
+            (
+                "worker_threads",
+                s.worker_threads as u64,
+                0,
+                1024,
+                "0 = half the CPUs",
+            ),
+            (
+                "io_threads",
+                s.io_threads as u64,
+                0,
+                256,
+                "0 = 16 per O_DIRECT LUN, 4 per buffered one",
+            ),
+            ("queue_depth", s.queue_depth as u64, 1, 4096, ""),
+            (
+                "login_timeout_secs",
+                s.login_timeout_secs,
+                1,
+                MAX_CONNECTION_TIMER_SECS,
+                "seconds",
+            ),
+            (
+                "nop_in_interval_secs",
+                s.nop_in_interval_secs,
+                0,
+                MAX_CONNECTION_TIMER_SECS,
+                "seconds, 0 = no NOP-In pings",
+            ),
+            (
+                "nop_in_timeout_secs",
+                s.nop_in_timeout_secs,
+                1,
+                MAX_CONNECTION_TIMER_SECS,
+                "seconds",
+            ),
+        ] {
+            check_range(&err, &format!("server.{key}"), v, lo, hi, note)?;
         }
         let n = &self.negotiation;
         for (key, v, min, max) in [
@@ -736,7 +817,15 @@ impl Config {
                     ));
                 }
                 if let Some(SizeValue(s)) = l.size {
-                    if s == 0 || s % l.block_size as u64 != 0 {
+                    check_range(
+                        &err,
+                        &format!("{lk}.size"),
+                        s,
+                        l.block_size as u64,
+                        MAX_LUN_SIZE,
+                        "bytes, at most 1 PiB",
+                    )?;
+                    if s % l.block_size as u64 != 0 {
                         return Err(err(
                             format!("{lk}.size"),
                             format!(
@@ -898,14 +987,14 @@ fn check_credentials(
         if c.user.is_empty() {
             return Err(err(format!("{key}.user"), "must not be empty".into()));
         }
-        if c.secret.is_empty() || c.secret.len() > 255 {
-            return Err(err(format!("{key}.secret"), "must be 1..=255 bytes".into()));
-        }
-        if c.secret.len() < 12 {
-            tracing::warn!(
-                key,
-                "CHAP secret shorter than 12 bytes: RFC 7143 §12.1.3 recommends longer"
-            );
+        if c.secret.len() < MIN_SECRET_LEN || c.secret.len() > 255 {
+            return Err(err(
+                format!("{key}.secret"),
+                format!(
+                    "is {} bytes, must be {MIN_SECRET_LEN}..=255 bytes (RFC 7143 §12.1.3)",
+                    c.secret.len()
+                ),
+            ));
         }
     }
     Ok(())
@@ -1154,6 +1243,87 @@ naa = "600140512345678901234567890abcde"
         );
         assert_eq!(parse_meta("/m").unwrap(), MetaDisk::External("/m".into()));
         assert!(parse_meta("/dev/x[a]").is_err());
+    }
+
+    #[test]
+    fn numeric_keys_are_bounded_with_file_key_and_range_in_the_message() {
+        let server = |k: &str| GOOD.replace("data_dir = \"/tmp/x\"", k);
+        for (k, v) in [
+            ("login_timeout_secs", 0),
+            ("login_timeout_secs", 3601),
+            ("nop_in_interval_secs", 3601),
+            ("nop_in_interval_secs", i64::MAX),
+            ("nop_in_timeout_secs", 0),
+            ("nop_in_timeout_secs", i64::MAX),
+            ("queue_depth", 0),
+            ("io_threads", i64::MAX),
+        ] {
+            assert_eq!(
+                invalid_key(&server(&format!("{k} = {v}"))),
+                format!("server.{k}")
+            );
+        }
+        let e = parse(&server("login_timeout_secs = 0"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/etc/twinsan.toml")
+                && e.contains("server.login_timeout_secs")
+                && e.contains("1..=3600"),
+            "{e}"
+        );
+        parse(&server(
+            "login_timeout_secs = 1\nnop_in_interval_secs = 0\nnop_in_timeout_secs = 3600",
+        ))
+        .unwrap();
+        assert_eq!(
+            invalid_key(&GOOD.replace("\"1GiB\"", "\"2048T\"")),
+            "target[0].lun[0].size"
+        );
+        let repl = |extra: &str| {
+            format!(
+                "{GOOD}\n[target.lun.replication]\nname = \"r0\"\nlisten = \"127.0.0.1:7788\"\npeer = \"127.0.0.1:7789\"\nsecret = \"sharedsecret\"\n{extra}"
+            )
+        };
+        for (k, v) in [
+            ("timeout_secs", "9223372036854775807"),
+            ("timeout_secs", "601"),
+            ("ping_interval_secs", "0"),
+            ("ping_interval_secs", "121"),
+            ("resync_rate", "\"2T\""),
+            ("resync_rate", "1048575"),
+        ] {
+            assert_eq!(
+                invalid_key(&repl(&format!("{k} = {v}"))),
+                format!("target[0].lun[0].replication.{k}")
+            );
+        }
+        parse(&repl(
+            "ping_interval_secs = 120\ntimeout_secs = 600\nresync_rate = \"1T\"",
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn secrets_share_one_minimum_length() {
+        assert_eq!(MIN_SECRET_LEN, 12);
+        let short = "x".repeat(MIN_SECRET_LEN - 1);
+        let e = parse(&GOOD.replace("secretsecret", &short))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("target[0].chap.secret") && e.contains("12..=255"),
+            "{e}"
+        );
+        assert_eq!(
+            invalid_key(&GOOD.replace("secretsecret", "abc")),
+            "target[0].chap.secret"
+        );
+        let repl = format!(
+            "{GOOD}\n[target.lun.replication]\nname = \"r0\"\nlisten = \"127.0.0.1:7788\"\npeer = \"127.0.0.1:7789\"\nsecret = \"{short}\"\n"
+        );
+        assert_eq!(invalid_key(&repl), "target[0].lun[0].replication.secret");
+        parse(&repl.replace(&short, &"x".repeat(MIN_SECRET_LEN))).unwrap();
     }
 
     #[test]

@@ -246,18 +246,62 @@ async fn client(
     state: &ControlContext,
     started: Instant,
 ) -> std::io::Result<()> {
+    let peer = peer_name(&stream);
     let (rd, mut wr) = stream.into_split();
     // A bounded read: a client cannot make the daemon buffer without limit.
-    let mut lines = BufReader::new(rd.take(1 << 20)).lines();
-    while let Some(line) = lines.next_line().await? {
-        if let Ok(Request::Log { follow }) = serde_json::from_str::<Request>(&line) {
-            return stream_log(&mut wr, follow).await;
+    let mut rd = BufReader::new(rd.take(1 << 20));
+    let mut raw = Vec::new();
+    loop {
+        raw.clear();
+        if rd.read_until(b'\n', &mut raw).await? == 0 {
+            return Ok(());
         }
-        let mut out = answer(state, started, &line).await.to_string();
+        if raw.last() == Some(&b'\n') {
+            raw.pop();
+            if raw.last() == Some(&b'\r') {
+                raw.pop();
+            }
+        }
+        let reply = match std::str::from_utf8(&raw) {
+            Err(e) => {
+                warn!(
+                    client = %peer,
+                    "control socket: refused a request that is not UTF-8 ({} bytes: {e})",
+                    raw.len()
+                );
+                serde_json::json!({ "ok": false, "error": format!("bad request: not UTF-8 ({e})") })
+            }
+            Ok(line) => {
+                if let Ok(Request::Log { follow }) = serde_json::from_str::<Request>(line) {
+                    return stream_log(&mut wr, follow).await;
+                }
+                let reply = answer(state, started, line).await;
+                if let Some(e) = reply["error"]
+                    .as_str()
+                    .filter(|e| e.starts_with("bad request"))
+                {
+                    warn!(client = %peer, "control socket: refused a request: {e}");
+                }
+                reply
+            }
+        };
+        let mut out = reply.to_string();
         out.push('\n');
         wr.write_all(out.as_bytes()).await?;
     }
-    Ok(())
+}
+
+/// Who is on the other end of a control connection: the peer's pid and uid (a Unix socket
+/// has no address; the socket is root's only, so this names the process).
+fn peer_name(stream: &UnixStream) -> String {
+    match stream.peer_cred() {
+        Ok(c) => format!(
+            "pid {} uid {}",
+            c.pid().map_or_else(|| "?".to_string(), |p| p.to_string()),
+            c.uid()
+        ),
+        Err(_) => "unknown".into(),
+    }
 }
 
 /// `log`: the kept lines as `{"ok":true,"lines":[...]}`, then each new one as `{"line":...}`.

@@ -481,7 +481,7 @@ pub async fn start(
         .iter()
         .flat_map(|t| t.luns.iter())
         .filter_map(|l| l.replication.as_ref())
-        .map(|r| Duration::from_secs(r.timeout_secs + 1))
+        .map(|r| Duration::from_secs(r.timeout_secs.saturating_add(1)))
         .max()
         .unwrap_or(Duration::from_secs(1));
     let rt = runtime::Runtime {

@@ -723,7 +723,7 @@ pub(super) fn build_alerter(ha: &HaConfig) -> Arc<Alerter> {
     let a = ha.alerts.clone();
     let (window, grace) = a
         .as_ref()
-        .map(|a| (a.suppress_minutes * 60, a.startup_quiet_secs))
+        .map(|a| (a.suppress_minutes.saturating_mul(60), a.startup_quiet_secs))
         .unwrap_or((30 * 60, 60));
     let filter = AlertFilter::new(
         Duration::from_secs(window),

@@ -631,7 +631,7 @@ fn resource(
     if !replication.iter().any(|(k, _, _)| k == "secret") {
         return Err(ImportError::at(
             at,
-            format!("resource {name}: no net {{ shared-secret ...; }}: twinsan authenticates the replication link and needs a shared secret of at least 8 bytes (add one to drbd.conf or to the generated file)"),
+            format!("resource {name}: no net {{ shared-secret ...; }}: twinsan authenticates the replication link and needs a shared secret of at least {} bytes (add one to drbd.conf or to the generated file)", crate::config::MIN_SECRET_LEN),
         ));
     }
     Ok(DrbdResource {

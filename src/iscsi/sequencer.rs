@@ -127,6 +127,12 @@ struct NopTimer {
     ping: Option<Instant>,
 }
 
+/// `now + d`, or `now` + [`NO_PING`] when that does not fit in an [`Instant`]: a timer the
+/// configuration did not bound must not panic the connection.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d).unwrap_or(now + NO_PING)
+}
+
 /// Pings are off: the quiet time is long enough never to end.
 const NO_PING: Duration = Duration::from_secs(365 * 86400);
 
@@ -199,7 +205,7 @@ impl<P> Sequencer<P> {
             nop: NopTimer {
                 idle,
                 timeout: nop_in_timeout,
-                quiet_until: now + idle,
+                quiet_until: later(now, idle),
                 ping: None,
             },
             closing: false,
@@ -235,7 +241,7 @@ impl<P> Sequencer<P> {
         };
         // Any traffic proves the initiator alive.
         self.nop.ping = None;
-        self.nop.quiet_until = now + self.nop.idle;
+        self.nop.quiet_until = later(now, self.nop.idle);
         match pdu {
             Ok(pdu) => self.pdu(pdu, env),
             Err(BadPdu::DataDigest { bhs }) => {
@@ -269,7 +275,7 @@ impl<P> Sequencer<P> {
         if now >= self.nop.quiet_until {
             let ttt = self.tags.next();
             send_one(env, NopInBuilder::new(RESERVED_TAG, ttt).build());
-            self.nop.ping = Some(now + self.nop.timeout);
+            self.nop.ping = Some(later(now, self.nop.timeout));
         }
         Ok(())
     }
@@ -1394,6 +1400,24 @@ mod tests {
             t0,
         );
         assert!(seq.deadline() >= t0 + Duration::from_secs(364 * 86400));
+    }
+
+    #[test]
+    fn unbounded_nop_timers_do_not_overflow_the_instant() {
+        let t0 = Instant::now();
+        let (_, mut f) = setup(10, 4, t0);
+        let huge = Duration::from_secs(i64::MAX as u64);
+        let mut seq = Sequencer::<()>::new(f.session.clone(), params(), Some(huge), huge, t0);
+        assert!(seq.deadline() >= t0 + Duration::from_secs(364 * 86400));
+        // The quiet time restarts on traffic and the ping's deadline is set at the timer.
+        let mut p = Pdu::new(Opcode::NopOut);
+        p.set_flags(0x80);
+        p.set_immediate(true);
+        p.set_itt(RESERVED_TAG);
+        seq.handle(Event::Pdu(p), t0, &mut f).unwrap();
+        let late = seq.deadline();
+        seq.handle(Event::Timer, late, &mut f).unwrap();
+        assert!(seq.deadline() >= late);
     }
 
     #[test]

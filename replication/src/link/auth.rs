@@ -7,7 +7,8 @@
 //! connections; every process has a random 64-bit `node_id` that it sends in `Hello`, and
 //! a connection survives only if it was dialed by the node with the *higher* id. Both ends
 //! evaluate the same rule on the same two ids, so they agree without further messages; the
-//! other connection is closed right after `Hello` ([`LinkError::WrongDirection`]).
+//! other connection is closed once both ends have checked each other's `AuthResponse`
+//! ([`LinkError::WrongDirection`]): a peer with the wrong secret is refused on either.
 
 use std::time::Duration;
 
@@ -264,14 +265,27 @@ pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
     } else {
         (peer.node_id, local.node_id)
     };
-    if dialer_id < acceptor_id {
-        return Err(LinkError::WrongDirection);
-    }
+    let losing = dialer_id < acceptor_id;
     let mac = auth_response(&local.secret, &peer_challenge, &local.volume_name);
-    tokio::time::timeout(timeout, f.send(Message::AuthResponse { mac }))
+    // The peer's response is checked in the losing direction too, so a peer with the wrong
+    // secret is refused (and logged) on every connection, whichever node id is higher. A
+    // peer that closes right after Hello there (versions that dropped the losing
+    // connection before authenticating) is a plain duplicate.
+    let sent = tokio::time::timeout(timeout, f.send(Message::AuthResponse { mac }))
         .await
-        .map_err(|_| LinkError::Timeout("sending AuthResponse"))??;
-    match recv(&mut f, timeout, "AuthResponse").await? {
+        .map_err(|_| LinkError::Timeout("sending AuthResponse"))
+        .and_then(|r| r.map_err(LinkError::from));
+    let answer = match sent {
+        Ok(()) => recv(&mut f, timeout, "AuthResponse").await,
+        Err(e) => Err(e),
+    };
+    let answer = match answer {
+        Err(LinkError::Closed | LinkError::Frame(FrameError::Io(_))) if losing => {
+            return Err(LinkError::WrongDirection)
+        }
+        r => r?,
+    };
+    match answer {
         Message::AuthResponse { mac } => {
             let want = auth_response(&local.secret, &challenge, &local.volume_name);
             if !ct_eq(&mac, &want) {
@@ -285,6 +299,9 @@ pub async fn establish<T: AsyncRead + AsyncWrite + Unpin>(
                 got: other.name(),
             })
         }
+    }
+    if losing {
+        return Err(LinkError::WrongDirection);
     }
     tokio::time::timeout(timeout, f.send(Message::AuthOk))
         .await
@@ -407,6 +424,50 @@ mod tests {
                 theirs: 100
             })
         ));
+    }
+
+    #[tokio::test]
+    async fn wrong_secret_refused_in_the_losing_direction_too() {
+        // The dialer has the lower id: the connection would be dropped as a duplicate, but
+        // the wrong secret is found (and refused) by both ends first, whichever id wins.
+        for (da, db) in [(3, 9), (9, 3)] {
+            let (a, b) = pair(hello("v", 100, "s3cret", da), hello("v", 100, "other", db)).await;
+            for r in [a, b] {
+                assert!(
+                    matches!(r, Err(LinkError::WrongSecret)),
+                    "ids {da}/{db}: {:?}",
+                    r.err()
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn losing_direction_tolerates_a_peer_that_closes_after_hello() {
+        // An older peer drops the losing connection right after Hello.
+        let (x, y) = tokio::io::duplex(1 << 16);
+        let t = Duration::from_secs(2);
+        let old_peer = async move {
+            let mut f = Framed::new(y, FrameCodec);
+            let _ = f.next().await;
+            let local = hello("v", 100, "s", 9);
+            f.send(Message::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                volume_name: local.volume_name,
+                size_bytes: local.size_bytes,
+                role: local.role,
+                uuids: local.uuids,
+                flags: 0,
+                node_id: local.node_id,
+                challenge: [7; 32],
+            })
+            .await
+            .unwrap();
+            drop(f);
+        };
+        let ours = hello("v", 100, "s", 3);
+        let (a, ()) = tokio::join!(establish(x, &ours, true, t), old_peer);
+        assert!(matches!(a, Err(LinkError::WrongDirection)), "{:?}", a.err());
     }
 
     #[tokio::test]

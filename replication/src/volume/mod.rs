@@ -848,7 +848,11 @@ impl ReplicatedVolume {
 
     /// Waits (bounded) until no connection handshake is running.
     async fn wait_no_handshake(&self) -> Result<(), ReplicationError> {
-        let deadline = Instant::now() + self.cfg.timeout * 4;
+        let now = Instant::now();
+        // Saturating: a timeout the configuration did not bound must not panic here.
+        let deadline = now
+            .checked_add(self.cfg.timeout.saturating_mul(4))
+            .unwrap_or(now + Duration::from_secs(365 * 86400));
         loop {
             let n = self.changed.notified();
             tokio::pin!(n);
