@@ -524,7 +524,19 @@ resync_case() {  # label rate with_app(0|1)
     fi
     stop_pair new
 }
+# The application's rate without a resync: the same fio job on the pair in sync, as long.
+resync_baseline() {
+    local t0
+    log "resync: baseline (application writes, no resync)"
+    start_pair new resync-baseline
+    t0="$(now_s)"
+    ( RAMP=0; run_fio "$RAW/resync__baseline-app" "$(port_of new a)" "randwrite-4k-qd8|randwrite|4k|8|" \
+        "primary=${PIDS[new-a]} secondary=${PIDS[new-b]}" "$RESYNC_SECS" )
+    RESYNC_LINES+=("baseline-app|-|1|0|$(elapsed "$t0")|1")
+    stop_pair new
+}
 if want_section resync; then
+    resync_baseline
     resync_case capped "$RESYNC_RATE" 0
     resync_case capped-app "$RESYNC_RATE" 1
     resync_case uncapped "$RESYNC_UNCAPPED" 0

@@ -253,30 +253,38 @@ def main() -> int:
             "through `twinsan status --json` for at most BENCH_RESYNC_SECS or until both are "
             "UpToDate (so the time includes up to one polling interval). With application "
             "writes: fio 4k random writes QD8 on A during the stretch (resync backs off while "
-            "application I/O runs)."
+            "application I/O runs); baseline-app: the same fio job on the pair in sync, no "
+            "resync, as long (the last column's denominator)."
         )
         o.append("")
-        o.append("| case | resync_rate | application writes | resync MiB | seconds | resync MiB/s | finished | application IOPS | application mean lat (us) |")
-        o.append("|---|---|---|---:|---:|---:|---|---:|---:|")
+        o.append("| case | resync_rate | application writes | resync MiB | seconds | resync MiB/s | finished | application IOPS | application mean lat (us) | application IOPS / baseline |")
+        o.append("|---|---|---|---:|---:|---:|---|---:|---:|---:|")
         try:
             with open(os.path.join(raw, "resync.txt"), encoding="utf-8") as f:
                 lines = [x.strip() for x in f if x.strip()]
         except OSError:
             lines = []
+        base_iops = None
+        try:
+            base_iops = summarise(load_fio_json(os.path.join(raw, "resync__baseline-app.json")))["iops"]
+        except (OSError, ValueError, KeyError, IndexError):
+            pass
         for line in lines:
             label, rate, app, nbytes, secs, done = line.split("|")
             mib = int(nbytes) / 2**20
-            app_iops = app_lat = "-"
+            app_iops = app_lat = app_ratio = "-"
             if app == "1":
                 p = os.path.join(raw, f"resync__{label}.json")
                 try:
                     r = summarise(load_fio_json(p))
                     app_iops, app_lat = fmt(r["iops"]), fmt(r["write_mean_us"], 1)
+                    if base_iops:
+                        app_ratio = f"{r['iops'] / base_iops:.2f}"
                 except (OSError, ValueError, KeyError, IndexError) as e:
                     app_iops = f"failed ({e})"
             o.append(
                 f"| {label} | {rate} | {'yes' if app == '1' else 'no'} | {mib:,.1f} | {secs} | "
-                f"{fmt(mib / float(secs), 1) if float(secs) > 0 else 'n/a'} | {'yes' if done == '1' else 'no (stopped measuring)'} | {app_iops} | {app_lat} |"
+                f"{fmt(mib / float(secs), 1) if float(secs) > 0 else 'n/a'} | {'yes' if done == '1' else 'no (stopped measuring)'} | {app_iops} | {app_lat} | {app_ratio} |"
             )
 
     if "delay" in sections:

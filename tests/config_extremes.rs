@@ -28,6 +28,7 @@ enum Section {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Ty {
+    U8,
     U16,
     U32,
     U64,
@@ -50,6 +51,7 @@ const I64_MAX: i128 = i64::MAX as i128;
 /// outside each.
 fn values(ty: Ty, lo: i128, hi: i128) -> Vec<i128> {
     let ty_max = match ty {
+        Ty::U8 => u8::MAX as i128,
         Ty::U16 => u16::MAX as i128,
         Ty::U32 => u32::MAX as i128,
         Ty::U64 => I64_MAX,
@@ -111,6 +113,7 @@ fn cases() -> Vec<Case> {
         (Target, "tpgt", U16, 0, 65535, none),
         (Lun, "number", U64, 0, 16383, none),
         (Lun, "size", U64, 512, 1 << 50, none),
+        (Lun, "thin_threshold_percent", U8, 1, 99, none),
         (Lun, "tgt_tid", U32, 1, u32::MAX as i128, |_| {
             "identity = \"tgt\"".into()
         }),
