@@ -249,7 +249,7 @@ run_job() {  # server job-spec rep
     log "${server}: ${name} (rep ${rep}/${REPEAT}, ${RAMP}+${RUNTIME} s)"
     if [ "$server" = tgt ]; then pid="$TGT_PID"; else pid="$TWINSAN_PID"; fi
     # Server CPU (utime + stime) is sampled around the run into ${out}.cpu; the report uses it
-    # only for the new/base table (TWINSAN_BIN_BASE).
+    # for the "Server CPU per I/O" table (every server) and the new/base table.
     run_cpu_sampled "${out}.cpu" "$RAMP" "server=${pid}" \
         timeout --kill-after=10 $((RUNTIME + RAMP + 60)) \
         "$FIO" --name="$name" --ioengine=libiscsi --filename="$filename" \

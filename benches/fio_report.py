@@ -198,6 +198,37 @@ def main() -> int:
         )
         out.append("")
         out.extend(f"- {x}" for x in spreads)
+    # Server CPU per I/O of every server (issue 12): what one box measures fairly even when
+    # the client is the bottleneck.
+    if any(r.get("cpu_us_per_io") for rs in runs.values() for r in rs):
+        out.append("")
+        out.append("## Server CPU per I/O")
+        out.append("")
+        out.append(
+            "utime + stime of the server process (all threads) from the end of the ramp to the "
+            "end of the run, divided by the I/Os fio completed: CPU microseconds per I/O (= CPU "
+            "seconds per million I/Os), median over the repetitions; lower is better. The ratio "
+            "against tgt is paired per repetition, median [min .. max]."
+        )
+        out.append("")
+        cols = ["job"] + [f"{s} us/I/O" for s in servers] + [f"{s}/tgt" for s in others]
+        out.append("| " + " | ".join(cols) + " |")
+        out.append("|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|")
+        for j in meta["jobs"]:
+            name = j["name"]
+            row = [name]
+            for s in servers:
+                xs = [r["cpu_us_per_io"] for r in runs.get((s, name), []) if r.get("cpu_us_per_io")]
+                row.append(fmt(statistics.median(xs), 1) if xs else "n/a")
+            tgt_cpu = {r["rep"]: r.get("cpu_us_per_io") for r in runs.get(("tgt", name), [])}
+            for s in others:
+                pr = [
+                    r["cpu_us_per_io"] / tgt_cpu[r["rep"]]
+                    for r in runs.get((s, name), [])
+                    if r.get("cpu_us_per_io") and tgt_cpu.get(r["rep"])
+                ]
+                row.append(ratio_summary(pr))
+            out.append("| " + " | ".join(row) + " |")
     # Refactor check: the new binary (first twinsan engine) against the base binary, which
     # ran with the same configuration and engine, paired per repetition.
     news = [s for s in servers if s.startswith("twinsan-") and s != "twinsan-base"]
