@@ -13,6 +13,8 @@
 #      with TWINSAN_BIN=<repo>/target/release/twinsan and TWINSAN_FIO=<fio with libiscsi>
 #      exported for the integration tests (tests/kernel_initiator.rs boots a qemu guest with
 #      the Linux kernel initiator: scripts/guest/build-image.sh builds and caches its image).
+#      The fuzz targets of tests/fuzz.rs run in it, TWINSAN_FUZZ_SECS each (default 10 s, one at
+#      a time: about a minute), and print their executions per second.
 #   7. scripts/test-packaging.sh: the dom0 binary (cargo zigbuild, glibc 2.17 symbol versions,
 #      NEEDED libraries, serves the embedded default) and the rpm / deb built from it
 #      (file lists, config marking, unit identical to packaging/twinsan.service).
@@ -25,6 +27,7 @@
 #   TWINSAN_TEST_FILTER=... extra arguments for nextest / cargo test (word-split)
 #   TWINSAN_TOOLS           tool cache (default /var/cache/twinsan-tools)
 #   TWINSAN_SKIP_PACKAGING=1  skip step 7 (e.g. the packaging tools are not installed)
+#   TWINSAN_FUZZ_SECS=N     seconds per fuzz target (default 10; README "Fuzzing")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"

@@ -170,9 +170,12 @@ impl ReplayGuard {
                 }
             }
             last => {
-                let skew = b.unix_ms as i64 - now_ms as i64;
-                if skew.unsigned_abs() > self.window_ms {
-                    return Err(BeatError::Stale { skew_ms: skew });
+                // i128: any two u64 timestamps (a forged one may be anything) have a difference.
+                let skew = i128::from(b.unix_ms) - i128::from(now_ms);
+                if skew.unsigned_abs() > u128::from(self.window_ms) {
+                    return Err(BeatError::Stale {
+                        skew_ms: skew.clamp(i64::MIN.into(), i64::MAX.into()) as i64,
+                    });
                 }
                 if let Some((_, _, ts)) = last {
                     if b.unix_ms <= ts {
@@ -387,6 +390,25 @@ mod tests {
         ));
         assert!(decode(&[], b"x").is_err());
         assert!(decode(&[0u8; MAX_DATAGRAM + 1], b"x").is_err());
+    }
+
+    /// Found by the fuzz target: a timestamp more than i64::MAX ms from ours overflowed the
+    /// skew (a panic in a debug build, a wrapped skew in a release one).
+    #[test]
+    fn far_timestamps_are_stale_without_overflow() {
+        let mut g = ReplayGuard::new(10_000);
+        let now = 1_750_000_000_000;
+        for ts in [u64::MAX, 1 << 63, (1 << 63) + now, 0] {
+            assert!(
+                matches!(g.accept(&beat(1, ts), now), Err(BeatError::Stale { .. })),
+                "timestamp {ts}"
+            );
+        }
+        assert_eq!(
+            g.accept(&beat(1, u64::MAX), 0),
+            Err(BeatError::Stale { skew_ms: i64::MAX })
+        );
+        assert_eq!(g.accept(&beat(1, now + 5), now), Ok(()));
     }
 
     #[test]
