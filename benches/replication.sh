@@ -231,22 +231,28 @@ trap 'log "interrupted"; exit 130' INT TERM
 # ------------------------------------------------------------------ configuration
 dir_of() { echo "$WORK/$1/$2"; }   # variant role
 
-write_config() {  # variant role(a|b|s) [resync_rate] [proxied]
-    local var="$1" r="$2" rate="${3:-$RESYNC_UNCAPPED}" proxied="${4:-0}" d listen peer role
-    d="$(dir_of "$var" "$r")"
-    mkdir -p "$d/data"
-    {
-        cat <<TOML
+server_toml() {  # DIR PORT: the [server] section and the target, LUNs to follow
+    cat <<TOML
 [server]
-data_dir = "$d/data"
-control_socket = "$d/data/twinsan.sock"
+data_dir = "$1/data"
+control_socket = "$1/data/twinsan.sock"
 worker_threads = ${TWINSAN_WORKER_THREADS:-0}
 io_engine = "$ENGINE"
 io_threads = ${TWINSAN_IO_THREADS:-0}
 
 [[target]]
 iqn = "$IQN"
-portals = ["$HOST:$(port_of "$var" "$r")"]
+portals = ["$HOST:$2"]
+TOML
+}
+
+write_config() {  # variant role(a|b|s) [resync_rate] [proxied]
+    local var="$1" r="$2" rate="${3:-$RESYNC_UNCAPPED}" proxied="${4:-0}" d listen peer role
+    d="$(dir_of "$var" "$r")"
+    mkdir -p "$d/data"
+    {
+        server_toml "$d" "$(port_of "$var" "$r")"
+        cat <<TOML
 
 [[target.lun]]
 number = 0
@@ -590,18 +596,7 @@ write_vol_config() {  # role(a|b)
     mkdir -p "$d/data"
     role=primary; [ "$r" = b ] && role=secondary
     {
-        cat <<TOML
-[server]
-data_dir = "$d/data"
-control_socket = "$d/data/twinsan.sock"
-worker_threads = ${TWINSAN_WORKER_THREADS:-0}
-io_engine = "$ENGINE"
-io_threads = ${TWINSAN_IO_THREADS:-0}
-
-[[target]]
-iqn = "$IQN"
-portals = ["$HOST:$(port_of vol "$r")"]
-TOML
+        server_toml "$d" "$(port_of vol "$r")"
         for ((i = 0; i < NVOL; i++)); do
             local listen peer
             if [ "$r" = a ]; then listen="$(port_of vol "rla$i")"; peer="$(port_of vol "rlb$i")"

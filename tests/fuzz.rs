@@ -40,8 +40,8 @@ use twinsan::iscsi::login::{
     TargetAuth,
 };
 use twinsan::iscsi::negotiation::{
-    encode_hex, encode_text, parse_binary, parse_numeric, parse_text, Negotiator, SessionParams,
-    SessionType, TargetLimits,
+    self, encode_hex, encode_text, parse_binary, parse_numeric, parse_text, Negotiator,
+    SessionParams, SessionType, TargetLimits,
 };
 use twinsan::iscsi::pdu::{
     encode_pdu, DataIn, DataOut, LoginRequest, LoginResponse, LogoutRequest, NopOut, Opcode, Pdu,
@@ -72,44 +72,29 @@ pub const INITIATOR: &str = "iqn.2024-01.org.example:ini";
 // Shared pieces
 // ---------------------------------------------------------------------------------------
 
-/// Keys the login and text generators and dictionaries use.
-const KEYS: &[&str] = &[
-    "InitiatorName",
-    "InitiatorAlias",
-    "TargetName",
-    "TargetAlias",
-    "SessionType",
-    "AuthMethod",
-    "CHAP_A",
-    "CHAP_N",
-    "CHAP_R",
-    "CHAP_I",
-    "CHAP_C",
-    "HeaderDigest",
-    "DataDigest",
-    "MaxConnections",
-    "InitialR2T",
-    "ImmediateData",
-    "MaxRecvDataSegmentLength",
-    "MaxBurstLength",
-    "FirstBurstLength",
-    "DefaultTime2Wait",
-    "DefaultTime2Retain",
-    "MaxOutstandingR2T",
-    "DataPDUInOrder",
-    "DataSequenceInOrder",
-    "ErrorRecoveryLevel",
-    "IFMarker",
-    "OFMarker",
-    "OFMarkInt",
-    "TargetAddress",
-    "TargetPortalGroupTag",
-    "SendTargets",
-    "TaskReporting",
-    "iSCSIProtocolLevel",
-    "X-com.example.vendor",
-    "X#private",
-];
+/// Keys the login and text generators and dictionaries use: every key of the negotiation
+/// table, plus the CHAP keys, `SendTargets` and unknown ones.
+fn keys() -> &'static [&'static str] {
+    static KEYS: OnceLock<Vec<&'static str>> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let mut k: Vec<&'static str> = negotiation::KEYS.iter().map(|d| d.name).collect();
+        for extra in [
+            "CHAP_A",
+            "CHAP_N",
+            "CHAP_R",
+            "CHAP_I",
+            "CHAP_C",
+            "SendTargets",
+            "X-com.example.vendor",
+            "X#private",
+        ] {
+            if !k.contains(&extra) {
+                k.push(extra);
+            }
+        }
+        k
+    })
+}
 
 const VALUES: &[&str] = &[
     INITIATOR,
@@ -168,7 +153,7 @@ fn text_dict() -> &'static [&'static [u8]] {
     static DICT: OnceLock<Vec<&'static [u8]>> = OnceLock::new();
     DICT.get_or_init(|| {
         let mut d: Vec<&'static [u8]> = vec![b"\0", b"=", b",", b"\0\0", RECORD_SEP];
-        for k in KEYS {
+        for k in keys() {
             d.push(Box::leak(format!("{k}=").into_bytes().into_boxed_slice()));
         }
         for v in VALUES {
@@ -185,7 +170,7 @@ fn text_strategy() -> impl Strategy<Value = Vec<u8>> {
         1 => "[ -~]{0,40}",
         1 => (1usize..600).prop_map(|n| "a".repeat(n)),
     ];
-    vec((proptest::sample::select(KEYS), value), 0..10).prop_map(|pairs| {
+    vec((proptest::sample::select(keys()), value), 0..10).prop_map(|pairs| {
         let pairs: Vec<(String, String)> =
             pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         encode_text(&pairs)
