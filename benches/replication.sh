@@ -375,6 +375,19 @@ start_pair() {  # variant tag [resync_rate] [proxied]
 }
 stop_pair() { stop_daemon "$1" b; stop_daemon "$1" a; }
 
+# create_md BIN CONFIG VOLUME TOKEN LABEL: fresh metadata on identical replicas (no initial
+# sync); prints the volume's usable size in bytes. Output kept in $RAW/create-md.LABEL.txt.
+create_md() {
+    local out u
+    out="$("$1" replication create-md --config "$2" --volume "$3" \
+        --initial-sync skip-identical --skip-token "$4" 2>&1)" \
+        || die "$5: create-md of $3 failed: ${out}"
+    printf '%s\n' "$out" >"$RAW/create-md.$5.txt"
+    u="$(grep -o 'size [0-9]* bytes' <<<"$out" | awk '{print $2}' | head -n1)"
+    [ -n "$u" ] || die "$5: no usable size in create-md output: ${out}"
+    echo "$u"
+}
+
 # ------------------------------------------------------------------ backing files
 SRC="$WORK/source.img"
 timed "precondition ${SIZE_MIB} MiB" make_backing_file "$SRC" "$SIZE_MIB"
@@ -388,14 +401,9 @@ for var in "${VARIANTS[@]}"; do
     write_config "$var" b
     write_config "$var" s
     # Both replicas hold the same bytes: no initial sync (as for new, identical disks).
-    token="bench-$STAMP"
     for r in a b; do
-        out="$("$(bin_of "$var")" replication create-md --config "$(dir_of "$var" "$r")/twinsan.toml" \
-            --volume "$VOLUME" --initial-sync skip-identical --skip-token "$token" 2>&1)" \
-            || die "${var}-${r}: create-md failed: ${out}"
-        printf '%s\n' "$out" >"$RAW/create-md.${var}-${r}.txt"
-        u="$(grep -o 'size [0-9]* bytes' <<<"$out" | awk '{print $2}' | head -n1)"
-        [ -n "$u" ] || die "${var}-${r}: no usable size in create-md output: ${out}"
+        u="$(create_md "$(bin_of "$var")" "$(dir_of "$var" "$r")/twinsan.toml" "$VOLUME" \
+            "bench-$STAMP" "${var}-${r}")" || exit 1
         if [ -z "$USABLE" ] || [ "$u" -lt "$USABLE" ]; then USABLE="$u"; fi
     done
 done
@@ -632,12 +640,8 @@ if want_section volumes; then
         write_vol_config "$r"
         for ((i = 0; i < NVOL; i++)); do
             cp --sparse=never "$SRC" "$(dir_of vol "$r")/disk$i.img"
-            out="$("$TWINSAN_BIN" replication create-md --config "$(dir_of vol "$r")/twinsan.toml" \
-                --volume "v$i" --initial-sync skip-identical --skip-token "bench-vol$i-$STAMP" 2>&1)" \
-                || die "vol-${r}: create-md of v${i} failed: ${out}"
-            printf '%s\n' "$out" >"$RAW/create-md.vol-${r}-v${i}.txt"
-            u="$(grep -o 'size [0-9]* bytes' <<<"$out" | awk '{print $2}' | head -n1)"
-            [ -n "$u" ] || die "vol-${r}: no usable size in create-md output: ${out}"
+            u="$(create_md "$TWINSAN_BIN" "$(dir_of vol "$r")/twinsan.toml" "v$i" \
+                "bench-vol$i-$STAMP" "vol-${r}-v${i}")" || exit 1
             if [ -z "$usable" ] || [ "$u" -lt "$usable" ]; then usable="$u"; fi
         done
     done
