@@ -6,12 +6,13 @@ use crate::config::{Config, Credentials, LunConfig, TargetConfig};
 use crate::control::ControlContext;
 use crate::ha::HaHandle;
 use crate::identity::IdentityStore;
+use crate::iscsi::budget::MemoryBudget;
 use crate::iscsi::chap::ChapCredentials;
-use crate::iscsi::context::{ConnectionTimers, IscsiContext};
+use crate::iscsi::context::{ConnectionTimers, IscsiContext, ResourceLimits};
 use crate::iscsi::listener::{self, accept_loop};
 use crate::iscsi::login::{LoginConfig, TargetAuth};
 use crate::iscsi::negotiation::{Digest, TargetLimits};
-use crate::iscsi::session::{SessionRegistry, TargetEntry};
+use crate::iscsi::session::{SessionLimits, SessionRegistry, TargetEntry};
 use crate::scsi::thin::ThinThreshold;
 use crate::scsi::{LunSettings, ScsiTarget};
 use crate::store::{choose_engine, open_file_store, BlockStore, EngineChoice, FileStoreOptions};
@@ -113,6 +114,19 @@ impl Server {
                 s.nop_in_interval_secs,
                 s.nop_in_timeout_secs,
             ),
+            limits: ResourceLimits {
+                sessions: SessionLimits {
+                    max_sessions: s.max_sessions as usize,
+                    max_sessions_per_initiator: s.max_sessions_per_initiator as usize,
+                },
+                session_inflight_bytes: s.effective_max_session_inflight_bytes(),
+                max_logins: s.max_logins_in_progress as usize,
+            },
+            budget: MemoryBudget::new(s.effective_max_inflight_bytes()),
+            logins: Arc::new(tokio::sync::Semaphore::new(
+                s.max_logins_in_progress as usize,
+            )),
+            login_refusals: Default::default(),
         });
         let volumes = Volumes::new(volumes);
         let control = Arc::new(ControlContext {

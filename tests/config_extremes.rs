@@ -76,6 +76,11 @@ fn cases() -> Vec<Case> {
         (Server, "queue_depth", U32, 1, 4096, none),
         (Server, "worker_threads", U64, 0, 1024, none),
         (Server, "io_threads", U64, 0, 256, none),
+        (Server, "max_inflight_bytes", U64, 0, 1 << 40, none),
+        (Server, "max_session_inflight_bytes", U64, 0, 1 << 40, none),
+        (Server, "max_sessions", U32, 1, 65535, none),
+        (Server, "max_sessions_per_initiator", U32, 1, 65535, none),
+        (Server, "max_logins_in_progress", U32, 1, 65535, none),
         (
             Negotiation,
             "max_recv_data_segment_length",

@@ -559,7 +559,7 @@ struct Dir {
 }
 
 impl SessionDirectory for Dir {
-    fn allocate_tsih(&mut self) -> Option<u16> {
+    fn allocate_tsih(&mut self, _: &str, _: [u8; 6]) -> Option<u16> {
         self.next = self.next.wrapping_add(1);
         (self.next != 5).then_some(self.next)
     }

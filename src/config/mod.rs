@@ -114,9 +114,38 @@ pub struct ServerConfig {
     /// Threads engine: I/O threads per LUN at most; 0 = 16 for O_DIRECT LUNs, 4 for
     /// buffered ones.
     pub io_threads: usize,
+    /// Bytes of command data (READ and WRITE buffers) all sessions may hold at once; over
+    /// it new commands wait and the CmdSN window closes. 0 = an eighth of the host's memory,
+    /// between 256 MiB and 8 GiB.
+    pub max_inflight_bytes: u64,
+    /// The same for one session; 0 = 256 MiB (never more than `max_inflight_bytes`).
+    pub max_session_inflight_bytes: u64,
+    /// Sessions the target serves at once (discovery ones included).
+    pub max_sessions: u32,
+    /// Sessions one initiator name may have at once.
+    pub max_sessions_per_initiator: u32,
+    /// Connections in the login phase at once; more are closed as they arrive.
+    pub max_logins_in_progress: u32,
 }
 
 impl ServerConfig {
+    /// `max_inflight_bytes` with 0 resolved from the host's memory.
+    pub fn effective_max_inflight_bytes(&self) -> u64 {
+        match self.max_inflight_bytes {
+            0 => crate::iscsi::budget::default_limit(),
+            n => n,
+        }
+    }
+
+    /// `max_session_inflight_bytes` with 0 resolved; never above the server's budget.
+    pub fn effective_max_session_inflight_bytes(&self) -> u64 {
+        let server = self.effective_max_inflight_bytes();
+        match self.max_session_inflight_bytes {
+            0 => crate::iscsi::budget::default_session_limit(server),
+            n => n.min(server),
+        }
+    }
+
     /// The runtime's thread count after resolving `worker_threads = 0`.
     pub fn effective_worker_threads(&self) -> usize {
         match self.worker_threads {
@@ -141,6 +170,11 @@ impl Default for ServerConfig {
             worker_threads: 0,
             io_engine: crate::store::IoEngineSetting::Auto,
             io_threads: 0,
+            max_inflight_bytes: 0,
+            max_session_inflight_bytes: 0,
+            max_sessions: 4096,
+            max_sessions_per_initiator: 256,
+            max_logins_in_progress: 256,
         }
     }
 }
@@ -651,6 +685,35 @@ impl Config {
                 "0 = 16 per O_DIRECT LUN, 4 per buffered one",
             ),
             ("queue_depth", s.queue_depth as u64, 1, 4096, ""),
+            (
+                "max_inflight_bytes",
+                s.max_inflight_bytes,
+                0,
+                1 << 40,
+                "bytes, 0 = an eighth of the memory",
+            ),
+            (
+                "max_session_inflight_bytes",
+                s.max_session_inflight_bytes,
+                0,
+                1 << 40,
+                "bytes, 0 = 256 MiB",
+            ),
+            ("max_sessions", s.max_sessions as u64, 1, 65535, ""),
+            (
+                "max_sessions_per_initiator",
+                s.max_sessions_per_initiator as u64,
+                1,
+                65535,
+                "",
+            ),
+            (
+                "max_logins_in_progress",
+                s.max_logins_in_progress as u64,
+                1,
+                65535,
+                "",
+            ),
             (
                 "login_timeout_secs",
                 s.login_timeout_secs,

@@ -9,6 +9,7 @@
 //! sender writes to the socket itself; a writer task takes over whatever the socket did not
 //! accept at once and everything queued meanwhile.
 
+use super::budget::Charge;
 use super::context::IscsiContext;
 use super::ffp::build_response;
 use super::pdu::{FramingError, Opcode, Pdu, PduCodec, WireBatch, RESERVED_TAG};
@@ -18,6 +19,7 @@ use super::text::TextContext;
 use crate::scsi::{DataOutPlan, PlannedCommand, ScsiRequest};
 use bytes::Bytes;
 use futures::StreamExt;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Waker};
@@ -71,6 +73,31 @@ struct OutState {
     closing: bool,
     /// The socket failed; nothing more is sent.
     failed: bool,
+    /// Bytes ever queued, and ever accepted by the socket: positions in the byte stream.
+    queued_total: u64,
+    written_total: u64,
+    /// Memory charges of responses not yet out, with the stream position where each ends:
+    /// a read's Data-In stays charged until the socket has taken it.
+    charges: VecDeque<(u64, Charge)>,
+}
+
+impl OutState {
+    /// The socket took `n` more bytes: release the charges of responses now fully out.
+    fn written(&mut self, n: usize) {
+        self.written_total += n as u64;
+        while self
+            .charges
+            .front()
+            .is_some_and(|(end, _)| *end <= self.written_total)
+        {
+            self.charges.pop_front();
+        }
+    }
+
+    fn fail(&mut self) {
+        self.failed = true;
+        self.charges.clear();
+    }
 }
 
 impl OutboxShared {
@@ -97,6 +124,9 @@ impl Outbox {
                 socket: SocketOwner::Free,
                 closing: false,
                 failed: false,
+                queued_total: 0,
+                written_total: 0,
+                charges: VecDeque::new(),
             }),
             wake_writer: Notify::new(),
         }))
@@ -106,15 +136,26 @@ impl Outbox {
     /// (so no other response is about to follow), writes them right away, as much as the
     /// socket takes without blocking; the writer task sends the rest.
     fn send(&self, pdus: Vec<Pdu>) {
+        self.send_charged(pdus, Charge::none());
+    }
+
+    /// [`Outbox::send`], keeping `charge` until the socket has taken these PDUs.
+    fn send_charged(&self, pdus: Vec<Pdu>, charge: Charge) {
         let sh = &*self.0;
         let mut st = sh.lock();
         if st.closing || st.failed {
             return;
         }
+        let before = st.queued.len();
         for mut p in pdus {
             stamp(&mut p, &sh.session, &mut st.stat_sn);
             st.queued
                 .push(&p, sh.params.header_digest, sh.params.data_digest);
+        }
+        st.queued_total += (st.queued.len() - before) as u64;
+        if charge.bytes() > 0 {
+            let end = st.queued_total;
+            st.charges.push_back((end, charge));
         }
         if st.socket != SocketOwner::Free {
             return;
@@ -133,10 +174,13 @@ impl Outbox {
         let result = write_now(&sh.wr, segments);
         let mut st = sh.lock();
         match result {
-            Ok(rest) => st.leftover = rest,
+            Ok((rest, n)) => {
+                st.leftover = rest;
+                st.written(n);
+            }
             Err(e) => {
                 debug!("write failed: {e}");
-                st.failed = true;
+                st.fail();
             }
         }
         if st.leftover.is_empty() && st.queued.is_empty() && !st.closing && !st.failed {
@@ -165,8 +209,13 @@ impl Outbox {
     }
 }
 
-/// Writes as much of `segments` as the socket takes without blocking; returns the rest.
-fn write_now(wr: &OwnedWriteHalf, mut segments: Vec<Bytes>) -> std::io::Result<Vec<Bytes>> {
+/// Writes as much of `segments` as the socket takes without blocking; returns the rest and
+/// the number of bytes written.
+fn write_now(
+    wr: &OwnedWriteHalf,
+    mut segments: Vec<Bytes>,
+) -> std::io::Result<(Vec<Bytes>, usize)> {
+    let mut written = 0;
     while !segments.is_empty() {
         let n = {
             let slices: Vec<std::io::IoSlice<'_>> = segments
@@ -177,14 +226,17 @@ fn write_now(wr: &OwnedWriteHalf, mut segments: Vec<Bytes>) -> std::io::Result<V
             match wr.try_write_vectored(&slices) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(segments),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Ok((segments, written))
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
                 Err(e) => return Err(e),
             }
         };
         consume(&mut segments, n);
+        written += n;
     }
-    Ok(segments)
+    Ok((segments, written))
 }
 
 /// Drops the first `n` bytes of `segments`.
@@ -227,6 +279,19 @@ async fn run(
     local: Option<std::net::SocketAddr>,
     ctx: Arc<IscsiContext>,
 ) -> anyhow::Result<()> {
+    // Connections in the login phase hold buffers and a timer each: bounded, and one more
+    // is closed at once rather than queued.
+    let Ok(login_permit) = ctx.logins.clone().try_acquire_owned() else {
+        if let Some(n) = ctx.login_refusals.refused(std::time::Instant::now()) {
+            warn!(
+                refused = n,
+                max = ctx.limits.max_logins,
+                "connection closed: too many connections in the login phase \
+                 (server.max_logins_in_progress)"
+            );
+        }
+        return Ok(());
+    };
     let (rd, mut wr) = stream.into_split();
     let mut reader = FramedRead::new(rd, PduCodec::default());
     let login_timeout = ctx.timers.login_timeout;
@@ -236,6 +301,7 @@ async fn run(
     )
     .await
     .map_err(|_| anyhow::anyhow!("login did not complete within {login_timeout:?}"))??;
+    drop(login_permit);
     let Some(logged_in) = login else {
         return Ok(());
     };
@@ -351,10 +417,15 @@ async fn write_loop(out: Outbox) {
                     Err(e) => Err(e),
                 };
                 match result {
-                    Ok(rest) => segments = rest,
+                    Ok((rest, n)) => {
+                        segments = rest;
+                        if n > 0 {
+                            sh.lock().written(n);
+                        }
+                    }
                     Err(e) => {
                         debug!("write failed: {e}");
-                        sh.lock().failed = true;
+                        sh.lock().fail();
                         return;
                     }
                 }
@@ -419,6 +490,10 @@ impl Env for Io<'_> {
             waiters.extend(s.abort_where(|t| lun.is_none_or(|l| t.lun == l)));
         }
         waiters
+    }
+
+    fn data_in_len(&self, planned: &PlannedCommand) -> u64 {
+        planned.data_in_len()
     }
 
     fn text_context(&self) -> TextContext<'_> {
@@ -491,7 +566,8 @@ impl Io<'_> {
             let resp = target.scsi.execute(c.planned, req).await;
             let pdus = build_response(&c.hdr, resp, c.limits, c.residual);
             session.remove_task(c.hdr.itt);
-            c.task.complete_with(|| out.send(pdus));
+            let charge = c.charge;
+            c.task.complete_with(|| out.send_charged(pdus, charge));
             c.task.finished();
         });
         if command
@@ -512,6 +588,7 @@ async fn feature_phase(
     reader: &mut FramedRead<OwnedReadHalf, PduCodec>,
 ) -> anyhow::Result<()> {
     let shutdown = io.session.shutdown.clone();
+    let mut freed = io.session.budget.freed();
     while !seq.closing() {
         let event = tokio::select! {
             _ = shutdown.cancelled() => {
@@ -519,6 +596,7 @@ async fn feature_phase(
                 return Ok(());
             }
             _ = tokio::time::sleep_until(seq.deadline()) => Event::Timer,
+            _ = freed.changed(), if seq.waiting_for_budget() => Event::BudgetFreed,
             f = reader.next() => match f {
                 None => return Ok(()),
                 Some(f) => match f? {
@@ -527,6 +605,8 @@ async fn feature_phase(
                 },
             },
         };
+        // Seen before the rules run: a release while they run wakes the next round.
+        freed.borrow_and_update();
         seq.handle(event, Instant::now(), io)?;
     }
     Ok(())
@@ -572,6 +652,7 @@ mod tests {
                 queue_depth: 8,
                 params: SessionParams::default(),
                 cid: 0,
+                budget: crate::iscsi::budget::SessionBudget::unlimited(),
             },
         );
         let params = FeatureParams {

@@ -2,12 +2,14 @@
 //! login settings, the portals and the connection timers. Nothing here knows the daemon's
 //! configuration file, the HA loop or the control socket; the server builds it once.
 
+use super::budget::MemoryBudget;
 use super::login::LoginConfig;
-use super::session::{SessionRegistry, TargetEntry};
+use super::session::{SessionLimits, SessionRegistry, TargetEntry};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 
 /// The timers a connection runs by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +34,50 @@ impl ConnectionTimers {
     }
 }
 
+/// Bounds on what clients can make the server hold (issue 13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResourceLimits {
+    pub sessions: SessionLimits,
+    /// Each session's share of the in-flight data budget.
+    pub session_inflight_bytes: u64,
+    /// Connections in the login phase at once; more are closed at once.
+    pub max_logins: usize,
+}
+
+impl Default for ResourceLimits {
+    fn default() -> Self {
+        ResourceLimits {
+            sessions: SessionLimits::default(),
+            session_inflight_bytes: 256 << 20,
+            max_logins: 256,
+        }
+    }
+}
+
+/// Connections refused because too many were logging in: one log line per ten seconds
+/// with the count, not one per connection.
+#[derive(Default)]
+pub struct LoginRefusals(Mutex<(Option<Instant>, u64)>);
+
+impl LoginRefusals {
+    /// Counts a refusal; returns the number to log now (refusals since the last line), if a
+    /// line is due.
+    pub fn refused(&self, now: Instant) -> Option<u64> {
+        let mut g = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.1 += 1;
+        match g.0 {
+            Some(last) if now.duration_since(last) < Duration::from_secs(10) => None,
+            _ => {
+                g.0 = Some(now);
+                Some(std::mem::take(&mut g.1))
+            }
+        }
+    }
+}
+
 /// The context of every connection: [`super::connection::serve`] and the login take this.
 pub struct IscsiContext {
     pub sessions: SessionRegistry,
@@ -41,6 +87,12 @@ pub struct IscsiContext {
     /// Portals advertised by SendTargets, in configuration order.
     pub portals: Vec<SocketAddr>,
     pub timers: ConnectionTimers,
+    pub limits: ResourceLimits,
+    /// Memory for in-flight command data, shared by every session.
+    pub budget: Arc<MemoryBudget>,
+    /// One permit per connection in the login phase (`limits.max_logins`).
+    pub logins: Arc<Semaphore>,
+    pub login_refusals: LoginRefusals,
 }
 
 impl IscsiContext {
@@ -66,6 +118,16 @@ mod tests {
     }
 
     #[test]
+    fn login_refusals_are_logged_once_per_ten_seconds_with_the_count() {
+        let r = LoginRefusals::default();
+        let t0 = Instant::now();
+        assert_eq!(r.refused(t0), Some(1));
+        assert_eq!(r.refused(t0 + Duration::from_secs(1)), None);
+        assert_eq!(r.refused(t0 + Duration::from_secs(2)), None);
+        assert_eq!(r.refused(t0 + Duration::from_secs(11)), Some(3));
+    }
+
+    #[test]
     fn targets_are_found_whatever_the_case_of_the_name() {
         use crate::scsi::ScsiTarget;
         let entry = Arc::new(TargetEntry {
@@ -78,6 +140,10 @@ mod tests {
             login: Arc::new(LoginConfig::default()),
             portals: Vec::new(),
             timers: ConnectionTimers::from_secs(15, 10, 15),
+            limits: ResourceLimits::default(),
+            budget: MemoryBudget::new(1 << 30),
+            logins: Arc::new(Semaphore::new(1)),
+            login_refusals: LoginRefusals::default(),
         };
         assert!(ctx.target("IQN.2026-01.X:disk").is_some());
         assert!(ctx.target("iqn.2026-01.x:other").is_none());

@@ -192,9 +192,10 @@ pub enum ExistingSession {
 
 /// The session registry, as the login needs it.
 pub trait SessionDirectory {
-    /// A fresh non-zero TSIH for a new session (`None`: out of resources, 0x0302). Called once,
+    /// A fresh non-zero TSIH for a new session of `initiator_name` / `isid` (`None`: out of
+    /// resources, 0x0302: no TSIH left, or the session limits are reached). Called once,
     /// when the final response is built.
-    fn allocate_tsih(&mut self) -> Option<u16>;
+    fn allocate_tsih(&mut self, initiator_name: &str, isid: [u8; 6]) -> Option<u16>;
     /// Looks up the session a login with non-zero TSIH wants to join.
     fn find_session(&mut self, query: &SessionQuery<'_>) -> ExistingSession;
 }
@@ -956,18 +957,23 @@ impl LoginNegotiation {
             .take()
             .ok_or_else(|| fail(TargetError, "no negotiator"))?;
         let params = negotiator.finish()?;
-        let tsih = if self.leading {
-            match sessions.allocate_tsih() {
-                Some(t) if t != 0 => t,
-                _ => return Err(fail(OutOfResources, "no TSIH available")),
-            }
-        } else {
-            h.tsih
-        };
         let id = self
             .identity
             .clone()
             .ok_or_else(|| fail(TargetError, "no identity"))?;
+        let tsih = if self.leading {
+            match sessions.allocate_tsih(&id.initiator_name, h.isid) {
+                Some(t) if t != 0 => t,
+                _ => {
+                    return Err(fail(
+                        OutOfResources,
+                        "no session available (session limits reached or no TSIH left)",
+                    ))
+                }
+            }
+        } else {
+            h.tsih
+        };
         let chap_user = match &self.auth {
             Auth::Passed { chap_user } => chap_user.clone(),
             _ => None,
@@ -1104,7 +1110,7 @@ mod tests {
     }
 
     impl SessionDirectory for Dir {
-        fn allocate_tsih(&mut self) -> Option<u16> {
+        fn allocate_tsih(&mut self, _: &str, _: [u8; 6]) -> Option<u16> {
             self.next += 1;
             Some(self.next)
         }
@@ -1886,7 +1892,7 @@ mod tests {
     fn tsih_exhaustion_is_out_of_resources() {
         struct Full;
         impl SessionDirectory for Full {
-            fn allocate_tsih(&mut self) -> Option<u16> {
+            fn allocate_tsih(&mut self, _: &str, _: [u8; 6]) -> Option<u16> {
                 None
             }
             fn find_session(&mut self, _: &SessionQuery<'_>) -> ExistingSession {

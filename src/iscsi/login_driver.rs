@@ -5,7 +5,7 @@ use super::login::{ExistingSession, LoginNegotiation, LoginStep, SessionDirector
 use super::negotiation::{Digest, SessionParams, SessionType};
 use super::pdu::{encode_pdu, Opcode, PduCodec};
 use super::sequencer::FeatureParams;
-use super::session::{wait_stopped, NewSession, Session, SessionRegistry};
+use super::session::{wait_stopped, NewSession, Session, SessionLimits, SessionRegistry};
 use bytes::BytesMut;
 use futures::StreamExt;
 use std::net::SocketAddr;
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::FramedRead;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// A connection that completed login.
 pub struct LoggedIn {
@@ -24,10 +24,20 @@ pub struct LoggedIn {
 
 struct Directory<'a> {
     registry: &'a SessionRegistry,
+    limits: &'a SessionLimits,
 }
 
 impl SessionDirectory for Directory<'_> {
-    fn allocate_tsih(&mut self) -> Option<u16> {
+    fn allocate_tsih(&mut self, initiator_name: &str, isid: [u8; 6]) -> Option<u16> {
+        if !self.registry.admits(initiator_name, isid, self.limits) {
+            warn!(
+                initiator = initiator_name,
+                max_sessions = self.limits.max_sessions,
+                max_sessions_per_initiator = self.limits.max_sessions_per_initiator,
+                "login refused: session limit reached (out of resources)"
+            );
+            return None;
+        }
         Some(self.registry.allocate_tsih())
     }
 
@@ -83,6 +93,7 @@ pub async fn drive_login(
             &pdu,
             &mut Directory {
                 registry: &ctx.sessions,
+                limits: &ctx.limits.sessions,
             },
         );
         let (response, done) = match step {
@@ -123,6 +134,7 @@ pub async fn drive_login(
                 queue_depth: ctx.login.cmd_window,
                 params: result.params.clone(),
                 cid: result.cid,
+                budget: ctx.budget.session(ctx.limits.session_inflight_bytes),
             },
         );
         // A reinstated session's tasks must stop before the new one runs commands (§6.3.5).

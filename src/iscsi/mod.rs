@@ -1,5 +1,6 @@
 //! iSCSI (RFC 7143), split by what each part implements.
 
+pub mod budget;
 pub mod chap;
 pub mod connection;
 pub mod context;

@@ -13,6 +13,7 @@
 //! The CmdSN window and the task table live in [`Session`] (atomics and a mutex, no I/O)
 //! because command tasks read them when they stamp their responses.
 
+use super::budget::Charge;
 use super::ffp::{build_response, reject, DataInLimits, Residual, ScsiCommandHeader, WriteGather};
 use super::negotiation::SessionType;
 use super::pdu::{
@@ -23,7 +24,7 @@ use super::session::{Session, Task, TaskState};
 use super::text::{TextContext, TextNegotiation, TextOutcome};
 use crate::scsi::{DataOutPlan, PlannedCommand, ScsiResponse, Sense};
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -61,6 +62,9 @@ pub trait Env {
     fn abort_target_tasks(&mut self, lun: Option<u64>) -> Vec<Waiter>;
     /// Targets, portals and names a Text Request is answered from.
     fn text_context(&self) -> TextContext<'_>;
+    /// Bytes of Data-In a planned command produces at most (a READ's transfer length); 0 for
+    /// commands without bulk data. Charged to the memory budget before it runs.
+    fn data_in_len(&self, planned: &Self::Planned) -> u64;
     /// Performs `action` now.
     fn act(&mut self, action: Action<Self::Planned>);
 }
@@ -75,6 +79,8 @@ pub struct Command<P = PlannedCommand> {
     /// ExpectedDataTransferLength against what the CDB transfers (§11.4.5).
     pub residual: Option<Residual>,
     pub limits: DataInLimits,
+    /// The command's bytes in the memory budget: released once its response has left.
+    pub charge: Charge,
 }
 
 /// What the rules want done.
@@ -108,6 +114,8 @@ pub enum Event {
     Bad(BadPdu),
     /// The deadline from [`Sequencer::deadline`] has passed.
     Timer,
+    /// Memory was released somewhere: commands waiting for it may run now.
+    BudgetFreed,
 }
 
 /// Why the connection must end.
@@ -158,6 +166,21 @@ struct PendingWrite<P> {
     /// ExpectedDataTransferLength against what the CDB transfers (§11.4.5).
     residual: Residual,
     planned: P,
+    charge: Charge,
+}
+
+/// A command accepted in CmdSN order that waits for room in the memory budget before its
+/// buffer is taken (no R2T, no execution yet). Its task is registered, so task management
+/// finds it and the window counts it.
+struct BudgetWait<P> {
+    task: Arc<Task>,
+    hdr: ScsiCommandHeader,
+    planned: P,
+    /// `Some(need)`: a write that gathers `need` bytes (the CDB's); None: no Data-Out.
+    gather: Option<u32>,
+    /// Immediate data that came with the command.
+    immediate: Bytes,
+    bytes: u64,
 }
 
 /// The full-feature phase of one connection.
@@ -166,6 +189,8 @@ pub struct Sequencer<P = PlannedCommand> {
     params: FeatureParams,
     /// Writes waiting for Data-Out, by ITT.
     gathers: HashMap<u32, PendingWrite<P>>,
+    /// Commands waiting for memory, in the order they arrived (big ones do not starve).
+    budget_wait: VecDeque<BudgetWait<P>>,
     /// Commands that arrived ahead of ExpCmdSN (§4.2.2.1), delivered in order.
     held: Vec<Pdu>,
     /// CmdSNs ahead of ExpCmdSN whose commands an ABORT TASK aborted (held or not yet
@@ -196,6 +221,7 @@ impl<P> Sequencer<P> {
             session,
             params,
             gathers: HashMap::new(),
+            budget_wait: VecDeque::new(),
             held: Vec::new(),
             aborted_ahead: Vec::new(),
             early_data_out: HashMap::new(),
@@ -217,6 +243,11 @@ impl<P> Sequencer<P> {
         self.nop.ping.unwrap_or(self.nop.quiet_until)
     }
 
+    /// Whether commands wait for memory: feed [`Event::BudgetFreed`] when some is released.
+    pub fn waiting_for_budget(&self) -> bool {
+        !self.budget_wait.is_empty()
+    }
+
     /// A Logout was accepted: read no more PDUs.
     pub fn closing(&self) -> bool {
         self.closing
@@ -236,6 +267,10 @@ impl<P> Sequencer<P> {
     ) -> Result<(), SequencerError> {
         let pdu = match event {
             Event::Timer => return self.timer(now, env),
+            Event::BudgetFreed => {
+                self.run_waiting(env);
+                return Ok(());
+            }
             Event::Pdu(pdu) => Ok(pdu),
             Event::Bad(bad) => Err(bad),
         };
@@ -255,6 +290,10 @@ impl<P> Sequencer<P> {
                 );
                 send_one(env, reject(RejectReason::ProtocolError, &bhs));
             }
+        }
+        if !self.budget_wait.is_empty() {
+            // Aborts and this session's own completions may have made room.
+            self.run_waiting(env);
         }
         Ok(())
     }
@@ -440,52 +479,139 @@ impl<P> Sequencer<P> {
             );
             return;
         }
-        match env.plan(hdr.lun, &hdr.cdb) {
-            DataOutPlan::Fail(resp) => self.finish_now(&task, &hdr, resp, env),
-            DataOutPlan::None(planned) => {
-                let residual = if hdr.write {
-                    Some(Residual::of(hdr.expected_len, 0))
-                } else {
-                    None
-                };
-                self.execute(task, hdr, planned, Bytes::new(), residual, env);
+        let waiting = match env.plan(hdr.lun, &hdr.cdb) {
+            DataOutPlan::Fail(resp) => return self.finish_now(&task, &hdr, resp, env),
+            DataOutPlan::None(planned) => BudgetWait {
+                bytes: env.data_in_len(&planned),
+                task,
+                hdr,
+                planned,
+                gather: None,
+                immediate: Bytes::new(),
+            },
+            DataOutPlan::Gather(need, planned) => BudgetWait {
+                // The buffer WriteGather takes: what both the CDB and the initiator move.
+                bytes: u64::from(need.min(hdr.expected_len)),
+                task,
+                hdr,
+                planned,
+                gather: Some(need),
+                immediate: pdu.data.clone(),
+            },
+        };
+        self.admit(waiting, early, env);
+    }
+
+    /// Starts a command if the memory budget has room for its data, else queues it (behind
+    /// any command already waiting, so a large one is not overtaken for ever) and closes
+    /// the CmdSN window until it runs.
+    fn admit(&mut self, w: BudgetWait<P>, early: Vec<Pdu>, env: &mut impl Env<Planned = P>) {
+        let budget = self.session.budget.clone();
+        if w.bytes == 0 {
+            return self.start(w, Charge::none(), early, env);
+        }
+        if self.budget_wait.is_empty() {
+            if let Some(charge) = budget.try_charge(w.bytes) {
+                return self.start(w, charge, early, env);
             }
-            DataOutPlan::Gather(need, planned) => {
-                let residual = Residual::of(hdr.expected_len, need as u64);
-                let mut g = WriteGather::new(
-                    &hdr,
-                    need,
-                    pdu.data.clone(),
-                    self.params.first_burst,
-                    self.params.initial_r2t,
-                    self.params.max_burst,
-                    self.params.max_outstanding_r2t,
-                );
-                if g.complete() {
-                    let data = g.take_data();
-                    self.execute(task, hdr, planned, data, Some(residual), env);
-                } else {
-                    let tags = &mut self.tags;
-                    let r2ts = g.next_r2ts(|| tags.next());
-                    if !r2ts.is_empty() {
-                        env.act(Action::Send(r2ts));
-                    }
-                    let itt = hdr.itt;
-                    self.gathers.insert(
-                        itt,
-                        PendingWrite {
-                            gather: g,
-                            hdr,
-                            task,
-                            residual,
-                            planned,
-                        },
-                    );
-                    for p in early {
-                        self.data_out(p, env);
-                    }
-                }
+            // Announce the wait before the last try: a release in between then wakes us.
+            budget.set_waiting(true);
+            if let Some(charge) = budget.try_charge(w.bytes) {
+                budget.set_waiting(false);
+                return self.start(w, charge, early, env);
             }
+        }
+        debug!(
+            itt = w.hdr.itt,
+            bytes = w.bytes,
+            session_used = budget.used(),
+            "memory budget spent: command waits, CmdSN window closed"
+        );
+        if !early.is_empty() {
+            self.early_data_out.insert(w.hdr.itt, early);
+        }
+        self.budget_wait.push_back(w);
+        budget.set_waiting(true);
+        self.session.close_window(true);
+    }
+
+    /// Starts the waiting commands that fit now, in order; drops those aborted meanwhile.
+    fn run_waiting(&mut self, env: &mut impl Env<Planned = P>) {
+        let budget = self.session.budget.clone();
+        while let Some(front) = self.budget_wait.front() {
+            if front.task.state() != TaskState::Gathering {
+                let w = self.budget_wait.pop_front().expect("front");
+                self.early_data_out.remove(&w.hdr.itt);
+                w.task.finished();
+                continue;
+            }
+            let Some(charge) = budget.try_charge(front.bytes) else {
+                break;
+            };
+            let w = self.budget_wait.pop_front().expect("front");
+            let early = self.early_data_out.remove(&w.hdr.itt).unwrap_or_default();
+            self.start(w, charge, early, env);
+        }
+        if self.budget_wait.is_empty() {
+            budget.set_waiting(false);
+            self.session.close_window(false);
+        }
+    }
+
+    /// Runs a command that has its memory: executes it, or solicits its Data-Out.
+    fn start(
+        &mut self,
+        w: BudgetWait<P>,
+        charge: Charge,
+        early: Vec<Pdu>,
+        env: &mut impl Env<Planned = P>,
+    ) {
+        let BudgetWait {
+            task,
+            hdr,
+            planned,
+            gather,
+            immediate,
+            ..
+        } = w;
+        let Some(need) = gather else {
+            let residual = hdr.write.then(|| Residual::of(hdr.expected_len, 0));
+            return self.execute(task, hdr, planned, Bytes::new(), residual, charge, env);
+        };
+        let residual = Residual::of(hdr.expected_len, need as u64);
+        let mut g = WriteGather::new(
+            &hdr,
+            need,
+            immediate,
+            self.params.first_burst,
+            self.params.initial_r2t,
+            self.params.max_burst,
+            self.params.max_outstanding_r2t,
+        );
+        if g.complete() {
+            let data = g.take_data();
+            self.execute(task, hdr, planned, data, Some(residual), charge, env);
+            return;
+        }
+        let tags = &mut self.tags;
+        let r2ts = g.next_r2ts(|| tags.next());
+        if !r2ts.is_empty() {
+            env.act(Action::Send(r2ts));
+        }
+        let itt = hdr.itt;
+        self.gathers.insert(
+            itt,
+            PendingWrite {
+                gather: g,
+                hdr,
+                task,
+                residual,
+                planned,
+                charge,
+            },
+        );
+        for p in early {
+            self.data_out(p, env);
         }
     }
 
@@ -524,7 +650,15 @@ impl<P> Sequencer<P> {
         if pending.gather.complete() {
             let p = self.gathers.remove(&itt).expect("present");
             let data = p.gather.take_data();
-            self.execute(p.task, p.hdr, p.planned, data, Some(p.residual), env);
+            self.execute(
+                p.task,
+                p.hdr,
+                p.planned,
+                data,
+                Some(p.residual),
+                p.charge,
+                env,
+            );
         } else {
             let tags = &mut self.tags;
             let r2ts = pending.gather.next_r2ts(|| tags.next());
@@ -540,10 +674,11 @@ impl<P> Sequencer<P> {
     fn hold_early_data_out(&mut self, pdu: &Pdu) -> bool {
         let itt = pdu.itt();
         if DataOut(pdu).target_transfer_tag() != RESERVED_TAG
-            || !self
+            || !(self
                 .held
                 .iter()
                 .any(|c| c.itt() == itt && c.opcode() == Some(Opcode::ScsiCommand))
+                || self.budget_wait.iter().any(|w| w.hdr.itt == itt))
         {
             return false;
         }
@@ -593,6 +728,7 @@ impl<P> Sequencer<P> {
     }
 
     /// Hands a command to the target unless it was aborted while it gathered its data.
+    #[allow(clippy::too_many_arguments)]
     fn execute(
         &self,
         task: Arc<Task>,
@@ -600,6 +736,7 @@ impl<P> Sequencer<P> {
         planned: P,
         data_out: Bytes,
         residual: Option<Residual>,
+        charge: Charge,
         env: &mut impl Env<Planned = P>,
     ) {
         if !task.set_running() {
@@ -613,6 +750,7 @@ impl<P> Sequencer<P> {
             data_out,
             residual,
             limits: self.limits(),
+            charge,
         }));
     }
 
@@ -630,6 +768,7 @@ impl<P> Sequencer<P> {
         let response = match function {
             TMF_ABORT_TASK => {
                 self.gathers.remove(&ref_itt);
+                self.budget_wait.retain(|w| w.hdr.itt != ref_itt);
                 match self.session.abort_task(ref_itt) {
                     Some(w) => {
                         info!(ref_itt, "ABORT TASK: task aborted");
@@ -642,8 +781,11 @@ impl<P> Sequencer<P> {
                         let tmf_sn = req.cmd_sn();
                         if self.session.in_window(ref_cmd_sn) && serial::lt(ref_cmd_sn, tmf_sn) {
                             self.held.retain(|p| p.cmd_sn() != ref_cmd_sn);
-                            self.early_data_out
-                                .retain(|itt, _| self.held.iter().any(|p| p.itt() == *itt));
+                            let (held, waiting) = (&self.held, &self.budget_wait);
+                            self.early_data_out.retain(|itt, _| {
+                                held.iter().any(|p| p.itt() == *itt)
+                                    || waiting.iter().any(|w| w.hdr.itt == *itt)
+                            });
                             if self.session.advance(ref_cmd_sn) {
                                 debug!(
                                     ref_cmd_sn,
@@ -743,8 +885,16 @@ impl<P> Sequencer<P> {
         }
         self.closing = true;
         self.gathers.clear();
+        self.budget_wait.clear();
         self.early_data_out.clear();
         self.logout_response = Some(p);
+    }
+}
+
+impl<P> Drop for Sequencer<P> {
+    fn drop(&mut self) {
+        // Commands still waiting die with the connection; releases need not wake it.
+        self.session.budget.set_waiting(false);
     }
 }
 
@@ -778,6 +928,7 @@ const TMF_NOT_SUPPORTED: u8 = 5;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iscsi::budget::{MemoryBudget, SessionBudget};
     use crate::iscsi::login::TargetAuth;
     use crate::iscsi::negotiation::SessionParams;
     use crate::iscsi::session::{NewSession, SessionRegistry, TargetEntry};
@@ -785,6 +936,7 @@ mod tests {
     use std::net::SocketAddr;
 
     const WRITE_10: u8 = 0x2a;
+    const READ_10: u8 = 0x28;
     const TEST_UNIT_READY: u8 = 0x00;
     /// A CDB the fake target refuses before any data moves.
     const REFUSED: u8 = 0xff;
@@ -801,12 +953,16 @@ mod tests {
         portals: Vec<SocketAddr>,
         params: SessionParams,
         write_len: u32,
+        /// Data-In a READ(10) is planned to produce (other commands: none).
+        read_len: u64,
+        last_planned_read: bool,
     }
 
     impl Env for Fake {
         type Planned = ();
 
         fn plan(&mut self, _lun: u64, cdb: &[u8]) -> DataOutPlan<()> {
+            self.last_planned_read = cdb[0] == READ_10;
             match cdb[0] {
                 WRITE_10 => DataOutPlan::Gather(self.write_len, ()),
                 REFUSED => {
@@ -832,6 +988,13 @@ mod tests {
                 initiator_name: &self.session.initiator,
                 target_name: Some("iqn.x:t"),
                 params: &self.params,
+            }
+        }
+        fn data_in_len(&self, _planned: &()) -> u64 {
+            if self.last_planned_read {
+                self.read_len
+            } else {
+                0
             }
         }
         fn act(&mut self, action: Action<()>) {
@@ -898,6 +1061,15 @@ mod tests {
 
     /// A normal session with ExpCmdSN `exp` and a window of `depth` commands.
     fn setup(exp: u32, depth: u32, now: Instant) -> (Sequencer<()>, Fake) {
+        setup_with_budget(exp, depth, now, SessionBudget::unlimited())
+    }
+
+    fn setup_with_budget(
+        exp: u32,
+        depth: u32,
+        now: Instant,
+        budget: Arc<SessionBudget>,
+    ) -> (Sequencer<()>, Fake) {
         let reg = SessionRegistry::default();
         let target = Arc::new(TargetEntry {
             iqn: "iqn.x:t".into(),
@@ -913,6 +1085,7 @@ mod tests {
                 queue_depth: depth,
                 params: SessionParams::default(),
                 cid: 7,
+                budget,
             },
         );
         let seq = Sequencer::<()>::new(
@@ -931,6 +1104,8 @@ mod tests {
             portals: Vec::new(),
             params: SessionParams::default(),
             write_len: 4096,
+            read_len: 0,
+            last_planned_read: false,
         };
         (seq, fake)
     }
@@ -986,6 +1161,119 @@ mod tests {
     fn feed(seq: &mut Sequencer<()>, fake: &mut Fake, pdu: Pdu) {
         seq.handle(Event::Pdu(pdu), Instant::now(), fake)
             .expect("a PDU never ends the connection");
+    }
+
+    /// The commands handed to the target, by ITT, taking them out of the recorded actions
+    /// (dropping a `Command` releases its memory charge, as its response leaving does).
+    fn take_executed(f: &mut Fake) -> Vec<Command<()>> {
+        let mut out = Vec::new();
+        for a in std::mem::take(&mut f.actions) {
+            match a {
+                Action::Execute(c) => out.push(c),
+                other => f.actions.push(other),
+            }
+        }
+        out
+    }
+
+    fn r2t_itts(f: &Fake) -> Vec<u32> {
+        f.sent()
+            .iter()
+            .filter(|p| p.opcode() == Some(Opcode::R2t))
+            .map(|p| p.itt())
+            .collect()
+    }
+
+    #[test]
+    fn over_the_memory_budget_writes_wait_without_r2t_and_the_window_closes() {
+        // Room for two 4 KiB writes per session.
+        let budget = MemoryBudget::new(1 << 20).session(8192);
+        let (mut seq, mut f) = setup_with_budget(10, 8, Instant::now(), budget.clone());
+        for (itt, sn) in [(1, 10), (2, 11), (3, 12)] {
+            feed(&mut seq, &mut f, cmd(itt, sn, WRITE_10));
+        }
+        assert_eq!(
+            r2t_itts(&f),
+            vec![1, 2],
+            "the third write takes no buffer yet"
+        );
+        assert_eq!(budget.used(), 8192);
+        assert!(seq.waiting_for_budget());
+        let max = f.session.max_cmd_sn();
+        // A command without bulk data still runs, and the window stays where it was.
+        feed(&mut seq, &mut f, cmd(4, 13, TEST_UNIT_READY));
+        assert_eq!(f.executed(), vec![13]);
+        assert_eq!(f.session.max_cmd_sn(), max, "MaxCmdSN stops advancing");
+        // Write 1 gets its data and runs; its response leaving releases its buffer.
+        feed(&mut seq, &mut f, data_out(1, 1, 0, 0, 4096));
+        let done = take_executed(&mut f);
+        assert_eq!(
+            done.iter().map(|c| c.hdr.itt).collect::<Vec<_>>(),
+            vec![4, 1]
+        );
+        assert_eq!((done[0].charge.bytes(), done[1].charge.bytes()), (0, 4096));
+        f.session.remove_task(1);
+        f.session.remove_task(4);
+        drop(done);
+        f.clear();
+        seq.handle(Event::BudgetFreed, Instant::now(), &mut f)
+            .unwrap();
+        assert_eq!(
+            r2t_itts(&f),
+            vec![3],
+            "the waiting write solicits its data now"
+        );
+        assert!(!seq.waiting_for_budget());
+        assert!(
+            serial::gt(f.session.max_cmd_sn(), max),
+            "the window opens again"
+        );
+    }
+
+    #[test]
+    fn reads_wait_for_memory_and_an_aborted_waiting_command_never_runs() {
+        let budget = MemoryBudget::new(1 << 20).session(1 << 16);
+        let (mut seq, mut f) = setup_with_budget(10, 8, Instant::now(), budget.clone());
+        f.read_len = 1 << 16;
+        feed(&mut seq, &mut f, cmd(1, 10, READ_10));
+        feed(&mut seq, &mut f, cmd(2, 11, READ_10));
+        feed(&mut seq, &mut f, cmd(3, 12, READ_10));
+        assert_eq!(
+            f.executed(),
+            vec![10],
+            "one 64 KiB read fills the session's share"
+        );
+        feed(&mut seq, &mut f, tmf(TMF_ABORT_TASK, LUN, 2, 11, 13));
+        assert_eq!(f.tmf().0, TMF_COMPLETE);
+        assert!(
+            f.tmf().1.iter().all(stopped),
+            "a waiting task has nothing to stop"
+        );
+        let first = take_executed(&mut f);
+        f.session.remove_task(1);
+        drop(first);
+        f.clear();
+        seq.handle(Event::BudgetFreed, Instant::now(), &mut f)
+            .unwrap();
+        assert_eq!(f.executed(), vec![12], "the aborted read never runs");
+        assert!(!seq.waiting_for_budget());
+    }
+
+    #[test]
+    fn unsolicited_data_for_a_write_waiting_for_memory_is_kept_for_it() {
+        let budget = MemoryBudget::new(1 << 20).session(4096);
+        let (mut seq, mut f) = setup_with_budget(10, 8, Instant::now(), budget);
+        feed(&mut seq, &mut f, cmd(1, 10, WRITE_10));
+        feed(&mut seq, &mut f, write_unsolicited(2, 11));
+        feed(&mut seq, &mut f, data_out(2, RESERVED_TAG, 0, 0, 4096));
+        assert!(f.executed().is_empty());
+        feed(&mut seq, &mut f, data_out(1, 1, 0, 0, 4096));
+        let first = take_executed(&mut f);
+        f.session.remove_task(1);
+        drop(first);
+        seq.handle(Event::BudgetFreed, Instant::now(), &mut f)
+            .unwrap();
+        assert_eq!(f.executed(), vec![11], "its early Data-Out completed it");
     }
 
     #[test]

@@ -4,11 +4,12 @@
 //! has been queued or it was aborted. Completion and abort are decided under one lock, so a
 //! task is either answered or reported aborted, never both (libiscsi's TMF tests check this).
 
+use super::budget::SessionBudget;
 use super::negotiation::SessionParams;
 use super::pdu::serial;
 use crate::scsi::{NexusId, ScsiTarget};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -113,6 +114,10 @@ pub struct Session {
     tasks: Mutex<HashMap<u32, Arc<Task>>>,
     /// Cancelled to end the session's connection (reinstatement, cold reset, shutdown).
     pub shutdown: CancellationToken,
+    /// This session's share of the memory for in-flight data.
+    pub budget: Arc<SessionBudget>,
+    /// Commands wait for memory: MaxCmdSN stops advancing until they run.
+    window_closed: AtomicBool,
 }
 
 impl Session {
@@ -121,8 +126,12 @@ impl Session {
     }
 
     /// The MaxCmdSN to advertise now. It never moves backwards (libiscsi only ever raises
-    /// its view of it), and shrinks the window while commands are outstanding.
+    /// its view of it), shrinks the window while commands are outstanding, and stops
+    /// advancing while commands wait for memory ([`Session::close_window`]).
     pub fn max_cmd_sn(&self) -> u32 {
+        if self.window_closed.load(Ordering::Acquire) {
+            return self.max_cmd_sn.load(Ordering::Acquire);
+        }
         let exp = self.exp_cmd_sn();
         let free = self
             .queue_depth
@@ -141,6 +150,12 @@ impl Session {
             }
         }
         cur
+    }
+
+    /// Stops (or lets again) MaxCmdSN advance: over the memory budget new commands wait at
+    /// the initiator rather than here (issue 13: the CmdSN window closes).
+    pub fn close_window(&self, closed: bool) {
+        self.window_closed.store(closed, Ordering::Release);
     }
 
     /// Whether a non-immediate CmdSN is in the window [ExpCmdSN, MaxCmdSN] (§4.2.2.1).
@@ -227,6 +242,22 @@ impl Session {
     }
 }
 
+/// How many sessions the server takes (issue 13: every table a client can grow is bounded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    pub max_sessions: usize,
+    pub max_sessions_per_initiator: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            max_sessions: 4096,
+            max_sessions_per_initiator: 256,
+        }
+    }
+}
+
 /// All sessions of this server: TSIH allocation, reinstatement and target-wide TMFs.
 #[derive(Default)]
 pub struct SessionRegistry {
@@ -243,6 +274,7 @@ pub struct NewSession {
     pub queue_depth: u32,
     pub params: SessionParams,
     pub cid: u16,
+    pub budget: Arc<SessionBudget>,
 }
 
 impl SessionRegistry {
@@ -284,6 +316,8 @@ impl SessionRegistry {
             active: AtomicU32::new(0),
             tasks: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
+            budget: s.budget,
+            window_closed: AtomicBool::new(false),
         });
         let mut sessions = self.sessions.lock().unwrap();
         let same_port: Vec<u16> = sessions
@@ -341,6 +375,23 @@ impl SessionRegistry {
         v
     }
 
+    /// Whether a new session of `initiator` / `isid` stays within `limits`. A session of the
+    /// same initiator port is not counted: the new one reinstates it (§6.3.5).
+    pub fn admits(&self, initiator: &str, isid: [u8; 6], limits: &SessionLimits) -> bool {
+        let sessions = self.sessions.lock().unwrap();
+        let mut total = 0;
+        let mut of_initiator = 0;
+        for s in sessions.values() {
+            let same_name = s.initiator.eq_ignore_ascii_case(initiator);
+            if same_name && s.isid == isid {
+                continue;
+            }
+            total += 1;
+            of_initiator += usize::from(same_name);
+        }
+        total < limits.max_sessions && of_initiator < limits.max_sessions_per_initiator
+    }
+
     pub fn count(&self) -> usize {
         self.sessions.lock().unwrap().len()
     }
@@ -387,6 +438,7 @@ mod tests {
                 queue_depth: 4,
                 params: SessionParams::default(),
                 cid: 0,
+                budget: crate::iscsi::budget::SessionBudget::unlimited(),
             },
         )
         .0
@@ -422,6 +474,30 @@ mod tests {
         let t2 = s.add_task(8, 0, 11, false).unwrap();
         assert!(t2.complete_with(|| {}));
         assert!(s.abort_task(8).is_none());
+    }
+
+    #[test]
+    fn session_limits_count_others_but_not_the_port_being_reinstated() {
+        let reg = SessionRegistry::default();
+        let _a = session(&reg);
+        let limits = SessionLimits {
+            max_sessions: 2,
+            max_sessions_per_initiator: 1,
+        };
+        assert!(
+            reg.admits("IQN.X:I", [1, 2, 3, 4, 5, 6], &limits),
+            "reinstatement"
+        );
+        assert!(
+            !reg.admits("iqn.x:i", [9; 6], &limits),
+            "a second port of iqn.x:i"
+        );
+        assert!(reg.admits("iqn.x:other", [9; 6], &limits));
+        let all_full = SessionLimits {
+            max_sessions: 1,
+            max_sessions_per_initiator: 10,
+        };
+        assert!(!reg.admits("iqn.x:other", [9; 6], &all_full));
     }
 
     #[test]

@@ -237,6 +237,15 @@ impl Command {
         }
     }
 
+    /// Bytes of bulk Data-In: a READ's transfer length. Parameter data (INQUIRY, MODE
+    /// SENSE...) is a few KiB at most whatever its allocation length, so it counts as none.
+    pub fn data_in_len(&self, block_size: u32) -> u64 {
+        match *self {
+            Command::Read(x) => u64::from(x.blocks) * u64::from(block_size),
+            _ => 0,
+        }
+    }
+
     /// ALLOCATION LENGTH of commands returning parameter data: the device server returns at
     /// most this many bytes (SPC-4 4.2.5.6).
     pub fn alloc_len(&self) -> Option<u32> {

@@ -64,6 +64,16 @@ pub struct PlannedCommand {
     /// addressed to a LUN without one.
     unit: Option<u64>,
     cmd: Command,
+    /// Bytes of bulk Data-In the command produces (a READ's transfer length), else 0.
+    data_in: u64,
+}
+
+impl PlannedCommand {
+    /// Bytes of bulk Data-In the command produces at most: a READ's transfer length; 0 for
+    /// commands whose parameter data is small (INQUIRY, MODE SENSE, REPORT LUNS...).
+    pub fn data_in_len(&self) -> u64 {
+        self.data_in
+    }
 }
 
 /// Where a command goes once the LUN is resolved.
@@ -254,12 +264,14 @@ impl ScsiTarget {
                 raw_lun: lun,
                 unit: None,
                 cmd,
+                data_in: 0,
             }),
             Ok(Route::Unit(unit, cmd)) => {
                 let planned = PlannedCommand {
                     raw_lun: lun,
                     unit: Some(unit.lun()),
                     cmd,
+                    data_in: cmd.data_in_len(unit.settings.block_size),
                 };
                 match cmd.data_out_len(unit.settings.block_size) {
                     0 => DataOutPlan::None(planned),
@@ -272,7 +284,9 @@ impl ScsiTarget {
     /// Runs a command [`ScsiTarget::plan`] accepted, with the Data-Out gathered for it. See
     /// the module documentation for how `data_out` and the response relate to iSCSI lengths.
     pub async fn execute(&self, planned: PlannedCommand, req: ScsiRequest) -> ScsiResponse {
-        let PlannedCommand { raw_lun, unit, cmd } = planned;
+        let PlannedCommand {
+            raw_lun, unit, cmd, ..
+        } = planned;
         // The logical units never change after start: a planned unit is still there.
         let data = match unit.and_then(|n| self.luns.get(&n)) {
             None => self.execute_without_unit(&cmd),
