@@ -111,6 +111,16 @@ fn stalled_reads_and_writes_stay_within_the_budget_and_a_new_session_is_served()
         peak / MIB,
         BUDGET / MIB
     );
+    let st = status_json(&server.config);
+    let held = st["inflight_bytes"]
+        .as_u64()
+        .expect("status inflight_bytes");
+    eprintln!("status: {} MiB of data in flight", held / MIB);
+    assert!(
+        held > 0 && held <= BUDGET,
+        "status reports {held} bytes in flight (budget {BUDGET})"
+    );
+    assert_eq!(st["max_inflight_bytes"].as_u64(), Some(BUDGET));
     assert!(
         peak <= BUDGET + MARGIN,
         "RSS {} MiB over the budget {} MiB + margin {} MiB",

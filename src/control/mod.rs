@@ -65,6 +65,11 @@ pub struct Status {
     pub uptime_secs: u64,
     pub targets: Vec<TargetStatus>,
     pub sessions: Vec<SessionStatus>,
+    /// READ/WRITE data held now by all sessions, and the limit (`max_inflight_bytes`).
+    #[serde(default)]
+    pub inflight_bytes: u64,
+    #[serde(default)]
+    pub max_inflight_bytes: u64,
     /// `VolumeStatus` of each replicated volume, as JSON.
     #[serde(default)]
     pub volumes: Vec<serde_json::Value>,
@@ -100,6 +105,9 @@ pub struct SessionStatus {
     /// None for a discovery session.
     pub target: Option<String>,
     pub active_tasks: u32,
+    /// READ/WRITE data this session holds now.
+    #[serde(default)]
+    pub inflight_bytes: u64,
 }
 
 fn status(state: &ControlContext, started: Instant) -> Status {
@@ -141,8 +149,11 @@ fn status(state: &ControlContext, started: Instant) -> Status {
                 initiator: s.initiator.clone(),
                 target: s.target.as_ref().map(|t| t.iqn.clone()),
                 active_tasks: s.active_tasks(),
+                inflight_bytes: s.budget.used(),
             })
             .collect(),
+        inflight_bytes: state.iscsi.budget.used(),
+        max_inflight_bytes: state.iscsi.budget.limit(),
         volumes: state
             .volumes
             .iter()
@@ -410,15 +421,22 @@ pub fn render(s: &Status) -> String {
     if let Some(ha) = &s.ha {
         o.push_str(&crate::ha::render(ha));
     }
-    let _ = writeln!(o, "sessions: {}", s.sessions.len());
+    let _ = writeln!(
+        o,
+        "sessions: {} (data in flight {} of {} MiB)",
+        s.sessions.len(),
+        s.inflight_bytes >> 20,
+        s.max_inflight_bytes >> 20
+    );
     for x in &s.sessions {
         let _ = writeln!(
             o,
-            "  tsih {:<5} {} -> {} ({} active)",
+            "  tsih {:<5} {} -> {} ({} active, {} KiB in flight)",
             x.tsih,
             x.initiator,
             x.target.as_deref().unwrap_or("discovery"),
-            x.active_tasks
+            x.active_tasks,
+            x.inflight_bytes >> 10
         );
     }
     o
