@@ -9,6 +9,12 @@
 //! until charges are released. Commands without bulk data (INQUIRY, TEST UNIT READY...)
 //! are never charged, so a new session is served even while the budget is spent.
 //!
+//! A command that waits already holds what came with it: immediate data and unsolicited
+//! Data-Out, at most FirstBurstLength. The window bounds how many commands a session can
+//! have waiting (queue depth), and [`HeldData`] bounds the sum over the server at a quarter
+//! of the budget: a command that would pass it is answered TASK SET FULL (SAM-5 §5.3.1: the
+//! task set lacks resources; initiators retry and lower their queue depth) and its data freed.
+//!
 //! A session that has nothing charged may always take one command, however large, as long
 //! as the server as a whole has room for it or has nothing charged at all: a limit below
 //! the largest command slows a session down to one command at a time, it never stalls it.
@@ -25,6 +31,9 @@ pub struct MemoryBudget {
     waiting: AtomicUsize,
     /// Bumped when a charge is released while someone waits.
     freed: watch::Sender<u64>,
+    /// Data held by commands that wait (immediate and unsolicited), and its bound.
+    held: AtomicU64,
+    held_limit: u64,
 }
 
 impl MemoryBudget {
@@ -34,7 +43,14 @@ impl MemoryBudget {
             used: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
             freed: watch::channel(0).0,
+            held: AtomicU64::new(0),
+            held_limit: (limit / 4).max(16 << 20),
         })
+    }
+
+    /// Data waiting commands hold now.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Acquire)
     }
 
     pub fn limit(&self) -> u64 {
@@ -135,6 +151,73 @@ impl SessionBudget {
     /// Changes when a charge is released while some session waits.
     pub fn freed(&self) -> watch::Receiver<u64> {
         self.global.freed.subscribe()
+    }
+
+    /// Accounts `bytes` a waiting command holds; None when waiting commands of the whole
+    /// server would then hold more than their bound.
+    pub fn hold(&self, bytes: u64) -> Option<HeldData> {
+        let mut h = HeldData {
+            global: self.global.clone(),
+            bytes: 0,
+        };
+        h.grow(bytes).then_some(h)
+    }
+}
+
+/// Bytes a waiting command holds (immediate data, early unsolicited Data-Out); released
+/// when dropped.
+pub struct HeldData {
+    global: Arc<MemoryBudget>,
+    bytes: u64,
+}
+
+impl HeldData {
+    /// Adds `bytes`; false (nothing added) when that would pass the server's bound.
+    pub fn grow(&mut self, bytes: u64) -> bool {
+        if bytes == 0 {
+            return true;
+        }
+        let g = &self.global;
+        let mut cur = g.held.load(Ordering::Acquire);
+        loop {
+            if cur.saturating_add(bytes) > g.held_limit {
+                return false;
+            }
+            match g.held.compare_exchange_weak(
+                cur,
+                cur + bytes,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.bytes += bytes;
+                    return true;
+                }
+                Err(c) => cur = c,
+            }
+        }
+    }
+}
+
+impl HeldData {
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Sets the bytes held to `bytes` when that is less (data that left).
+    pub fn shrink_to(&mut self, bytes: u64) {
+        if bytes < self.bytes {
+            self.global
+                .held
+                .fetch_sub(self.bytes - bytes, Ordering::AcqRel);
+            self.bytes = bytes;
+        }
+    }
+}
+
+impl Drop for HeldData {
+    fn drop(&mut self) {
+        self.global.held.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
@@ -238,6 +321,24 @@ mod tests {
         drop((big, small));
         let huge = g.session(10).try_charge(500).expect("the server is idle");
         assert_eq!(huge.bytes(), 500);
+    }
+
+    #[test]
+    fn data_held_by_waiting_commands_is_bounded_at_a_quarter_of_the_budget() {
+        let g = MemoryBudget::new(256 << 20);
+        let s = g.session(1 << 20);
+        let mut a = s.hold(60 << 20).unwrap();
+        assert!(s.hold(5 << 20).is_none(), "64 MiB is the bound");
+        assert!(a.grow(4 << 20));
+        assert!(!a.grow(1));
+        assert_eq!(g.held(), 64 << 20);
+        a.shrink_to(10 << 20);
+        assert_eq!((a.bytes(), g.held()), (10 << 20, 10 << 20));
+        a.shrink_to(20 << 20);
+        assert_eq!(a.bytes(), 10 << 20, "shrink never grows");
+        drop(a);
+        assert_eq!(g.held(), 0);
+        assert!(s.hold(0).is_some());
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! The CmdSN window and the task table live in [`Session`] (atomics and a mutex, no I/O)
 //! because command tasks read them when they stamp their responses.
 
-use super::budget::Charge;
+use super::budget::{Charge, HeldData};
 use super::ffp::{build_response, reject, DataInLimits, Residual, ScsiCommandHeader, WriteGather};
 use super::negotiation::SessionType;
 use super::pdu::{
@@ -199,6 +199,9 @@ pub struct Sequencer<P = PlannedCommand> {
     /// Unsolicited Data-Out that arrived for a held command, by ITT; replayed when the
     /// command is dispatched. At most FirstBurstLength bytes per command.
     early_data_out: HashMap<u32, Vec<Pdu>>,
+    /// The data in `held`, `early_data_out` and `budget_wait`, in the server's bound on
+    /// data held by commands that cannot run yet.
+    held_data: HeldData,
     tags: TransferTags,
     text_negotiation: TextNegotiation,
     /// Sent once running commands have answered, then the connection closes.
@@ -217,6 +220,7 @@ impl<P> Sequencer<P> {
         now: Instant,
     ) -> Self {
         let idle = nop_in_interval.unwrap_or(NO_PING);
+        let held_data = session.budget.hold(0).expect("nothing to hold");
         Sequencer {
             session,
             params,
@@ -225,6 +229,7 @@ impl<P> Sequencer<P> {
             held: Vec::new(),
             aborted_ahead: Vec::new(),
             early_data_out: HashMap::new(),
+            held_data,
             tags: TransferTags(1),
             text_negotiation: TextNegotiation::new(),
             logout_response: None,
@@ -294,6 +299,8 @@ impl<P> Sequencer<P> {
         if !self.budget_wait.is_empty() {
             // Aborts and this session's own completions may have made room.
             self.run_waiting(env);
+        } else if self.held_data.bytes() > 0 {
+            self.recount_held();
         }
         Ok(())
     }
@@ -371,7 +378,9 @@ impl<P> Sequencer<P> {
         if self.session.advance(sn) {
             self.dispatch(pdu, env);
             self.release_in_order(env);
-        } else if self.session.in_window(sn) && self.held.len() < self.session.queue_depth as usize
+        } else if self.session.in_window(sn)
+            && self.held.len() < self.session.queue_depth as usize
+            && self.take_held(pdu.data.len())
         {
             debug!(
                 cmd_sn = sn,
@@ -386,6 +395,38 @@ impl<P> Sequencer<P> {
                 "CmdSN outside the window: ignored (§4.2.2.1)"
             );
         }
+    }
+
+    /// Accounts `bytes` more data held for commands that cannot run yet (after recounting
+    /// what is still held); false when the server's bound would be passed.
+    fn take_held(&mut self, bytes: usize) -> bool {
+        self.recount_held();
+        let ok = self.held_data.grow(bytes as u64);
+        if !ok {
+            warn!(
+                bytes,
+                "data of commands that cannot run yet is at the server's bound \
+                 (a quarter of server.max_inflight_bytes)"
+            );
+        }
+        ok
+    }
+
+    /// Gives back to the server's bound what left `held`, `early_data_out` and `budget_wait`.
+    fn recount_held(&mut self) {
+        let now: usize = self.held.iter().map(|p| p.data.len()).sum::<usize>()
+            + self
+                .early_data_out
+                .values()
+                .flatten()
+                .map(|p| p.data.len())
+                .sum::<usize>()
+            + self
+                .budget_wait
+                .iter()
+                .map(|w| w.immediate.len())
+                .sum::<usize>();
+        self.held_data.shrink_to(now as u64);
     }
 
     /// Runs the held commands whose turn has come, in CmdSN order, and consumes the CmdSNs of
@@ -521,6 +562,11 @@ impl<P> Sequencer<P> {
                 return self.start(w, charge, early, env);
             }
         }
+        let carried = w.immediate.len() + early.iter().map(|p| p.data.len()).sum::<usize>();
+        if !self.take_held(carried) {
+            // SAM-5 §5.3.1: the task set lacks resources; the initiator retries.
+            return self.finish_now(&w.task, &w.hdr, task_set_full(), env);
+        }
         debug!(
             itt = w.hdr.itt,
             bytes = w.bytes,
@@ -555,6 +601,9 @@ impl<P> Sequencer<P> {
         if self.budget_wait.is_empty() {
             budget.set_waiting(false);
             self.session.close_window(false);
+        }
+        if self.held_data.bytes() > 0 {
+            self.recount_held();
         }
     }
 
@@ -620,7 +669,7 @@ impl<P> Sequencer<P> {
     fn data_out(&mut self, pdu: Pdu, env: &mut impl Env<Planned = P>) {
         let itt = pdu.itt();
         let Some(pending) = self.gathers.get_mut(&itt) else {
-            if self.hold_early_data_out(&pdu) {
+            if self.hold_early_data_out(&pdu, env) {
                 return;
             }
             debug!(
@@ -668,34 +717,54 @@ impl<P> Sequencer<P> {
         }
     }
 
-    /// Keeps unsolicited Data-Out for a command still held for CmdSN order: the initiator
-    /// sends it right behind the command (§4.2.2.1 only orders commands), so it can arrive
-    /// before the command may run. Returns whether the PDU was kept.
-    fn hold_early_data_out(&mut self, pdu: &Pdu) -> bool {
+    /// Keeps unsolicited Data-Out for a command still held for CmdSN order or waiting for
+    /// memory: the initiator sends it right behind the command (§4.2.2.1 only orders
+    /// commands), so it can arrive before the command may run. Returns whether the PDU was
+    /// taken. Past the server's bound on such data a waiting command is answered TASK SET
+    /// FULL (its later Data-Out is ignored).
+    fn hold_early_data_out(&mut self, pdu: &Pdu, env: &mut impl Env<Planned = P>) -> bool {
         let itt = pdu.itt();
+        let waiting = self.budget_wait.iter().position(|w| w.hdr.itt == itt);
         if DataOut(pdu).target_transfer_tag() != RESERVED_TAG
-            || !(self
-                .held
-                .iter()
-                .any(|c| c.itt() == itt && c.opcode() == Some(Opcode::ScsiCommand))
-                || self.budget_wait.iter().any(|w| w.hdr.itt == itt))
+            || !(waiting.is_some()
+                || self
+                    .held
+                    .iter()
+                    .any(|c| c.itt() == itt && c.opcode() == Some(Opcode::ScsiCommand)))
         {
             return false;
         }
-        let kept = self.early_data_out.entry(itt).or_default();
-        let bytes: usize = kept.iter().map(|p| p.data.len()).sum();
+        let bytes: usize = self
+            .early_data_out
+            .get(&itt)
+            .map(|k| k.iter().map(|p| p.data.len()).sum())
+            .unwrap_or(0);
         if bytes + pdu.data.len() > self.params.first_burst as usize {
             warn!(
                 itt,
-                "unsolicited Data-Out beyond FirstBurstLength for a held command: dropped"
+                "unsolicited Data-Out beyond FirstBurstLength for a command not running yet: dropped"
             );
+            return true;
+        }
+        if !self.take_held(pdu.data.len()) {
+            if let Some(i) = waiting {
+                let w = self.budget_wait.remove(i).expect("found above");
+                self.early_data_out.remove(&itt);
+                self.finish_now(&w.task, &w.hdr, task_set_full(), env);
+                self.run_waiting(env);
+            } else {
+                warn!(itt, "unsolicited Data-Out for a held command: dropped");
+            }
             return true;
         }
         debug!(
             itt,
-            "unsolicited Data-Out for a command held for CmdSN order: kept"
+            "unsolicited Data-Out for a command not running yet: kept"
         );
-        kept.push(pdu.clone());
+        self.early_data_out
+            .entry(itt)
+            .or_default()
+            .push(pdu.clone());
         true
     }
 
@@ -904,6 +973,15 @@ pub fn session_type(session: &Session) -> SessionType {
         SessionType::Normal
     } else {
         SessionType::Discovery
+    }
+}
+
+/// TASK SET FULL (SAM-5 §5.3.1): no resources for the command now; the initiator retries.
+fn task_set_full() -> ScsiResponse {
+    ScsiResponse {
+        status: crate::scsi::Status::TaskSetFull,
+        sense: None,
+        data_in: Bytes::new(),
     }
 }
 
@@ -1257,6 +1335,48 @@ mod tests {
             .unwrap();
         assert_eq!(f.executed(), vec![12], "the aborted read never runs");
         assert!(!seq.waiting_for_budget());
+    }
+
+    #[test]
+    fn past_the_bound_on_data_of_waiting_commands_the_next_is_task_set_full() {
+        // Server budget 1 MiB: waiting commands may hold 16 MiB (the floor of the bound).
+        let budget = MemoryBudget::new(1 << 20).session(65536);
+        let (mut seq, mut f) = setup_with_budget(10, 300, Instant::now(), budget);
+        f.write_len = 65536;
+        let write = |itt: u32, sn: u32| {
+            let mut p = cmd(itt, sn, WRITE_10);
+            p.set_u32_at(20, 65536);
+            p.set_data(Bytes::from(vec![7u8; 65536]));
+            p
+        };
+        // The first runs (its immediate data completes it); 256 wait with 64 KiB each.
+        for i in 0..258u32 {
+            feed(&mut seq, &mut f, write(i + 1, 10 + i));
+        }
+        assert_eq!(f.executed(), vec![10]);
+        assert_eq!(seq.budget_wait.len(), 256);
+        let responses: Vec<_> = f
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Respond { pdus, .. } => Some((pdus[0].itt(), pdus[0].bhs[3])),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            responses,
+            vec![(258, 0x28)],
+            "TASK SET FULL for the one too many"
+        );
+        assert_eq!(seq.held_data.bytes(), 256 * 65536);
+        // Once the first's charge is gone the waiting ones run and hold nothing more.
+        let first = take_executed(&mut f);
+        f.session.remove_task(1);
+        drop(first);
+        seq.handle(Event::BudgetFreed, Instant::now(), &mut f)
+            .unwrap();
+        assert_eq!(f.executed(), vec![11], "one at a time: 64 KiB per session");
+        assert_eq!(seq.held_data.bytes(), 255 * 65536);
     }
 
     #[test]
