@@ -113,6 +113,7 @@ impl Server {
                 s.nop_in_interval_secs,
                 s.nop_in_timeout_secs,
             ),
+            auth_throttle: Default::default(),
         });
         let volumes = Volumes::new(volumes);
         let control = Arc::new(ControlContext {

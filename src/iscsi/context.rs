@@ -5,9 +5,10 @@
 use super::login::LoginConfig;
 use super::session::{SessionRegistry, TargetEntry};
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+use twinsan_throttle::SharedThrottle;
 
 /// The timers a connection runs by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +42,14 @@ pub struct IscsiContext {
     /// Portals advertised by SendTargets, in configuration order.
     pub portals: Vec<SocketAddr>,
     pub timers: ConnectionTimers,
+    /// Failed CHAP logins per (lower-case InitiatorName, source address): later logins of a
+    /// failing initiator wait, others never do (issue 13).
+    pub auth_throttle: SharedThrottle<AuthKey>,
 }
+
+/// What CHAP failures are counted by: the initiator's name (lower case: names compare
+/// case-insensitively, RFC 7143 §4.2.7) and the address it connects from.
+pub type AuthKey = (String, IpAddr);
 
 impl IscsiContext {
     /// The target called `iqn` (names compare case-insensitively, RFC 7143 §4.2.7).
@@ -78,6 +86,7 @@ mod tests {
             login: Arc::new(LoginConfig::default()),
             portals: Vec::new(),
             timers: ConnectionTimers::from_secs(15, 10, 15),
+            auth_throttle: SharedThrottle::default(),
         };
         assert!(ctx.target("IQN.2026-01.X:disk").is_some());
         assert!(ctx.target("iqn.2026-01.x:other").is_none());
