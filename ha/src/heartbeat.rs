@@ -462,6 +462,75 @@ mod tests {
     }
 
     #[test]
+    fn bad_mac_sources_are_dropped_unread_and_logged_once_but_the_peer_never_is() {
+        let peer: IpAddr = [10, 0, 0, 2].into();
+        let attacker: IpAddr = [10, 0, 0, 66].into();
+        let p = Params::DEFAULT;
+        let mut s = SourceScreen::new(peer, p);
+        let now = Instant::now();
+        let bad: Result<Beat, BeatError> = Err(BeatError::Mac);
+        let good: Result<Beat, BeatError> = Ok(beat(1, 5));
+        // The attacker: the first bad MAC is logged, the next ones counted; after the free
+        // ones its datagrams are dropped before the HMAC is computed.
+        let mut logs = Vec::new();
+        let mut checked = 0;
+        for _ in 0..100 {
+            if s.admit(attacker, now) {
+                checked += 1;
+                logs.push(s.outcome(attacker, &bad, now));
+            }
+        }
+        assert_eq!(checked, p.free_failures, "HMACs computed for the attacker");
+        assert_eq!(logs[0], MacLog::Bad(LogAction::First));
+        assert!(logs[1..]
+            .iter()
+            .all(|l| *l == MacLog::Bad(LogAction::Quiet)));
+        // Dropped for the back-off only: after it, one more datagram is looked at.
+        let later = now + p.delay(p.free_failures);
+        assert!(s.admit(attacker, later));
+        assert_eq!(
+            s.outcome(attacker, &bad, later),
+            MacLog::Bad(LogAction::Quiet)
+        );
+        assert!(!s.admit(attacker, later));
+
+        // The configured peer is never dropped, even sending bad MACs (an attacker spoofing
+        // its address must not silence it); its bad MACs are logged once per burst too.
+        for i in 0..100 {
+            assert!(s.admit(peer, now), "peer datagram {i} dropped");
+            let want = if i == 0 {
+                LogAction::First
+            } else {
+                LogAction::Quiet
+            };
+            assert_eq!(s.outcome(peer, &bad, now), MacLog::Bad(want));
+        }
+        assert!(s.admit(peer, now));
+        match s.outcome(peer, &good, now) {
+            MacLog::Recovered(b) => assert_eq!(b.failures, 100),
+            other => panic!("{other:?}"),
+        }
+        // A third address is not affected by the attacker.
+        let other: IpAddr = [10, 0, 0, 3].into();
+        assert!(s.admit(other, now));
+        assert_eq!(s.outcome(other, &good, now), MacLog::Nothing);
+        // Junk without a verdict on the secret costs nothing.
+        for _ in 0..100 {
+            assert!(s.admit(other, now));
+            assert_eq!(
+                s.outcome(other, &Err(BeatError::Magic), now),
+                MacLog::Nothing
+            );
+        }
+        // The attacker's burst is reported once it has been quiet long enough.
+        let ended = s.expire(later + p.forget_after);
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].key, attacker);
+        assert_eq!(ended[0].burst.failures, 4);
+        assert!(ended[0].burst.refused > 90);
+    }
+
+    #[test]
     fn round_trip() {
         let b = beat(1, 1_000_000);
         let p = encode(&b, b"secret-1");
