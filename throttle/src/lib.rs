@@ -542,7 +542,10 @@ mod tests {
         let slots: Vec<Option<Duration>> = (0..4)
             .map(|_| t.admit(&"a", later, 2500 * MS).wait())
             .collect();
-        assert_eq!(slots, [Some(Duration::ZERO), Some(1000 * MS), Some(2000 * MS), None]);
+        assert_eq!(
+            slots,
+            [Some(Duration::ZERO), Some(1000 * MS), Some(2000 * MS), None]
+        );
     }
 
     #[test]
@@ -700,7 +703,11 @@ mod tests {
             }
         }
         assert_eq!(t.len(), p.max_keys);
-        assert_eq!(t.admit(&0, now, Duration::ZERO), Admission::Now, "0 was evicted");
+        assert_eq!(
+            t.admit(&0, now, Duration::ZERO),
+            Admission::Now,
+            "0 was evicted"
+        );
         let ended = t.expire(now);
         assert!(ended
             .iter()
