@@ -127,6 +127,7 @@ impl Server {
                 s.max_logins_in_progress as usize,
             )),
             login_refusals: Default::default(),
+            auth_throttle: Default::default(),
         });
         let volumes = Volumes::new(volumes);
         let control = Arc::new(ControlContext {

@@ -18,13 +18,14 @@
 use crate::role::{PeerPath, PeerState};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
+use twinsan_throttle::{Admission, Burst, Ended, LogAction, Params, Throttle};
 
 const MAGIC: &[u8; 4] = b"TSHB";
 const VERSION: u8 = 1;
@@ -192,6 +193,77 @@ impl ReplayGuard {
     }
 }
 
+/// Per-source screening of incoming datagrams (issue 13). A source address whose datagrams
+/// fail the MAC check is throttled ([`twinsan_throttle`]): after a few bad datagrams, its
+/// datagrams are dropped unread, without computing the HMAC, for the back-off delay, which
+/// doubles with every further bad one (up to 5 s). Bad MACs are logged once per burst with
+/// counts.
+///
+/// The configured peer address is never throttled, only logged: UDP source addresses are
+/// trivially spoofed, so an attacker sending bad datagrams in the peer's name would otherwise
+/// make us drop the real peer's heartbeats and declare it unreachable. (An attacker forging
+/// the peer's address still costs us one HMAC per datagram, as before.) Datagrams from other
+/// addresses never delay the peer's.
+#[derive(Debug)]
+pub struct SourceScreen {
+    peer: IpAddr,
+    throttle: Throttle<IpAddr>,
+}
+
+/// What to log about a datagram that was looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MacLog {
+    /// Nothing (a good datagram, or one dropped for another reason).
+    Nothing,
+    /// A bad MAC: the first of a burst (warn), a later one (debug), or a reminder with the
+    /// count so far (warn).
+    Bad(LogAction),
+    /// A good MAC from a source that had sent bad ones: the burst's total.
+    Recovered(Burst),
+}
+
+impl SourceScreen {
+    pub fn new(peer: IpAddr, params: Params) -> SourceScreen {
+        SourceScreen {
+            peer,
+            throttle: Throttle::new(params),
+        }
+    }
+
+    /// Whether to look at a datagram from `from` at all (`false`: drop it unread).
+    pub fn admit(&mut self, from: IpAddr, now: Instant) -> bool {
+        // The peer's address is exempt (see the type's docs). A datagram cannot wait for a
+        // slot: one that would have to is dropped.
+        from == self.peer
+            || !matches!(
+                self.throttle.admit(&from, now, Duration::ZERO),
+                Admission::Refuse { .. }
+            )
+    }
+
+    /// Records what came of an admitted datagram from `from`.
+    pub fn outcome(&mut self, from: IpAddr, r: &Result<Beat, BeatError>, now: Instant) -> MacLog {
+        match r {
+            Err(BeatError::Mac) => MacLog::Bad(self.throttle.failed(&from, now)),
+            // The MAC was right: the sender has the secret (a field error is a bug, not a guess).
+            Ok(_) | Err(BeatError::Field(_)) => match self.throttle.succeeded(&from, now) {
+                Some(b) => MacLog::Recovered(b),
+                None => MacLog::Nothing,
+            },
+            // Junk, a replay or a stale timestamp: no verdict on the secret.
+            Err(_) => {
+                self.throttle.released(&from);
+                MacLog::Nothing
+            }
+        }
+    }
+
+    /// Bursts that ended with their sources going quiet, with counts not yet logged.
+    pub fn expire(&mut self, now: Instant) -> Vec<Ended<IpAddr>> {
+        self.throttle.expire(now)
+    }
+}
+
 /// Wall clock in ms since the Unix epoch.
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -261,7 +333,8 @@ pub async fn run_path(
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = [0u8; MAX_DATAGRAM + 1];
-    let mut warned: Option<bool> = None;
+    let mut stale_warned = false;
+    let mut screen = SourceScreen::new(cfg.peer.ip(), Params::DEFAULT);
     loop {
         let mut send_now = false;
         tokio::select! {
@@ -279,28 +352,39 @@ pub async fn run_path(
                 send_now = true;
             }
             r = sock.recv_from(&mut buf) => match r {
-                Ok((n, from)) => match decode(&buf[..n], &cfg.secret)
-                    .and_then(|b| guard.accept(&b, unix_ms()).map(|()| b))
-                {
-                    Ok(b) if b.node == cfg.node => {
-                        warn!(path = ?cfg.path, %from, "heartbeat carries our own node name: reflected or misconfigured; ignored");
+                Ok((_, from)) if !screen.admit(from.ip(), Instant::now()) => {
+                    // Dropped unread: this source keeps sending bad MACs (counted in the
+                    // burst's next line).
+                }
+                Ok((n, from)) => {
+                    let r = decode(&buf[..n], &cfg.secret)
+                        .and_then(|b| guard.accept(&b, unix_ms()).map(|()| b));
+                    let now = Instant::now();
+                    log_mac(&cfg, from, screen.outcome(from.ip(), &r, now));
+                    for e in screen.expire(now) {
+                        info!(path = ?cfg.path, from = %e.key, "heartbeats with a bad MAC stopped: {} bad, {} dropped unread in {:.0?}", e.burst.failures, e.burst.refused, e.burst.lasted);
                     }
-                    Ok(b) => {
-                        last_heard = Instant::now();
-                        peer_state = b.state;
-                        peer_manual = b.manual;
-                        peer_node = b.node;
-                    }
-                    Err(e @ (BeatError::Stale { .. } | BeatError::Mac)) => {
-                        // Configuration problems an operator must see (once per kind).
-                        let kind = matches!(e, BeatError::Mac);
-                        if warned != Some(kind) {
-                            warned = Some(kind);
-                            warn!(path = ?cfg.path, %from, "heartbeat dropped: {e} (check `secret` and the clocks of both hosts)");
+                    match r {
+                        Ok(b) if b.node == cfg.node => {
+                            warn!(path = ?cfg.path, %from, "heartbeat carries our own node name: reflected or misconfigured; ignored");
                         }
+                        Ok(b) => {
+                            last_heard = Instant::now();
+                            peer_state = b.state;
+                            peer_manual = b.manual;
+                            peer_node = b.node;
+                        }
+                        Err(BeatError::Mac) => {} // logged by log_mac
+                        Err(e @ BeatError::Stale { .. }) => {
+                            // A clock problem an operator must see (once).
+                            if !stale_warned {
+                                stale_warned = true;
+                                warn!(path = ?cfg.path, %from, "heartbeat dropped: {e} (check the clocks of both hosts)");
+                            }
+                        }
+                        Err(e) => debug!(path = ?cfg.path, %from, "heartbeat dropped: {e}"),
                     }
-                    Err(e) => debug!(path = ?cfg.path, %from, "heartbeat dropped: {e}"),
-                },
+                }
                 Err(e) => {
                     debug!(path = ?cfg.path, "heartbeat receive: {e}");
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -325,6 +409,25 @@ pub async fn run_path(
             if tx.send(r).await.is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// Logs a datagram's MAC outcome as the [`SourceScreen`] says: once per burst of bad ones.
+fn log_mac(cfg: &PathConfig, from: SocketAddr, log: MacLog) {
+    match log {
+        MacLog::Nothing => {}
+        MacLog::Bad(LogAction::First) => {
+            warn!(path = ?cfg.path, %from, "heartbeat dropped: {} (check `secret` on both hosts); further bad ones from this address are counted, not logged", BeatError::Mac)
+        }
+        MacLog::Bad(LogAction::Quiet) => {
+            debug!(path = ?cfg.path, %from, "heartbeat dropped: {}", BeatError::Mac)
+        }
+        MacLog::Bad(LogAction::Ongoing(b)) => {
+            warn!(path = ?cfg.path, %from, "heartbeats with a bad MAC go on: {} bad, {} dropped unread in {:.0?}", b.failures, b.refused, b.lasted)
+        }
+        MacLog::Recovered(b) => {
+            info!(path = ?cfg.path, %from, "good heartbeat after {} with a bad MAC ({} dropped unread) in {:.0?}", b.failures, b.refused, b.lasted)
         }
     }
 }
@@ -356,6 +459,75 @@ mod tests {
             seq,
             unix_ms: ts,
         }
+    }
+
+    #[test]
+    fn bad_mac_sources_are_dropped_unread_and_logged_once_but_the_peer_never_is() {
+        let peer: IpAddr = [10, 0, 0, 2].into();
+        let attacker: IpAddr = [10, 0, 0, 66].into();
+        let p = Params::DEFAULT;
+        let mut s = SourceScreen::new(peer, p);
+        let now = Instant::now();
+        let bad: Result<Beat, BeatError> = Err(BeatError::Mac);
+        let good: Result<Beat, BeatError> = Ok(beat(1, 5));
+        // The attacker: the first bad MAC is logged, the next ones counted; after the free
+        // ones its datagrams are dropped before the HMAC is computed.
+        let mut logs = Vec::new();
+        let mut checked = 0;
+        for _ in 0..100 {
+            if s.admit(attacker, now) {
+                checked += 1;
+                logs.push(s.outcome(attacker, &bad, now));
+            }
+        }
+        assert_eq!(checked, p.free_failures, "HMACs computed for the attacker");
+        assert_eq!(logs[0], MacLog::Bad(LogAction::First));
+        assert!(logs[1..]
+            .iter()
+            .all(|l| *l == MacLog::Bad(LogAction::Quiet)));
+        // Dropped for the back-off only: after it, one more datagram is looked at.
+        let later = now + p.delay(p.free_failures);
+        assert!(s.admit(attacker, later));
+        assert_eq!(
+            s.outcome(attacker, &bad, later),
+            MacLog::Bad(LogAction::Quiet)
+        );
+        assert!(!s.admit(attacker, later));
+
+        // The configured peer is never dropped, even sending bad MACs (an attacker spoofing
+        // its address must not silence it); its bad MACs are logged once per burst too.
+        for i in 0..100 {
+            assert!(s.admit(peer, now), "peer datagram {i} dropped");
+            let want = if i == 0 {
+                LogAction::First
+            } else {
+                LogAction::Quiet
+            };
+            assert_eq!(s.outcome(peer, &bad, now), MacLog::Bad(want));
+        }
+        assert!(s.admit(peer, now));
+        match s.outcome(peer, &good, now) {
+            MacLog::Recovered(b) => assert_eq!(b.failures, 100),
+            other => panic!("{other:?}"),
+        }
+        // A third address is not affected by the attacker.
+        let other: IpAddr = [10, 0, 0, 3].into();
+        assert!(s.admit(other, now));
+        assert_eq!(s.outcome(other, &good, now), MacLog::Nothing);
+        // Junk without a verdict on the secret costs nothing.
+        for _ in 0..100 {
+            assert!(s.admit(other, now));
+            assert_eq!(
+                s.outcome(other, &Err(BeatError::Magic), now),
+                MacLog::Nothing
+            );
+        }
+        // The attacker's burst is reported once it has been quiet long enough.
+        let ended = s.expire(later + p.forget_after);
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].key, attacker);
+        assert_eq!(ended[0].burst.failures, 4);
+        assert!(ended[0].burst.refused > 90);
     }
 
     #[test]

@@ -609,6 +609,47 @@ async fn wrong_secret_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_wrong_secrets_from_one_address_are_spaced_out() {
+    use twinsan_replication::drbd::GenerationUuids;
+    use twinsan_replication::link::{establish, LinkError, LocalHello};
+    let p = Pair::new(SIZE, skip(), skip(), Role::Primary, |_| {}).await;
+    wait_connected(&p).await;
+    // A guesser dials A's listener with a wrong secret, one attempt after the other: the
+    // first three are answered at once, then each waits longer (100 ms doubling).
+    let guess = LocalHello {
+        volume_name: p.a.cfg.name.clone(),
+        size_bytes: p.a.vol.size(),
+        secret: b"not the secret".to_vec(),
+        node_id: rand::random(),
+        role: Role::Secondary,
+        uuids: GenerationUuids::just_created(),
+        flags: 0,
+    };
+    let mut took = Vec::new();
+    for _ in 0..6 {
+        let start = std::time::Instant::now();
+        let s = tokio::net::TcpStream::connect(p.a.vol.local_addr())
+            .await
+            .unwrap();
+        let r = establish(s, &guess, true, Duration::from_secs(5)).await;
+        assert!(
+            matches!(r, Err(LinkError::Refused(_) | LinkError::WrongSecret)),
+            "{:?}",
+            r.err()
+        );
+        took.push(start.elapsed());
+    }
+    for (i, t) in took.iter().enumerate().take(3) {
+        assert!(*t < Duration::from_millis(90), "attempt {}: {t:?}", i + 1);
+    }
+    assert!(took[3] >= Duration::from_millis(90), "{took:?}");
+    assert!(took[5] >= Duration::from_millis(350), "{took:?}");
+    // The established link is untouched.
+    assert!(connected(&p.a) && connected(&p.b));
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promote_demote_and_uuid_rotation() {
     let p = Pair::new(SIZE, skip(), skip(), Role::Secondary, |_| {}).await;
     wait_connected(&p).await;

@@ -256,16 +256,14 @@ fn consume(segments: &mut Vec<Bytes>, mut n: usize) {
 
 /// Serves one accepted TCP connection until it closes.
 pub async fn serve(stream: TcpStream, ctx: Arc<IscsiContext>) {
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let peer_addr = stream.peer_addr().ok();
+    let peer = peer_addr.map(|a| a.to_string()).unwrap_or_default();
     let local = stream.local_addr().ok();
     let _ = stream.set_nodelay(true);
     let span = tracing::info_span!("conn", peer = %peer);
     async move {
         debug!("connection accepted");
-        match run(stream, local, ctx).await {
+        match run(stream, local, peer_addr, ctx).await {
             Ok(()) => debug!("connection closed"),
             Err(e) => info!("connection ended: {e}"),
         }
@@ -277,6 +275,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<IscsiContext>) {
 async fn run(
     stream: TcpStream,
     local: Option<std::net::SocketAddr>,
+    peer: Option<std::net::SocketAddr>,
     ctx: Arc<IscsiContext>,
 ) -> anyhow::Result<()> {
     // Connections in the login phase hold buffers and a timer each: bounded, and one more
@@ -294,10 +293,12 @@ async fn run(
     };
     let (rd, mut wr) = stream.into_split();
     let mut reader = FramedRead::new(rd, PduCodec::default());
+    // The login timeout bounds a login held back by the authentication throttle too (its
+    // longest wait, 5 s, is well below the default 15 s).
     let login_timeout = ctx.timers.login_timeout;
     let login = tokio::time::timeout(
         login_timeout,
-        super::login_driver::drive_login(&mut reader, &mut wr, &ctx, local),
+        super::login_driver::drive_login(&mut reader, &mut wr, &ctx, peer),
     )
     .await
     .map_err(|_| anyhow::anyhow!("login did not complete within {login_timeout:?}"))??;

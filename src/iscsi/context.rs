@@ -6,10 +6,11 @@ use super::budget::MemoryBudget;
 use super::login::LoginConfig;
 use super::session::{SessionLimits, SessionRegistry, TargetEntry};
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
+use twinsan_throttle::SharedThrottle;
 
 /// The timers a connection runs by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +94,14 @@ pub struct IscsiContext {
     /// One permit per connection in the login phase (`limits.max_logins`).
     pub logins: Arc<Semaphore>,
     pub login_refusals: LoginRefusals,
+    /// Failed CHAP logins per (lower-case InitiatorName, source address): later logins of a
+    /// failing initiator wait, others never do (issue 13).
+    pub auth_throttle: SharedThrottle<AuthKey>,
 }
+
+/// What CHAP failures are counted by: the initiator's name (lower case: names compare
+/// case-insensitively, RFC 7143 §4.2.7) and the address it connects from.
+pub type AuthKey = (String, IpAddr);
 
 impl IscsiContext {
     /// The target called `iqn` (names compare case-insensitively, RFC 7143 §4.2.7).
@@ -144,6 +152,7 @@ mod tests {
             budget: MemoryBudget::new(1 << 30),
             logins: Arc::new(Semaphore::new(1)),
             login_refusals: LoginRefusals::default(),
+            auth_throttle: SharedThrottle::default(),
         };
         assert!(ctx.target("IQN.2026-01.X:disk").is_some());
         assert!(ctx.target("iqn.2026-01.x:other").is_none());

@@ -419,6 +419,39 @@ impl LoginNegotiation {
         self.stage
     }
 
+    /// The InitiatorName of this login, once the first complete request named it.
+    pub fn initiator_name(&self) -> Option<&str> {
+        self.identity.as_ref().map(|i| i.initiator_name.as_str())
+    }
+
+    /// Whether the CHAP challenge has been issued (it went out in the last response when this
+    /// turns true): the initiator's answer to it is the guess an authentication throttle
+    /// must space out.
+    pub fn chap_challenged(&self) -> bool {
+        match &self.auth {
+            Auth::Chap(x) => !x.awaiting_algorithm(),
+            Auth::Passed { chap_user } => chap_user.is_some(),
+            Auth::Pending => false,
+        }
+    }
+
+    /// Whether the initiator proved the CHAP secret.
+    pub fn chap_passed(&self) -> bool {
+        matches!(&self.auth, Auth::Passed { chap_user: Some(_) })
+    }
+
+    /// Ends the login with `status` without looking at `pdu` (the request it answers): for
+    /// the caller's own refusals, such as an authentication throttle's.
+    pub fn refuse(
+        &mut self,
+        pdu: &Pdu,
+        status: LoginStatus,
+        reason: impl Into<String>,
+    ) -> LoginStep {
+        self.ended = true;
+        self.failure(&Header::parse(pdu), fail(status, reason))
+    }
+
     /// Consumes one PDU received during the login phase. Anything but a Login Request fails
     /// the login with "invalid during login" (0x020b). After `Complete` or `Fail` every
     /// further call fails.
@@ -436,12 +469,18 @@ impl LoginNegotiation {
                     .as_ref()
                     .map(|i| i.initiator_name.as_str())
                     .unwrap_or("<unknown initiator>");
-                tracing::warn!(
-                    initiator = who,
-                    status = format_args!("{:#06x}", f.status as u16),
-                    "login rejected: {}",
-                    f.reason
-                );
+                if f.status == LoginStatus::AuthenticationFailure {
+                    // The caller logs these once per burst (the authentication throttle): a
+                    // guesser must not write a line per attempt.
+                    tracing::debug!(initiator = who, "login rejected: {}", f.reason);
+                } else {
+                    tracing::warn!(
+                        initiator = who,
+                        status = format_args!("{:#06x}", f.status as u16),
+                        "login rejected: {}",
+                        f.reason
+                    );
+                }
                 self.failure(&h, f)
             }
         }
@@ -1433,6 +1472,45 @@ mod tests {
         let (_, result) = expect_complete(m.handle(&pdu(&req(1, Some(3), &text)), &mut dir));
         assert_eq!(result.chap_user.as_deref(), Some("ini-user"));
         assert_eq!(result.stat_sn, 1004);
+    }
+
+    #[test]
+    fn the_challenge_and_the_verdict_are_visible_to_the_throttle() {
+        let secure = "iqn.2024-01.org.example:secure";
+        let first = [
+            ("InitiatorName", INI),
+            ("TargetName", secure),
+            ("AuthMethod", "CHAP"),
+        ];
+        let mut m = machine(config());
+        let mut dir = Dir::default();
+        assert_eq!(m.initiator_name(), None);
+        expect_continue(m.handle(&pdu(&req(0, Some(1), &first)), &mut dir));
+        assert_eq!(m.initiator_name(), Some(INI));
+        assert!(!m.chap_challenged(), "AuthMethod alone issues no challenge");
+        let r2 = expect_continue(m.handle(&pdu(&req(0, None, &[("CHAP_A", "5")])), &mut dir));
+        assert!(m.chap_challenged() && !m.chap_passed());
+        let (n, resp) = chap_reply(&r2, "ini-user", "ini-secret-12345");
+        m.handle(
+            &pdu(&req(
+                0,
+                Some(1),
+                &[("CHAP_N", n.as_str()), ("CHAP_R", resp.as_str())],
+            )),
+            &mut dir,
+        );
+        assert!(m.chap_passed());
+
+        // A refusal answers the request it is given and ends the login.
+        let mut m = machine(config());
+        expect_continue(m.handle(&pdu(&req(0, Some(1), &first)), &mut dir));
+        let req2 = pdu(&req(0, None, &[("CHAP_A", "5")]));
+        expect_continue(m.handle(&req2, &mut dir));
+        expect_fail(
+            m.refuse(&req2, LoginStatus::ServiceUnavailable, "throttled"),
+            LoginStatus::ServiceUnavailable,
+        );
+        expect_fail(m.handle(&req2, &mut dir), LoginStatus::InitiatorError);
     }
 
     #[test]

@@ -13,7 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
+use twinsan_throttle::{Admitted, Attempt, LogAction};
 
 use super::machine::{Action, Event};
 use super::{lock, LinkHandle, PendingKind, ReplicatedVolume, Reply, LINK_QUEUE};
@@ -27,6 +28,10 @@ use crate::policy::{Outcome, Side};
 use crate::store::{check_range, WriteMode};
 
 type Est = Established<TcpStream>;
+
+/// What link refusals are counted by: the direction ("incoming", "outgoing") and the peer's
+/// address.
+pub(super) type LinkKey = (&'static str, std::net::IpAddr);
 type Stream = FramedRead<OwnedReadHalf, FrameCodec>;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -59,18 +64,74 @@ impl ReplicatedVolume {
         st.link.is_none() && st.m.wants_dial()
     }
 
-    fn log_link_error(&self, e: &LinkError, addr: SocketAddr, dir: &str) {
-        match e {
-            LinkError::WrongDirection => {
+    /// Logs a failed connection. Refusals (wrong secret, mismatched configuration, refused by
+    /// the peer) repeat with every retry of a misconfigured pair: the first of a burst is an
+    /// error, then a count now and then, and the total when the link authenticates.
+    /// `attempt`: the throttle's slot of an incoming connection, which the refusal is the
+    /// verdict of (dropped without one for other errors).
+    fn log_link_error(
+        &self,
+        e: &LinkError,
+        addr: SocketAddr,
+        dir: &'static str,
+        attempt: Option<Attempt<'_, LinkKey>>,
+    ) {
+        let action = if e.is_refusal() {
+            let key = (dir, addr.ip());
+            let now = Instant::now();
+            let action = match attempt {
+                Some(a) => a.failed(now),
+                None => self.link_throttle.lock().failed(&key, now),
+            };
+            for ended in self.link_throttle.lock().expire(now) {
+                info!(volume = %self.cfg.name, peer = %ended.key.1,
+                    "{} peer connections: {} refusals in {:.0?}, then none for a while",
+                    ended.key.0, ended.burst.failures, ended.burst.lasted);
+            }
+            action
+        } else {
+            LogAction::First
+        };
+        match (e, action) {
+            (LinkError::WrongDirection, _) => {
                 debug!(volume = %self.cfg.name, %addr, "{dir} connection dropped: {e}")
             }
-            LinkError::Refused(reason) => {
-                error!(volume = %self.cfg.name, %addr, "peer refused our {dir} connection: {reason}")
+            (_, LogAction::Quiet) => {
+                debug!(volume = %self.cfg.name, %addr, "{dir} peer connection refused again: {e}")
             }
-            e if e.is_refusal() => {
-                error!(volume = %self.cfg.name, %addr, "refused {dir} peer connection: {e}")
+            (_, LogAction::Ongoing(b)) => error!(
+                volume = %self.cfg.name, %addr,
+                "{dir} peer connections still refused ({} refusals in {:.0?}; the last: {e})",
+                b.failures, b.lasted
+            ),
+            (LinkError::Refused(reason), LogAction::First) => {
+                error!(volume = %self.cfg.name, %addr, "peer refused our {dir} connection: {reason} (repeats are counted, not logged)")
             }
-            e => warn!(volume = %self.cfg.name, %addr, "{dir} peer connection failed: {e}"),
+            (e, LogAction::First) if e.is_refusal() => {
+                error!(volume = %self.cfg.name, %addr, "refused {dir} peer connection: {e} (repeats are counted, not logged)")
+            }
+            (e, LogAction::First) => {
+                warn!(volume = %self.cfg.name, %addr, "{dir} peer connection failed: {e}")
+            }
+        }
+    }
+
+    /// A connection authenticated: ends the refusal burst of its direction and address.
+    fn link_authenticated(
+        &self,
+        addr: SocketAddr,
+        dir: &'static str,
+        attempt: Option<Attempt<'_, LinkKey>>,
+    ) {
+        let now = Instant::now();
+        let burst = match attempt {
+            Some(a) => a.succeeded(now),
+            None => self.link_throttle.lock().succeeded(&(dir, addr.ip()), now),
+        };
+        if let Some(b) = burst {
+            info!(volume = %self.cfg.name, %addr,
+                "{dir} peer connection authenticated after {} refusals in {:.0?}",
+                b.failures, b.lasted);
         }
     }
 
@@ -752,6 +813,32 @@ async fn accept_loop(vol: Arc<ReplicatedVolume>, listener: TcpListener, tx: mpsc
                 let v = vol.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
+                    // An address whose connections keep being refused waits for its slot
+                    // before the handshake (twinsan_throttle): a guesser gets one try per
+                    // back-off delay; the real peer is never slowed by another address.
+                    let max_wait = v.link_throttle.lock().params().max_delay;
+                    let (wait, attempt) = match v.link_throttle.admit(
+                        ("incoming", addr.ip()),
+                        Instant::now(),
+                        max_wait,
+                    ) {
+                        Admitted::Go { wait, attempt } => (wait, attempt),
+                        Admitted::Refused { after } => {
+                            debug!(volume = %v.cfg.name, %addr, "incoming connection dropped: too many refused connections from this address");
+                            tokio::select! {
+                                _ = tokio::time::sleep(after) => {}
+                                _ = v.shutdown.cancelled() => {}
+                            }
+                            return;
+                        }
+                    };
+                    if !wait.is_zero() {
+                        debug!(volume = %v.cfg.name, %addr, ?wait, "incoming connection held back after refusals");
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = v.shutdown.cancelled() => return,
+                        }
+                    }
                     let _ = s.set_nodelay(true);
                     let hello = v.local_hello();
                     let r = tokio::select! {
@@ -760,9 +847,10 @@ async fn accept_loop(vol: Arc<ReplicatedVolume>, listener: TcpListener, tx: mpsc
                     };
                     match r {
                         Ok(est) => {
+                            v.link_authenticated(addr, "incoming", Some(attempt));
                             let _ = tx.send(est).await;
                         }
-                        Err(e) => v.log_link_error(&e, addr, "incoming"),
+                        Err(e) => v.log_link_error(&e, addr, "incoming", Some(attempt)),
                     }
                 });
             }
@@ -806,11 +894,12 @@ async fn dial_loop(vol: Arc<ReplicatedVolume>, tx: mpsc::Sender<Est>) {
         };
         match r {
             Ok(est) => {
+                vol.link_authenticated(peer, "outgoing", None);
                 if tx.send(est).await.is_err() {
                     return;
                 }
             }
-            Err(Some(e)) => vol.log_link_error(&e, peer, "outgoing"),
+            Err(Some(e)) => vol.log_link_error(&e, peer, "outgoing", None),
             Err(None) => {}
         }
         tokio::select! {

@@ -532,6 +532,10 @@ pub struct ReplicatedVolume {
     shutdown: CancellationToken,
     crashed: AtomicBool,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Refused link connections by direction and peer address: an address whose connections
+    /// keep failing authentication waits before its next handshake, and the refusals are
+    /// logged once per burst with a count (issue 13).
+    link_throttle: twinsan_throttle::SharedThrottle<conn::LinkKey>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -610,6 +614,7 @@ impl ReplicatedVolume {
             shutdown: CancellationToken::new(),
             crashed: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
+            link_throttle: Default::default(),
         });
         if role == Role::Primary {
             vol.promote(false).await?;
