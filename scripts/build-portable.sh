@@ -112,6 +112,12 @@ build_packages() {
     rpm="$PKG_DIR/twinsan-${version}-1.x86_64.rpm"
     deb="$PKG_DIR/twinsan_${version}-1_amd64.deb"
     rm -f "$rpm" "$deb"
+    # The man page and completions come from the binary's own clap definitions; the
+    # packages' assets name them under target/generated (relative to the repository).
+    rm -rf "$REPO/target/generated" && mkdir -p "$REPO/target/generated" || return 1
+    "$BIN" man --dir "$REPO/target/generated/man" || return 1
+    "$BIN" completions bash >"$REPO/target/generated/twinsan.bash" || return 1
+    "$BIN" completions zsh >"$REPO/target/generated/_twinsan" || return 1
     # Both tools map the asset source target/release/twinsan to TARGET_DIR/TRIPLE/release/twinsan.
     # --payload-compress gzip: dom0's rpm 4.11 (CentOS 7) cannot read zstd, the tool's default.
     # --auto-req builtin: the rpm Requires the sonames and GLIBC_ versions the binary links

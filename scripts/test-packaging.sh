@@ -158,11 +158,16 @@ EOF
 check "portable twinsan serves the embedded default (iscsi-ls: ${IQN}, LUN 0, 1 GiB sparse)" probe_embedded
 
 # ------------------------------------------------------------------ 5. rpm
+# One man page per subcommand besides twinsan.1, as `twinsan man --dir` writes them.
+MAN_PAGES="$(mkdir -p "$SCRATCH/man" && "$BIN" man --dir "$SCRATCH/man" && find "$SCRATCH/man" -name "*.1" -printf "%f\n" | sort)"
 EXPECTED_RPM="/etc/twinsan/twinsan.toml
 /usr/bin/twinsan
 /usr/lib/systemd/system/twinsan.service
+/usr/share/bash-completion/completions/twinsan
 /usr/share/doc/twinsan/README.md
-/usr/share/doc/twinsan/migration.md"
+/usr/share/doc/twinsan/migration.md
+$(sed 's|^|/usr/share/man/man1/|' <<<"$MAN_PAGES")
+/usr/share/zsh/site-functions/_twinsan"
 same_list() {  # same_list NAME EXPECTED ACTUAL
     if [ "$2" = "$3" ]; then return 0; fi
     log "$1 differs (expected / actual):"; diff <(printf '%s\n' "$2") <(printf '%s\n' "$3") >&2 || true
@@ -252,9 +257,12 @@ fi
 EXPECTED_DEB="./etc/twinsan/twinsan.toml
 ./lib/systemd/system/twinsan.service
 ./usr/bin/twinsan
+./usr/share/bash-completion/completions/twinsan
 ./usr/share/doc/twinsan/README.md
 ./usr/share/doc/twinsan/copyright
-./usr/share/doc/twinsan/migration.md"
+./usr/share/doc/twinsan/migration.md
+$(sed 's|^|./usr/share/man/man1/|' <<<"$MAN_PAGES")
+./usr/share/zsh/vendor-completions/_twinsan"
 log "dpkg-deb -I:"; dpkg-deb -I "$DEB" | sed 's/^/    /' >&2 || true
 check "dpkg -c lists the expected files" \
     same_list "dpkg -c" "$EXPECTED_DEB" "$(dpkg -c "$DEB" | awk '$1 !~ /^d/ {print $NF}' | sort)"
@@ -276,6 +284,14 @@ check "deb: config is byte-identical to packaging/twinsan.toml" \
     cmp "$DEBX/etc/twinsan/twinsan.toml" packaging/twinsan.toml
 check "deb: /usr/bin/twinsan is the portable binary" cmp "$DEBX/usr/bin/twinsan" "$BIN"
 check "deb: /usr/bin/twinsan is mode 0755" bash -c '[ "$(stat -c %a "$1")" = 755 ]' _ "$DEBX/usr/bin/twinsan"
+check "deb: the man page is the binary's (twinsan man)" \
+    cmp "$DEBX/usr/share/man/man1/twinsan.1" "$SCRATCH/man/twinsan.1"
+check "deb: man -l renders the packaged page" bash -c \
+    'MANWIDTH=80 MANPAGER=cat man -l "$1" 2>&1 | grep -q "twinsan-status"' _ "$DEBX/usr/share/man/man1/twinsan.1"
+check "deb: the bash completion loads and completes subcommands" bash -c \
+    'source "$1" && complete -p twinsan >/dev/null && COMP_WORDS=(twinsan sta) COMP_CWORD=1 &&
+     _twinsan twinsan sta twinsan && printf "%s\n" "${COMPREPLY[@]}" | grep -qx status' \
+    _ "$DEBX/usr/share/bash-completion/completions/twinsan"
 
 # The unit itself: systemd-analyze (when present) must not report errors for keys it knows;
 # AmbientCapabilities is known to every systemd this runs on (>= 229) except dom0's 219.

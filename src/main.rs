@@ -1,17 +1,49 @@
 //! The `twinsan` command.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 use twinsan::config::Config;
 use twinsan::server::{iscsi_url, Server};
 
+/// Common tasks, shown by `twinsan --help` and in the man page.
+const EXAMPLES: &str = "\
+Examples (C is the configuration, e.g. /etc/twinsan/twinsan.toml):
+  Serve one 1 GiB test LUN on 127.0.0.1:3260:
+    twinsan serve
+  Check a configuration, then serve it:
+    twinsan check-config -c C
+    twinsan serve -c C
+  What the daemon serves (targets, LUNs, sessions, replication, HA):
+    twinsan status -c C
+  Replication metadata on the host that syncs its peer first:
+    twinsan replication create-md -c C --volume r0 \\
+      --initial-sync full
+  Adopt a DRBD resource's metadata in place (daemon stopped):
+    twinsan replication adopt -c C --volume r0 --dry-run
+  A configuration from a DRBD + tgt + iscsi-ha host:
+    twinsan import --host xs1 --drbd /etc/drbd.conf \\
+      --tgt /etc/tgt/targets.conf \\
+      --iscsi-ha /etc/iscsi-ha/iscsi-ha.conf -o C
+  Hand the primary role over by hand (HA manual mode):
+    twinsan manual-mode-enable -c C
+    twinsan become-secondary -c C  (then become-primary on the peer)
+  Follow the daemon's log:
+    twinsan log -f -c C
+  Shell completion for bash:
+    source <(twinsan completions bash)";
+
 #[derive(Parser)]
 #[command(
     name = "twinsan",
     version,
-    about = "Two-host highly available iSCSI storage server"
+    about = "Two-host highly available iSCSI storage server",
+    long_about = "Two-host highly available iSCSI storage server: an iSCSI target (RFC 7143) \
+serving local files or block devices, with synchronous replication to a peer host \
+(DRBD-compatible metadata) and role and floating-IP handover. One process per host replaces \
+DRBD + tgt + iscsi-ha.",
+    after_help = EXAMPLES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -130,6 +162,17 @@ enum Command {
     BecomePrimary(DaemonArgs),
     /// HA, manual mode: make this host secondary.
     BecomeSecondary(DaemonArgs),
+    /// Print the man page (roff) to stdout: `twinsan man | man -l -`.
+    Man {
+        /// Instead, write twinsan.1 and a page per subcommand (twinsan-status.1...) into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Print a shell completion script: `source <(twinsan completions bash)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Which daemon to talk to.
@@ -170,6 +213,30 @@ fn main() -> anyhow::Result<()> {
         _ => None,
     };
     match cli.command {
+        Command::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("cannot write man pages into {}", dir.display()))?;
+            Ok(())
+        }
+        Command::Man { dir: None } => {
+            let mut out = std::io::stdout().lock();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                // `twinsan man | head`: the reader left, nothing to report.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                r => r.context("cannot write the man page"),
+            }
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "twinsan",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::Serve { config, data_dir } => {
             let config = match config {
                 Some(path) => Config::load(&path)?,
