@@ -20,7 +20,8 @@
 //! the largest command slows a session down to one command at a time, it never stalls it.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// The server-wide budget.
@@ -263,6 +264,34 @@ impl Drop for Charge {
     }
 }
 
+/// Refusals an attacker can repeat at will (connections over the login limit, commands
+/// over the bound on held data): counted, and logged once per ten seconds with the count.
+#[derive(Default)]
+pub struct Occurrences(Mutex<(Option<Instant>, u64)>);
+
+impl Occurrences {
+    pub const fn new() -> Occurrences {
+        Occurrences(Mutex::new((None, 0)))
+    }
+
+    /// Counts one; returns the number to log now (those since the last line), if a line is
+    /// due.
+    pub fn count(&self, now: Instant) -> Option<u64> {
+        let mut g = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.1 += 1;
+        match g.0 {
+            Some(last) if now.duration_since(last) < Duration::from_secs(10) => None,
+            _ => {
+                g.0 = Some(now);
+                Some(std::mem::take(&mut g.1))
+            }
+        }
+    }
+}
+
 /// The default server-wide budget: an eighth of the host's memory, between 256 MiB and
 /// 8 GiB (a dom0 with 4 GiB gets 512 MiB: 16 sessions of 32 MiB in flight).
 pub fn default_limit() -> u64 {
@@ -339,6 +368,16 @@ mod tests {
         drop(a);
         assert_eq!(g.held(), 0);
         assert!(s.hold(0).is_some());
+    }
+
+    #[test]
+    fn occurrences_are_logged_once_per_ten_seconds_with_the_count() {
+        let r = Occurrences::default();
+        let t0 = Instant::now();
+        assert_eq!(r.count(t0), Some(1));
+        assert_eq!(r.count(t0 + Duration::from_secs(1)), None);
+        assert_eq!(r.count(t0 + Duration::from_secs(2)), None);
+        assert_eq!(r.count(t0 + Duration::from_secs(11)), Some(3));
     }
 
     #[test]

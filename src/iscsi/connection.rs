@@ -281,7 +281,7 @@ async fn run(
     // Connections in the login phase hold buffers and a timer each: bounded, and one more
     // is closed at once rather than queued.
     let Ok(login_permit) = ctx.logins.clone().try_acquire_owned() else {
-        if let Some(n) = ctx.login_refusals.refused(std::time::Instant::now()) {
+        if let Some(n) = ctx.login_refusals.count(std::time::Instant::now()) {
             warn!(
                 refused = n,
                 max = ctx.limits.max_logins,

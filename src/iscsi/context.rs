@@ -2,13 +2,13 @@
 //! login settings, the portals and the connection timers. Nothing here knows the daemon's
 //! configuration file, the HA loop or the control socket; the server builds it once.
 
-use super::budget::MemoryBudget;
+use super::budget::{MemoryBudget, Occurrences};
 use super::login::LoginConfig;
 use super::session::{SessionLimits, SessionRegistry, TargetEntry};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::Semaphore;
 use twinsan_throttle::SharedThrottle;
 
@@ -55,30 +55,6 @@ impl Default for ResourceLimits {
     }
 }
 
-/// Connections refused because too many were logging in: one log line per ten seconds
-/// with the count, not one per connection.
-#[derive(Default)]
-pub struct LoginRefusals(Mutex<(Option<Instant>, u64)>);
-
-impl LoginRefusals {
-    /// Counts a refusal; returns the number to log now (refusals since the last line), if a
-    /// line is due.
-    pub fn refused(&self, now: Instant) -> Option<u64> {
-        let mut g = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        g.1 += 1;
-        match g.0 {
-            Some(last) if now.duration_since(last) < Duration::from_secs(10) => None,
-            _ => {
-                g.0 = Some(now);
-                Some(std::mem::take(&mut g.1))
-            }
-        }
-    }
-}
-
 /// The context of every connection: [`super::connection::serve`] and the login take this.
 pub struct IscsiContext {
     pub sessions: SessionRegistry,
@@ -93,7 +69,8 @@ pub struct IscsiContext {
     pub budget: Arc<MemoryBudget>,
     /// One permit per connection in the login phase (`limits.max_logins`).
     pub logins: Arc<Semaphore>,
-    pub login_refusals: LoginRefusals,
+    /// Connections closed because too many were logging in, for a log line per ten seconds.
+    pub login_refusals: Occurrences,
     /// Failed CHAP logins per (lower-case InitiatorName, source address): later logins of a
     /// failing initiator wait, others never do (issue 13).
     pub auth_throttle: SharedThrottle<AuthKey>,
@@ -126,16 +103,6 @@ mod tests {
     }
 
     #[test]
-    fn login_refusals_are_logged_once_per_ten_seconds_with_the_count() {
-        let r = LoginRefusals::default();
-        let t0 = Instant::now();
-        assert_eq!(r.refused(t0), Some(1));
-        assert_eq!(r.refused(t0 + Duration::from_secs(1)), None);
-        assert_eq!(r.refused(t0 + Duration::from_secs(2)), None);
-        assert_eq!(r.refused(t0 + Duration::from_secs(11)), Some(3));
-    }
-
-    #[test]
     fn targets_are_found_whatever_the_case_of_the_name() {
         use crate::scsi::ScsiTarget;
         let entry = Arc::new(TargetEntry {
@@ -151,7 +118,7 @@ mod tests {
             limits: ResourceLimits::default(),
             budget: MemoryBudget::new(1 << 30),
             logins: Arc::new(Semaphore::new(1)),
-            login_refusals: LoginRefusals::default(),
+            login_refusals: Occurrences::default(),
             auth_throttle: SharedThrottle::default(),
         };
         assert!(ctx.target("IQN.2026-01.X:disk").is_some());

@@ -13,7 +13,7 @@
 //! The CmdSN window and the task table live in [`Session`] (atomics and a mutex, no I/O)
 //! because command tasks read them when they stamp their responses.
 
-use super::budget::{Charge, HeldData};
+use super::budget::{Charge, HeldData, Occurrences};
 use super::ffp::{build_response, reject, DataInLimits, Residual, ScsiCommandHeader, WriteGather};
 use super::negotiation::SessionType;
 use super::pdu::{
@@ -403,11 +403,13 @@ impl<P> Sequencer<P> {
         self.recount_held();
         let ok = self.held_data.grow(bytes as u64);
         if !ok {
-            warn!(
-                bytes,
-                "data of commands that cannot run yet is at the server's bound \
-                 (a quarter of server.max_inflight_bytes)"
-            );
+            if let Some(n) = HELD_BOUND_REFUSALS.count(std::time::Instant::now()) {
+                warn!(
+                    refused = n,
+                    "data of commands that cannot run yet is at the server's bound \
+                     (a quarter of server.max_inflight_bytes): TASK SET FULL or ignored"
+                );
+            }
         }
         ok
     }
@@ -975,6 +977,9 @@ pub fn session_type(session: &Session) -> SessionType {
         SessionType::Discovery
     }
 }
+
+/// Commands refused at the bound on held data, over all sessions, for the log.
+static HELD_BOUND_REFUSALS: Occurrences = Occurrences::new();
 
 /// TASK SET FULL (SAM-5 §5.3.1): no resources for the command now; the initiator retries.
 fn task_set_full() -> ScsiResponse {
