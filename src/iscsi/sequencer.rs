@@ -1871,6 +1871,59 @@ mod tests {
         assert_eq!(f.session.exp_cmd_sn(), 10, "a rejected PDU takes no CmdSN");
     }
 
+    /// A Text Request as libiscsi's iSCSI.iSCSISendTargets.Invalid sends it: immediate,
+    /// F=1, TTT 0xffffffff, CmdSN = the next CmdSN, the text NUL-terminated.
+    fn text_request(itt: u32, cmd_sn: u32, text: &[u8]) -> Pdu {
+        let mut p = crate::iscsi::pdu::TextRequestBuilder::new(itt, RESERVED_TAG, 0x80)
+            .data(Bytes::copy_from_slice(text))
+            .build();
+        p.set_immediate(true);
+        p.set_u32_at(24, cmd_sn);
+        p
+    }
+
+    /// libiscsi's iSCSI.iSCSISendTargets.Invalid on a normal session: every request is
+    /// answered, each bad one by a Reject carrying its header (libiscsi finds the request by
+    /// the ITT in it), then `SendTargets=All` by a final Text Response naming the target.
+    #[test]
+    fn every_sendtargets_text_request_of_a_normal_session_is_answered() {
+        let (mut seq, mut f) = setup(10, 4, Instant::now());
+        f.targets = vec![TargetAuth::new("iqn.x:t")];
+        let bad: [&[u8]; 4] = [
+            b"SendTargetsPlease=All\0",
+            b"SendTargets=Alle\0",
+            b"SendTargets=A\0",
+            b"sENDtARGETS=aLL\0",
+        ];
+        for (i, text) in bad.into_iter().enumerate() {
+            f.clear();
+            let req = text_request(i as u32 + 1, 10, text);
+            feed(&mut seq, &mut f, req.clone());
+            let sent = f.sent();
+            assert_eq!(sent.len(), 1, "{text:?}: exactly one answer");
+            let r = sent[0];
+            assert_eq!(r.opcode(), Some(Opcode::Reject), "{text:?}");
+            assert_eq!(r.bhs[2], RejectReason::ProtocolError as u8);
+            assert_eq!(&r.data[..48], &req.bhs[..], "the rejected header");
+            assert_eq!(r.data[16..20], (i as u32 + 1).to_be_bytes());
+        }
+        f.clear();
+        feed(&mut seq, &mut f, text_request(5, 10, b"SendTargets=All\0"));
+        let sent = f.sent();
+        assert_eq!(sent.len(), 1);
+        let r = sent[0];
+        assert_eq!(
+            (r.opcode(), r.flags(), r.itt()),
+            (Some(Opcode::TextResponse), 0x80, 5)
+        );
+        assert_eq!(
+            crate::iscsi::pdu::TextResponse(r).target_transfer_tag(),
+            RESERVED_TAG
+        );
+        assert_eq!(&r.data[..], b"TargetName=iqn.x:t\0");
+        assert_eq!(f.session.exp_cmd_sn(), 10, "immediate: no CmdSN taken");
+    }
+
     #[test]
     fn logout_closes_after_the_commands_and_another_cid_is_refused() {
         let (mut seq, mut f) = setup(10, 4, Instant::now());
