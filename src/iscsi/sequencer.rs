@@ -537,7 +537,7 @@ impl<P> Sequencer<P> {
                 if hdr.expected_len < need
                     && hdr.expected_len % env.data_out_unit(&planned).max(1) != 0 =>
             {
-                // FCP-4 9.4.2: the initiator allows less than the CDB transfers, and not a
+                // FCP-4, FCP_DL overflow: the initiator allows less than the CDB transfers, and not a
                 // whole number of blocks, so "transfer only EDTL" cannot be honoured: transfer
                 // and write nothing, CHECK CONDITION, residual overflow (libiscsi
                 // iSCSIResiduals accepts this or GOOD with exactly EDTL bytes written).

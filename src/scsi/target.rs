@@ -11,11 +11,11 @@
 //!   `None` → no Data-Out (Data-Out sent for it anyway is dropped).
 //! * Data-Out shorter than `n` (EDTL < transfer length) is not an error when it is a whole
 //!   number of [`PlannedCommand::data_out_unit`]s: the SCSI layer writes / compares only the
-//!   whole blocks that arrived, status GOOD (FCP-4 9.4.2 a; libiscsi iSCSIResiduals: "if EDTL
+//!   whole blocks that arrived, status GOOD (FCP-4 FCP_DL overflow rule a; libiscsi iSCSIResiduals: "if EDTL
 //!   < SCSI TL then only EDTL is written"). An EDTL below `n` that is not (a WRITE's 200 bytes
 //!   of a 512-byte block) cannot be honoured: before soliciting anything, answer CHECK
 //!   CONDITION, ILLEGAL REQUEST, INVALID FIELD IN COMMAND INFORMATION UNIT with the overflow
-//!   residual below, and write nothing (FCP-4 9.4.2 b). Never GOOD with other bytes on the
+//!   residual below, and write nothing (FCP-4 FCP_DL overflow rule b). Never GOOD with other bytes on the
 //!   medium than the initiator sent. WRITE SAME and COMPARE AND WRITE need exactly their
 //!   buffer and fail with ILLEGAL REQUEST otherwise (libiscsi `*InvalidDataOutSize`).
 //! * Residuals for a Data-Out command: with `n` from `Gather(n)` (0 for `None`),
