@@ -2016,12 +2016,10 @@ mod tests {
             },
         ];
         let (mut seq, mut f) = setup(10, 4, Instant::now());
-        let mut sn = 10;
         for (i, c) in cases.iter().enumerate() {
             let itt = i as u32 + 1;
             f.write_len = c.blocks * BLOCK;
-            feed(&mut seq, &mut f, write_edtl(itt, sn, c.edtl, c.imm));
-            sn += 1;
+            feed(&mut seq, &mut f, write_edtl(itt, 9 + itt, c.edtl, c.imm));
             let what = format!("{} block(s), EDTL {}", c.blocks, c.edtl);
             assert!(r2t_itts(&f).is_empty(), "{what}: nothing solicited");
             match c.runs_with {
