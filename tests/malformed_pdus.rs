@@ -211,3 +211,164 @@ fn garbage_and_truncated_input_never_crash_the_server() {
     s.assert_alive();
     other_session_works(&s);
 }
+
+/// An immediate Text Request as libiscsi's iSCSI.iSCSISendTargets.Invalid sends it (F=1,
+/// TTT 0xffffffff, CmdSN the next one, NUL-terminated text).
+fn text_request(r: &mut Raw, text: &[u8]) -> Pdu {
+    let itt = r.next_itt();
+    let mut p = Pdu::new(Opcode::TextRequest);
+    p.set_immediate(true);
+    p.set_flags(0x80);
+    p.set_itt(itt);
+    p.set_u32_at(20, RESERVED_TAG);
+    p.set_u32_at(24, r.cmd_sn);
+    p.set_u32_at(28, r.exp_stat_sn);
+    p.set_data(Bytes::copy_from_slice(text));
+    p
+}
+
+/// Issue 14: every Text Request of libiscsi's SendTargets.Invalid test is answered on the
+/// same connection, each bad one with a Reject naming it, then `SendTargets=All` succeeds
+/// (RFC 7143 §11.10, §11.17).
+#[test]
+fn invalid_sendtargets_requests_are_each_answered_on_a_normal_session() {
+    let dir = scratch_dir();
+    let s = Server::start(dir.path(), "", None, "");
+    let mut r = Raw::login(s.port, false, false);
+    for text in [
+        &b"SendTargetsPlease=All\0"[..],
+        b"SendTargets=Alle\0",
+        b"SendTargets=A\0",
+        b"sENDtARGETS=aLL\0",
+    ] {
+        let p = text_request(&mut r, text);
+        let itt = p.itt();
+        r.send(p);
+        let answer = r
+            .recv(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{text:?} not answered"));
+        assert_eq!(answer.opcode(), Some(Opcode::Reject), "{text:?}");
+        assert_eq!(answer.bhs[2], 0x04, "{text:?}: protocol error");
+        assert_eq!(answer.data[16..20], itt.to_be_bytes(), "{text:?}");
+    }
+    let p = text_request(&mut r, b"SendTargets=All\0");
+    let itt = p.itt();
+    r.send(p);
+    let answer = r
+        .recv(Duration::from_secs(5))
+        .expect("SendTargets=All answered");
+    assert_eq!(
+        (answer.opcode(), answer.flags(), answer.itt()),
+        (Some(Opcode::TextResponse), 0x80, itt)
+    );
+    let text = String::from_utf8_lossy(&answer.data).to_string();
+    assert!(text.starts_with(&format!("TargetName={IQN}\0")), "{text:?}");
+    assert!(
+        text.contains(&format!("TargetAddress={},1\0", s.portal())),
+        "{text:?}"
+    );
+    assert!(r.ping(), "connection still works");
+}
+
+/// Sends a WRITE/WRITE AND VERIFY(10) of `blocks` blocks at LBA 0 of `lun` with EDTL `edtl`
+/// (that many bytes of `fill` as immediate data); returns (status, sense key/ASC/ASCQ,
+/// residual flags O/U, residual count).
+fn write_with_edtl(
+    r: &mut Raw,
+    lun: u64,
+    op: u8,
+    blocks: u16,
+    edtl: u32,
+    fill: u8,
+) -> (u8, Option<(u8, u8, u8)>, u8, u32) {
+    let mut cdb = [0u8; 10];
+    cdb[0] = op;
+    cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+    let p = r.scsi_command(lun, &cdb, 0, Some(Bytes::from(vec![fill; edtl as usize])));
+    let itt = p.itt();
+    r.send(p);
+    let resp = r
+        .wait_for(|p| p.itt() == itt && p.opcode() == Some(Opcode::ScsiResponse))
+        .expect("SCSI Response");
+    let sense = (resp.data.len() >= 16).then(|| {
+        let s = &resp.data[2..];
+        (s[2] & 0x0f, s[12], s[13])
+    });
+    (resp.bhs[3], sense, resp.flags() & 0x06, resp.u32_at(44))
+}
+
+fn read_blocks(r: &mut Raw, lun: u64, blocks: u16, bs: u32) -> Vec<u8> {
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x28;
+    cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+    let len = u32::from(blocks) * bs;
+    let (status, data, _) = r
+        .scsi_sync(lun, &cdb, len, Duration::from_secs(10))
+        .expect("READ(10)");
+    assert_eq!(status, 0, "READ(10) status");
+    assert_eq!(data.len(), len as usize);
+    data
+}
+
+/// Issue 14: WRITE(10) and WRITE AND VERIFY(10) whose iSCSI EDTL differs from the CDB's
+/// transfer length, libiscsi iSCSIResiduals' cases on 512- and 4096-byte blocks. Each
+/// answer is GOOD with exactly min(EDTL, CDB) bytes written, or CHECK CONDITION / ILLEGAL
+/// REQUEST / INVALID FIELD IN COMMAND INFORMATION UNIT with nothing written (FCP-4); the
+/// residual is the same either way; what lies past the truncation point is never touched.
+#[test]
+fn write_edtl_mismatch_is_never_good_with_other_bytes() {
+    let dir = scratch_dir();
+    let luns = format!(
+        "[[target.lun]]\nnumber = 0\npath = \"{}\"\nsize = \"16MiB\"\n\n[[target.lun]]\nnumber = 1\npath = \"{}\"\nsize = \"16MiB\"\nblock_size = 4096\n",
+        dir.path().join("a.img").display(),
+        dir.path().join("b.img").display()
+    );
+    let s = Server::start(dir.path(), "", Some(&luns), "");
+    let mut r = Raw::login(s.port, false, false);
+    for (lun, bs) in [(0u64, 512u32), (1, 4096)] {
+        for op in [0x2a, 0x2e] {
+            // (CDB blocks, EDTL): libiscsi's cases, then a block and a half.
+            for (blocks, edtl) in [
+                (1u16, 0u32),
+                (1, 2 * bs),
+                (2, bs),
+                (1, 10_000),
+                (1, 200),
+                (2, bs + bs / 2),
+            ] {
+                let what = format!("LUN {lun} op {op:#x}: {blocks} block(s), EDTL {edtl}");
+                let tl = u32::from(blocks) * bs;
+                let span = tl.max(edtl).div_ceil(bs) as u16;
+                // Known contents first: 'a' over every block the case could touch.
+                let (st, ..) = write_with_edtl(&mut r, lun, 0x2a, span, u32::from(span) * bs, b'a');
+                assert_eq!(st, 0, "{what}: pattern write");
+                let (status, sense, flags, residual) =
+                    write_with_edtl(&mut r, lun, op, blocks, edtl, b'b');
+                let expected_residual = if edtl < tl {
+                    (0x04, tl - edtl)
+                } else {
+                    (0x02, edtl - tl)
+                };
+                assert_eq!((flags, residual), expected_residual, "{what}: residual");
+                let written = match status {
+                    0 => edtl.min(tl),
+                    2 => {
+                        assert_eq!(sense, Some((0x05, 0x0e, 0x03)), "{what}");
+                        0
+                    }
+                    other => panic!("{what}: status {other:#x}"),
+                };
+                // Whole blocks below the CDB are honoured; anything else is refused.
+                let refuse = edtl < tl && edtl % bs != 0;
+                assert_eq!(status == 2, refuse, "{what}: status {status}");
+                let medium = read_blocks(&mut r, lun, span, bs);
+                let bad = medium
+                    .iter()
+                    .enumerate()
+                    .find(|&(i, &b)| b != if (i as u32) < written { b'b' } else { b'a' });
+                assert!(bad.is_none(), "{what}: byte {bad:?} (written {written})");
+            }
+        }
+    }
+    assert!(r.ping(), "connection still works");
+}

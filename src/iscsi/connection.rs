@@ -497,6 +497,10 @@ impl Env for Io<'_> {
         planned.data_in_len()
     }
 
+    fn data_out_unit(&self, planned: &PlannedCommand) -> u32 {
+        planned.data_out_unit()
+    }
+
     fn text_context(&self) -> TextContext<'_> {
         TextContext {
             targets: &self.ctx.login.targets,

@@ -65,6 +65,9 @@ pub trait Env {
     /// Bytes of Data-In a planned command produces at most (a READ's transfer length); 0 for
     /// commands without bulk data. Charged to the memory budget before it runs.
     fn data_in_len(&self, planned: &Self::Planned) -> u64;
+    /// The unit a Data-Out shorter than the planned length must come in to be used (a
+    /// WRITE's block size, else 1): `PlannedCommand::data_out_unit`.
+    fn data_out_unit(&self, planned: &Self::Planned) -> u32;
     /// Performs `action` now.
     fn act(&mut self, action: Action<Self::Planned>);
 }
@@ -532,6 +535,23 @@ impl<P> Sequencer<P> {
                 gather: None,
                 immediate: Bytes::new(),
             },
+            DataOutPlan::Gather(need, planned)
+                if hdr.expected_len < need
+                    && hdr.expected_len % env.data_out_unit(&planned).max(1) != 0 =>
+            {
+                // FCP-4, FCP_DL overflow: the initiator allows less than the CDB transfers, and not a
+                // whole number of blocks, so "transfer only EDTL" cannot be honoured: transfer
+                // and write nothing, CHECK CONDITION, residual overflow (libiscsi
+                // iSCSIResiduals accepts this or GOOD with exactly EDTL bytes written).
+                debug!(
+                    itt = hdr.itt,
+                    edtl = hdr.expected_len,
+                    need,
+                    "EDTL below the CDB's transfer length and not whole blocks: refused"
+                );
+                let resp = ScsiResponse::check(Sense::invalid_field_in_command_iu());
+                return self.finish_now_used(&task, &hdr, resp, u64::from(need), env);
+            }
             DataOutPlan::Gather(need, planned) => BudgetWait {
                 // The buffer WriteGather takes: what both the CDB and the initiator move.
                 bytes: u64::from(need.min(hdr.expected_len)),
@@ -770,7 +790,7 @@ impl<P> Sequencer<P> {
         true
     }
 
-    /// Answers a command without executing it.
+    /// Answers a command without executing it (a write's residual: nothing transferred).
     fn finish_now(
         &self,
         task: &Arc<Task>,
@@ -778,11 +798,24 @@ impl<P> Sequencer<P> {
         resp: ScsiResponse,
         env: &mut impl Env<Planned = P>,
     ) {
+        self.finish_now_used(task, hdr, resp, 0, env)
+    }
+
+    /// Answers a command without executing it; a write's residual compares EDTL with `need`,
+    /// the bytes its CDB transfers (§11.4.5.2), as for an executed write.
+    fn finish_now_used(
+        &self,
+        task: &Arc<Task>,
+        hdr: &ScsiCommandHeader,
+        resp: ScsiResponse,
+        need: u64,
+        env: &mut impl Env<Planned = P>,
+    ) {
         let pdus = build_response(
             hdr,
             resp,
             self.limits(),
-            Some(Residual::of(hdr.expected_len, 0)).filter(|_| hdr.write),
+            Some(Residual::of(hdr.expected_len, need)).filter(|_| hdr.write),
         );
         self.session.remove_task(hdr.itt);
         env.act(Action::Respond {
@@ -1025,6 +1058,8 @@ mod tests {
     const REFUSED: u8 = 0xff;
     const LUN: u64 = 0;
     const OTHER_LUN: u64 = 1 << 48;
+    /// The fake target's logical block: a WRITE(10) moves whole ones.
+    const BLOCK: u32 = 512;
 
     /// Records every action; plans writes as `Gather(expected length)`.
     struct Fake {
@@ -1079,6 +1114,9 @@ mod tests {
             } else {
                 0
             }
+        }
+        fn data_out_unit(&self, _planned: &()) -> u32 {
+            BLOCK
         }
         fn act(&mut self, action: Action<()>) {
             self.actions.push(action);
@@ -1874,6 +1912,194 @@ mod tests {
             ]
         );
         assert_eq!(f.session.exp_cmd_sn(), 10, "a rejected PDU takes no CmdSN");
+    }
+
+    /// A WRITE(10) with ExpectedDataTransferLength `edtl` and `imm` bytes of immediate data
+    /// (F=1: no unsolicited Data-Out follows), as libiscsi's iSCSIResiduals sends it.
+    fn write_edtl(itt: u32, cmd_sn: u32, edtl: u32, imm: usize) -> Pdu {
+        let mut p = cmd(itt, cmd_sn, WRITE_10);
+        p.set_u32_at(20, edtl);
+        if imm > 0 {
+            p.set_data(Bytes::from(vec![b'b'; imm]));
+        }
+        p
+    }
+
+    /// The SCSI Response a command was answered with without running: (status, sense key,
+    /// ASC, ASCQ, residual).
+    fn answered(f: &Fake, itt: u32) -> Option<(u8, u8, u8, u8, Residual)> {
+        f.actions.iter().find_map(|a| match a {
+            Action::Respond { pdus, .. } if pdus[0].itt() == itt => {
+                let r = &pdus[0];
+                assert_eq!(r.opcode(), Some(Opcode::ScsiResponse));
+                let sense = &r.data[2..];
+                let residual = match r.flags() & 0x06 {
+                    0x04 => Residual::Overflow(r.u32_at(44)),
+                    0x02 => Residual::Underflow(r.u32_at(44)),
+                    _ => Residual::None,
+                };
+                Some((r.bhs[3], sense[2] & 0x0f, sense[12], sense[13], residual))
+            }
+            _ => None,
+        })
+    }
+
+    /// libiscsi iSCSIResiduals.Write10Residuals / WriteVerify10Residuals, on 512-byte blocks:
+    /// an EDTL of whole blocks runs with min(EDTL, CDB) bytes and the residual; EDTL 200 for
+    /// one block (not whole blocks, below the CDB) is refused before any data moves: CHECK
+    /// CONDITION, ILLEGAL REQUEST, INVALID FIELD IN COMMAND INFORMATION UNIT, residual
+    /// overflow 312, no R2T, nothing executed (so nothing written).
+    #[test]
+    fn write_edtl_against_the_cdb_transfer_length() {
+        struct Case {
+            blocks: u32,
+            edtl: u32,
+            imm: usize,
+            /// Bytes handed to the target, or None when refused.
+            runs_with: Option<usize>,
+            residual: Residual,
+        }
+        let cases = [
+            // One block, EDTL 0: nothing to write, GOOD with overflow (libiscsi accepts).
+            Case {
+                blocks: 1,
+                edtl: 0,
+                imm: 0,
+                runs_with: Some(0),
+                residual: Residual::Overflow(512),
+            },
+            Case {
+                blocks: 1,
+                edtl: 1024,
+                imm: 1024,
+                runs_with: Some(512),
+                residual: Residual::Underflow(512),
+            },
+            Case {
+                blocks: 2,
+                edtl: 512,
+                imm: 512,
+                runs_with: Some(512),
+                residual: Residual::Overflow(512),
+            },
+            Case {
+                blocks: 1,
+                edtl: 10_000,
+                imm: 8192,
+                runs_with: Some(512),
+                residual: Residual::Underflow(9488),
+            },
+            Case {
+                blocks: 1,
+                edtl: 200,
+                imm: 200,
+                runs_with: None,
+                residual: Residual::Overflow(312),
+            },
+            // Without immediate data: refused without soliciting the 200 bytes.
+            Case {
+                blocks: 1,
+                edtl: 200,
+                imm: 0,
+                runs_with: None,
+                residual: Residual::Overflow(312),
+            },
+            Case {
+                blocks: 2,
+                edtl: 768,
+                imm: 768,
+                runs_with: None,
+                residual: Residual::Overflow(256),
+            },
+            // More than the CDB and not whole blocks: the CDB's blocks are all there.
+            Case {
+                blocks: 2,
+                edtl: 1500,
+                imm: 1500,
+                runs_with: Some(1024),
+                residual: Residual::Underflow(476),
+            },
+        ];
+        let (mut seq, mut f) = setup(10, 4, Instant::now());
+        for (i, c) in cases.iter().enumerate() {
+            let itt = i as u32 + 1;
+            f.write_len = c.blocks * BLOCK;
+            feed(&mut seq, &mut f, write_edtl(itt, 9 + itt, c.edtl, c.imm));
+            let what = format!("{} block(s), EDTL {}", c.blocks, c.edtl);
+            assert!(r2t_itts(&f).is_empty(), "{what}: nothing solicited");
+            match c.runs_with {
+                Some(len) => {
+                    let run = take_executed(&mut f);
+                    assert_eq!(run.len(), 1, "{what}");
+                    assert_eq!(run[0].data_out.len(), len, "{what}");
+                    assert!(run[0].data_out.iter().all(|&b| b == b'b'), "{what}");
+                    assert_eq!(run[0].residual, Some(c.residual), "{what}");
+                }
+                None => {
+                    assert!(take_executed(&mut f).is_empty(), "{what}: never runs");
+                    assert_eq!(
+                        answered(&f, itt),
+                        Some((0x02, 0x05, 0x0e, 0x03, c.residual)),
+                        "{what}"
+                    );
+                    assert!(f.session.task(itt).is_none(), "{what}: task gone");
+                }
+            }
+            f.clear();
+        }
+    }
+
+    /// A Text Request as libiscsi's iSCSI.iSCSISendTargets.Invalid sends it: immediate,
+    /// F=1, TTT 0xffffffff, CmdSN = the next CmdSN, the text NUL-terminated.
+    fn text_request(itt: u32, cmd_sn: u32, text: &[u8]) -> Pdu {
+        let mut p = crate::iscsi::pdu::TextRequestBuilder::new(itt, RESERVED_TAG, 0x80)
+            .data(Bytes::copy_from_slice(text))
+            .build();
+        p.set_immediate(true);
+        p.set_u32_at(24, cmd_sn);
+        p
+    }
+
+    /// libiscsi's iSCSI.iSCSISendTargets.Invalid on a normal session: every request is
+    /// answered, each bad one by a Reject carrying its header (libiscsi finds the request by
+    /// the ITT in it), then `SendTargets=All` by a final Text Response naming the target.
+    #[test]
+    fn every_sendtargets_text_request_of_a_normal_session_is_answered() {
+        let (mut seq, mut f) = setup(10, 4, Instant::now());
+        f.targets = vec![TargetAuth::new("iqn.x:t")];
+        let bad: [&[u8]; 4] = [
+            b"SendTargetsPlease=All\0",
+            b"SendTargets=Alle\0",
+            b"SendTargets=A\0",
+            b"sENDtARGETS=aLL\0",
+        ];
+        for (i, text) in bad.into_iter().enumerate() {
+            f.clear();
+            let req = text_request(i as u32 + 1, 10, text);
+            feed(&mut seq, &mut f, req.clone());
+            let sent = f.sent();
+            assert_eq!(sent.len(), 1, "{text:?}: exactly one answer");
+            let r = sent[0];
+            assert_eq!(r.opcode(), Some(Opcode::Reject), "{text:?}");
+            assert_eq!(r.bhs[2], RejectReason::ProtocolError as u8);
+            assert_eq!(&r.data[..48], &req.bhs[..], "the rejected header");
+            assert_eq!(r.data[16..20], (i as u32 + 1).to_be_bytes());
+        }
+        f.clear();
+        feed(&mut seq, &mut f, text_request(5, 10, b"SendTargets=All\0"));
+        let sent = f.sent();
+        assert_eq!(sent.len(), 1);
+        let r = sent[0];
+        assert_eq!(
+            (r.opcode(), r.flags(), r.itt()),
+            (Some(Opcode::TextResponse), 0x80, 5)
+        );
+        assert_eq!(
+            crate::iscsi::pdu::TextResponse(r).target_transfer_tag(),
+            RESERVED_TAG
+        );
+        assert_eq!(&r.data[..], b"TargetName=iqn.x:t\0");
+        assert_eq!(f.session.exp_cmd_sn(), 10, "immediate: no CmdSN taken");
     }
 
     #[test]

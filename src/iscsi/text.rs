@@ -2,7 +2,8 @@
 //! Appendix C) and negotiation of the few keys allowed there.
 //!
 //! [`TextNegotiation::handle`] takes one Text Request and returns the Text Response, or the
-//! reason for a Reject PDU (§11.17). Long answers are split at the initiator's
+//! reason for a Reject PDU (§11.17): a malformed request, or one in which no key means
+//! anything (only unknown non-extension keys and invalid SendTargets values). Long answers are split at the initiator's
 //! MaxRecvDataSegmentLength with the C bit and a Target Transfer Tag; the initiator fetches
 //! the rest with empty Text Requests carrying that TTT (§11.11.1, §11.11.4).
 //!
@@ -180,11 +181,19 @@ impl TextNegotiation {
         };
         let mut update = ParamUpdate::default();
         let mut answer = Vec::new();
+        // Keys the request cannot mean anything by: an unknown key that is not an extension
+        // key (§13.22), or SendTargets with a value §13.3 does not define.
+        let mut senseless = 0usize;
         for kv in &pairs {
             let key = kv.key.as_str();
             let value = kv.value.as_str();
             match key {
-                "SendTargets" => answer.extend(send_targets(ctx, value)),
+                "SendTargets" => {
+                    if !send_targets_value_ok(value) {
+                        senseless += 1;
+                    }
+                    answer.extend(send_targets(ctx, value))
+                }
                 "MaxRecvDataSegmentLength" => {
                     // Declarative and allowed in FFP (§13.12): take theirs, re-declare ours.
                     match parse_numeric(value)
@@ -204,8 +213,28 @@ impl TextNegotiation {
                 _ if is_reserved_value(value) => {}
                 // Login-only keys cannot change in Full Feature Phase.
                 _ if key_def(key).is_some() => answer.extend(encode_text(&[(key, "Irrelevant")])),
-                _ => answer.extend(encode_text(&[(key, "NotUnderstood")])),
+                _ => {
+                    if !is_extension_key(key) {
+                        senseless += 1;
+                    }
+                    answer.extend(encode_text(&[(key, "NotUnderstood")]))
+                }
             }
+        }
+        if senseless > 0 && senseless == pairs.len() {
+            // Nothing in the request is a request: `SendTargetsPlease=All`, `SendTargets=Alle`,
+            // `sENDtARGETS=aLL` (keys are case-sensitive, §6.1). The PDU itself is bad: Reject it
+            // (§11.17.1 Protocol Error), as LIO does. A Text Response would carry only
+            // `NotUnderstood` / `Reject` (§6.2), which libiscsi counts as a failed request only
+            // by dropping the connection and logging in again (its SendTargets.Invalid test then
+            // waits forever on the second one); a Reject PDU fails just the request.
+            return reject(
+                RejectReason::ProtocolError,
+                format!(
+                    "nothing understood in the text request ({} key(s))",
+                    pairs.len()
+                ),
+            );
         }
         ongoing.initiator_final = fin;
         let max = ctx
@@ -243,6 +272,23 @@ fn text_response(itt: u32, ttt: u32, flags: u8, data: Vec<u8>) -> Pdu {
         .build()
 }
 
+/// Whether `value` is one §13.3 defines for SendTargets: `All` (case-sensitive), empty, or
+/// an iSCSI name (`iqn.` / `eui.` / `naa.`).
+fn send_targets_value_ok(value: &str) -> bool {
+    let is_name = ["iqn.", "eui.", "naa."].iter().any(|p| {
+        value
+            .get(..4)
+            .is_some_and(|head| head.eq_ignore_ascii_case(p))
+    });
+    matches!(value, "All" | "") || is_name
+}
+
+/// `X-` private and `X#` public extension keys (§13.22): unknown ones are answered
+/// NotUnderstood, as §6.2 requires.
+fn is_extension_key(key: &str) -> bool {
+    key.starts_with("X-") || key.starts_with("X#")
+}
+
 /// The addresses to advertise: configured portals, wildcards replaced by the local address.
 fn addresses(ctx: &TextContext<'_>, portals: &[SocketAddr]) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = Vec::new();
@@ -278,12 +324,7 @@ fn addresses(ctx: &TextContext<'_>, portals: &[SocketAddr]) -> Vec<SocketAddr> {
 /// (`iqn.` / `eui.` / `naa.`) is answered `SendTargets=Reject`; an unknown or hidden name
 /// yields no record.
 pub fn send_targets(ctx: &TextContext<'_>, value: &str) -> Vec<u8> {
-    let is_name = ["iqn.", "eui.", "naa."].iter().any(|p| {
-        value
-            .get(..4)
-            .is_some_and(|head| head.eq_ignore_ascii_case(p))
-    });
-    if !matches!(value, "All" | "") && !is_name {
+    if !send_targets_value_ok(value) {
         return encode_text(&[("SendTargets", "Reject")]);
     }
     let visible = |t: &&TargetAuth| t.allows(ctx.initiator_name);
@@ -565,39 +606,82 @@ mod tests {
         assert_eq!(r2.flags(), FLAG_FINAL);
     }
 
-    /// The requests of libiscsi's iSCSI.iSCSISendTargets.Invalid test: all must come back as
-    /// something libiscsi treats as a failure, and plain `SendTargets=All` must succeed.
+    /// The requests of libiscsi's iSCSI.iSCSISendTargets.Invalid test, in its order and as it
+    /// sends them (immediate, F=1, TTT 0xffffffff): each bad one is answered with a Reject
+    /// (the only failure libiscsi takes without dropping the connection), then plain
+    /// `SendTargets=All` succeeds on the same connection.
     #[test]
     fn iscsi_test_cu_sendtargets_cases() {
         let t = targets();
         let params = SessionParams::default();
+        for st in [SessionType::Normal, SessionType::Discovery] {
+            let c = ctx(&t, &[], st, &params);
+            let mut n = TextNegotiation::new();
+            let bad: [&[u8]; 4] = [
+                b"SendTargetsPlease=All\0",
+                b"SendTargets=Alle\0",
+                b"SendTargets=A\0",
+                b"sENDtARGETS=aLL\0",
+            ];
+            for (i, text) in bad.into_iter().enumerate() {
+                match n.handle(&request(i as u32, RESERVED_TAG, FLAG_FINAL, text), &c) {
+                    TextOutcome::Reject { reason, .. } => {
+                        assert_eq!(reason, RejectReason::ProtocolError, "{text:?}")
+                    }
+                    other => panic!("{text:?}: {other:?}"),
+                }
+            }
+            let (r, _) = respond(n.handle(
+                &request(9, RESERVED_TAG, FLAG_FINAL, b"SendTargets=All\0"),
+                &c,
+            ));
+            assert_eq!(r.flags(), FLAG_FINAL);
+            assert_eq!(
+                pairs(&r.data)[..2],
+                [
+                    ("TargetName".into(), "iqn.2024-01.org.example:a".into()),
+                    ("TargetAddress".into(), "192.0.2.10:3260,1".into()),
+                ]
+            );
+        }
+    }
+
+    /// A request with something the target understands gets a Text Response whatever else it
+    /// carries: unknown keys are answered NotUnderstood, a bad SendTargets value Reject (§6.2);
+    /// so are extension keys (§13.22) even alone.
+    #[test]
+    fn not_understood_and_reject_in_a_text_response() {
+        let t = targets();
+        let params = SessionParams::default();
         let c = ctx(&t, &[], SessionType::Normal, &params);
         let mut n = TextNegotiation::new();
-        let cases: [(&[u8], (&str, &str)); 4] = [
-            (
-                b"SendTargetsPlease=All\0",
-                ("SendTargetsPlease", "NotUnderstood"),
-            ),
-            (b"SendTargets=Alle\0", ("SendTargets", "Reject")),
-            (b"SendTargets=A\0", ("SendTargets", "Reject")),
-            (b"sENDtARGETS=aLL\0", ("sENDtARGETS", "NotUnderstood")),
-        ];
-        for (i, (text, (k, v))) in cases.into_iter().enumerate() {
-            let (r, _) = respond(n.handle(&request(i as u32, RESERVED_TAG, FLAG_FINAL, text), &c));
-            assert_eq!(r.flags(), FLAG_FINAL);
-            assert_eq!(pairs(&r.data), vec![(k.to_string(), v.to_string())]);
-        }
         let (r, _) = respond(n.handle(
-            &request(9, RESERVED_TAG, FLAG_FINAL, b"SendTargets=All\0"),
+            &request(
+                1,
+                RESERVED_TAG,
+                FLAG_FINAL,
+                b"SendTargets=Alle\0SendTargetsPlease=All\0MaxRecvDataSegmentLength=8192\0",
+            ),
             &c,
         ));
+        assert_eq!(r.flags(), FLAG_FINAL);
         assert_eq!(
             pairs(&r.data),
             vec![
-                ("TargetName".into(), "iqn.2024-01.org.example:a".into()),
-                ("TargetAddress".into(), "192.0.2.10:3260,1".into()),
+                ("SendTargets".into(), "Reject".into()),
+                ("SendTargetsPlease".into(), "NotUnderstood".into()),
+                ("MaxRecvDataSegmentLength".into(), "8192".into()),
             ]
         );
+        for text in [&b"X-com.example.Foo=1\0"[..], b"X#Bar=1\0"] {
+            let (r, _) = respond(n.handle(&request(2, RESERVED_TAG, FLAG_FINAL, text), &c));
+            assert_eq!(r.flags(), FLAG_FINAL);
+            let (k, v) = &pairs(&r.data)[0];
+            assert_eq!(v, "NotUnderstood", "{k}");
+        }
+        // An empty request is answered (empty).
+        let (r, _) = respond(n.handle(&request(3, RESERVED_TAG, FLAG_FINAL, b""), &c));
+        assert_eq!((r.flags(), r.data.len()), (FLAG_FINAL, 0));
     }
 
     #[test]

@@ -198,7 +198,9 @@ fn store_error(e: StoreError, lba: u64, writing: bool) -> Sense {
 }
 
 /// The leading whole blocks of `data`, at most `max_bytes`. Data-Out shorter than the CDB
-/// asks for (iSCSI overflow: EDTL < transfer length) transfers only what arrived.
+/// asks for (iSCSI overflow: EDTL < transfer length) transfers only what arrived; the
+/// transport refuses a shorter EDTL that is not whole blocks (`Command::data_out_unit`), so
+/// nothing is dropped here but defensively.
 fn whole_blocks(data: &Bytes, max_bytes: u64, block_size: u32) -> Bytes {
     let bs = u64::from(block_size);
     let len = (data.len() as u64).min(max_bytes) / bs * bs;

@@ -9,11 +9,15 @@
 //!   `min(n, EDTL)`; of the immediate + unsolicited + solicited data keep the first
 //!   `min(n, EDTL)` bytes, drop the rest, and pass them as `ScsiRequest::data_out`.
 //!   `None` → no Data-Out (Data-Out sent for it anyway is dropped).
-//! * Data-Out shorter than `n` (EDTL < transfer length) is not an error: the SCSI layer
-//!   writes / compares only the whole blocks that arrived (libiscsi iSCSIResiduals: "if EDTL
-//!   < SCSI TL then only EDTL is written", status GOOD). WRITE SAME and COMPARE AND WRITE are
-//!   the exceptions: they need exactly their buffer and fail with ILLEGAL REQUEST otherwise
-//!   (libiscsi `*InvalidDataOutSize`).
+//! * Data-Out shorter than `n` (EDTL < transfer length) is not an error when it is a whole
+//!   number of [`PlannedCommand::data_out_unit`]s: the SCSI layer writes / compares only the
+//!   whole blocks that arrived, status GOOD (FCP-4 FCP_DL overflow rule a; libiscsi iSCSIResiduals: "if EDTL
+//!   < SCSI TL then only EDTL is written"). An EDTL below `n` that is not (a WRITE's 200 bytes
+//!   of a 512-byte block) cannot be honoured: before soliciting anything, answer CHECK
+//!   CONDITION, ILLEGAL REQUEST, INVALID FIELD IN COMMAND INFORMATION UNIT with the overflow
+//!   residual below, and write nothing (FCP-4 FCP_DL overflow rule b). Never GOOD with other bytes on the
+//!   medium than the initiator sent. WRITE SAME and COMPARE AND WRITE need exactly their
+//!   buffer and fail with ILLEGAL REQUEST otherwise (libiscsi `*InvalidDataOutSize`).
 //! * Residuals for a Data-Out command: with `n` from `Gather(n)` (0 for `None`),
 //!   EDTL < n → overflow (O bit), residual n − EDTL; EDTL > n → underflow (U bit),
 //!   residual EDTL − n.
@@ -66,6 +70,8 @@ pub struct PlannedCommand {
     cmd: Command,
     /// Bytes of bulk Data-In the command produces (a READ's transfer length), else 0.
     data_in: u64,
+    /// [`Command::data_out_unit`]: a shorter Data-Out must be a multiple of this.
+    data_out_unit: u32,
 }
 
 impl PlannedCommand {
@@ -73,6 +79,12 @@ impl PlannedCommand {
     /// commands whose parameter data is small (INQUIRY, MODE SENSE, REPORT LUNS...).
     pub fn data_in_len(&self) -> u64 {
         self.data_in
+    }
+
+    /// The unit a Data-Out shorter than `Gather(n)`'s `n` must come in (a WRITE's block
+    /// size; 1 for other commands). See the module documentation.
+    pub fn data_out_unit(&self) -> u32 {
+        self.data_out_unit
     }
 }
 
@@ -265,6 +277,7 @@ impl ScsiTarget {
                 unit: None,
                 cmd,
                 data_in: 0,
+                data_out_unit: 1,
             }),
             Ok(Route::Unit(unit, cmd)) => {
                 let planned = PlannedCommand {
@@ -272,6 +285,7 @@ impl ScsiTarget {
                     unit: Some(unit.lun()),
                     cmd,
                     data_in: cmd.data_in_len(unit.settings.block_size),
+                    data_out_unit: cmd.data_out_unit(unit.settings.block_size),
                 };
                 match cmd.data_out_len(unit.settings.block_size) {
                     0 => DataOutPlan::None(planned),
@@ -567,6 +581,19 @@ mod tests {
         caw[0] = opcode::COMPARE_AND_WRITE;
         caw[13] = 2;
         assert_eq!(gather(&caw), 4 * BS);
+        // The unit a shorter Data-Out must come in: blocks for WRITE and WRITE AND VERIFY;
+        // WRITE SAME and COMPARE AND WRITE check their buffer themselves.
+        let unit = |cdb: &[u8]| match t.plan(raw(0), cdb, 1) {
+            DataOutPlan::Gather(_, p) | DataOutPlan::None(p) => p.data_out_unit(),
+            DataOutPlan::Fail(r) => panic!("failed: {:?}", r.sense),
+        };
+        assert_eq!(unit(&cdb10(opcode::WRITE_10, 0, 0, 3)), BS);
+        assert_eq!(unit(&cdb16(opcode::WRITE_16, 0, 0, 1)), BS);
+        assert_eq!(unit(&cdb10(opcode::WRITE_AND_VERIFY_10, 0, 0, 1)), BS);
+        assert_eq!(unit(&cdb16(opcode::WRITE_SAME_16, 0, 0, 8)), 1);
+        assert_eq!(unit(&caw), 1);
+        assert_eq!(unit(&cdb10(opcode::UNMAP, 0, 0, 24)), 1);
+        assert_eq!(unit(&cdb10(opcode::READ_10, 0, 0, 3)), 1);
     }
 
     #[tokio::test]
@@ -835,7 +862,9 @@ mod tests {
         assert!(snap[BS as usize..2 * BS as usize]
             .iter()
             .all(|&b| b == b'a'));
-        // Less than a block: nothing written, GOOD. Same for WRITE AND VERIFY.
+        // Less than a block: nothing written, GOOD. Same for WRITE AND VERIFY. (The transport
+        // never passes this: it refuses such an EDTL before any data moves, see the module
+        // documentation; the SCSI layer still writes no partial block.)
         let r = run(&t, 1, &cdb10(opcode::WRITE_10, 0, 1, 1), &[b'c'; 200]).await;
         assert_eq!(r.status, Status::Good);
         let r = run(
