@@ -240,11 +240,14 @@ impl Command {
     /// The unit a Data-Out shorter than [`Command::data_out_len`] must come in to be used:
     /// WRITE and WRITE AND VERIFY write whole logical blocks, so an iSCSI Expected Data
     /// Transfer Length below the CDB's that is not a whole number of blocks cannot be honoured
-    /// (FCP-4 FCP_DL overflow rule b: the command is refused, nothing written). 1 for every other command
+    /// (FCP-4 FCP_DL overflow rule b: the command is refused, nothing written); VERIFY with
+    /// BYTCHK compares blocks the same way. 1 for every other command
     /// (WRITE SAME and COMPARE AND WRITE check their buffer length themselves).
     pub fn data_out_unit(&self, block_size: u32) -> u32 {
         match *self {
-            Command::Write(_) | Command::WriteAndVerify { .. } => block_size.max(1),
+            Command::Write(_) | Command::WriteAndVerify { .. } | Command::Verify { .. } => {
+                block_size.max(1)
+            }
             _ => 1,
         }
     }

@@ -590,6 +590,8 @@ mod tests {
         assert_eq!(unit(&cdb10(opcode::WRITE_10, 0, 0, 3)), BS);
         assert_eq!(unit(&cdb16(opcode::WRITE_16, 0, 0, 1)), BS);
         assert_eq!(unit(&cdb10(opcode::WRITE_AND_VERIFY_10, 0, 0, 1)), BS);
+        // VERIFY(10) with BYTCHK=01b compares whole blocks too.
+        assert_eq!(unit(&cdb10(opcode::VERIFY_10, 0x02, 0, 1)), BS);
         assert_eq!(unit(&cdb16(opcode::WRITE_SAME_16, 0, 0, 8)), 1);
         assert_eq!(unit(&caw), 1);
         assert_eq!(unit(&cdb10(opcode::UNMAP, 0, 0, 24)), 1);
