@@ -261,7 +261,7 @@ EXPECTED_DEB="./etc/twinsan/twinsan.toml
 ./usr/share/doc/twinsan/README.md
 ./usr/share/doc/twinsan/copyright
 ./usr/share/doc/twinsan/migration.md
-$(sed 's|^|./usr/share/man/man1/|' <<<"$MAN_PAGES")
+$(sed 's|^\(.*\)$|./usr/share/man/man1/\1.gz|' <<<"$MAN_PAGES")
 ./usr/share/zsh/vendor-completions/_twinsan"
 log "dpkg-deb -I:"; dpkg-deb -I "$DEB" | sed 's/^/    /' >&2 || true
 check "dpkg -c lists the expected files" \
@@ -284,10 +284,11 @@ check "deb: config is byte-identical to packaging/twinsan.toml" \
     cmp "$DEBX/etc/twinsan/twinsan.toml" packaging/twinsan.toml
 check "deb: /usr/bin/twinsan is the portable binary" cmp "$DEBX/usr/bin/twinsan" "$BIN"
 check "deb: /usr/bin/twinsan is mode 0755" bash -c '[ "$(stat -c %a "$1")" = 755 ]' _ "$DEBX/usr/bin/twinsan"
+# cargo-deb gzips man pages, as Debian policy wants.
 check "deb: the man page is the binary's (twinsan man)" \
-    cmp "$DEBX/usr/share/man/man1/twinsan.1" "$SCRATCH/man/twinsan.1"
+    cmp <(zcat "$DEBX/usr/share/man/man1/twinsan.1.gz") "$SCRATCH/man/twinsan.1"
 check "deb: man -l renders the packaged page" bash -c \
-    'MANWIDTH=80 MANPAGER=cat man -l "$1" 2>&1 | grep -q "twinsan-status"' _ "$DEBX/usr/share/man/man1/twinsan.1"
+    'MANWIDTH=80 MANPAGER=cat man -l "$1" 2>&1 | grep -q "twinsan-status"' _ "$DEBX/usr/share/man/man1/twinsan.1.gz"
 check "deb: the bash completion loads and completes subcommands" bash -c \
     'source "$1" && complete -p twinsan >/dev/null && COMP_WORDS=(twinsan sta) COMP_CWORD=1 &&
      _twinsan twinsan sta twinsan && printf "%s\n" "${COMPREPLY[@]}" | grep -qx status' \
