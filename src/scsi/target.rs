@@ -22,15 +22,16 @@
 //!   overflow, residual len − EDTL; len < EDTL → underflow, residual EDTL − len.
 
 use super::cdb::{self, opcode, Command};
+use super::pr::{Effects, InitiatorPort, PrError};
 use super::sbc;
 use super::sense::{Sense, SenseKey};
 use super::spc;
 use super::thin::{ThresholdEvent, UA_SOFT_THRESHOLD};
 use super::unit::LogicalUnit;
-use super::{DataOutPlan, LunSettings, NexusId, ScsiRequest, ScsiResponse};
+use super::{DataOutPlan, LunSettings, NexusId, ScsiRequest, ScsiResponse, Status};
 use crate::store::BlockStore;
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, OnceLock, RwLock};
 use tracing::{debug, error, info, warn};
 
@@ -94,6 +95,17 @@ pub struct ScsiTarget {
     /// unit attentions for these. New nexuses get none (no power-on unit attention: a
     /// reconnecting initiator must not see a spurious one).
     nexuses: RwLock<HashSet<NexusId>>,
+    /// The initiator port (name + ISID) of each I_T nexus logged in, for reservations.
+    ports: RwLock<HashMap<NexusId, InitiatorPort>>,
+}
+
+/// RESERVATION CONFLICT: status 18h, no sense data (SAM-5 5.3.1).
+fn reservation_conflict() -> ScsiResponse {
+    ScsiResponse {
+        status: Status::ReservationConflict,
+        sense: None,
+        data_in: Bytes::new(),
+    }
 }
 
 impl ScsiTarget {
@@ -138,6 +150,120 @@ impl ScsiTarget {
             luns: map,
             thin_alert: OnceLock::new(),
             nexuses: RwLock::new(HashSet::new()),
+            ports: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// A session logged in to this target: `nexus` is the I_T nexus of initiator port
+    /// `initiator` + `isid` (RFC 7143 4.4.2). A new session of the same initiator port means
+    /// the previous I_T nexus was lost: its SPC-2 reservations go.
+    pub fn nexus_established(&self, nexus: NexusId, initiator: &str, isid: [u8; 6]) {
+        let port = InitiatorPort::new(initiator, isid);
+        for unit in self.luns.values() {
+            unit.reservations().nexus_lost(&port);
+        }
+        self.ports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(nexus, port);
+    }
+
+    /// The session of `nexus` ended (logout or connection loss): SPC-2 reservations it held
+    /// are released (SPC-2 5.5.1); persistent reservations stay (SPC-4 5.13.1).
+    pub fn nexus_closed(&self, nexus: NexusId) {
+        let port = self
+            .ports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&nexus);
+        if let Some(port) = port {
+            for unit in self.luns.values() {
+                unit.reservations().nexus_lost(&port);
+            }
+        }
+    }
+
+    /// The initiator port of `nexus`; one made up from the id for a nexus nobody announced
+    /// (a transport's unit tests).
+    fn port_of(&self, nexus: NexusId) -> InitiatorPort {
+        self.ports
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&nexus)
+            .cloned()
+            .unwrap_or_else(|| {
+                InitiatorPort::new(
+                    "twinsan.nexus",
+                    nexus.to_be_bytes()[2..].try_into().unwrap(),
+                )
+            })
+    }
+
+    /// Carries out what a reservation command asks of other I_T nexuses: unit attentions
+    /// (SPC-4 5.13.11) to every nexus of the initiator ports named.
+    fn apply_effects(&self, unit: &LogicalUnit, fx: &Effects) {
+        if fx.unit_attentions.is_empty() {
+            return;
+        }
+        let ports = self.ports.read().unwrap_or_else(|p| p.into_inner());
+        for (port, code) in &fx.unit_attentions {
+            let targets: Vec<NexusId> = ports
+                .iter()
+                .filter(|(_, p)| port.covers(p))
+                .map(|(&n, _)| n)
+                .collect();
+            unit.establish_unit_attention(targets.iter(), *code);
+        }
+        if !fx.abort.is_empty() {
+            // The transport aborts nothing for now: commands of a preempted nexus that are
+            // in flight complete; every later one gets RESERVATION CONFLICT.
+            debug!(
+                lun = unit.lun(),
+                ports = fx.abort.len(),
+                "PREEMPT AND ABORT"
+            );
+        }
+    }
+
+    /// PERSISTENT RESERVE IN / OUT, RESERVE and RELEASE on `unit`.
+    fn execute_reservation(
+        &self,
+        unit: &LogicalUnit,
+        cmd: &Command,
+        req: &ScsiRequest,
+    ) -> ScsiResponse {
+        let me = self.port_of(req.nexus);
+        let rel_port = unit.settings.identity.relative_port;
+        let mut state = unit.reservations();
+        let r = match cmd {
+            Command::PersistentReserveIn {
+                service_action,
+                alloc_len,
+            } => {
+                return match state.reserve_in(*service_action, rel_port) {
+                    Ok(mut d) => {
+                        d.truncate(*alloc_len as usize);
+                        ScsiResponse::good(d.into())
+                    }
+                    Err(sense) => ScsiResponse::check(sense),
+                }
+            }
+            Command::PersistentReserveOut(p) => {
+                state.reserve_out(&me, rel_port, p, &req.data_out).map(|fx| {
+                    unit.save_reservations(&state);
+                    info!(lun = unit.lun(), initiator = %me.port_name(), service_action = p.service_action,
+                        generation = state.generation, "PERSISTENT RESERVE OUT");
+                    self.apply_effects(unit, &fx);
+                })
+            }
+            Command::Reserve => state.reserve_spc2(&me),
+            Command::Release => state.release_spc2(&me),
+            _ => unreachable!("not a reservation command"),
+        };
+        match r {
+            Ok(()) => ScsiResponse::good(Bytes::new()),
+            Err(PrError::Conflict) => reservation_conflict(),
+            Err(PrError::Check(sense)) => ScsiResponse::check(sense),
         }
     }
 
@@ -267,6 +393,12 @@ impl ScsiTarget {
                 data_in: 0,
             }),
             Ok(Route::Unit(unit, cmd)) => {
+                if unit.reservations_active()
+                    && unit.reservations().conflicts(&self.port_of(nexus), &cmd)
+                {
+                    debug!(lun, opcode = %Opcode(cdb), nexus, "reservation conflict");
+                    return DataOutPlan::Fail(reservation_conflict());
+                }
                 let planned = PlannedCommand {
                     raw_lun: lun,
                     unit: Some(unit.lun()),
@@ -289,6 +421,17 @@ impl ScsiTarget {
         } = planned;
         // The logical units never change after start: a planned unit is still there.
         let data = match unit.and_then(|n| self.luns.get(&n)) {
+            Some(unit)
+                if matches!(
+                    cmd,
+                    Command::PersistentReserveIn { .. }
+                        | Command::PersistentReserveOut(_)
+                        | Command::Reserve
+                        | Command::Release
+                ) =>
+            {
+                return self.execute_reservation(unit, &cmd, &req);
+            }
             None => self.execute_without_unit(&cmd),
             Some(unit) => {
                 let r = self.execute_on(unit, &cmd, &req).await;
@@ -386,6 +529,8 @@ impl ScsiTarget {
         };
         info!(lun = unit.lun(), from, "logical unit reset");
         self.establish_unit_attention(&[unit], UA_LOGICAL_UNIT_RESET);
+        // SPC-2 reservations do not survive a reset (SPC-2 5.5.1); persistent ones do.
+        unit.reservations().spc2_holder = None;
         true
     }
 
@@ -396,6 +541,9 @@ impl ScsiTarget {
         info!(from, "target reset");
         let units: Vec<&LogicalUnit> = self.luns.values().map(|u| u.as_ref()).collect();
         self.establish_unit_attention(&units, UA_RESET);
+        for unit in &units {
+            unit.reservations().spc2_holder = None;
+        }
     }
 
     /// The capacity of logical unit number `lun` changed: 2A/09 CAPACITY DATA HAS CHANGED
