@@ -78,11 +78,27 @@ impl Server {
                 };
                 luns.push((l.number, settings, store));
             }
+            let scsi = Arc::new(ScsiTarget::new(luns));
+            // Persistent reservations with APTPL survive restarts (SPC-4 5.13.5).
+            for unit in scsi.logical_units() {
+                let file = data_dir.join("reservations").join(format!(
+                    "{}-lun{}.json",
+                    t.iqn.to_ascii_lowercase().replace('/', "_"),
+                    unit.lun()
+                ));
+                unit.persist_reservations_in(file.clone())
+                    .with_context(|| {
+                        format!(
+                            "cannot load persistent reservations from {}",
+                            file.display()
+                        )
+                    })?;
+            }
             targets.insert(
                 t.iqn.to_ascii_lowercase(),
                 Arc::new(TargetEntry {
                     iqn: t.iqn.clone(),
-                    scsi: Arc::new(ScsiTarget::new(luns)),
+                    scsi,
                 }),
             );
         }

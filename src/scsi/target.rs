@@ -1286,4 +1286,140 @@ mod tests {
             }
         }
     }
+
+    fn pr_out_cdb(sa: u8, pr_type: u8, len: u32) -> [u8; 10] {
+        let mut c = [0u8; 10];
+        c[0] = opcode::PERSISTENT_RESERVE_OUT;
+        c[1] = sa;
+        c[2] = pr_type;
+        c[5..9].copy_from_slice(&len.to_be_bytes());
+        c
+    }
+
+    fn pr_params(key: u64, sa_key: u64, flags: u8) -> Vec<u8> {
+        let mut d = vec![0u8; 24];
+        d[0..8].copy_from_slice(&key.to_be_bytes());
+        d[8..16].copy_from_slice(&sa_key.to_be_bytes());
+        d[20] = flags;
+        d
+    }
+
+    /// Two initiator ports; a write from the one that is not the Exclusive Access holder
+    /// fails in `plan` (no data solicited) with RESERVATION CONFLICT and no sense; PREEMPT
+    /// gives the preempted nexus REGISTRATIONS PREEMPTED; SPC-2 RESERVE goes with its nexus.
+    #[tokio::test]
+    async fn reservation_conflict_before_data_and_unit_attentions() {
+        let (t, _) = target_with(false, false);
+        t.nexus_established(1, "iqn.2024-01.org.example:a", [0x40, 0, 0, 0, 0, 1]);
+        t.nexus_established(2, "iqn.2024-01.org.example:b", [0x40, 0, 0, 0, 0, 2]);
+        let reg = pr_out_cdb(0, 0, 24);
+        assert_eq!(
+            run(&t, 1, &reg, &pr_params(0, 0xA, 0)).await.status,
+            Status::Good
+        );
+        assert_eq!(
+            run(&t, 2, &reg, &pr_params(0, 0xB, 0)).await.status,
+            Status::Good
+        );
+        let r = run(&t, 1, &pr_out_cdb(1, 3, 24), &pr_params(0xA, 0, 0)).await;
+        assert_eq!(r.status, Status::Good);
+        let write = cdb10(opcode::WRITE_10, 0, 0, 1);
+        match t.plan(raw(0), &write, 2) {
+            DataOutPlan::Fail(r) => {
+                assert_eq!(r.status, Status::ReservationConflict);
+                assert!(r.sense.is_none());
+            }
+            _ => panic!("write from a non-holder planned"),
+        }
+        let r = run(&t, 1, &write, &[0; BS as usize]).await;
+        assert_eq!(r.status, Status::Good);
+        // READ KEYS through the target, truncated to the allocation length.
+        let mut prin = [0u8; 10];
+        prin[0] = opcode::PERSISTENT_RESERVE_IN;
+        prin[8] = 12;
+        let r = run(&t, 2, &prin, &[]).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(&r.data_in[..], &[0, 0, 0, 2, 0, 0, 0, 16, 0, 0, 0, 0]);
+        // 1 preempts 2: 2 is told, and its next command conflicts.
+        let r = run(&t, 1, &pr_out_cdb(4, 3, 24), &pr_params(0xA, 0xB, 0)).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(sense_of(&run(&t, 2, &TUR, &[]).await), (0x6, 0x2A, 0x05));
+        assert_eq!(run(&t, 2, &TUR, &[]).await.status, Status::Good);
+        let r = run(&t, 2, &cdb10(opcode::READ_10, 0, 0, 1), &[]).await;
+        assert_eq!(r.status, Status::ReservationConflict);
+        // CLEAR, then SPC-2: RESERVE(6) by 2, conflict for 1, gone when 2's session ends.
+        let r = run(&t, 1, &pr_out_cdb(3, 0, 24), &pr_params(0xA, 0, 0)).await;
+        assert_eq!(r.status, Status::Good);
+        let reserve6 = [opcode::RESERVE_6, 0, 0, 0, 0, 0];
+        assert_eq!(run(&t, 2, &reserve6, &[]).await.status, Status::Good);
+        assert_eq!(
+            run(&t, 1, &reserve6, &[]).await.status,
+            Status::ReservationConflict
+        );
+        assert_eq!(
+            run(&t, 1, &TUR, &[]).await.status,
+            Status::ReservationConflict
+        );
+        t.nexus_closed(2);
+        assert_eq!(run(&t, 1, &reserve6, &[]).await.status, Status::Good);
+        let release6 = [opcode::RELEASE_6, 0, 0, 0, 0, 0];
+        assert_eq!(run(&t, 1, &release6, &[]).await.status, Status::Good);
+    }
+
+    /// APTPL: the state is written when set, reloaded by a new target, and the file removed
+    /// once a REGISTER clears APTPL.
+    #[tokio::test]
+    async fn aptpl_persists_and_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("reservations").join("t-lun0.json");
+        let (t, _) = target_with(false, false);
+        t.nexus_established(1, "iqn.2024-01.org.example:a", [0x40, 0, 0, 0, 0, 1]);
+        let unit = t.logical_unit(0).unwrap().clone();
+        unit.persist_reservations_in(file.clone()).unwrap();
+        let reg = pr_out_cdb(0, 0, 24);
+        assert_eq!(
+            run(&t, 1, &reg, &pr_params(0, 0xA, 0)).await.status,
+            Status::Good
+        );
+        assert!(!file.exists(), "no APTPL, no file");
+        assert_eq!(
+            run(&t, 1, &reg, &pr_params(0xA, 0xA, 1)).await.status,
+            Status::Good
+        );
+        let r = run(&t, 1, &pr_out_cdb(1, 1, 24), &pr_params(0xA, 0, 0)).await;
+        assert_eq!(r.status, Status::Good);
+        assert!(file.exists());
+
+        let (t2, _) = target_with(false, false);
+        t2.nexus_established(7, "iqn.2024-01.org.example:b", [0x40, 0, 0, 0, 0, 2]);
+        t2.logical_unit(0)
+            .unwrap()
+            .persist_reservations_in(file.clone())
+            .unwrap();
+        {
+            let s = t2.logical_unit(0).unwrap().reservations();
+            assert!(s.aptpl);
+            assert_eq!(s.registrations.len(), 1);
+            assert_eq!(s.registrations[0].key, 0xA);
+            assert!(s.reservation.is_some());
+        }
+        // The reloaded Write Exclusive reservation fences the other initiator's writes.
+        let r = run(&t2, 7, &cdb10(opcode::WRITE_10, 0, 0, 1), &[0; BS as usize]).await;
+        assert_eq!(r.status, Status::ReservationConflict);
+        // A REGISTER without APTPL from the holder (same initiator port) removes the file.
+        t2.nexus_established(8, "iqn.2024-01.org.example:a", [0x40, 0, 0, 0, 0, 1]);
+        assert_eq!(
+            run(&t2, 8, &reg, &pr_params(0xA, 0xA, 0)).await.status,
+            Status::Good
+        );
+        assert!(!file.exists());
+        // A corrupt file is an error, not an empty state.
+        std::fs::write(&file, b"{").unwrap();
+        let (t3, _) = target_with(false, false);
+        assert!(t3
+            .logical_unit(0)
+            .unwrap()
+            .persist_reservations_in(file)
+            .is_err());
+    }
 }
