@@ -145,6 +145,16 @@ impl Server {
             login_refusals: Default::default(),
             auth_throttle: Default::default(),
         });
+        // PREEMPT AND ABORT aborts the preempted nexus's tasks on the logical unit.
+        for t in iscsi.targets.values() {
+            let ctx = Arc::downgrade(&iscsi);
+            t.scsi.set_abort_tasks(Box::new(move |nexus, lun| {
+                let Some(ctx) = ctx.upgrade() else { return };
+                for s in ctx.sessions.list().iter().filter(|s| s.nexus == nexus) {
+                    drop(s.abort_where(|t| crate::scsi::spc::decode_lun(t.lun) == Some(lun)));
+                }
+            }));
+        }
         let volumes = Volumes::new(volumes);
         let control = Arc::new(ControlContext {
             iscsi: iscsi.clone(),

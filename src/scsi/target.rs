@@ -43,6 +43,10 @@ const UA_CAPACITY_CHANGED: (u8, u8) = (0x2A, 0x09);
 /// What the HA layer gives the target to send an alert: (LUN, message).
 pub type ThinAlertHook = Box<dyn Fn(u64, String) + Send + Sync>;
 
+/// What the transport gives the target to abort the tasks of an I_T nexus on a logical unit
+/// (PREEMPT AND ABORT, SPC-4 5.13.11.5): (nexus, LUN number).
+pub type AbortTasksHook = Box<dyn Fn(NexusId, u64) + Send + Sync>;
+
 /// Operation code of a CDB for logs, in hex.
 struct Opcode<'a>(&'a [u8]);
 
@@ -91,6 +95,8 @@ pub struct ScsiTarget {
     /// Called with (LUN, message) when a LUN crosses its thin provisioning soft threshold
     /// (the HA layer sends it as an alert); unset without `[ha]`.
     thin_alert: OnceLock<ThinAlertHook>,
+    /// Aborts a nexus's tasks on a logical unit (PREEMPT AND ABORT); unset: nothing aborted.
+    abort_tasks: OnceLock<AbortTasksHook>,
     /// Every I_T nexus that has sent a command since it was established; resets establish
     /// unit attentions for these. New nexuses get none (no power-on unit attention: a
     /// reconnecting initiator must not see a spurious one).
@@ -149,6 +155,7 @@ impl ScsiTarget {
         ScsiTarget {
             luns: map,
             thin_alert: OnceLock::new(),
+            abort_tasks: OnceLock::new(),
             nexuses: RwLock::new(HashSet::new()),
             ports: RwLock::new(HashMap::new()),
         }
@@ -202,27 +209,34 @@ impl ScsiTarget {
     /// Carries out what a reservation command asks of other I_T nexuses: unit attentions
     /// (SPC-4 5.13.11) to every nexus of the initiator ports named.
     fn apply_effects(&self, unit: &LogicalUnit, fx: &Effects) {
-        if fx.unit_attentions.is_empty() {
+        if fx.unit_attentions.is_empty() && fx.abort.is_empty() {
             return;
         }
         let ports = self.ports.read().unwrap_or_else(|p| p.into_inner());
-        for (port, code) in &fx.unit_attentions {
-            let targets: Vec<NexusId> = ports
+        let nexuses_of = |port: &InitiatorPort| -> Vec<NexusId> {
+            ports
                 .iter()
                 .filter(|(_, p)| port.covers(p))
                 .map(|(&n, _)| n)
-                .collect();
-            unit.establish_unit_attention(targets.iter(), *code);
+                .collect()
+        };
+        for (port, code) in &fx.unit_attentions {
+            unit.establish_unit_attention(nexuses_of(port).iter(), *code);
         }
-        if !fx.abort.is_empty() {
-            // The transport aborts nothing for now: commands of a preempted nexus that are
-            // in flight complete; every later one gets RESERVATION CONFLICT.
-            debug!(
-                lun = unit.lun(),
-                ports = fx.abort.len(),
-                "PREEMPT AND ABORT"
-            );
+        for port in &fx.abort {
+            for nexus in nexuses_of(port) {
+                info!(lun = unit.lun(), initiator = %port.port_name(), "PREEMPT AND ABORT: aborting the preempted nexus's tasks");
+                if let Some(hook) = self.abort_tasks.get() {
+                    hook(nexus, unit.lun());
+                }
+            }
         }
+    }
+
+    /// Sets how the tasks of an I_T nexus on a logical unit are aborted (PREEMPT AND ABORT).
+    /// The first hook set stays.
+    pub fn set_abort_tasks(&self, hook: AbortTasksHook) {
+        let _ = self.abort_tasks.set(hook);
     }
 
     /// PERSISTENT RESERVE IN / OUT, RESERVE and RELEASE on `unit`.
@@ -1421,5 +1435,32 @@ mod tests {
             .unwrap()
             .persist_reservations_in(file)
             .is_err());
+    }
+
+    /// PREEMPT AND ABORT asks the transport to abort the preempted nexus's tasks.
+    #[tokio::test]
+    async fn preempt_and_abort_calls_the_abort_hook() {
+        let (t, _) = target_with(false, false);
+        let aborted = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a = aborted.clone();
+        t.set_abort_tasks(Box::new(move |nexus, lun| {
+            a.lock().unwrap().push((nexus, lun))
+        }));
+        t.nexus_established(1, "iqn.2024-01.org.example:a", [0x40, 0, 0, 0, 0, 1]);
+        t.nexus_established(2, "iqn.2024-01.org.example:b", [0x40, 0, 0, 0, 0, 2]);
+        let reg = pr_out_cdb(0, 0, 24);
+        assert_eq!(
+            run(&t, 1, &reg, &pr_params(0, 0xA, 0)).await.status,
+            Status::Good
+        );
+        assert_eq!(
+            run(&t, 2, &reg, &pr_params(0, 0xB, 0)).await.status,
+            Status::Good
+        );
+        let r = run(&t, 2, &pr_out_cdb(1, 1, 24), &pr_params(0xB, 0, 0)).await;
+        assert_eq!(r.status, Status::Good);
+        let r = run(&t, 1, &pr_out_cdb(5, 1, 24), &pr_params(0xA, 0xB, 0)).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(*aborted.lock().unwrap(), vec![(2, 0)]);
     }
 }
