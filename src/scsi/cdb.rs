@@ -57,6 +57,9 @@ pub mod opcode {
     pub const SA_REPORT_SUPPORTED_OPCODES: u16 = 0x0C;
 }
 
+/// Largest PERSISTENT RESERVE OUT parameter list accepted (SPC-4 6.16.3).
+pub const MAX_PR_OUT_PARAM_LEN: u32 = 65536;
+
 /// CDB length from the group code in the top three bits of the operation code
 /// (SPC-4 4.2.5.1). Reserved and vendor-specific groups have no defined length.
 pub fn cdb_len(op: u8) -> Option<usize> {
@@ -611,11 +614,17 @@ pub fn parse(cdb: &[u8]) -> Result<Command, Sense> {
             if service_action > 7 {
                 return Err(bad(1, 4));
             }
+            // A parameter list is 24 bytes plus TransportIDs: more than 64 KiB is refused
+            // before any data is solicited.
+            let param_len = be32(&c[5..]);
+            if param_len > MAX_PR_OUT_PARAM_LEN {
+                return Err(Sense::invalid_field_in_cdb(5, None));
+            }
             Command::PersistentReserveOut(PrOut {
                 service_action,
                 scope: c[2] >> 4,
                 pr_type: c[2] & 0x0F,
-                param_len: be32(&c[5..]),
+                param_len,
             })
         }
         RESERVE_6 | RELEASE_6 => {
@@ -723,6 +732,41 @@ mod tests {
             assert_eq!(parse(&c).unwrap_err(), Sense::invalid_opcode());
         }
         assert_eq!(parse(&[]).unwrap_err(), Sense::invalid_opcode());
+    }
+
+    #[test]
+    fn reservation_cdbs() {
+        let mut c = [0u8; 10];
+        c[0] = opcode::PERSISTENT_RESERVE_OUT;
+        c[1] = 0x06;
+        c[2] = 0x03;
+        c[5..9].copy_from_slice(&24u32.to_be_bytes());
+        let cmd = parse(&c).unwrap();
+        assert_eq!(cmd.data_out_len(512), 24);
+        c[5..9].copy_from_slice(&(MAX_PR_OUT_PARAM_LEN + 1).to_be_bytes());
+        assert_eq!(parse(&c).unwrap_err().asc, 0x24);
+        c[1] = 0x08;
+        assert_eq!(parse(&c).unwrap_err(), bad(1, 4));
+        let mut i = [0u8; 10];
+        i[0] = opcode::PERSISTENT_RESERVE_IN;
+        i[1] = 0x04;
+        assert_eq!(parse(&i).unwrap_err(), bad(1, 4));
+        i[1] = 0x03;
+        i[7..9].copy_from_slice(&100u16.to_be_bytes());
+        assert_eq!(parse(&i).unwrap().alloc_len(), Some(100));
+        assert_eq!(
+            parse(&[opcode::RESERVE_6, 0, 0, 0, 0, 0]).unwrap(),
+            Command::Reserve
+        );
+        assert_eq!(
+            parse(&[opcode::RESERVE_6, 1, 0, 0, 0, 0]).unwrap_err(),
+            bad(1, 0)
+        );
+        let mut r10 = [0u8; 10];
+        r10[0] = opcode::RELEASE_10;
+        assert_eq!(parse(&r10).unwrap(), Command::Release);
+        r10[1] = 0x10;
+        assert_eq!(parse(&r10).unwrap_err(), bad(1, 4));
     }
 
     #[test]
