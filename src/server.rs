@@ -78,11 +78,27 @@ impl Server {
                 };
                 luns.push((l.number, settings, store));
             }
+            let scsi = Arc::new(ScsiTarget::new(luns));
+            // Persistent reservations with APTPL survive restarts (SPC-4 5.13.5).
+            for unit in scsi.logical_units() {
+                let file = data_dir.join("reservations").join(format!(
+                    "{}-lun{}.json",
+                    t.iqn.to_ascii_lowercase().replace('/', "_"),
+                    unit.lun()
+                ));
+                unit.persist_reservations_in(file.clone())
+                    .with_context(|| {
+                        format!(
+                            "cannot load persistent reservations from {}",
+                            file.display()
+                        )
+                    })?;
+            }
             targets.insert(
                 t.iqn.to_ascii_lowercase(),
                 Arc::new(TargetEntry {
                     iqn: t.iqn.clone(),
-                    scsi: Arc::new(ScsiTarget::new(luns)),
+                    scsi,
                 }),
             );
         }
@@ -129,6 +145,16 @@ impl Server {
             login_refusals: Default::default(),
             auth_throttle: Default::default(),
         });
+        // PREEMPT AND ABORT aborts the preempted nexus's tasks on the logical unit.
+        for t in iscsi.targets.values() {
+            let ctx = Arc::downgrade(&iscsi);
+            t.scsi.set_abort_tasks(Box::new(move |nexus, lun| {
+                let Some(ctx) = ctx.upgrade() else { return };
+                for s in ctx.sessions.list().iter().filter(|s| s.nexus == nexus) {
+                    drop(s.abort_where(|t| crate::scsi::spc::decode_lun(t.lun) == Some(lun)));
+                }
+            }));
+        }
         let volumes = Volumes::new(volumes);
         let control = Arc::new(ControlContext {
             iscsi: iscsi.clone(),

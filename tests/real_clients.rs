@@ -153,6 +153,48 @@ fn required_suites_have_zero_failures() {
     );
 }
 
+/// Issue 14: SCSI-3 persistent reservations (PERSISTENT RESERVE IN / OUT, all six types,
+/// two initiators) and SPC-2 RESERVE / RELEASE, every test passing and none skipped (a
+/// target without them makes libiscsi skip: "PERSISTENT RESERVE OUT is not implemented").
+#[test]
+fn conformance_reservations_pass() {
+    let dir = scratch_dir();
+    let s = Server::start(dir.path(), "", None, "");
+    let suites = [
+        ("PrinReadKeys", 2),
+        ("PrinServiceactionRange", 1),
+        ("PrinReportCapabilities", 1),
+        ("ProutRegister", 1),
+        ("ProutReserve", 13),
+        ("ProutClear", 1),
+        ("ProutPreempt", 1),
+        ("Reserve6", 7),
+    ];
+    let mut failures = Vec::new();
+    for (suite, expected) in suites {
+        let (c, out) = conformance(&[&format!("SCSI.{suite}")], &s, Duration::from_secs(300));
+        eprintln!(
+            "{suite}: {} passed, {} skipped, {} failed",
+            c.passed,
+            c.skipped,
+            c.failed.len()
+        );
+        assert!(
+            !out.contains("not implemented") && !out.contains("not supported"),
+            "{suite} skipped tests:\n{out}"
+        );
+        if c.passed != expected {
+            failures.push(format!("{suite}: {} of {expected} passed", c.passed));
+        }
+        failures.extend(c.failed.iter().map(|f| format!("{suite}: {f}")));
+    }
+    assert!(
+        failures.is_empty(),
+        "failed: {failures:#?}\nserver log:\n{}",
+        s.log_text()
+    );
+}
+
 /// The whole ALL family must run to the end without the server crashing; counts are printed.
 #[test]
 fn conformance_all_completes_without_crash() {

@@ -343,7 +343,12 @@ async fn run(
     }
     // Tasks of a connection that is gone can never be answered: stop them.
     let waiters = session.abort_where(|_| true);
-    ctx.sessions.unregister(&session);
+    if ctx.sessions.unregister(&session) {
+        // The I_T nexus is gone (a reinstated session's nexus lives on in the new one).
+        if let Some(t) = &session.target {
+            t.scsi.nexus_closed(session.nexus);
+        }
+    }
     out.close();
     drop(seq);
     drop(out);

@@ -206,6 +206,10 @@ pub async fn drive_login(
         );
         // A reinstated session's tasks must stop before the new one runs commands (§6.3.5).
         wait_stopped(waiters).await;
+        if let Some(t) = &session.target {
+            t.scsi
+                .nexus_established(session.nexus, &session.initiator, session.isid);
+        }
         info!(
             initiator = %result.initiator_name,
             target = result.target_name.as_deref().unwrap_or("discovery"),

@@ -343,14 +343,17 @@ impl SessionRegistry {
         (session, waiters)
     }
 
-    pub fn unregister(&self, session: &Session) {
+    /// Removes the session; false when it was not registered any more (reinstated).
+    pub fn unregister(&self, session: &Session) -> bool {
         let mut sessions = self.sessions.lock().unwrap();
         if sessions
             .get(&session.tsih)
             .is_some_and(|s| std::ptr::eq(&**s, session))
         {
             sessions.remove(&session.tsih);
+            return true;
         }
+        false
     }
 
     pub fn get(&self, tsih: u16) -> Option<Arc<Session>> {

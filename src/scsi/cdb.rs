@@ -4,6 +4,7 @@
 //! Decoding is pure: it looks only at the CDB bytes. Checks that need the logical unit (write
 //! protection, capacity, provisioning) happen in [`crate::scsi::sbc::check`].
 
+use super::pr::PrOut;
 use super::sense::Sense;
 
 /// Operation codes this device server implements (SPC-4 / SBC-3).
@@ -14,6 +15,8 @@ pub mod opcode {
     pub const WRITE_6: u8 = 0x0A;
     pub const INQUIRY: u8 = 0x12;
     pub const MODE_SELECT_6: u8 = 0x15;
+    pub const RESERVE_6: u8 = 0x16;
+    pub const RELEASE_6: u8 = 0x17;
     pub const MODE_SENSE_6: u8 = 0x1A;
     pub const START_STOP_UNIT: u8 = 0x1B;
     pub const READ_CAPACITY_10: u8 = 0x25;
@@ -26,7 +29,11 @@ pub mod opcode {
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
     pub const MODE_SELECT_10: u8 = 0x55;
+    pub const RESERVE_10: u8 = 0x56;
+    pub const RELEASE_10: u8 = 0x57;
     pub const MODE_SENSE_10: u8 = 0x5A;
+    pub const PERSISTENT_RESERVE_IN: u8 = 0x5E;
+    pub const PERSISTENT_RESERVE_OUT: u8 = 0x5F;
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8A;
@@ -49,6 +56,9 @@ pub mod opcode {
     /// MAINTENANCE IN service action (SPC-4 6.35).
     pub const SA_REPORT_SUPPORTED_OPCODES: u16 = 0x0C;
 }
+
+/// Largest PERSISTENT RESERVE OUT parameter list accepted (SPC-4 6.16.3).
+pub const MAX_PR_OUT_PARAM_LEN: u32 = 65536;
 
 /// CDB length from the group code in the top three bits of the operation code
 /// (SPC-4 4.2.5.1). Reserved and vendor-specific groups have no defined length.
@@ -212,6 +222,17 @@ pub enum Command {
         blocks: u32,
         immed: bool,
     },
+    /// PERSISTENT RESERVE IN (SPC-4 6.15).
+    PersistentReserveIn {
+        service_action: u8,
+        alloc_len: u32,
+    },
+    /// PERSISTENT RESERVE OUT (SPC-4 6.16).
+    PersistentReserveOut(PrOut),
+    /// RESERVE(6) / RESERVE(10) (SPC-2 7.21, 7.22), logical unit reservation only.
+    Reserve,
+    /// RELEASE(6) / RELEASE(10) (SPC-2 7.17, 7.18).
+    Release,
 }
 
 impl Command {
@@ -233,6 +254,7 @@ impl Command {
             Command::CompareAndWrite { blocks, .. } => 2 * u64::from(blocks) * bs,
             Command::Unmap { param_len } => u64::from(param_len),
             Command::ModeSelect(ms) => u64::from(ms.param_len),
+            Command::PersistentReserveOut(p) => u64::from(p.param_len),
             _ => 0,
         }
     }
@@ -269,7 +291,8 @@ impl Command {
             | Command::Inquiry { alloc_len, .. }
             | Command::ReportLuns { alloc_len, .. }
             | Command::ReadCapacity16 { alloc_len }
-            | Command::GetLbaStatus { alloc_len, .. } => Some(alloc_len),
+            | Command::GetLbaStatus { alloc_len, .. }
+            | Command::PersistentReserveIn { alloc_len, .. } => Some(alloc_len),
             Command::ModeSense(ms) => Some(ms.alloc_len),
             Command::ReportSupportedOpcodes(r) => Some(r.alloc_len),
             _ => None,
@@ -591,6 +614,62 @@ pub fn parse(cdb: &[u8]) -> Result<Command, Sense> {
                 fua: c[1] & 0x08 != 0,
             }
         }
+        PERSISTENT_RESERVE_IN => {
+            let service_action = c[1] & 0x1F;
+            if service_action > 3 {
+                return Err(bad(1, 4));
+            }
+            Command::PersistentReserveIn {
+                service_action,
+                alloc_len: u32::from(be16(&c[7..])),
+            }
+        }
+        PERSISTENT_RESERVE_OUT => {
+            let service_action = c[1] & 0x1F;
+            if service_action > 7 {
+                return Err(bad(1, 4));
+            }
+            // A parameter list is 24 bytes plus TransportIDs: more than 64 KiB is refused
+            // before any data is solicited.
+            let param_len = be32(&c[5..]);
+            if param_len > MAX_PR_OUT_PARAM_LEN {
+                return Err(Sense::invalid_field_in_cdb(5, None));
+            }
+            Command::PersistentReserveOut(PrOut {
+                service_action,
+                scope: c[2] >> 4,
+                pr_type: c[2] & 0x0F,
+                param_len,
+            })
+        }
+        RESERVE_6 | RELEASE_6 => {
+            // Extent reservations (obsolete) and third-party reservations are not supported.
+            if c[1] & 0x01 != 0 {
+                return Err(bad(1, 0));
+            }
+            if c[1] & 0x10 != 0 {
+                return Err(bad(1, 4));
+            }
+            if op == RESERVE_6 {
+                Command::Reserve
+            } else {
+                Command::Release
+            }
+        }
+        RESERVE_10 | RELEASE_10 => {
+            // 3RDPTY and LONGID: third-party reservations are not supported (SPC-2 7.22).
+            if c[1] & 0x10 != 0 {
+                return Err(bad(1, 4));
+            }
+            if c[1] & 0x02 != 0 {
+                return Err(bad(1, 1));
+            }
+            if op == RESERVE_10 {
+                Command::Reserve
+            } else {
+                Command::Release
+            }
+        }
         _ => return Err(Sense::invalid_opcode()),
     };
     check_control(c)?;
@@ -662,12 +741,47 @@ mod tests {
 
     #[test]
     fn unknown_opcode() {
-        for op in [0x02u8, 0x7F, 0xC0, 0xFF, 0x5E, 0x5F, 0x83, 0xA2] {
+        for op in [0x02u8, 0x7F, 0xC0, 0xFF, 0x3B, 0x3C, 0x83, 0xA2] {
             let mut c = [0u8; 16];
             c[0] = op;
             assert_eq!(parse(&c).unwrap_err(), Sense::invalid_opcode());
         }
         assert_eq!(parse(&[]).unwrap_err(), Sense::invalid_opcode());
+    }
+
+    #[test]
+    fn reservation_cdbs() {
+        let mut c = [0u8; 10];
+        c[0] = opcode::PERSISTENT_RESERVE_OUT;
+        c[1] = 0x06;
+        c[2] = 0x03;
+        c[5..9].copy_from_slice(&24u32.to_be_bytes());
+        let cmd = parse(&c).unwrap();
+        assert_eq!(cmd.data_out_len(512), 24);
+        c[5..9].copy_from_slice(&(MAX_PR_OUT_PARAM_LEN + 1).to_be_bytes());
+        assert_eq!(parse(&c).unwrap_err().asc, 0x24);
+        c[1] = 0x08;
+        assert_eq!(parse(&c).unwrap_err(), bad(1, 4));
+        let mut i = [0u8; 10];
+        i[0] = opcode::PERSISTENT_RESERVE_IN;
+        i[1] = 0x04;
+        assert_eq!(parse(&i).unwrap_err(), bad(1, 4));
+        i[1] = 0x03;
+        i[7..9].copy_from_slice(&100u16.to_be_bytes());
+        assert_eq!(parse(&i).unwrap().alloc_len(), Some(100));
+        assert_eq!(
+            parse(&[opcode::RESERVE_6, 0, 0, 0, 0, 0]).unwrap(),
+            Command::Reserve
+        );
+        assert_eq!(
+            parse(&[opcode::RESERVE_6, 1, 0, 0, 0, 0]).unwrap_err(),
+            bad(1, 0)
+        );
+        let mut r10 = [0u8; 10];
+        r10[0] = opcode::RELEASE_10;
+        assert_eq!(parse(&r10).unwrap(), Command::Release);
+        r10[1] = 0x10;
+        assert_eq!(parse(&r10).unwrap_err(), bad(1, 4));
     }
 
     #[test]

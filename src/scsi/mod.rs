@@ -7,6 +7,7 @@
 pub mod cdb;
 pub mod compat;
 pub mod limits;
+pub mod pr;
 pub mod sbc;
 pub mod sense;
 pub mod spc;

@@ -531,11 +531,30 @@ fn supported_commands(thin: bool) -> Vec<CommandUsage> {
             Some(SA_REPORT_SUPPORTED_OPCODES),
             &[0, 0x0C, 0x87, FF, FF, FF, FF, FF, FF, FF, 0, 0],
         ),
+        usage(RESERVE_6, None, &[0; 6]),
+        usage(RELEASE_6, None, &[0; 6]),
+        usage(RESERVE_10, None, &[0; 10]),
+        usage(RELEASE_10, None, &[0; 10]),
         rw12(READ_12, 0x1E),
         rw12(WRITE_12, 0x1A),
         rw12(WRITE_AND_VERIFY_12, 0x12),
         rw12(VERIFY_12, 0x16),
     ];
+    // PERSISTENT RESERVE IN / OUT, one entry per service action (SPC-4 6.15, 6.16).
+    for sa in 0..=3u8 {
+        v.push(usage(
+            PERSISTENT_RESERVE_IN,
+            Some(u16::from(sa)),
+            &[0, sa, 0, 0, 0, 0, 0, FF, FF, 0],
+        ));
+    }
+    for sa in 0..=7u8 {
+        v.push(usage(
+            PERSISTENT_RESERVE_OUT,
+            Some(u16::from(sa)),
+            &[0, sa, FF, 0, 0, FF, FF, FF, FF, 0],
+        ));
+    }
     if thin {
         v.push(usage(UNMAP, None, &[0, 0, 0, 0, 0, 0, 0x1F, FF, FF, 0]));
     }
@@ -971,7 +990,7 @@ mod tests {
         assert_eq!(report_supported_opcodes(&either, true).unwrap()[4], 0x93);
         let unknown = ReportOpcodes {
             options: 1,
-            opcode: 0x5E,
+            opcode: 0x3B,
             ..all
         };
         assert_eq!(

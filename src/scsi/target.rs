@@ -26,15 +26,16 @@
 //!   overflow, residual len − EDTL; len < EDTL → underflow, residual EDTL − len.
 
 use super::cdb::{self, opcode, Command};
+use super::pr::{Effects, InitiatorPort, PrError};
 use super::sbc;
 use super::sense::{Sense, SenseKey};
 use super::spc;
 use super::thin::{ThresholdEvent, UA_SOFT_THRESHOLD};
 use super::unit::LogicalUnit;
-use super::{DataOutPlan, LunSettings, NexusId, ScsiRequest, ScsiResponse};
+use super::{DataOutPlan, LunSettings, NexusId, ScsiRequest, ScsiResponse, Status};
 use crate::store::BlockStore;
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, OnceLock, RwLock};
 use tracing::{debug, error, info, warn};
 
@@ -45,6 +46,10 @@ const UA_CAPACITY_CHANGED: (u8, u8) = (0x2A, 0x09);
 
 /// What the HA layer gives the target to send an alert: (LUN, message).
 pub type ThinAlertHook = Box<dyn Fn(u64, String) + Send + Sync>;
+
+/// What the transport gives the target to abort the tasks of an I_T nexus on a logical unit
+/// (PREEMPT AND ABORT, SPC-4 5.13.11.5): (nexus, LUN number).
+pub type AbortTasksHook = Box<dyn Fn(NexusId, u64) + Send + Sync>;
 
 /// Operation code of a CDB for logs, in hex.
 struct Opcode<'a>(&'a [u8]);
@@ -102,10 +107,23 @@ pub struct ScsiTarget {
     /// Called with (LUN, message) when a LUN crosses its thin provisioning soft threshold
     /// (the HA layer sends it as an alert); unset without `[ha]`.
     thin_alert: OnceLock<ThinAlertHook>,
+    /// Aborts a nexus's tasks on a logical unit (PREEMPT AND ABORT); unset: nothing aborted.
+    abort_tasks: OnceLock<AbortTasksHook>,
     /// Every I_T nexus that has sent a command since it was established; resets establish
     /// unit attentions for these. New nexuses get none (no power-on unit attention: a
     /// reconnecting initiator must not see a spurious one).
     nexuses: RwLock<HashSet<NexusId>>,
+    /// The initiator port (name + ISID) of each I_T nexus logged in, for reservations.
+    ports: RwLock<HashMap<NexusId, InitiatorPort>>,
+}
+
+/// RESERVATION CONFLICT: status 18h, no sense data (SAM-5 5.3.1).
+fn reservation_conflict() -> ScsiResponse {
+    ScsiResponse {
+        status: Status::ReservationConflict,
+        sense: None,
+        data_in: Bytes::new(),
+    }
 }
 
 impl ScsiTarget {
@@ -149,7 +167,129 @@ impl ScsiTarget {
         ScsiTarget {
             luns: map,
             thin_alert: OnceLock::new(),
+            abort_tasks: OnceLock::new(),
             nexuses: RwLock::new(HashSet::new()),
+            ports: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// A session logged in to this target: `nexus` is the I_T nexus of initiator port
+    /// `initiator` + `isid` (RFC 7143 4.4.2). A new session of the same initiator port means
+    /// the previous I_T nexus was lost: its SPC-2 reservations go.
+    pub fn nexus_established(&self, nexus: NexusId, initiator: &str, isid: [u8; 6]) {
+        let port = InitiatorPort::new(initiator, isid);
+        for unit in self.luns.values() {
+            unit.reservations().nexus_lost(&port);
+        }
+        self.ports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(nexus, port);
+    }
+
+    /// The session of `nexus` ended (logout or connection loss): SPC-2 reservations it held
+    /// are released (SPC-2 5.5.1); persistent reservations stay (SPC-4 5.13.1).
+    pub fn nexus_closed(&self, nexus: NexusId) {
+        let port = self
+            .ports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&nexus);
+        if let Some(port) = port {
+            for unit in self.luns.values() {
+                unit.reservations().nexus_lost(&port);
+            }
+        }
+    }
+
+    /// The initiator port of `nexus`; one made up from the id for a nexus nobody announced
+    /// (a transport's unit tests).
+    fn port_of(&self, nexus: NexusId) -> InitiatorPort {
+        self.ports
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&nexus)
+            .cloned()
+            .unwrap_or_else(|| {
+                InitiatorPort::new(
+                    "twinsan.nexus",
+                    nexus.to_be_bytes()[2..].try_into().unwrap(),
+                )
+            })
+    }
+
+    /// Carries out what a reservation command asks of other I_T nexuses: unit attentions
+    /// (SPC-4 5.13.11) to every nexus of the initiator ports named.
+    fn apply_effects(&self, unit: &LogicalUnit, fx: &Effects) {
+        if fx.unit_attentions.is_empty() && fx.abort.is_empty() {
+            return;
+        }
+        let ports = self.ports.read().unwrap_or_else(|p| p.into_inner());
+        let nexuses_of = |port: &InitiatorPort| -> Vec<NexusId> {
+            ports
+                .iter()
+                .filter(|(_, p)| port.covers(p))
+                .map(|(&n, _)| n)
+                .collect()
+        };
+        for (port, code) in &fx.unit_attentions {
+            unit.establish_unit_attention(nexuses_of(port).iter(), *code);
+        }
+        for port in &fx.abort {
+            for nexus in nexuses_of(port) {
+                info!(lun = unit.lun(), initiator = %port.port_name(), "PREEMPT AND ABORT: aborting the preempted nexus's tasks");
+                if let Some(hook) = self.abort_tasks.get() {
+                    hook(nexus, unit.lun());
+                }
+            }
+        }
+    }
+
+    /// Sets how the tasks of an I_T nexus on a logical unit are aborted (PREEMPT AND ABORT).
+    /// The first hook set stays.
+    pub fn set_abort_tasks(&self, hook: AbortTasksHook) {
+        let _ = self.abort_tasks.set(hook);
+    }
+
+    /// PERSISTENT RESERVE IN / OUT, RESERVE and RELEASE on `unit`.
+    fn execute_reservation(
+        &self,
+        unit: &LogicalUnit,
+        cmd: &Command,
+        req: &ScsiRequest,
+    ) -> ScsiResponse {
+        let me = self.port_of(req.nexus);
+        let rel_port = unit.settings.identity.relative_port;
+        let mut state = unit.reservations();
+        let r = match cmd {
+            Command::PersistentReserveIn {
+                service_action,
+                alloc_len,
+            } => {
+                return match state.reserve_in(*service_action, rel_port) {
+                    Ok(mut d) => {
+                        d.truncate(*alloc_len as usize);
+                        ScsiResponse::good(d.into())
+                    }
+                    Err(sense) => ScsiResponse::check(sense),
+                }
+            }
+            Command::PersistentReserveOut(p) => {
+                state.reserve_out(&me, rel_port, p, &req.data_out).map(|fx| {
+                    unit.save_reservations(&state);
+                    info!(lun = unit.lun(), initiator = %me.port_name(), service_action = p.service_action,
+                        generation = state.generation, "PERSISTENT RESERVE OUT");
+                    self.apply_effects(unit, &fx);
+                })
+            }
+            Command::Reserve => state.reserve_spc2(&me),
+            Command::Release => state.release_spc2(&me),
+            _ => unreachable!("not a reservation command"),
+        };
+        match r {
+            Ok(()) => ScsiResponse::good(Bytes::new()),
+            Err(PrError::Conflict) => reservation_conflict(),
+            Err(PrError::Check(sense)) => ScsiResponse::check(sense),
         }
     }
 
@@ -280,6 +420,12 @@ impl ScsiTarget {
                 data_out_unit: 1,
             }),
             Ok(Route::Unit(unit, cmd)) => {
+                if unit.reservations_active()
+                    && unit.reservations().conflicts(&self.port_of(nexus), &cmd)
+                {
+                    debug!(lun, opcode = %Opcode(cdb), nexus, "reservation conflict");
+                    return DataOutPlan::Fail(reservation_conflict());
+                }
                 let planned = PlannedCommand {
                     raw_lun: lun,
                     unit: Some(unit.lun()),
@@ -303,6 +449,17 @@ impl ScsiTarget {
         } = planned;
         // The logical units never change after start: a planned unit is still there.
         let data = match unit.and_then(|n| self.luns.get(&n)) {
+            Some(unit)
+                if matches!(
+                    cmd,
+                    Command::PersistentReserveIn { .. }
+                        | Command::PersistentReserveOut(_)
+                        | Command::Reserve
+                        | Command::Release
+                ) =>
+            {
+                return self.execute_reservation(unit, &cmd, &req);
+            }
             None => self.execute_without_unit(&cmd),
             Some(unit) => {
                 let r = self.execute_on(unit, &cmd, &req).await;
@@ -400,6 +557,8 @@ impl ScsiTarget {
         };
         info!(lun = unit.lun(), from, "logical unit reset");
         self.establish_unit_attention(&[unit], UA_LOGICAL_UNIT_RESET);
+        // SPC-2 reservations do not survive a reset (SPC-2 5.5.1); persistent ones do.
+        unit.reservations().spc2_holder = None;
         true
     }
 
@@ -410,6 +569,9 @@ impl ScsiTarget {
         info!(from, "target reset");
         let units: Vec<&LogicalUnit> = self.luns.values().map(|u| u.as_ref()).collect();
         self.establish_unit_attention(&units, UA_RESET);
+        for unit in &units {
+            unit.reservations().spc2_holder = None;
+        }
     }
 
     /// The capacity of logical unit number `lun` changed: 2A/09 CAPACITY DATA HAS CHANGED
@@ -1168,5 +1330,168 @@ mod tests {
                 assert!(r.status == Status::Good || r.sense.is_some());
             }
         }
+    }
+
+    fn pr_out_cdb(sa: u8, pr_type: u8, len: u32) -> [u8; 10] {
+        let mut c = [0u8; 10];
+        c[0] = opcode::PERSISTENT_RESERVE_OUT;
+        c[1] = sa;
+        c[2] = pr_type;
+        c[5..9].copy_from_slice(&len.to_be_bytes());
+        c
+    }
+
+    fn pr_params(key: u64, sa_key: u64, flags: u8) -> Vec<u8> {
+        let mut d = vec![0u8; 24];
+        d[0..8].copy_from_slice(&key.to_be_bytes());
+        d[8..16].copy_from_slice(&sa_key.to_be_bytes());
+        d[20] = flags;
+        d
+    }
+
+    /// Two initiator ports; a write from the one that is not the Exclusive Access holder
+    /// fails in `plan` (no data solicited) with RESERVATION CONFLICT and no sense; PREEMPT
+    /// gives the preempted nexus REGISTRATIONS PREEMPTED; SPC-2 RESERVE goes with its nexus.
+    #[tokio::test]
+    async fn reservation_conflict_before_data_and_unit_attentions() {
+        let (t, _) = target_with(false, false);
+        t.nexus_established(1, "iqn.2024-01.org.example:a", [0x40, 0, 0, 0, 0, 1]);
+        t.nexus_established(2, "iqn.2024-01.org.example:b", [0x40, 0, 0, 0, 0, 2]);
+        let reg = pr_out_cdb(0, 0, 24);
+        assert_eq!(
+            run(&t, 1, &reg, &pr_params(0, 0xA, 0)).await.status,
+            Status::Good
+        );
+        assert_eq!(
+            run(&t, 2, &reg, &pr_params(0, 0xB, 0)).await.status,
+            Status::Good
+        );
+        let r = run(&t, 1, &pr_out_cdb(1, 3, 24), &pr_params(0xA, 0, 0)).await;
+        assert_eq!(r.status, Status::Good);
+        let write = cdb10(opcode::WRITE_10, 0, 0, 1);
+        match t.plan(raw(0), &write, 2) {
+            DataOutPlan::Fail(r) => {
+                assert_eq!(r.status, Status::ReservationConflict);
+                assert!(r.sense.is_none());
+            }
+            _ => panic!("write from a non-holder planned"),
+        }
+        let r = run(&t, 1, &write, &[0; BS as usize]).await;
+        assert_eq!(r.status, Status::Good);
+        // READ KEYS through the target, truncated to the allocation length.
+        let mut prin = [0u8; 10];
+        prin[0] = opcode::PERSISTENT_RESERVE_IN;
+        prin[8] = 12;
+        let r = run(&t, 2, &prin, &[]).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(&r.data_in[..], &[0, 0, 0, 2, 0, 0, 0, 16, 0, 0, 0, 0]);
+        // 1 preempts 2: 2 is told, and its next command conflicts.
+        let r = run(&t, 1, &pr_out_cdb(4, 3, 24), &pr_params(0xA, 0xB, 0)).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(sense_of(&run(&t, 2, &TUR, &[]).await), (0x6, 0x2A, 0x05));
+        assert_eq!(run(&t, 2, &TUR, &[]).await.status, Status::Good);
+        let r = run(&t, 2, &cdb10(opcode::READ_10, 0, 0, 1), &[]).await;
+        assert_eq!(r.status, Status::ReservationConflict);
+        // CLEAR, then SPC-2: RESERVE(6) by 2, conflict for 1, gone when 2's session ends.
+        let r = run(&t, 1, &pr_out_cdb(3, 0, 24), &pr_params(0xA, 0, 0)).await;
+        assert_eq!(r.status, Status::Good);
+        let reserve6 = [opcode::RESERVE_6, 0, 0, 0, 0, 0];
+        assert_eq!(run(&t, 2, &reserve6, &[]).await.status, Status::Good);
+        assert_eq!(
+            run(&t, 1, &reserve6, &[]).await.status,
+            Status::ReservationConflict
+        );
+        assert_eq!(
+            run(&t, 1, &TUR, &[]).await.status,
+            Status::ReservationConflict
+        );
+        t.nexus_closed(2);
+        assert_eq!(run(&t, 1, &reserve6, &[]).await.status, Status::Good);
+        let release6 = [opcode::RELEASE_6, 0, 0, 0, 0, 0];
+        assert_eq!(run(&t, 1, &release6, &[]).await.status, Status::Good);
+    }
+
+    /// APTPL: the state is written when set, reloaded by a new target, and the file removed
+    /// once a REGISTER clears APTPL.
+    #[tokio::test]
+    async fn aptpl_persists_and_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("reservations").join("t-lun0.json");
+        let (t, _) = target_with(false, false);
+        t.nexus_established(1, "iqn.2024-01.org.example:a", [0x40, 0, 0, 0, 0, 1]);
+        let unit = t.logical_unit(0).unwrap().clone();
+        unit.persist_reservations_in(file.clone()).unwrap();
+        let reg = pr_out_cdb(0, 0, 24);
+        assert_eq!(
+            run(&t, 1, &reg, &pr_params(0, 0xA, 0)).await.status,
+            Status::Good
+        );
+        assert!(!file.exists(), "no APTPL, no file");
+        assert_eq!(
+            run(&t, 1, &reg, &pr_params(0xA, 0xA, 1)).await.status,
+            Status::Good
+        );
+        let r = run(&t, 1, &pr_out_cdb(1, 1, 24), &pr_params(0xA, 0, 0)).await;
+        assert_eq!(r.status, Status::Good);
+        assert!(file.exists());
+
+        let (t2, _) = target_with(false, false);
+        t2.nexus_established(7, "iqn.2024-01.org.example:b", [0x40, 0, 0, 0, 0, 2]);
+        t2.logical_unit(0)
+            .unwrap()
+            .persist_reservations_in(file.clone())
+            .unwrap();
+        {
+            let s = t2.logical_unit(0).unwrap().reservations();
+            assert!(s.aptpl);
+            assert_eq!(s.registrations.len(), 1);
+            assert_eq!(s.registrations[0].key, 0xA);
+            assert!(s.reservation.is_some());
+        }
+        // The reloaded Write Exclusive reservation fences the other initiator's writes.
+        let r = run(&t2, 7, &cdb10(opcode::WRITE_10, 0, 0, 1), &[0; BS as usize]).await;
+        assert_eq!(r.status, Status::ReservationConflict);
+        // A REGISTER without APTPL from the holder (same initiator port) removes the file.
+        t2.nexus_established(8, "iqn.2024-01.org.example:a", [0x40, 0, 0, 0, 0, 1]);
+        assert_eq!(
+            run(&t2, 8, &reg, &pr_params(0xA, 0xA, 0)).await.status,
+            Status::Good
+        );
+        assert!(!file.exists());
+        // A corrupt file is an error, not an empty state.
+        std::fs::write(&file, b"{").unwrap();
+        let (t3, _) = target_with(false, false);
+        assert!(t3
+            .logical_unit(0)
+            .unwrap()
+            .persist_reservations_in(file)
+            .is_err());
+    }
+
+    /// PREEMPT AND ABORT asks the transport to abort the preempted nexus's tasks.
+    #[tokio::test]
+    async fn preempt_and_abort_calls_the_abort_hook() {
+        let (t, _) = target_with(false, false);
+        let aborted = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a = aborted.clone();
+        t.set_abort_tasks(Box::new(move |nexus, lun| {
+            a.lock().unwrap().push((nexus, lun))
+        }));
+        t.nexus_established(1, "iqn.2024-01.org.example:a", [0x40, 0, 0, 0, 0, 1]);
+        t.nexus_established(2, "iqn.2024-01.org.example:b", [0x40, 0, 0, 0, 0, 2]);
+        let reg = pr_out_cdb(0, 0, 24);
+        assert_eq!(
+            run(&t, 1, &reg, &pr_params(0, 0xA, 0)).await.status,
+            Status::Good
+        );
+        assert_eq!(
+            run(&t, 2, &reg, &pr_params(0, 0xB, 0)).await.status,
+            Status::Good
+        );
+        let r = run(&t, 2, &pr_out_cdb(1, 1, 24), &pr_params(0xB, 0, 0)).await;
+        assert_eq!(r.status, Status::Good);
+        let r = run(&t, 1, &pr_out_cdb(5, 1, 24), &pr_params(0xA, 0xB, 0)).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(*aborted.lock().unwrap(), vec![(2, 0)]);
     }
 }

@@ -2,13 +2,15 @@
 //! pending per I_T nexus. The SBC handlers and the target's dispatch both work on it.
 
 use super::limits::BlockLimits;
+use super::pr::PrState;
 use super::sense::Sense;
 use super::thin::ThinMonitor;
 use super::{LunSettings, NexusId};
 use crate::store::BlockStore;
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// One logical unit: its settings, its store, and the unit attentions pending per I_T nexus.
 pub struct LogicalUnit {
@@ -24,6 +26,12 @@ pub struct LogicalUnit {
     any_unit_attention: AtomicBool,
     /// The soft threshold of a thin LUN that has one.
     pub(crate) thin: Option<ThinMonitor>,
+    /// Persistent and SPC-2 reservations (SPC-4 5.13).
+    pr: Mutex<PrState>,
+    /// Fast path: false while no registration and no SPC-2 reservation exist.
+    pr_active: AtomicBool,
+    /// Where the reservation state is kept while APTPL is set (unset: never persisted).
+    pr_file: OnceLock<PathBuf>,
 }
 
 impl LogicalUnit {
@@ -42,6 +50,69 @@ impl LogicalUnit {
             write_gate: tokio::sync::RwLock::new(()),
             unit_attentions: Mutex::new(HashMap::new()),
             any_unit_attention: AtomicBool::new(false),
+            pr: Mutex::new(PrState::default()),
+            pr_active: AtomicBool::new(false),
+            pr_file: OnceLock::new(),
+        }
+    }
+
+    /// The reservation state (SPC-4 5.13), locked.
+    pub fn reservations(&self) -> PrGuard<'_> {
+        PrGuard {
+            state: self.pr.lock().unwrap_or_else(|p| p.into_inner()),
+            active: &self.pr_active,
+        }
+    }
+
+    /// Whether any registration or SPC-2 reservation exists: without, nothing conflicts.
+    pub fn reservations_active(&self) -> bool {
+        self.pr_active.load(Ordering::Acquire)
+    }
+
+    /// Keeps the persistent reservation state in `file` while APTPL is set (SPC-4 5.13.5)
+    /// and loads what it holds: the state persisted by an earlier run. A file that cannot be
+    /// read is an error (starting without the reservations would drop a fence silently).
+    pub fn persist_reservations_in(&self, file: PathBuf) -> std::io::Result<()> {
+        match std::fs::read(&file) {
+            Ok(bytes) => {
+                let state: PrState = serde_json::from_slice(&bytes).map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{}: {e}", file.display()),
+                    )
+                })?;
+                if state.aptpl {
+                    tracing::info!(lun = self.lun, file = %file.display(),
+                        registrations = state.registrations.len(),
+                        reserved = state.reservation.is_some(),
+                        "persistent reservations reloaded (APTPL)");
+                    *self.reservations() = state;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let _ = self.pr_file.set(file);
+        Ok(())
+    }
+
+    /// After a change to the reservations: writes them (atomic write and rename) while APTPL
+    /// is set, removes the file once it is cleared.
+    pub(super) fn save_reservations(&self, state: &PrState) {
+        let Some(file) = self.pr_file.get() else {
+            return;
+        };
+        let r = if state.aptpl {
+            write_atomic(file, &serde_json::to_vec_pretty(state).expect("serializes"))
+        } else {
+            match std::fs::remove_file(file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        };
+        if let Err(e) = r {
+            tracing::error!(lun = self.lun, file = %file.display(), error = %e,
+                "cannot persist the persistent reservations (APTPL)");
         }
     }
 
@@ -115,5 +186,49 @@ impl LogicalUnit {
         map.remove(&nexus);
         self.any_unit_attention
             .store(!map.is_empty(), Ordering::Release);
+    }
+}
+
+fn write_atomic(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = file.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, file)?;
+    if let Some(dir) = file.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// The locked reservation state of a logical unit; keeps the unit's fast-path flag in step.
+pub struct PrGuard<'a> {
+    state: MutexGuard<'a, PrState>,
+    active: &'a AtomicBool,
+}
+
+impl std::ops::Deref for PrGuard<'_> {
+    type Target = PrState;
+    fn deref(&self) -> &PrState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for PrGuard<'_> {
+    fn deref_mut(&mut self) -> &mut PrState {
+        &mut self.state
+    }
+}
+
+impl Drop for PrGuard<'_> {
+    fn drop(&mut self) {
+        let active = !self.state.registrations.is_empty() || self.state.spc2_holder.is_some();
+        self.active.store(active, Ordering::Release);
     }
 }
