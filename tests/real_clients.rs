@@ -195,7 +195,8 @@ fn conformance_reservations_pass() {
     );
 }
 
-/// The whole ALL family must run to the end without the server crashing; counts are printed.
+/// The whole ALL family runs to the end without the server crashing and without a failure;
+/// counts are printed (issue 14: at least 210 passing is the goal, 180 today).
 #[test]
 fn conformance_all_completes_without_crash() {
     let dir = scratch_dir();
@@ -220,7 +221,8 @@ fn conformance_all_completes_without_crash() {
         out.contains("Run Summary"),
         "the run did not finish:\n{out}"
     );
-    assert!(c.passed > 150, "too few tests passed: {c:?}");
+    assert!(c.failed.is_empty(), "iscsi-test-cu ALL failures: {:?}", c.failed);
+    assert!(c.passed >= 180, "too few tests passed: {c:?}");
 }
 
 fn write_random(path: &std::path::Path, len: usize, seed: u64) {
