@@ -72,6 +72,13 @@ enum Command {
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
+        /// Refresh in place, like `watch` or drbdmon, until interrupted; without a terminal
+        /// on stdout, print one snapshot and exit.
+        #[arg(long, short, conflicts_with = "json")]
+        watch: bool,
+        /// Seconds between refreshes with --watch.
+        #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+        interval: f64,
     },
     /// Replicated volumes: `create-md` or `adopt` (existing DRBD metadata; daemon stopped),
     /// or an action on the running daemon:
@@ -196,6 +203,62 @@ fn socket_path(config: Option<PathBuf>, socket: Option<PathBuf>) -> anyhow::Resu
     })
 }
 
+/// `--interval`: 0.1 to 3600 seconds.
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s}: seconds between 0.1 and 3600")),
+    }
+}
+
+/// `status --watch`: the status redrawn in place every `interval` seconds, with the
+/// replication link's rates since the previous refresh; one plain snapshot when stdout is
+/// not a terminal (a pipe or a file gets no escape sequences).
+async fn watch_status(path: &std::path::Path, interval: f64) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    let fetch = || async {
+        let reply =
+            twinsan::control::request(path, serde_json::json!({"command": "status"})).await?;
+        anyhow::Ok(serde_json::from_value::<twinsan::control::Status>(
+            reply["status"].clone(),
+        )?)
+    };
+    if !std::io::stdout().is_terminal() {
+        print!("{}", twinsan::control::render(&fetch().await?));
+        return Ok(());
+    }
+    let period = std::time::Duration::from_secs_f64(interval);
+    let mut previous: Option<(std::time::Instant, twinsan::control::Status)> = None;
+    loop {
+        let now = std::time::Instant::now();
+        let mut screen = format!(
+            "twinsan status every {interval} s ({}; Ctrl-C to quit)\n\n",
+            path.display()
+        );
+        match fetch().await {
+            Ok(st) => {
+                screen.push_str(&twinsan::control::render(&st));
+                if let Some((then, before)) = &previous {
+                    screen.push_str(&twinsan::control::render_rates(
+                        before,
+                        &st,
+                        now.duration_since(*then),
+                    ));
+                }
+                previous = Some((now, st));
+            }
+            // The daemon may be restarting: keep trying, as `watch` would.
+            Err(e) => screen.push_str(&format!("cannot reach the daemon: {e:#}\n")),
+        }
+        let mut out = std::io::stdout().lock();
+        // Home, draw, clear what the previous screen left below.
+        write!(out, "\x1b[H{}\x1b[J", screen.replace('\n', "\x1b[K\n"))?;
+        out.flush()?;
+        drop(out);
+        tokio::time::sleep_until(tokio::time::Instant::from_std(now + period)).await;
+    }
+}
+
 fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -254,8 +317,13 @@ fn main() -> anyhow::Result<()> {
             config,
             socket,
             json,
+            watch,
+            interval,
         } => {
             let path = socket_path(config, socket)?;
+            if watch {
+                return client_runtime()?.block_on(watch_status(&path, interval));
+            }
             let rt = client_runtime()?;
             let reply = rt.block_on(twinsan::control::request(
                 &path,

@@ -221,7 +221,11 @@ fn conformance_all_completes_without_crash() {
         out.contains("Run Summary"),
         "the run did not finish:\n{out}"
     );
-    assert!(c.failed.is_empty(), "iscsi-test-cu ALL failures: {:?}", c.failed);
+    assert!(
+        c.failed.is_empty(),
+        "iscsi-test-cu ALL failures: {:?}",
+        c.failed
+    );
     assert!(c.passed >= 180, "too few tests passed: {c:?}");
 }
 

@@ -343,6 +343,42 @@ async fn stream_log(
 }
 
 /// Human-readable rendering of a status.
+/// `[#####.....]` for `percent` (0-100) in `width` cells.
+fn progress_bar(percent: f64, width: usize) -> String {
+    let filled = ((percent.clamp(0.0, 100.0) / 100.0) * width as f64).round() as usize;
+    format!("{}{}", "#".repeat(filled), ".".repeat(width - filled))
+}
+
+/// What changed between two snapshots `elapsed` apart: each replicated volume's link rates
+/// (application and resync traffic). For `status --watch`.
+pub fn render_rates(before: &Status, now: &Status, elapsed: std::time::Duration) -> String {
+    use std::fmt::Write;
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    let mut o = String::new();
+    for v in &now.volumes {
+        let Some(b) = before.volumes.iter().find(|b| b["name"] == v["name"]) else {
+            continue;
+        };
+        let rate = |k: &str| {
+            let d = v[k]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(b[k].as_u64().unwrap_or(0));
+            d as f64 / secs / (1 << 20) as f64
+        };
+        let _ = writeln!(
+            o,
+            "volume {}: link sent {:.1} MiB/s, received {:.1} MiB/s (resync {:.1} / {:.1} MiB/s)",
+            v["name"].as_str().unwrap_or("?"),
+            rate("sent_bytes"),
+            rate("received_bytes"),
+            rate("resync_sent_bytes"),
+            rate("resync_received_bytes"),
+        );
+    }
+    o
+}
+
 pub fn render(s: &Status) -> String {
     use std::fmt::Write;
     let mut o = String::new();
@@ -398,10 +434,12 @@ pub fn render(s: &Status) -> String {
         );
         let r = &v["resync"];
         if r.is_object() {
+            let pct = r["percent"].as_f64().unwrap_or(0.0);
             let _ = writeln!(
                 o,
-                "  resync {:.1}% ({} of {} MiB) at {} MiB/s, ETA {} s",
-                r["percent"].as_f64().unwrap_or(0.0),
+                "  resync [{}] {:.1}% ({} of {} MiB) at {} MiB/s, ETA {} s",
+                progress_bar(pct, 30),
+                pct,
                 r["done_bytes"].as_u64().unwrap_or(0) >> 20,
                 r["total_bytes"].as_u64().unwrap_or(0) >> 20,
                 r["bytes_per_sec"].as_u64().unwrap_or(0) >> 20,
@@ -440,4 +478,50 @@ pub fn render(s: &Status) -> String {
         );
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(volumes: Vec<serde_json::Value>) -> Status {
+        Status {
+            version: "0".into(),
+            pid: 1,
+            uptime_secs: 0,
+            targets: Vec::new(),
+            sessions: Vec::new(),
+            inflight_bytes: 0,
+            max_inflight_bytes: 0,
+            volumes,
+            ha: None,
+        }
+    }
+
+    #[test]
+    fn progress_bar_fills_in_proportion_and_clamps() {
+        assert_eq!(progress_bar(0.0, 10), "..........");
+        assert_eq!(progress_bar(50.0, 10), "#####.....");
+        assert_eq!(progress_bar(100.0, 10), "##########");
+        assert_eq!(progress_bar(250.0, 4), "####");
+        assert_eq!(progress_bar(f64::NAN, 4).len(), 4);
+    }
+
+    #[test]
+    fn rates_are_byte_deltas_per_second_per_volume() {
+        let v = |sent: u64, rs: u64| {
+            serde_json::json!({"name": "r0", "sent_bytes": sent, "received_bytes": 0,
+                "resync_sent_bytes": rs, "resync_received_bytes": 0})
+        };
+        let before = status(vec![v(0, 0)]);
+        let now = status(vec![v(8 << 20, 2 << 20)]);
+        let r = render_rates(&before, &now, std::time::Duration::from_secs(2));
+        assert_eq!(
+            r,
+            "volume r0: link sent 4.0 MiB/s, received 0.0 MiB/s (resync 1.0 / 0.0 MiB/s)\n"
+        );
+        // A counter that went backwards (daemon restarted) reads as no traffic.
+        let r = render_rates(&now, &before, std::time::Duration::from_secs(1));
+        assert!(r.contains("sent 0.0 MiB/s"));
+    }
 }
