@@ -90,17 +90,7 @@ impl Conn {
         assert_eq!(r.opcode(), Some(Opcode::LoginResponse), "{r:?}");
         self.exp_stat_sn = r.u32_at(24).wrapping_add(1);
         let status = u16::from_be_bytes([r.bhs[36], r.bhs[37]]);
-        let kv = r
-            .data
-            .split(|&b| b == 0)
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| {
-                let s = String::from_utf8_lossy(s);
-                s.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-            })
-            .collect();
-        (status, kv, r.flags())
+        (status, pairs(&r.data), r.flags())
     }
 
     fn recv(&mut self) -> Pdu {
@@ -179,16 +169,7 @@ fn chap_login(
     if st != 0 {
         return done(st, challenge_wait);
     }
-    let kv: Vec<(String, String)> = r
-        .data
-        .split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| {
-            let s = String::from_utf8_lossy(s);
-            s.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-        })
-        .collect();
+    let kv = pairs(&r.data);
     let id: u8 = key(&kv, "CHAP_I").parse().unwrap();
     let challenge = unhex(key(&kv, "CHAP_C"));
     let resp = ChapAlgorithm::Md5.response(id, secret.as_bytes(), &challenge);
@@ -314,4 +295,16 @@ fn two_hundred_wrong_chap_logins_are_throttled_per_initiator() {
         "no closing line for the burst; log:\n{}",
         common::tail(&log, 40)
     );
+}
+
+/// The `key=value` pairs of a login response's text.
+fn pairs(data: &[u8]) -> Vec<(String, String)> {
+    data.split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| {
+            let s = String::from_utf8_lossy(s);
+            s.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
 }
