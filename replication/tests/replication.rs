@@ -717,11 +717,10 @@ async fn invalidate_makes_a_full_sync_target() {
 fn recording_sink(n: &Node) -> Arc<std::sync::Mutex<Vec<Vec<u8>>>> {
     let got = Arc::new(std::sync::Mutex::new(Vec::new()));
     let g = got.clone();
-    n.vol
-        .set_pr_sink(Arc::new(move |b: &[u8]| {
-            g.lock().unwrap().push(b.to_vec());
-            Ok(())
-        }));
+    n.vol.set_pr_sink(Arc::new(move |b: &[u8]| {
+        g.lock().unwrap().push(b.to_vec());
+        Ok(())
+    }));
     got
 }
 
