@@ -837,3 +837,26 @@ async fn reservation_state_follows_the_split_brain_winner() {
     assert_eq!(p.b.vol.pr_state().as_deref(), Some(&b"B's"[..]));
     p.shutdown().await;
 }
+
+/// Start-up order in the daemon: the volume connects before the logical unit is wired. A
+/// state received before the sink is set reaches it when it is set and is not replaced by
+/// the secondary's own seed (its APTPL file may be older); the primary's seed, set once it
+/// is already connected, is sent at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservation_state_seed_and_late_sink() {
+    let p = Pair::new(SIZE, skip(), skip(), Role::Primary, |_| {}).await;
+    wait_connected(&p).await;
+    p.a.vol.seed_pr_state(Bytes::from_static(b"from APTPL"));
+    wait_until("B got A's seed", T, || {
+        p.b.vol.pr_state().as_deref() == Some(&b"from APTPL"[..])
+    })
+    .await;
+    p.b.vol.seed_pr_state(Bytes::from_static(b"B's stale file"));
+    assert_eq!(p.b.vol.pr_state().as_deref(), Some(&b"from APTPL"[..]));
+    let got_b = recording_sink(&p.b);
+    wait_until("the late sink got the received state", T, || {
+        last(&got_b).as_deref() == Some(&b"from APTPL"[..])
+    })
+    .await;
+    p.shutdown().await;
+}

@@ -51,15 +51,32 @@ pub(crate) struct PrRepl {
 }
 
 impl ReplicatedVolume {
-    /// Sets where the reservation state received from the peer goes. The first sink stays.
-    pub fn set_pr_sink(&self, sink: PrSink) {
+    /// Sets where the reservation state received from the peer goes. The first sink stays;
+    /// a state received before it was set is given to it now.
+    pub fn set_pr_sink(self: &Arc<Self>, sink: PrSink) {
         let _ = self.pr_sink.set(sink);
+        let p = lock(&self.pr);
+        if p.received > p.applied {
+            let v = self.clone();
+            tokio::task::spawn_blocking(move || v.apply_pr());
+        }
     }
 
     /// The state this host starts with (e.g. reloaded from an APTPL file), sent to the peer
-    /// at connect if this host is primary (or sync source).
-    pub fn seed_pr_state(&self, blob: Bytes) {
-        lock(&self.pr).current = Some(blob);
+    /// at connect if this host is primary (or sync source). Ignored once the peer sent one
+    /// (the peer's is newer); sent now if this host is primary and already connected.
+    pub fn seed_pr_state(self: &Arc<Self>, blob: Bytes) {
+        {
+            let mut p = lock(&self.pr);
+            if p.received > 0 {
+                return;
+            }
+            p.current = Some(blob);
+        }
+        let st = lock(&self.st);
+        if st.m.role() == Role::Primary && st.link.is_some() {
+            self.spawn(self.clone().send_pr_at_connect());
+        }
     }
 
     /// The latest reservation state on this host (local or received).
@@ -188,11 +205,11 @@ impl ReplicatedVolume {
             }
             (p.current.clone().unwrap_or_default(), p.received)
         };
-        let r = match self.pr_sink.get() {
-            Some(sink) => sink(&blob),
-            None => Ok(()),
+        // Without a sink yet the blob waits in memory: `set_pr_sink` gives it.
+        let Some(sink) = self.pr_sink.get() else {
+            return true;
         };
-        match r {
+        match sink(&blob) {
             Ok(()) => {
                 lock(&self.pr).applied = n;
                 true
