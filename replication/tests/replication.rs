@@ -860,3 +860,30 @@ async fn reservation_state_seed_and_late_sink() {
     .await;
     p.shutdown().await;
 }
+
+/// `fencing = suspend-io`: a reservation change with the peer away waits like a write, and
+/// the reconnect completes it replicated (protocol C), not deferred.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservation_change_waits_while_fencing_suspends_io() {
+    use twinsan_replication::volume::PrReplicated;
+    let p = Pair::new(SIZE, skip(), skip(), Role::Primary, |c| {
+        c.fencing = Fencing::SuspendIo
+    })
+    .await;
+    wait_connected(&p).await;
+    p.cut();
+    wait_until("apart", T, || !connected(&p.a)).await;
+    let v = p.a.vol.clone();
+    let w = tokio::spawn(async move {
+        v.replicate_pr_state(Bytes::from_static(b"fenced"))
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!w.is_finished(), "reservation change must be suspended");
+    p.restore();
+    let r = tokio::time::timeout(T, w).await.unwrap().unwrap();
+    assert_eq!(r, PrReplicated::Peer);
+    assert_eq!(p.b.vol.pr_state().as_deref(), Some(&b"fenced"[..]));
+    p.shutdown().await;
+}

@@ -6,7 +6,8 @@
 //!   the connected peer has stored the blob (its `PrStateAck`), so a PR OUT is not reported
 //!   done before both hosts hold the new state and a failover keeps the reservation.
 //! * **Degraded**: without the peer (or when the link drops before the ack) the change
-//!   completes locally and the state is marked to be sent, like an out-of-sync block.
+//!   completes locally and the state is marked to be sent, like an out-of-sync block;
+//!   during a handshake, or while `Fencing::SuspendIo` holds writes, it waits like a write.
 //! * **Connect**: after every handshake the primary (with no primary on either side, the
 //!   sync source, i.e. the split-brain winner) sends its whole current state, whatever the
 //!   flag says: a restarted peer holds nothing (or an older APTPL copy).
@@ -20,6 +21,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
+use super::machine::WriteGate;
 use super::{lock, Pending, PendingKind, ReplicatedVolume, Reply, Role};
 use crate::link::{LinkSender, Message};
 use crate::volume::ReplicationError;
@@ -97,10 +99,23 @@ impl ReplicatedVolume {
             return Err(ReplicationError::ShutDown);
         }
         let _gate = self.pr_gate.lock().await;
-        if lock(&self.st).m.role() != Role::Primary {
-            return Err(ReplicationError::NotAllowed(
-                "only the primary changes reservations".into(),
-            ));
+        // The data's gate: during a handshake, or while fencing suspends I/O, a change waits
+        // like a write (completing it locally would let a failover lose it).
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match lock(&self.st).m.write_gate(self.cfg.fencing) {
+                WriteGate::ReadOnly => {
+                    return Err(ReplicationError::NotAllowed(
+                        "only the primary changes reservations".into(),
+                    ))
+                }
+                WriteGate::Closed => return Err(ReplicationError::ShutDown),
+                WriteGate::Wait => {}
+                WriteGate::Replicate { .. } | WriteGate::Degraded => break,
+            }
+            notified.await;
         }
         lock(&self.pr).current = Some(blob.clone());
         Ok(self.send_pr(blob).await)
