@@ -55,6 +55,7 @@ impl Server {
         let mut volumes = Vec::new();
         for t in &config.targets {
             let mut luns = Vec::new();
+            let mut replicated = Vec::new();
             for l in &t.luns {
                 let mut store = open_store(l, &engine)?;
                 if l.replication.is_some() {
@@ -63,6 +64,7 @@ impl Server {
                     info!(target = %t.iqn, lun = l.number, volume = volume.name(),
                         usable = volume.size(), "replicated volume open");
                     store = volume.store();
+                    replicated.push((l.number, volume.clone()));
                     volumes.push(volume);
                 }
                 let identity = identities.resolve(t, l)?;
@@ -93,6 +95,12 @@ impl Server {
                             file.display()
                         )
                     })?;
+            }
+            // Reservations of a replicated LUN go to the peer with the data's rules.
+            for (lun, volume) in &replicated {
+                if let Some(unit) = scsi.logical_unit(*lun) {
+                    crate::volumes::replicate_reservations(unit, volume);
+                }
             }
             targets.insert(
                 t.iqn.to_ascii_lowercase(),

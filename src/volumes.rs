@@ -3,6 +3,7 @@
 //! answers the `twinsan replication ...` commands.
 
 use crate::config::{parse_meta, LunConfig, MetaDisk, ReplicationConfig};
+use crate::scsi::{LogicalUnit, PrReplicateFuture, PrReplicator};
 use crate::store::BlockStore;
 use anyhow::{anyhow, bail, Context};
 use std::sync::Arc;
@@ -103,6 +104,38 @@ pub async fn open(
                 r.name, r.name
             )
         })
+}
+
+/// The replicated volume as the SCSI layer's [`PrReplicator`]: a PERSISTENT RESERVE OUT on
+/// the primary completes once the peer stored the new state (or, the peer away, once it is
+/// marked to be sent at the next connect).
+struct VolumeReservations(Arc<ReplicatedVolume>);
+
+impl PrReplicator for VolumeReservations {
+    fn replicate(&self, state: bytes::Bytes) -> PrReplicateFuture<'_> {
+        Box::pin(async move {
+            self.0
+                .replicate_pr_state(state)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Replicates `unit`'s persistent reservations over `volume` (SPC-4 5.13 on a replicated
+/// LUN): its changes go to the peer before they complete, the peer's state (this host
+/// secondary) becomes the unit's, and the unit's current state (e.g. reloaded from its APTPL
+/// file) is what this host sends at connect while primary.
+pub fn replicate_reservations(unit: &Arc<LogicalUnit>, volume: &Arc<ReplicatedVolume>) {
+    volume.seed_pr_state(LogicalUnit::encode_reservations(&unit.reservations()));
+    // Weak: the volume outlives no unit it would keep alive.
+    let u = Arc::downgrade(unit);
+    volume.set_pr_sink(Arc::new(move |bytes: &[u8]| match u.upgrade() {
+        Some(unit) => unit.receive_replicated_reservations(bytes),
+        None => Err("logical unit is gone".into()),
+    }));
+    unit.replicate_reservations_through(Arc::new(VolumeReservations(volume.clone())));
 }
 
 /// `twinsan replication create-md`: fresh DRBD v08 metadata for a new volume.

@@ -712,3 +712,178 @@ async fn invalidate_makes_a_full_sync_target() {
     assert!(p.a.snapshot() == p.b.snapshot());
     p.shutdown().await;
 }
+
+/// A sink that records what the secondary's "logical unit" was given.
+fn recording_sink(n: &Node) -> Arc<std::sync::Mutex<Vec<Vec<u8>>>> {
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    n.vol.set_pr_sink(Arc::new(move |b: &[u8]| {
+        g.lock().unwrap().push(b.to_vec());
+        Ok(())
+    }));
+    got
+}
+
+fn last(got: &std::sync::Mutex<Vec<Vec<u8>>>) -> Option<Vec<u8>> {
+    got.lock().unwrap().last().cloned()
+}
+
+/// Reservation state (SPC-4 5.13) follows protocol C: the primary's change returns once the
+/// secondary stored it; while apart it completes locally, is marked pending and is sent at
+/// the reconnect; after a failover the new primary holds the last state it received and
+/// replicates its own changes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservation_state_is_replicated_protocol_c_and_resent_at_reconnect() {
+    use twinsan_replication::volume::PrReplicated;
+    let p = Pair::new(SIZE, skip(), skip(), Role::Primary, |_| {}).await;
+    let got_b = recording_sink(&p.b);
+    let got_a = recording_sink(&p.a);
+    wait_connected(&p).await;
+    let s1 = Bytes::from_static(b"state 1");
+    assert_eq!(
+        p.a.vol.replicate_pr_state(s1.clone()).await.unwrap(),
+        PrReplicated::Peer
+    );
+    // Stored on the peer before the change completed: no waiting.
+    assert_eq!(p.b.vol.pr_state(), Some(s1.clone()));
+    assert_eq!(last(&got_b), Some(s1.to_vec()));
+    assert!(!p.a.vol.pr_state_pending());
+    // The secondary does not change reservations.
+    assert!(matches!(
+        p.b.vol.replicate_pr_state(Bytes::from_static(b"no")).await,
+        Err(ReplicationError::NotAllowed(_))
+    ));
+
+    // Apart: completes locally, pending, sent at the reconnect.
+    p.cut();
+    wait_until("A disconnected", T, || !connected(&p.a)).await;
+    let s2 = Bytes::from_static(b"state 2");
+    assert_eq!(
+        p.a.vol.replicate_pr_state(s2.clone()).await.unwrap(),
+        PrReplicated::Deferred
+    );
+    assert!(p.a.vol.pr_state_pending());
+    assert_eq!(p.b.vol.pr_state(), Some(s1.clone()));
+    p.restore();
+    wait_connected(&p).await;
+    wait_until("B has state 2", T, || {
+        last(&got_b).as_deref() == Some(&s2[..]) && !p.a.vol.pr_state_pending()
+    })
+    .await;
+    assert_eq!(p.b.vol.pr_state(), Some(s2.clone()));
+
+    // Failover: B is primary with the last state it received, and replicates back.
+    p.a.vol.demote().await.unwrap();
+    wait_until("B sees A secondary", T, || {
+        p.b.vol.status().peer_role == Some(Role::Secondary)
+    })
+    .await;
+    p.b.vol.promote(false).await.unwrap();
+    assert_eq!(p.b.vol.pr_state(), Some(s2.clone()));
+    let s3 = Bytes::from_static(b"state 3");
+    assert_eq!(
+        p.b.vol.replicate_pr_state(s3.clone()).await.unwrap(),
+        PrReplicated::Peer
+    );
+    assert_eq!(p.a.vol.pr_state(), Some(s3.clone()));
+    assert_eq!(last(&got_a), Some(s3.to_vec()));
+    p.shutdown().await;
+}
+
+/// Split brain: the data's winner (the sync source) sends its reservation state to the
+/// loser at the reconnect, even with both sides secondary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservation_state_follows_the_split_brain_winner() {
+    let p = Pair::new(SIZE, skip(), skip(), Role::Primary, |c| {
+        c.after_sb_0pri = SplitBrainPolicy::DiscardLeastChanges;
+    })
+    .await;
+    let got_a = recording_sink(&p.a);
+    wait_connected(&p).await;
+    p.a.vol
+        .replicate_pr_state(Bytes::from_static(b"before"))
+        .await
+        .unwrap();
+    p.cut();
+    wait_until("apart", T, || !connected(&p.a) && !connected(&p.b)).await;
+    p.a.vol
+        .replicate_pr_state(Bytes::from_static(b"A's"))
+        .await
+        .unwrap();
+    p.b.vol.promote(false).await.unwrap();
+    p.b.vol
+        .replicate_pr_state(Bytes::from_static(b"B's"))
+        .await
+        .unwrap();
+    // B changes more blocks: B wins.
+    let (sa, sb) = (p.a.vol.store(), p.b.vol.store());
+    sa.write(4096, block(1, 4096), WriteMode::Cached)
+        .await
+        .unwrap();
+    for b in 20..25u64 {
+        sb.write(b * 4096, block(b, 4096), WriteMode::Cached)
+            .await
+            .unwrap();
+    }
+    p.b.vol.demote().await.unwrap();
+    p.a.vol.demote().await.unwrap();
+    p.restore();
+    wait_connected(&p).await;
+    wait_until("A took B's state", T, || {
+        last(&got_a).as_deref() == Some(&b"B's"[..])
+    })
+    .await;
+    assert_eq!(p.a.vol.pr_state().as_deref(), Some(&b"B's"[..]));
+    assert_eq!(p.b.vol.pr_state().as_deref(), Some(&b"B's"[..]));
+    p.shutdown().await;
+}
+
+/// Start-up order in the daemon: the volume connects before the logical unit is wired. A
+/// state received before the sink is set reaches it when it is set and is not replaced by
+/// the secondary's own seed (its APTPL file may be older); the primary's seed, set once it
+/// is already connected, is sent at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservation_state_seed_and_late_sink() {
+    let p = Pair::new(SIZE, skip(), skip(), Role::Primary, |_| {}).await;
+    wait_connected(&p).await;
+    p.a.vol.seed_pr_state(Bytes::from_static(b"from APTPL"));
+    wait_until("B got A's seed", T, || {
+        p.b.vol.pr_state().as_deref() == Some(&b"from APTPL"[..])
+    })
+    .await;
+    p.b.vol.seed_pr_state(Bytes::from_static(b"B's stale file"));
+    assert_eq!(p.b.vol.pr_state().as_deref(), Some(&b"from APTPL"[..]));
+    let got_b = recording_sink(&p.b);
+    wait_until("the late sink got the received state", T, || {
+        last(&got_b).as_deref() == Some(&b"from APTPL"[..])
+    })
+    .await;
+    p.shutdown().await;
+}
+
+/// `fencing = suspend-io`: a reservation change with the peer away waits like a write, and
+/// the reconnect completes it replicated (protocol C), not deferred.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservation_change_waits_while_fencing_suspends_io() {
+    use twinsan_replication::volume::PrReplicated;
+    let p = Pair::new(SIZE, skip(), skip(), Role::Primary, |c| {
+        c.fencing = Fencing::SuspendIo
+    })
+    .await;
+    wait_connected(&p).await;
+    p.cut();
+    wait_until("apart", T, || !connected(&p.a)).await;
+    let v = p.a.vol.clone();
+    let w = tokio::spawn(async move {
+        v.replicate_pr_state(Bytes::from_static(b"fenced"))
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!w.is_finished(), "reservation change must be suspended");
+    p.restore();
+    let r = tokio::time::timeout(T, w).await.unwrap().unwrap();
+    assert_eq!(r, PrReplicated::Peer);
+    assert_eq!(p.b.vol.pr_state().as_deref(), Some(&b"fenced"[..]));
+    p.shutdown().await;
+}

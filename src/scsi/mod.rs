@@ -17,7 +17,7 @@ mod unit;
 
 pub use sense::{Sense, SenseKey};
 pub use target::{PlannedCommand, ScsiTarget, ThinAlertHook};
-pub use unit::LogicalUnit;
+pub use unit::{LogicalUnit, PrReplicateFuture, PrReplicator};
 
 use bytes::Bytes;
 

@@ -26,12 +26,12 @@
 //!   overflow, residual len − EDTL; len < EDTL → underflow, residual EDTL − len.
 
 use super::cdb::{self, opcode, Command};
-use super::pr::{Effects, InitiatorPort, PrError};
+use super::pr::{Effects, InitiatorPort, PrError, PrOut};
 use super::sbc;
 use super::sense::{Sense, SenseKey};
 use super::spc;
 use super::thin::{ThresholdEvent, UA_SOFT_THRESHOLD};
-use super::unit::LogicalUnit;
+use super::unit::{LogicalUnit, PrReplicator};
 use super::{DataOutPlan, LunSettings, NexusId, ScsiRequest, ScsiResponse, Status};
 use crate::store::BlockStore;
 use bytes::Bytes;
@@ -252,12 +252,17 @@ impl ScsiTarget {
     }
 
     /// PERSISTENT RESERVE IN / OUT, RESERVE and RELEASE on `unit`.
-    fn execute_reservation(
+    async fn execute_reservation(
         &self,
         unit: &LogicalUnit,
         cmd: &Command,
         req: &ScsiRequest,
     ) -> ScsiResponse {
+        if let (Command::PersistentReserveOut(p), Some(rep)) = (cmd, unit.pr_replicator()) {
+            return self
+                .replicated_reserve_out(unit, rep.as_ref(), p, req)
+                .await;
+        }
         let me = self.port_of(req.nexus);
         let rel_port = unit.settings.identity.relative_port;
         let mut state = unit.reservations();
@@ -291,6 +296,50 @@ impl ScsiTarget {
             Err(PrError::Conflict) => reservation_conflict(),
             Err(PrError::Check(sense)) => ScsiResponse::check(sense),
         }
+    }
+
+    /// PERSISTENT RESERVE OUT on a replicated logical unit: the change is made, then
+    /// replicated, and the command completes (and its unit attentions and aborts happen) only
+    /// once the peer stored the new state, or once it is marked to be sent at the next
+    /// connect when the peer is away (the protocol-C rule of the data; SPC-4 5.13). A host
+    /// that may not change reservations (not primary) undoes the change: NOT READY, LOGICAL
+    /// UNIT NOT ACCESSIBLE, TARGET PORT IN STANDBY STATE.
+    async fn replicated_reserve_out(
+        &self,
+        unit: &LogicalUnit,
+        rep: &dyn PrReplicator,
+        p: &PrOut,
+        req: &ScsiRequest,
+    ) -> ScsiResponse {
+        let _one = unit.pr_out_gate.lock().await;
+        let me = self.port_of(req.nexus);
+        let rel_port = unit.settings.identity.relative_port;
+        let (before, fx, blob, generation) = {
+            let mut state = unit.reservations();
+            let before = state.clone();
+            match state.reserve_out(&me, rel_port, p, &req.data_out) {
+                Ok(fx) => {
+                    unit.save_reservations(&state);
+                    let blob = LogicalUnit::encode_reservations(&state);
+                    (before, fx, blob, state.generation)
+                }
+                Err(PrError::Conflict) => return reservation_conflict(),
+                Err(PrError::Check(sense)) => return ScsiResponse::check(sense),
+            }
+        };
+        if let Err(e) = rep.replicate(blob).await {
+            warn!(lun = unit.lun(), initiator = %me.port_name(), "PERSISTENT RESERVE OUT refused: {e}");
+            let mut state = unit.reservations();
+            let spc2 = state.spc2_holder.take();
+            *state = before;
+            state.spc2_holder = spc2;
+            unit.save_reservations(&state);
+            return ScsiResponse::check(Sense::new(SenseKey::NotReady, 0x04, 0x0b));
+        }
+        info!(lun = unit.lun(), initiator = %me.port_name(), service_action = p.service_action,
+            generation, "PERSISTENT RESERVE OUT (replicated)");
+        self.apply_effects(unit, &fx);
+        ScsiResponse::good(Bytes::new())
     }
 
     /// The logical unit with LUN number `lun`.
@@ -458,7 +507,7 @@ impl ScsiTarget {
                         | Command::Release
                 ) =>
             {
-                return self.execute_reservation(unit, &cmd, &req);
+                return self.execute_reservation(unit, &cmd, &req).await;
             }
             None => self.execute_without_unit(&cmd),
             Some(unit) => {
@@ -1493,5 +1542,89 @@ mod tests {
         let r = run(&t, 1, &pr_out_cdb(5, 1, 24), &pr_params(0xA, 0xB, 0)).await;
         assert_eq!(r.status, Status::Good);
         assert_eq!(*aborted.lock().unwrap(), vec![(2, 0)]);
+    }
+
+    /// A replicator standing in for the replicated volume: records the states, waits for a
+    /// permit per state (the peer's ack), or refuses (not primary).
+    struct FakeReplica {
+        sent: std::sync::Mutex<Vec<Bytes>>,
+        acks: tokio::sync::Semaphore,
+        refuse: std::sync::atomic::AtomicBool,
+    }
+
+    impl PrReplicator for FakeReplica {
+        fn replicate(&self, state: Bytes) -> crate::scsi::PrReplicateFuture<'_> {
+            Box::pin(async move {
+                if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err("not primary".into());
+                }
+                self.sent.lock().unwrap().push(state);
+                self.acks.acquire().await.unwrap().forget();
+                Ok(())
+            })
+        }
+    }
+
+    /// A replicated LUN (SPC-4 5.13, issue 14): a PR OUT completes only once the replica
+    /// stored the new state; the replica's logical unit, given that state, fences like the
+    /// primary did (WRITE EXCLUSIVE - REGISTRANTS ONLY: the registrant writes, the other
+    /// initiator gets RESERVATION CONFLICT) and keeps its APTPL file; a host that may not
+    /// change reservations undoes the change and answers NOT READY.
+    #[tokio::test]
+    async fn replicated_pr_out_waits_for_the_replica_and_the_replica_fences() {
+        let (t, _) = target_with(false, false);
+        let rep = Arc::new(FakeReplica {
+            sent: Default::default(),
+            acks: tokio::sync::Semaphore::new(0),
+            refuse: false.into(),
+        });
+        let unit = t.logical_unit(0).unwrap().clone();
+        unit.replicate_reservations_through(rep.clone());
+        let t = Arc::new(t);
+        t.nexus_established(1, "iqn.2024-01.org.example:a", [0x40, 0, 0, 0, 0, 1]);
+        t.nexus_established(2, "iqn.2024-01.org.example:b", [0x40, 0, 0, 0, 0, 2]);
+        // REGISTER (APTPL) by 1: not done until the replica acks.
+        let t1 = t.clone();
+        let reg =
+            tokio::spawn(
+                async move { run(&t1, 1, &pr_out_cdb(0, 0, 24), &pr_params(0, 0xA, 1)).await },
+            );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !reg.is_finished(),
+            "PR OUT completed before the replica stored it"
+        );
+        assert_eq!(rep.sent.lock().unwrap().len(), 1);
+        rep.acks.add_permits(1);
+        assert_eq!(reg.await.unwrap().status, Status::Good);
+        // RESERVE, WRITE EXCLUSIVE - REGISTRANTS ONLY.
+        rep.acks.add_permits(1);
+        let r = run(&t, 1, &pr_out_cdb(1, 5, 24), &pr_params(0xA, 0, 0)).await;
+        assert_eq!(r.status, Status::Good);
+        let last = rep.sent.lock().unwrap().last().unwrap().clone();
+
+        // The replica (the other host's target) takes the state, as after a failover.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("reservations").join("t-lun0.json");
+        let (t2, _) = target_with(false, false);
+        let unit2 = t2.logical_unit(0).unwrap().clone();
+        unit2.persist_reservations_in(file.clone()).unwrap();
+        unit2.receive_replicated_reservations(&last).unwrap();
+        assert!(file.exists(), "APTPL state persisted on the replica");
+        t2.nexus_established(3, "iqn.2024-01.org.example:a", [0x40, 0, 0, 0, 0, 1]);
+        t2.nexus_established(4, "iqn.2024-01.org.example:b", [0x40, 0, 0, 0, 0, 2]);
+        let write = cdb10(opcode::WRITE_10, 0, 0, 1);
+        let r = run(&t2, 4, &write, &[0; BS as usize]).await;
+        assert_eq!(r.status, Status::ReservationConflict);
+        let r = run(&t2, 3, &write, &[0; BS as usize]).await;
+        assert_eq!(r.status, Status::Good);
+        assert!(unit2.receive_replicated_reservations(b"{").is_err());
+
+        // Refused (this host is not primary): undone, NOT READY, nothing changed.
+        rep.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+        let before = unit.reservations().clone();
+        let r = run(&t, 2, &pr_out_cdb(0, 0, 24), &pr_params(0, 0xB, 0)).await;
+        assert_eq!(sense_of(&r), (0x2, 0x04, 0x0b));
+        assert_eq!(*unit.reservations(), before);
     }
 }

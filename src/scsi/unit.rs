@@ -32,6 +32,28 @@ pub struct LogicalUnit {
     pr_active: AtomicBool,
     /// Where the reservation state is kept while APTPL is set (unset: never persisted).
     pr_file: OnceLock<PathBuf>,
+    /// On a replicated LUN: where a PERSISTENT RESERVE OUT's new state goes before the
+    /// command completes.
+    pr_replicator: OnceLock<Arc<dyn PrReplicator>>,
+    /// PERSISTENT RESERVE OUTs of a replicated LUN one at a time, change and replication
+    /// together: the replica receives the states in the order they were made.
+    pub(super) pr_out_gate: tokio::sync::Mutex<()>,
+}
+
+/// Future of [`PrReplicator::replicate`].
+pub type PrReplicateFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// Carries a logical unit's persistent reservation state to the replica of a replicated LUN
+/// (the replicated volume implements it; the SCSI layer knows nothing else of it). Same rule
+/// as the data (protocol C): a PERSISTENT RESERVE OUT completes only once the peer stored the
+/// new state, so after a failover the reservation holder still holds it (SPC-4 5.13: a
+/// failover is not a power loss of the logical unit, the reservations stay).
+pub trait PrReplicator: Send + Sync {
+    /// Replicates `state` (the encoded [`PrState`]): done when the peer stored it or, with
+    /// no peer connected, when it is marked to be sent at the next connect. An error means
+    /// this host may not change reservations (not primary): the change is undone.
+    fn replicate(&self, state: bytes::Bytes) -> PrReplicateFuture<'_>;
 }
 
 impl LogicalUnit {
@@ -53,7 +75,45 @@ impl LogicalUnit {
             pr: Mutex::new(PrState::default()),
             pr_active: AtomicBool::new(false),
             pr_file: OnceLock::new(),
+            pr_replicator: OnceLock::new(),
+            pr_out_gate: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Replicates this unit's reservation changes through `r` (a replicated LUN). The first
+    /// one set stays.
+    pub fn replicate_reservations_through(&self, r: Arc<dyn PrReplicator>) {
+        let _ = self.pr_replicator.set(r);
+    }
+
+    pub(super) fn pr_replicator(&self) -> Option<&Arc<dyn PrReplicator>> {
+        self.pr_replicator.get()
+    }
+
+    /// The reservation state as replicated: [`PrState`] in JSON, the APTPL file's format.
+    pub fn encode_reservations(state: &PrState) -> bytes::Bytes {
+        serde_json::to_vec(state).expect("serializes").into()
+    }
+
+    /// The peer's reservation state (this host is the replica): replaces the persistent
+    /// reservations (the SPC-2 reservation is per nexus, never replicated, and stays), and
+    /// is persisted like a local change (APTPL). Err: unreadable, or the APTPL file could
+    /// not be written.
+    pub fn receive_replicated_reservations(&self, bytes: &[u8]) -> Result<(), String> {
+        let mut new: PrState =
+            serde_json::from_slice(bytes).map_err(|e| format!("reservation state: {e}"))?;
+        let mut state = self.reservations();
+        new.spc2_holder = state.spc2_holder.take();
+        *state = new;
+        tracing::debug!(
+            lun = self.lun,
+            generation = state.generation,
+            registrations = state.registrations.len(),
+            reserved = state.reservation.is_some(),
+            "reservation state received from the peer"
+        );
+        self.write_reservations(&state)
+            .map_err(|e| format!("cannot persist the reservations (APTPL): {e}"))
     }
 
     /// The reservation state (SPC-4 5.13), locked.
@@ -99,20 +159,23 @@ impl LogicalUnit {
     /// After a change to the reservations: writes them (atomic write and rename) while APTPL
     /// is set, removes the file once it is cleared.
     pub(super) fn save_reservations(&self, state: &PrState) {
+        if let Err(e) = self.write_reservations(state) {
+            tracing::error!(lun = self.lun, file = ?self.pr_file.get(), error = %e,
+                "cannot persist the persistent reservations (APTPL)");
+        }
+    }
+
+    fn write_reservations(&self, state: &PrState) -> std::io::Result<()> {
         let Some(file) = self.pr_file.get() else {
-            return;
+            return Ok(());
         };
-        let r = if state.aptpl {
+        if state.aptpl {
             write_atomic(file, &serde_json::to_vec_pretty(state).expect("serializes"))
         } else {
             match std::fs::remove_file(file) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
                 _ => Ok(()),
             }
-        };
-        if let Err(e) = r {
-            tracing::error!(lun = self.lun, file = %file.display(), error = %e,
-                "cannot persist the persistent reservations (APTPL)");
         }
     }
 

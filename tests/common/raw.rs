@@ -84,6 +84,30 @@ impl Raw {
         data_digest: bool,
         connect_limit: Duration,
     ) -> std::io::Result<Raw> {
+        let isid_low: u16 = rand::random();
+        Self::try_login_isid(
+            addr,
+            target,
+            initiator,
+            isid_low,
+            header_digest,
+            data_digest,
+            connect_limit,
+        )
+    }
+
+    /// [`Raw::try_login_at`] with the low 16 bits of the ISID chosen by the caller: the
+    /// same initiator port (name + ISID) on every login, as a real initiator's (what
+    /// persistent reservations are keyed by).
+    pub fn try_login_isid(
+        addr: std::net::SocketAddr,
+        target: &str,
+        initiator: &str,
+        isid_low: u16,
+        header_digest: bool,
+        data_digest: bool,
+        connect_limit: Duration,
+    ) -> std::io::Result<Raw> {
         let stream = TcpStream::connect_timeout(&addr, connect_limit)?;
         stream.set_read_timeout(Some(Duration::from_millis(200)))?;
         stream.set_write_timeout(Some(Duration::from_secs(10)))?;
@@ -114,7 +138,6 @@ impl Raw {
             ("MaxBurstLength", "262144"),
             ("FirstBurstLength", "65536"),
         ]);
-        let isid_low: u16 = rand::random();
         let mut data = Bytes::from(text);
         let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
         for _round in 0..4 {

@@ -18,8 +18,10 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use crate::drbd::{GenerationUuids, Role};
 
-/// Version of this protocol; peers must speak the same one.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of this protocol; peers must speak the same one (checked in `Hello`, so a peer
+/// of another version is refused at connect, never dropped later on an unknown frame).
+/// 2: `PrState` / `PrStateAck` (replicated persistent reservations).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest data payload of one `Write` / `ResyncData` message. Larger application writes
 /// are sent as several messages.
 pub const MAX_DATA: usize = 4 << 20;
@@ -274,6 +276,22 @@ pub enum Message {
         /// Offsets of mismatching 4 KiB blocks.
         mismatched: Vec<u64>,
     },
+    /// The primary's (or sync source's) persistent reservation state of the volume's
+    /// logical unit (SPC-4 5.13), an opaque blob the SCSI layer encodes: the peer stores it
+    /// before the ack, so a PR OUT completes only once both hosts hold it (protocol C).
+    PrState {
+        /// Request number.
+        seq: u64,
+        /// The encoded state, at most [`MAX_DATA`] bytes.
+        blob: Bytes,
+    },
+    /// Answer to `PrState` after the peer stored it.
+    PrStateAck {
+        /// Request number.
+        seq: u64,
+        /// Stored (in memory and, for APTPL, on disk).
+        ok: bool,
+    },
     /// Keepalive request.
     Ping,
     /// Keepalive answer.
@@ -334,6 +352,8 @@ mod ty {
     pub const PING: u8 = 18;
     pub const PONG: u8 = 19;
     pub const DISCONNECT: u8 = 20;
+    pub const PR_STATE: u8 = 21;
+    pub const PR_STATE_ACK: u8 = 22;
 }
 
 fn put_str(b: &mut BytesMut, s: &str) {
@@ -484,6 +504,8 @@ impl Message {
             Message::ResyncDone { .. } => "ResyncDone",
             Message::VerifyRequest { .. } => "VerifyRequest",
             Message::VerifyReply { .. } => "VerifyReply",
+            Message::PrState { .. } => "PrState",
+            Message::PrStateAck { .. } => "PrStateAck",
             Message::Ping => "Ping",
             Message::Pong => "Pong",
             Message::Disconnect { .. } => "Disconnect",
@@ -637,6 +659,16 @@ impl Message {
                     b.put_u64(*m);
                 }
             }
+            Message::PrState { seq, blob } => {
+                b.put_u8(ty::PR_STATE);
+                b.put_u64(*seq);
+                put_data(b, blob);
+            }
+            Message::PrStateAck { seq, ok } => {
+                b.put_u8(ty::PR_STATE_ACK);
+                b.put_u64(*seq);
+                b.put_u8(u8::from(*ok));
+            }
             Message::Ping => b.put_u8(ty::PING),
             Message::Pong => b.put_u8(ty::PONG),
             Message::Disconnect { reason } => {
@@ -741,6 +773,14 @@ impl Message {
                     mismatched,
                 }
             }
+            ty::PR_STATE => Message::PrState {
+                seq: r.u64()?,
+                blob: r.data()?,
+            },
+            ty::PR_STATE_ACK => Message::PrStateAck {
+                seq: r.u64()?,
+                ok: r.bool()?,
+            },
             ty::PING => Message::Ping,
             ty::PONG => Message::Pong,
             ty::DISCONNECT => Message::Disconnect {
@@ -1026,6 +1066,11 @@ mod tests {
                 equal: false,
                 mismatched: vec![12288],
             },
+            Message::PrState {
+                seq: 5,
+                blob: Bytes::from_static(b"{\"generation\":3}"),
+            },
+            Message::PrStateAck { seq: 5, ok: true },
             Message::Ping,
             Message::Pong,
             Message::Disconnect {

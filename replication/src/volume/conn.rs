@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn};
 use twinsan_throttle::{Admitted, Attempt, LogAction};
 
 use super::machine::{Action, Event};
-use super::{lock, LinkHandle, PendingKind, ReplicatedVolume, Reply, LINK_QUEUE};
+use super::{lock, LinkHandle, PendingKind, ReplicatedVolume, Reply, Role, LINK_QUEUE};
 use crate::drbd::{GenerationUuids, MdFlags};
 use crate::link::proto::{VERIFY_BLOCK, WIRE_CRASHED_PRIMARY, WIRE_DISCARD_MY_DATA};
 use crate::link::{
@@ -188,6 +188,7 @@ impl ReplicatedVolume {
                 return None;
             }
         };
+        let mut sends_pr = false;
         for a in actions {
             match a {
                 Action::RefusePeer { why, standalone } => {
@@ -206,6 +207,7 @@ impl ReplicatedVolume {
                     uuids,
                     peer_disk,
                 } => {
+                    sends_pr = matches!(outcome, Outcome::Source { .. });
                     let r = self
                         .apply_verdict(
                             epoch,
@@ -223,6 +225,16 @@ impl ReplicatedVolume {
                     }
                 }
                 other => debug!(volume = %self.cfg.name, "unexpected handshake action {other:?}"),
+            }
+        }
+        // The reservation state follows the data's winner: the primary's, or with no primary
+        // on either side the sync source's (split brain resolved in its favour).
+        {
+            let st = lock(&self.st);
+            let primary = st.m.role() == Role::Primary;
+            let peer_primary = st.m.peer().is_some_and(|p| p.role == Role::Primary);
+            if primary || (sends_pr && !peer_primary) {
+                self.spawn(self.clone().send_pr_at_connect());
             }
         }
 
@@ -617,6 +629,16 @@ impl ReplicatedVolume {
             Message::VerifyReply {
                 seq, mismatched, ..
             } => self.complete(epoch, seq, Reply::Verify(mismatched))?,
+            Message::PrState { seq, blob } => self.receive_pr(seq, blob, tx)?,
+            Message::PrStateAck { seq, ok } => self.complete(
+                epoch,
+                seq,
+                if ok {
+                    Reply::Ok
+                } else {
+                    Reply::Failed("peer failed to store the reservation state".into())
+                },
+            )?,
             Message::SyncUuid { uuid } => {
                 let deferred = {
                     let mut st = lock(&self.st);

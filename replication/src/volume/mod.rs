@@ -50,6 +50,7 @@
 mod conn;
 mod io;
 mod machine;
+mod pr;
 mod sync;
 
 use std::net::SocketAddr;
@@ -74,6 +75,7 @@ use crate::store::{BlockStore, StoreError};
 use machine::{Action, Event, Refusal, VolumeMachine};
 
 pub use crate::drbd::Role;
+pub use pr::{PrReplicated, PrSink};
 
 /// What the primary does when it loses the peer (`fencing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -457,6 +459,7 @@ pub(crate) enum PendingKind {
     Flush,
     Resync,
     Verify,
+    PrState,
 }
 
 pub(crate) struct Pending {
@@ -536,6 +539,14 @@ pub struct ReplicatedVolume {
     /// keep failing authentication waits before its next handshake, and the refusals are
     /// logged once per burst with a count (issue 13).
     link_throttle: twinsan_throttle::SharedThrottle<conn::LinkKey>,
+    /// Persistent reservation state carried for the SCSI layer (`pr.rs`).
+    pr: Mutex<pr::PrRepl>,
+    /// Held while a reservation state is sent and acked: states reach the peer in order.
+    pr_gate: tokio::sync::Mutex<()>,
+    /// One call of the sink at a time (secondary).
+    pr_apply: Mutex<()>,
+    /// Where received reservation state goes (the secondary's logical unit).
+    pr_sink: std::sync::OnceLock<PrSink>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -615,6 +626,10 @@ impl ReplicatedVolume {
             crashed: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
             link_throttle: Default::default(),
+            pr: Mutex::new(pr::PrRepl::default()),
+            pr_gate: tokio::sync::Mutex::new(()),
+            pr_apply: Mutex::new(()),
+            pr_sink: std::sync::OnceLock::new(),
         });
         if role == Role::Primary {
             vol.promote(false).await?;
