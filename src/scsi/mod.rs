@@ -14,6 +14,7 @@ pub mod spc;
 mod target;
 pub mod thin;
 mod unit;
+pub mod xcopy;
 
 pub use sense::{Sense, SenseKey};
 pub use target::{PlannedCommand, ScsiTarget, ThinAlertHook};

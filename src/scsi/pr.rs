@@ -261,7 +261,8 @@ fn access(cmd: &Command) -> Access {
         | Command::ReadCapacity10
         | Command::ReadCapacity16 { .. }
         | Command::PersistentReserveIn { .. }
-        | Command::PersistentReserveOut(_) => Access::Allowed,
+        | Command::PersistentReserveOut(_)
+        | Command::ReceiveCopyResults { .. } => Access::Allowed,
         // SBC-3 table 13: START STOP UNIT with START=1 and POWER CONDITION 0 is allowed.
         Command::StartStopUnit(s) if s.start && s.power_condition == 0 => Access::Allowed,
         Command::Read(_)
@@ -278,7 +279,8 @@ fn access(cmd: &Command) -> Access {
         | Command::CompareAndWrite { .. }
         | Command::ModeSelect(_)
         | Command::SynchronizeCache { .. }
-        | Command::StartStopUnit(_) => Access::Write,
+        | Command::StartStopUnit(_)
+        | Command::ExtendedCopy { .. } => Access::Write,
     }
 }
 

@@ -291,7 +291,7 @@ pub(crate) async fn execute(
     }
 }
 
-async fn read(lu: &LogicalUnit, lba: u64, blocks: u32) -> Result<Bytes, Sense> {
+pub(crate) async fn read(lu: &LogicalUnit, lba: u64, blocks: u32) -> Result<Bytes, Sense> {
     let bs = u64::from(lu.settings.block_size);
     if blocks == 0 {
         return Ok(Bytes::new());
@@ -303,7 +303,7 @@ async fn read(lu: &LogicalUnit, lba: u64, blocks: u32) -> Result<Bytes, Sense> {
 }
 
 /// Writes the whole blocks received; returns them.
-async fn write(lu: &LogicalUnit, x: Transfer, data_out: &Bytes) -> Result<Bytes, Sense> {
+pub(crate) async fn write(lu: &LogicalUnit, x: Transfer, data_out: &Bytes) -> Result<Bytes, Sense> {
     let bs = lu.settings.block_size;
     let data = whole_blocks(data_out, u64::from(x.blocks) * u64::from(bs), bs);
     if data.is_empty() {
