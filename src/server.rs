@@ -28,6 +28,11 @@ use tracing::{error, info, warn};
 /// The daemon's iSCSI side, volumes and control socket, built from the configuration. Each
 /// part gets only its own context: connections the [`IscsiContext`], the HA loop that and
 /// the [`Volumes`], the control socket the [`ControlContext`].
+/// Physical block size reported when `physical_block_size` is unset: 4 KiB, what current
+/// disks and filesystems use (512-byte LUNs report 512e, exponent 3). A constant, not a probe
+/// of the backing, so both hosts of a replicated pair answer READ CAPACITY(16) alike.
+const DEFAULT_PHYSICAL_BLOCK_SIZE: u32 = 4096;
+
 pub struct Server {
     iscsi: Arc<IscsiContext>,
     volumes: Volumes,
@@ -70,6 +75,10 @@ impl Server {
                     naa = %hex::encode(&identity.naa), serial = %identity.serial, "LUN ready");
                 let settings = LunSettings {
                     block_size: l.block_size,
+                    physical_block_size: l
+                        .physical_block_size
+                        .unwrap_or(DEFAULT_PHYSICAL_BLOCK_SIZE)
+                        .max(l.block_size),
                     read_only: l.read_only,
                     identity,
                     write_cache: l.write_cache,

@@ -106,12 +106,23 @@ pub fn read_capacity_10(num_blocks: u64, block_size: u32) -> Vec<u8> {
     d
 }
 
-/// READ CAPACITY(16) parameter data (SBC-3 5.16.2): no protection, one logical block per
-/// physical block, LBPME and LBPRZ when thin provisioned (unmapped blocks read as zeroes).
-pub fn read_capacity_16(num_blocks: u64, block_size: u32, thin: bool) -> Vec<u8> {
+/// READ CAPACITY(16) parameter data (SBC-3 5.16.2): no protection, LOGICAL BLOCKS PER
+/// PHYSICAL BLOCK EXPONENT from the physical block size (3 for 512-byte blocks on 4 KiB),
+/// lowest aligned LBA 0, LBPME and LBPRZ when thin provisioned (unmapped blocks read as
+/// zeroes).
+pub fn read_capacity_16(
+    num_blocks: u64,
+    block_size: u32,
+    physical_block_size: u32,
+    thin: bool,
+) -> Vec<u8> {
     let mut d = vec![0u8; 32];
     d[0..8].copy_from_slice(&num_blocks.saturating_sub(1).to_be_bytes());
     d[8..12].copy_from_slice(&block_size.to_be_bytes());
+    let ratio = physical_block_size / block_size.max(1);
+    if ratio.is_power_of_two() {
+        d[13] = (ratio.trailing_zeros() as u8).min(0x0F);
+    }
     if thin {
         d[14] = 0x80 | 0x40;
     }
@@ -233,9 +244,13 @@ pub(crate) async fn execute(
     let num_blocks = lu.num_blocks();
     match *cmd {
         Command::ReadCapacity10 => Ok(read_capacity_10(num_blocks, bs).into()),
-        Command::ReadCapacity16 { .. } => {
-            Ok(read_capacity_16(num_blocks, bs, lu.settings.thin_provisioning).into())
-        }
+        Command::ReadCapacity16 { .. } => Ok(read_capacity_16(
+            num_blocks,
+            bs,
+            lu.settings.physical_block_size,
+            lu.settings.thin_provisioning,
+        )
+        .into()),
         Command::GetLbaStatus { lba, .. } => Ok(lba_status(lba, num_blocks).into()),
         Command::Read(x) => read(lu, x.lba, x.blocks).await,
         Command::Write(x) => {
@@ -559,6 +574,7 @@ mod tests {
     fn settings(read_only: bool, thin: bool) -> LunSettings {
         LunSettings {
             block_size: 512,
+            physical_block_size: 4096,
             read_only,
             identity: LunIdentity {
                 vendor: "TWINSAN".into(),
@@ -679,11 +695,15 @@ mod tests {
         assert_eq!(d, [0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 2, 0]);
         let d = read_capacity_10(2048, 4096);
         assert_eq!(d, [0, 0, 0x07, 0xFF, 0, 0, 0x10, 0]);
-        let d = read_capacity_16(2048, 512, true);
+        let d = read_capacity_16(2048, 512, 4096, true);
         assert_eq!(d.len(), 32);
         assert_eq!(&d[..8], &2047u64.to_be_bytes());
+        assert_eq!(d[13], 3, "512e: 8 logical blocks per physical block");
         assert_eq!(d[14], 0xC0);
-        assert_eq!(read_capacity_16(2048, 512, false)[14], 0);
+        assert_eq!(read_capacity_16(2048, 512, 4096, false)[14], 0);
+        assert_eq!(read_capacity_16(2048, 512, 512, false)[13], 0);
+        assert_eq!(read_capacity_16(2048, 4096, 4096, false)[13], 0);
+        assert_eq!(read_capacity_16(2048, 512, 65536, false)[13], 7);
     }
 
     #[test]

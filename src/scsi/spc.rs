@@ -655,6 +655,7 @@ mod tests {
     fn settings() -> LunSettings {
         LunSettings {
             block_size: 512,
+            physical_block_size: 4096,
             read_only: false,
             identity: identity(),
             write_cache: true,

@@ -823,6 +823,7 @@ mod tests {
     fn settings(read_only: bool, thin: bool) -> LunSettings {
         LunSettings {
             block_size: BS,
+            physical_block_size: 4096,
             read_only,
             identity: identity(),
             write_cache: true,
@@ -1713,6 +1714,7 @@ mod xcopy_tests {
     fn settings(n: u8, read_only: bool) -> LunSettings {
         LunSettings {
             block_size: BS,
+            physical_block_size: 4096,
             read_only,
             identity: LunIdentity {
                 vendor: "TWINSAN".into(),
