@@ -195,10 +195,13 @@ fn conformance_reservations_pass() {
     );
 }
 
-/// Issue 14: VMware offloads. RECEIVE COPY RESULTS whole, and every EXTENDED COPY test but
-/// ValidTgtDescr, all passing and none skipped. (libiscsi 1.19's ValidTgtDescr expects GOOD
+/// Issue 14: VMware offloads. RECEIVE COPY RESULTS, READ CAPACITY(16) and WRITE SAME(16)
+/// whole, every EXTENDED COPY test but ValidTgtDescr and every WRITE SAME(10) test but
+/// UnmapUntilEnd, all passing and none skipped. (libiscsi 1.19's ValidTgtDescr expects GOOD
 /// for a CSCD descriptor whose LU ID TYPE is reserved; SPC-4 6.4.5.3 makes that INVALID FIELD
-/// IN PARAMETER LIST, which is what twinsan answers and what later libiscsi expects.)
+/// IN PARAMETER LIST, which is what twinsan answers and what later libiscsi expects. Its
+/// WriteSame10.UnmapUntilEnd sends 0xFF blocks with UNMAP set and expects zeroes back;
+/// twinsan unmaps only a zero block, what an unmapped block reads as, and writes others.)
 #[test]
 fn conformance_vaai_pass() {
     let dir = scratch_dir();
@@ -210,6 +213,17 @@ fn conformance_vaai_pass() {
         ("ExtendedCopy.DescrLimits", 1),
         ("ExtendedCopy.DescrType", 1),
         ("ExtendedCopy.ValidSegDescr", 1),
+        ("ReadCapacity16", 4),
+        ("WriteSame16", 10),
+        ("WriteSame10.Simple", 1),
+        ("WriteSame10.BeyondEol", 1),
+        ("WriteSame10.ZeroBlocks", 1),
+        ("WriteSame10.WriteProtect", 1),
+        ("WriteSame10.Unmap", 1),
+        ("WriteSame10.UnmapUnaligned", 1),
+        ("WriteSame10.UnmapVPD", 1),
+        ("WriteSame10.Check", 1),
+        ("WriteSame10.InvalidDataOutSize", 1),
     ];
     let mut failures = Vec::new();
     for (suite, expected) in tests {

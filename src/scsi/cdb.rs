@@ -142,7 +142,7 @@ pub struct StartStopUnit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriteSame {
     pub lba: u64,
-    /// Zero means "to the last LBA" (refused while the Block Limits VPD page reports WSNZ).
+    /// Zero means "through the last LBA" (WSNZ=0; within MAXIMUM WRITE SAME LENGTH).
     pub blocks: u32,
     pub unmap: bool,
     /// No Data-Out buffer: the block is all zeroes (WRITE SAME(16) only).

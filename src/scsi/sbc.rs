@@ -78,9 +78,9 @@ pub(crate) fn check(
                 return Err(Sense::invalid_field_in_cdb(1, Some(3)));
             }
             check_range(ws.lba, u64::from(ws.blocks), num_blocks)?;
-            // WSNZ=1: zero blocks ("to the end") is refused; so is more than MAXIMUM WRITE
-            // SAME LENGTH (SBC-3 5.42, 6.6.3).
-            if ws.blocks == 0 || u64::from(ws.blocks) > limits.max_write_same_blocks {
+            // Zero blocks means through the last LBA (WSNZ=0, SBC-3 5.41, 5.42); the range,
+            // given or implied, must not exceed MAXIMUM WRITE SAME LENGTH (SBC-3 6.6.3).
+            if write_same_blocks(ws, num_blocks) > limits.max_write_same_blocks {
                 return Err(Sense::invalid_field_in_cdb(length_byte(cdb), None));
             }
             Ok(())
@@ -93,6 +93,15 @@ pub(crate) fn check(
             Ok(())
         }
         _ => Ok(()),
+    }
+}
+
+/// Blocks a WRITE SAME covers: NUMBER OF LOGICAL BLOCKS, or with 0 every block from the LBA
+/// through the last one (SBC-3 5.41).
+pub fn write_same_blocks(ws: WriteSame, num_blocks: u64) -> u64 {
+    match ws.blocks {
+        0 => num_blocks.saturating_sub(ws.lba),
+        n => u64::from(n),
     }
 }
 
@@ -146,7 +155,7 @@ pub fn vpd_block_limits(limits: &BlockLimits, thin: bool) -> Vec<u8> {
     let mut d = vec![0u8; 64];
     d[1] = 0xB0;
     d[3] = 0x3C;
-    d[4] = 0x01; // WSNZ
+    // WSNZ=0: WRITE SAME with zero blocks writes through the last LBA.
     d[5] = limits.max_compare_and_write_blocks;
     d[6..8].copy_from_slice(&limits.optimal_granularity.to_be_bytes());
     d[8..12].copy_from_slice(&limits.max_transfer_blocks.to_be_bytes());
@@ -398,11 +407,12 @@ async fn write_same(
         }
         data_out.slice(..bs as usize)
     };
-    if ws.blocks == 0 {
-        return Ok(()); // refused by `check` (WSNZ); never "to the end" here
+    let blocks = write_same_blocks(ws, lu.num_blocks());
+    if blocks == 0 {
+        return Ok(());
     }
     let offset = ws.lba * bs64;
-    let len = u64::from(ws.blocks) * bs64;
+    let len = blocks * bs64;
     let _shared = lu.write_gate.read().await;
     if ws.unmap && pattern.iter().all(|&b| b == 0) {
         return lu
@@ -411,7 +421,7 @@ async fn write_same(
             .await
             .map_err(|e| store_error(e, ws.lba, true));
     }
-    let chunk_blocks = (CHUNK_BYTES / bs64).clamp(1, u64::from(ws.blocks));
+    let chunk_blocks = (CHUNK_BYTES / bs64).clamp(1, blocks);
     let mut chunk = BytesMut::with_capacity((chunk_blocks * bs64) as usize);
     for _ in 0..chunk_blocks {
         chunk.extend_from_slice(&pattern);
@@ -419,8 +429,8 @@ async fn write_same(
     let chunk = chunk.freeze();
     let mode = write_mode(lu, false);
     let mut done = 0u64;
-    while done < u64::from(ws.blocks) {
-        let n = chunk_blocks.min(u64::from(ws.blocks) - done);
+    while done < blocks {
+        let n = chunk_blocks.min(blocks - done);
         lu.store
             .write(
                 offset + done * bs64,
@@ -670,8 +680,14 @@ mod tests {
     #[test]
     fn write_same_zero_blocks_and_limits() {
         let s = settings(false, true);
-        let e = run_check(&s, 100, &cdb16(opcode::WRITE_SAME_16, 0, 0, 0)).unwrap_err();
+        let max = BlockLimits::for_block_size(512).max_write_same_blocks;
+        // Zero blocks: through the last LBA, within MAXIMUM WRITE SAME LENGTH (WSNZ=0).
+        assert!(run_check(&s, 100, &cdb16(opcode::WRITE_SAME_16, 0, 0, 0)).is_ok());
+        assert!(run_check(&s, 100, &cdb16(opcode::WRITE_SAME_16, 0, 100, 0)).is_ok());
+        assert!(run_check(&s, max, &cdb16(opcode::WRITE_SAME_16, 0, 0, 0)).is_ok());
+        let e = run_check(&s, max + 1, &cdb16(opcode::WRITE_SAME_16, 0, 0, 0)).unwrap_err();
         assert_eq!((e.asc, e.sks.unwrap().byte), (0x24, 10));
+        assert!(run_check(&s, max + 1, &cdb16(opcode::WRITE_SAME_16, 0, 1, 0)).is_ok());
         let e = run_check(&s, 100, &cdb16(opcode::WRITE_SAME_16, 0, 101, 0)).unwrap_err();
         assert_eq!(e.asc, 0x21);
         let big = BlockLimits::for_block_size(512).max_write_same_blocks as u32 + 1;

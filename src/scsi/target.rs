@@ -1886,6 +1886,23 @@ mod xcopy_tests {
     }
 
     #[tokio::test]
+    async fn write_same_zero_blocks_writes_through_the_last_lba() {
+        let t = two_luns();
+        let mut ws = [0u8; 16];
+        ws[0] = opcode::WRITE_SAME_16;
+        ws[2..10].copy_from_slice(&(BLOCKS - 10).to_be_bytes());
+        let block = vec![0xA5u8; BS as usize];
+        let r = run(&t, 0, &ws, &block).await;
+        assert_eq!(r.status, Status::Good, "{:?}", r.sense);
+        let r = run(&t, 0, &rw16(opcode::READ_16, BLOCKS - 11, 11), &[]).await;
+        assert!(r.data_in[..BS as usize].iter().all(|&b| b == 0));
+        assert!(r.data_in[BS as usize..].iter().all(|&b| b == 0xA5));
+        // Block Limits: WSNZ clear.
+        let r = run(&t, 0, &[opcode::INQUIRY, 1, 0xB0, 0, 64, 0], &[]).await;
+        assert_eq!(r.data_in[4] & 0x01, 0);
+    }
+
+    #[tokio::test]
     async fn third_party_copy_vpd_is_listed() {
         let t = two_luns();
         let r = run(&t, 0, &[opcode::INQUIRY, 1, 0x00, 0, 255, 0], &[]).await;
