@@ -195,8 +195,8 @@ fn conformance_reservations_pass() {
     );
 }
 
-/// Issue 14: VMware offloads. RECEIVE COPY RESULTS, READ CAPACITY(16) and WRITE SAME(16)
-/// whole, every EXTENDED COPY test but ValidTgtDescr and every WRITE SAME(10) test but
+/// Issue 14: VMware offloads. RECEIVE COPY RESULTS, READ CAPACITY(16), ORWRITE and WRITE
+/// SAME(16) whole, every EXTENDED COPY test but ValidTgtDescr and every WRITE SAME(10) test but
 /// UnmapUntilEnd, all passing and none skipped. (libiscsi 1.19's ValidTgtDescr expects GOOD
 /// for a CSCD descriptor whose LU ID TYPE is reserved; SPC-4 6.4.5.3 makes that INVALID FIELD
 /// IN PARAMETER LIST, which is what twinsan answers and what later libiscsi expects. Its
@@ -214,6 +214,7 @@ fn conformance_vaai_pass() {
         ("ExtendedCopy.DescrType", 1),
         ("ExtendedCopy.ValidSegDescr", 1),
         ("ReadCapacity16", 4),
+        ("OrWrite", 6),
         ("WriteSame16", 10),
         ("WriteSame10.Simple", 1),
         ("WriteSame10.BeyondEol", 1),

@@ -39,6 +39,7 @@ pub mod opcode {
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8A;
+    pub const ORWRITE_16: u8 = 0x8B;
     pub const WRITE_AND_VERIFY_16: u8 = 0x8E;
     pub const VERIFY_16: u8 = 0x8F;
     pub const PRE_FETCH_16: u8 = 0x90;
@@ -192,6 +193,8 @@ pub enum Command {
     },
     Read(Transfer),
     Write(Transfer),
+    /// ORWRITE(16) (SBC-3 5.11): each block becomes the OR of the medium and the Data-Out.
+    OrWrite(Transfer),
     WriteAndVerify {
         xfer: Transfer,
         /// BYTCHK=1: compare the written data with what the medium returns.
@@ -252,7 +255,9 @@ impl Command {
     pub fn data_out_len(&self, block_size: u32) -> u64 {
         let bs = u64::from(block_size);
         match *self {
-            Command::Write(x) | Command::WriteAndVerify { xfer: x, .. } => u64::from(x.blocks) * bs,
+            Command::Write(x) | Command::OrWrite(x) | Command::WriteAndVerify { xfer: x, .. } => {
+                u64::from(x.blocks) * bs
+            }
             Command::Verify {
                 blocks, byte_check, ..
             } => match byte_check {
@@ -280,9 +285,10 @@ impl Command {
     /// (WRITE SAME and COMPARE AND WRITE check their buffer length themselves).
     pub fn data_out_unit(&self, block_size: u32) -> u32 {
         match *self {
-            Command::Write(_) | Command::WriteAndVerify { .. } | Command::Verify { .. } => {
-                block_size.max(1)
-            }
+            Command::Write(_)
+            | Command::OrWrite(_)
+            | Command::WriteAndVerify { .. }
+            | Command::Verify { .. } => block_size.max(1),
             _ => 1,
         }
     }
@@ -318,6 +324,7 @@ impl Command {
         matches!(
             self,
             Command::Write(_)
+                | Command::OrWrite(_)
                 | Command::WriteAndVerify { .. }
                 | Command::WriteSame(_)
                 | Command::Unmap { .. }
@@ -574,6 +581,11 @@ pub fn parse(cdb: &[u8]) -> Result<Command, Sense> {
         WRITE_10 | WRITE_12 | WRITE_16 => {
             let (lba, blocks) = lba_len(c);
             Command::Write(transfer(c, lba, blocks)?)
+        }
+        ORWRITE_16 => {
+            // ORPROTECT must be zero (no protection information); FUA_NV is a hint.
+            let (lba, blocks) = lba_len(c);
+            Command::OrWrite(transfer(c, lba, blocks)?)
         }
         WRITE_AND_VERIFY_10 | WRITE_AND_VERIFY_12 | WRITE_AND_VERIFY_16 => {
             let (lba, blocks) = lba_len(c);

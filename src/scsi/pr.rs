@@ -273,6 +273,7 @@ fn access(cmd: &Command) -> Access {
         Command::Reserve => Access::Spc2(true),
         Command::Release => Access::Spc2(false),
         Command::Write(_)
+        | Command::OrWrite(_)
         | Command::WriteAndVerify { .. }
         | Command::WriteSame(_)
         | Command::Unmap { .. }

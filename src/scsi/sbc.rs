@@ -65,7 +65,10 @@ pub(crate) fn check(
         return Err(Sense::write_protected());
     }
     match *cmd {
-        Command::Read(x) | Command::Write(x) | Command::WriteAndVerify { xfer: x, .. } => {
+        Command::Read(x)
+        | Command::Write(x)
+        | Command::OrWrite(x)
+        | Command::WriteAndVerify { xfer: x, .. } => {
             check_transfer(limits, x.lba, x.blocks, num_blocks, cdb)
         }
         Command::Verify { lba, blocks, .. } => check_transfer(limits, lba, blocks, num_blocks, cdb),
@@ -266,6 +269,10 @@ pub(crate) async fn execute(
             write(lu, x, &data_out).await?;
             Ok(Bytes::new())
         }
+        Command::OrWrite(x) => {
+            or_write(lu, x, &data_out).await?;
+            Ok(Bytes::new())
+        }
         Command::WriteAndVerify { xfer, byte_check } => {
             let data = write(lu, Transfer { fua: true, ..xfer }, &data_out).await?;
             let blocks = (data.len() / bs as usize) as u32;
@@ -339,6 +346,32 @@ pub(crate) async fn write(lu: &LogicalUnit, x: Transfer, data_out: &Bytes) -> Re
         .await
         .map_err(|e| store_error(e, x.lba, true))?;
     Ok(data)
+}
+
+/// ORWRITE(16) (SBC-3 5.11): reads the blocks, ORs the Data-Out received into them and writes
+/// the result, atomically with respect to every other write to the logical unit (the write
+/// gate held exclusively, as COMPARE AND WRITE does).
+async fn or_write(lu: &LogicalUnit, x: Transfer, data_out: &Bytes) -> Result<(), Sense> {
+    let bs = lu.settings.block_size;
+    let data = whole_blocks(data_out, u64::from(x.blocks) * u64::from(bs), bs);
+    if data.is_empty() {
+        return Ok(());
+    }
+    let blocks = (data.len() / bs as usize) as u32;
+    let _exclusive = lu.write_gate.write().await;
+    let medium = read(lu, x.lba, blocks).await?;
+    let mut merged = BytesMut::from(&medium[..]);
+    for (m, d) in merged.iter_mut().zip(data.iter()) {
+        *m |= d;
+    }
+    lu.store
+        .write(
+            x.lba * u64::from(bs),
+            merged.freeze(),
+            write_mode(lu, x.fua),
+        )
+        .await
+        .map_err(|e| store_error(e, x.lba, true))
 }
 
 /// VERIFY (SBC-3 5.30): reads the range (medium verification) and, with BYTCHK, compares it

@@ -503,6 +503,7 @@ fn supported_commands(thin: bool) -> Vec<CommandUsage> {
             ],
         ),
         rw16(WRITE_16, 0x1A),
+        rw16(ORWRITE_16, 0x1A),
         rw16(WRITE_AND_VERIFY_16, 0x12),
         rw16(VERIFY_16, 0x16),
         rw16(PRE_FETCH_16, 0x02),

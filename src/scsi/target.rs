@@ -1903,6 +1903,49 @@ mod xcopy_tests {
     }
 
     #[tokio::test]
+    async fn orwrite_ors_into_the_medium() {
+        let t = two_luns();
+        let r = run(
+            &t,
+            0,
+            &rw16(opcode::WRITE_16, 7, 2),
+            &vec![0x0Fu8; 2 * BS as usize],
+        )
+        .await;
+        assert_eq!(r.status, Status::Good);
+        let r = run(
+            &t,
+            0,
+            &rw16(opcode::ORWRITE_16, 7, 2),
+            &vec![0xA0u8; 2 * BS as usize],
+        )
+        .await;
+        assert_eq!(r.status, Status::Good, "{:?}", r.sense);
+        let r = run(&t, 0, &rw16(opcode::READ_16, 6, 4), &[]).await;
+        let b = BS as usize;
+        assert!(r.data_in[..b].iter().all(|&x| x == 0));
+        assert!(r.data_in[b..3 * b].iter().all(|&x| x == 0xAF));
+        assert!(r.data_in[3 * b..].iter().all(|&x| x == 0));
+        // Beyond the end, ORPROTECT, write protection.
+        let r = run(
+            &t,
+            0,
+            &rw16(opcode::ORWRITE_16, BLOCKS - 1, 2),
+            &vec![0u8; 2 * b],
+        )
+        .await;
+        assert_eq!(sense_of(&r), (0x05, 0x21, 0x00));
+        let mut c = rw16(opcode::ORWRITE_16, 0, 1);
+        c[1] = 0x20;
+        assert_eq!(
+            sense_of(&run(&t, 0, &c, &vec![0u8; b]).await),
+            (0x05, 0x24, 0x00)
+        );
+        let r = run(&t, 2, &rw16(opcode::ORWRITE_16, 0, 1), &vec![0u8; b]).await;
+        assert_eq!(sense_of(&r), (0x07, 0x27, 0x00));
+    }
+
+    #[tokio::test]
     async fn third_party_copy_vpd_is_listed() {
         let t = two_luns();
         let r = run(&t, 0, &[opcode::INQUIRY, 1, 0x00, 0, 255, 0], &[]).await;
