@@ -791,7 +791,7 @@ mod tests {
 
     #[test]
     fn unknown_opcode() {
-        for op in [0x02u8, 0x7F, 0xC0, 0xFF, 0x3B, 0x3C, 0xA2] {
+        for op in [0x02u8, 0x7F, 0xC0, 0xFF, 0x3B, 0x3C, 0xA2, 0x9C] {
             let mut c = [0u8; 16];
             c[0] = op;
             assert_eq!(parse(&c).unwrap_err(), Sense::invalid_opcode());
