@@ -119,6 +119,23 @@ pub struct ScsiTarget {
     /// Status of the EXTENDED COPY commands each I_T nexus sent with a list identifier to
     /// keep, for RECEIVE COPY RESULTS (SPC-4 6.18.3); oldest first, bounded per nexus.
     copy_results: std::sync::Mutex<HashMap<NexusId, Vec<(u8, xcopy::CopyStatus)>>>,
+    /// (I_T nexus, list identifier) of the EXTENDED COPY commands being processed.
+    copies_in_progress: Arc<std::sync::Mutex<HashSet<(NexusId, u8)>>>,
+}
+
+/// Removes a copy from [`ScsiTarget::copies_in_progress`] when it ends, however it ends.
+struct CopyInProgress {
+    set: Arc<std::sync::Mutex<HashSet<(NexusId, u8)>>>,
+    key: (NexusId, u8),
+}
+
+impl Drop for CopyInProgress {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
 }
 
 /// Copy statuses kept per I_T nexus (one per list identifier, the oldest dropped first).
@@ -180,6 +197,7 @@ impl ScsiTarget {
             nexuses: RwLock::new(HashSet::new()),
             ports: RwLock::new(HashMap::new()),
             copy_results: std::sync::Mutex::new(HashMap::new()),
+            copies_in_progress: Arc::new(std::sync::Mutex::new(HashSet::new())),
         }
     }
 
@@ -582,6 +600,14 @@ impl ScsiTarget {
         if service_action == xcopy::SA_OPERATING_PARAMETERS {
             return Ok(xcopy::operating_parameters(unit.block_size()).into());
         }
+        let in_progress = self
+            .copies_in_progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(nexus, list_id));
+        if in_progress {
+            return Ok(xcopy::copy_in_progress_data().into());
+        }
         let results = self.copy_results.lock().unwrap_or_else(|p| p.into_inner());
         results
             .get(&nexus)
@@ -626,6 +652,24 @@ impl ScsiTarget {
     async fn extended_copy(&self, unit: &LogicalUnit, req: &ScsiRequest) -> Result<(), Sense> {
         let Some(list) = xcopy::parse(&req.data_out)? else {
             return Ok(());
+        };
+        // A list identifier in use by a copy of this I_T nexus still running: OPERATION IN
+        // PROGRESS (SPC-4 6.4.3.2).
+        let _running = if list.keep_status {
+            let key = (req.nexus, list.list_id);
+            let mut set = self
+                .copies_in_progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if !set.insert(key) {
+                return Err(Sense::new(SenseKey::IllegalRequest, 0x00, 0x16));
+            }
+            Some(CopyInProgress {
+                set: self.copies_in_progress.clone(),
+                key,
+            })
+        } else {
+            None
         };
         let mut status = xcopy::CopyStatus {
             failed: false,
@@ -1812,7 +1856,7 @@ mod xcopy_tests {
         // RECEIVE COPY RESULTS: COPY STATUS of list 5, completed, 1 segment, all bytes.
         let r = run(&t, 1, &rcr_cdb(0, 5), &[]).await;
         assert_eq!(r.status, Status::Good);
-        assert_eq!(r.data_in[4], 0);
+        assert_eq!(r.data_in[4], 1);
         assert_eq!(&r.data_in[5..7], &[0, 1]);
         assert_eq!(&r.data_in[8..12], &(3000 * BS).to_be_bytes());
         // Unknown list identifier.
@@ -1841,7 +1885,7 @@ mod xcopy_tests {
         assert_eq!(sense_of(&r), (0x0A, 0x00, 0x00));
         assert_eq!(&r.sense.as_ref().unwrap()[8..12], &[0, 0, 0, 1]);
         let s = run(&t, 0, &rcr_cdb(0, 2), &[]).await;
-        assert_eq!((s.data_in[4], s.data_in[6]), (1, 1));
+        assert_eq!((s.data_in[4], s.data_in[6]), (2, 1));
         // A designator naming no LUN of this target; a CSCD index past the list; NUL.
         let p = list(3, &[cscd(&naa(9), BS)], &[b2b(0, 0, 1, 0, 1)]);
         assert_eq!(
@@ -1943,6 +1987,23 @@ mod xcopy_tests {
         );
         let r = run(&t, 2, &rw16(opcode::ORWRITE_16, 0, 1), &vec![0u8; b]).await;
         assert_eq!(sense_of(&r), (0x07, 0x27, 0x00));
+    }
+
+    #[tokio::test]
+    async fn list_identifier_in_use_is_operation_in_progress() {
+        let t = two_luns();
+        t.copies_in_progress.lock().unwrap().insert((1, 9));
+        let p = list(9, &[cscd(&naa(0), BS)], &[b2b(0, 0, 1, 0, 1)]);
+        let r = run(&t, 0, &xcopy_cdb(p.len()), &p).await;
+        assert_eq!(sense_of(&r), (0x05, 0x00, 0x16));
+        let r = run(&t, 0, &rcr_cdb(0, 9), &[]).await;
+        assert_eq!((r.status, r.data_in[4]), (Status::Good, 0));
+        t.copies_in_progress.lock().unwrap().clear();
+        let r = run(&t, 0, &xcopy_cdb(p.len()), &p).await;
+        assert_eq!(r.status, Status::Good);
+        assert!(t.copies_in_progress.lock().unwrap().is_empty());
+        let r = run(&t, 0, &rcr_cdb(0, 9), &[]).await;
+        assert_eq!(r.data_in[4], 1);
     }
 
     #[tokio::test]

@@ -264,12 +264,13 @@ pub struct CopyStatus {
     pub bytes: u64,
 }
 
-/// COPY STATUS parameter data (SPC-4 6.18.3, table 304): the copy finished (with or without
-/// errors); the transfer count in the smallest binary unit it fits in.
+/// COPY STATUS parameter data (SPC-4 6.18.3): COPY MANAGER STATUS 01h (completed without
+/// errors) or 02h (completed with errors), HDD 0 (no held data); the transfer count in the
+/// smallest binary unit it fits in.
 pub fn copy_status_data(s: &CopyStatus) -> Vec<u8> {
     let mut d = vec![0u8; 12];
     d[0..4].copy_from_slice(&8u32.to_be_bytes());
-    d[4] = u8::from(s.failed);
+    d[4] = if s.failed { 0x02 } else { 0x01 };
     d[5..7].copy_from_slice(&s.segments_processed.to_be_bytes());
     let mut units = 0u8;
     let mut count = s.bytes;
@@ -279,6 +280,13 @@ pub fn copy_status_data(s: &CopyStatus) -> Vec<u8> {
     }
     d[7] = units;
     d[8..12].copy_from_slice(&(count as u32).to_be_bytes());
+    d
+}
+
+/// COPY STATUS of a copy still running: COPY MANAGER STATUS 00h (operation in progress).
+pub fn copy_in_progress_data() -> Vec<u8> {
+    let mut d = vec![0u8; 12];
+    d[0..4].copy_from_slice(&8u32.to_be_bytes());
     d
 }
 
@@ -485,13 +493,14 @@ pub(crate) mod tests {
             bytes: 1 << 20,
         });
         assert_eq!(d.len(), 12);
+        assert_eq!((d[4], d[7]), (1, 0));
         assert_eq!(&d[8..12], &(1u32 << 20).to_be_bytes());
         let d = copy_status_data(&CopyStatus {
             failed: true,
             segments_processed: 2,
             bytes: 1 << 40,
         });
-        assert_eq!((d[4], d[7]), (1, 1));
+        assert_eq!((d[4], d[7]), (2, 1));
         assert_eq!(&d[8..12], &(1u32 << 30).to_be_bytes());
         let op = operating_parameters(512);
         assert_eq!(be32(&op) as usize, op.len() - 4);
