@@ -72,6 +72,14 @@ impl Server {
                     naa = %hex::encode(&identity.naa), serial = %identity.serial, "LUN ready");
                 let settings = LunSettings {
                     block_size: l.block_size,
+                    // Unset: the logical block size (exponent 0), what twinsan always
+                    // reported, so existing initiators see no change; `physical_block_size =
+                    // 4096` makes a 512-byte LUN 512e. Configured rather than probed, so both
+                    // hosts of a pair answer READ CAPACITY(16) alike.
+                    physical_block_size: l
+                        .physical_block_size
+                        .unwrap_or(l.block_size)
+                        .max(l.block_size),
                     read_only: l.read_only,
                     identity,
                     write_cache: l.write_cache,

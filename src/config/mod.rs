@@ -249,6 +249,12 @@ pub struct LunConfig {
     pub size: Option<SizeValue>,
     #[serde(default = "default_block_size")]
     pub block_size: u32,
+    /// Physical block size READ CAPACITY(16) reports (LOGICAL BLOCKS PER PHYSICAL BLOCK
+    /// EXPONENT, SBC-3 5.16.2): a power of two from block_size to 65536. Unset: block_size
+    /// (exponent 0, what earlier versions reported, so migrated initiators see no change);
+    /// 4096 on a 512-byte LUN over 4 KiB storage reports 512e. Configured rather than probed
+    /// so both hosts of a pair report the same whatever their hardware.
+    pub physical_block_size: Option<u32>,
     #[serde(default)]
     pub read_only: bool,
     /// Use O_DIRECT when the backing allows it.
@@ -627,6 +633,7 @@ impl Config {
                     path: data_dir.join("lun0.img"),
                     size: Some(SizeValue(1 << 30)),
                     block_size: 512,
+                    physical_block_size: None,
                     read_only: false,
                     direct: true,
                     write_cache: true,
@@ -878,6 +885,17 @@ impl Config {
                         format!("{lk}.block_size"),
                         format!("{} is not supported (use 512 or 4096)", l.block_size),
                     ));
+                }
+                if let Some(p) = l.physical_block_size {
+                    if !p.is_power_of_two() || p < l.block_size || p > 65536 {
+                        return Err(err(
+                            format!("{lk}.physical_block_size"),
+                            format!(
+                                "{p} is not supported (a power of two from block_size {} to 65536)",
+                                l.block_size
+                            ),
+                        ));
+                    }
                 }
                 if let Some(SizeValue(s)) = l.size {
                     check_range(
@@ -1145,6 +1163,33 @@ naa = "600140512345678901234567890abcde"
             }
             other => panic!("expected invalid, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn physical_block_size_is_checked() {
+        for bad in [
+            "physical_block_size = 512",
+            "physical_block_size = 6000",
+            "physical_block_size = 131072",
+        ] {
+            assert_eq!(
+                invalid_key(
+                    &GOOD.replace("block_size = 4096", &format!("block_size = 4096\n{bad}"))
+                ),
+                "target[0].lun[0].physical_block_size",
+                "{bad}"
+            );
+        }
+        let c = parse(&GOOD.replace(
+            "block_size = 4096",
+            "block_size = 512\nphysical_block_size = 4096",
+        ))
+        .unwrap();
+        assert_eq!(c.targets[0].luns[0].physical_block_size, Some(4096));
+        assert_eq!(
+            parse(GOOD).unwrap().targets[0].luns[0].physical_block_size,
+            None
+        );
     }
 
     #[test]

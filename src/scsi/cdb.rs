@@ -34,9 +34,12 @@ pub mod opcode {
     pub const MODE_SENSE_10: u8 = 0x5A;
     pub const PERSISTENT_RESERVE_IN: u8 = 0x5E;
     pub const PERSISTENT_RESERVE_OUT: u8 = 0x5F;
+    pub const EXTENDED_COPY: u8 = 0x83;
+    pub const RECEIVE_COPY_RESULTS: u8 = 0x84;
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8A;
+    pub const ORWRITE_16: u8 = 0x8B;
     pub const WRITE_AND_VERIFY_16: u8 = 0x8E;
     pub const VERIFY_16: u8 = 0x8F;
     pub const PRE_FETCH_16: u8 = 0x90;
@@ -140,7 +143,7 @@ pub struct StartStopUnit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriteSame {
     pub lba: u64,
-    /// Zero means "to the last LBA" (refused while the Block Limits VPD page reports WSNZ).
+    /// Zero means "through the last LBA" (WSNZ=0; within MAXIMUM WRITE SAME LENGTH).
     pub blocks: u32,
     pub unmap: bool,
     /// No Data-Out buffer: the block is all zeroes (WRITE SAME(16) only).
@@ -190,6 +193,8 @@ pub enum Command {
     },
     Read(Transfer),
     Write(Transfer),
+    /// ORWRITE(16) (SBC-3 5.11): each block becomes the OR of the medium and the Data-Out.
+    OrWrite(Transfer),
     WriteAndVerify {
         xfer: Transfer,
         /// BYTCHK=1: compare the written data with what the medium returns.
@@ -229,6 +234,16 @@ pub enum Command {
     },
     /// PERSISTENT RESERVE OUT (SPC-4 6.16).
     PersistentReserveOut(PrOut),
+    /// EXTENDED COPY(LID1) (SPC-4 6.4): the parameter list is Data-Out.
+    ExtendedCopy {
+        param_len: u32,
+    },
+    /// RECEIVE COPY RESULTS (SPC-4 6.18): COPY STATUS or OPERATING PARAMETERS.
+    ReceiveCopyResults {
+        service_action: u8,
+        list_id: u8,
+        alloc_len: u32,
+    },
     /// RESERVE(6) / RESERVE(10) (SPC-2 7.21, 7.22), logical unit reservation only.
     Reserve,
     /// RELEASE(6) / RELEASE(10) (SPC-2 7.17, 7.18).
@@ -240,7 +255,9 @@ impl Command {
     pub fn data_out_len(&self, block_size: u32) -> u64 {
         let bs = u64::from(block_size);
         match *self {
-            Command::Write(x) | Command::WriteAndVerify { xfer: x, .. } => u64::from(x.blocks) * bs,
+            Command::Write(x) | Command::OrWrite(x) | Command::WriteAndVerify { xfer: x, .. } => {
+                u64::from(x.blocks) * bs
+            }
             Command::Verify {
                 blocks, byte_check, ..
             } => match byte_check {
@@ -255,6 +272,7 @@ impl Command {
             Command::Unmap { param_len } => u64::from(param_len),
             Command::ModeSelect(ms) => u64::from(ms.param_len),
             Command::PersistentReserveOut(p) => u64::from(p.param_len),
+            Command::ExtendedCopy { param_len } => u64::from(param_len),
             _ => 0,
         }
     }
@@ -267,9 +285,10 @@ impl Command {
     /// (WRITE SAME and COMPARE AND WRITE check their buffer length themselves).
     pub fn data_out_unit(&self, block_size: u32) -> u32 {
         match *self {
-            Command::Write(_) | Command::WriteAndVerify { .. } | Command::Verify { .. } => {
-                block_size.max(1)
-            }
+            Command::Write(_)
+            | Command::OrWrite(_)
+            | Command::WriteAndVerify { .. }
+            | Command::Verify { .. } => block_size.max(1),
             _ => 1,
         }
     }
@@ -292,7 +311,8 @@ impl Command {
             | Command::ReportLuns { alloc_len, .. }
             | Command::ReadCapacity16 { alloc_len }
             | Command::GetLbaStatus { alloc_len, .. }
-            | Command::PersistentReserveIn { alloc_len, .. } => Some(alloc_len),
+            | Command::PersistentReserveIn { alloc_len, .. }
+            | Command::ReceiveCopyResults { alloc_len, .. } => Some(alloc_len),
             Command::ModeSense(ms) => Some(ms.alloc_len),
             Command::ReportSupportedOpcodes(r) => Some(r.alloc_len),
             _ => None,
@@ -304,6 +324,7 @@ impl Command {
         matches!(
             self,
             Command::Write(_)
+                | Command::OrWrite(_)
                 | Command::WriteAndVerify { .. }
                 | Command::WriteSame(_)
                 | Command::Unmap { .. }
@@ -561,6 +582,11 @@ pub fn parse(cdb: &[u8]) -> Result<Command, Sense> {
             let (lba, blocks) = lba_len(c);
             Command::Write(transfer(c, lba, blocks)?)
         }
+        ORWRITE_16 => {
+            // ORPROTECT must be zero (no protection information); FUA_NV is a hint.
+            let (lba, blocks) = lba_len(c);
+            Command::OrWrite(transfer(c, lba, blocks)?)
+        }
         WRITE_AND_VERIFY_10 | WRITE_AND_VERIFY_12 | WRITE_AND_VERIFY_16 => {
             let (lba, blocks) = lba_len(c);
             let byte_check = write_verify_bytchk(c)?;
@@ -641,6 +667,30 @@ pub fn parse(cdb: &[u8]) -> Result<Command, Sense> {
                 pr_type: c[2] & 0x0F,
                 param_len,
             })
+        }
+        EXTENDED_COPY => {
+            if c[1] & 0x1F != super::xcopy::SA_EXTENDED_COPY_LID1 {
+                return Err(bad(1, 4));
+            }
+            let param_len = be32(&c[10..]);
+            if param_len > super::xcopy::MAX_PARAM_LEN {
+                return Err(Sense::invalid_field_in_cdb(10, None));
+            }
+            Command::ExtendedCopy { param_len }
+        }
+        RECEIVE_COPY_RESULTS => {
+            let service_action = c[1] & 0x1F;
+            if !matches!(
+                service_action,
+                super::xcopy::SA_COPY_STATUS | super::xcopy::SA_OPERATING_PARAMETERS
+            ) {
+                return Err(bad(1, 4));
+            }
+            Command::ReceiveCopyResults {
+                service_action,
+                list_id: c[2],
+                alloc_len: be32(&c[10..]),
+            }
         }
         RESERVE_6 | RELEASE_6 => {
             // Extent reservations (obsolete) and third-party reservations are not supported.
@@ -741,7 +791,7 @@ mod tests {
 
     #[test]
     fn unknown_opcode() {
-        for op in [0x02u8, 0x7F, 0xC0, 0xFF, 0x3B, 0x3C, 0x83, 0xA2] {
+        for op in [0x02u8, 0x7F, 0xC0, 0xFF, 0x3B, 0x3C, 0xA2, 0x9C] {
             let mut c = [0u8; 16];
             c[0] = op;
             assert_eq!(parse(&c).unwrap_err(), Sense::invalid_opcode());
@@ -782,6 +832,26 @@ mod tests {
         assert_eq!(parse(&r10).unwrap(), Command::Release);
         r10[1] = 0x10;
         assert_eq!(parse(&r10).unwrap_err(), bad(1, 4));
+    }
+
+    #[test]
+    fn copy_cdbs() {
+        let mut c = [0u8; 16];
+        c[0] = opcode::EXTENDED_COPY;
+        c[10..14].copy_from_slice(&76u32.to_be_bytes());
+        assert_eq!(parse(&c).unwrap().data_out_len(512), 76);
+        c[1] = 0x01; // LID4
+        assert_eq!(parse(&c).unwrap_err(), bad(1, 4));
+        c[1] = 0;
+        c[10..14].copy_from_slice(&(super::super::xcopy::MAX_PARAM_LEN + 1).to_be_bytes());
+        assert_eq!(parse(&c).unwrap_err().asc, 0x24);
+        let mut r = [0u8; 16];
+        r[0] = opcode::RECEIVE_COPY_RESULTS;
+        r[1] = 0x03;
+        r[10..14].copy_from_slice(&1024u32.to_be_bytes());
+        assert_eq!(parse(&r).unwrap().alloc_len(), Some(1024));
+        r[1] = 0x01;
+        assert_eq!(parse(&r).unwrap_err(), bad(1, 4));
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod spc;
 mod target;
 pub mod thin;
 mod unit;
+pub mod xcopy;
 
 pub use sense::{Sense, SenseKey};
 pub use target::{PlannedCommand, ScsiTarget, ThinAlertHook};
@@ -120,6 +121,9 @@ pub struct LunIdentity {
 pub struct LunSettings {
     /// Logical block size: 512 or 4096.
     pub block_size: u32,
+    /// Physical block size (a power of two, at least `block_size`): READ CAPACITY(16)'s
+    /// LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT (SBC-3 5.16.2).
+    pub physical_block_size: u32,
     pub read_only: bool,
     pub identity: LunIdentity,
     /// Reported in the caching mode page (WCE); true when the store has a volatile cache

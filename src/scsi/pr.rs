@@ -261,7 +261,8 @@ fn access(cmd: &Command) -> Access {
         | Command::ReadCapacity10
         | Command::ReadCapacity16 { .. }
         | Command::PersistentReserveIn { .. }
-        | Command::PersistentReserveOut(_) => Access::Allowed,
+        | Command::PersistentReserveOut(_)
+        | Command::ReceiveCopyResults { .. } => Access::Allowed,
         // SBC-3 table 13: START STOP UNIT with START=1 and POWER CONDITION 0 is allowed.
         Command::StartStopUnit(s) if s.start && s.power_condition == 0 => Access::Allowed,
         Command::Read(_)
@@ -272,13 +273,15 @@ fn access(cmd: &Command) -> Access {
         Command::Reserve => Access::Spc2(true),
         Command::Release => Access::Spc2(false),
         Command::Write(_)
+        | Command::OrWrite(_)
         | Command::WriteAndVerify { .. }
         | Command::WriteSame(_)
         | Command::Unmap { .. }
         | Command::CompareAndWrite { .. }
         | Command::ModeSelect(_)
         | Command::SynchronizeCache { .. }
-        | Command::StartStopUnit(_) => Access::Write,
+        | Command::StartStopUnit(_)
+        | Command::ExtendedCopy { .. } => Access::Write,
     }
 }
 

@@ -65,7 +65,10 @@ pub(crate) fn check(
         return Err(Sense::write_protected());
     }
     match *cmd {
-        Command::Read(x) | Command::Write(x) | Command::WriteAndVerify { xfer: x, .. } => {
+        Command::Read(x)
+        | Command::Write(x)
+        | Command::OrWrite(x)
+        | Command::WriteAndVerify { xfer: x, .. } => {
             check_transfer(limits, x.lba, x.blocks, num_blocks, cdb)
         }
         Command::Verify { lba, blocks, .. } => check_transfer(limits, lba, blocks, num_blocks, cdb),
@@ -78,9 +81,9 @@ pub(crate) fn check(
                 return Err(Sense::invalid_field_in_cdb(1, Some(3)));
             }
             check_range(ws.lba, u64::from(ws.blocks), num_blocks)?;
-            // WSNZ=1: zero blocks ("to the end") is refused; so is more than MAXIMUM WRITE
-            // SAME LENGTH (SBC-3 5.42, 6.6.3).
-            if ws.blocks == 0 || u64::from(ws.blocks) > limits.max_write_same_blocks {
+            // Zero blocks means through the last LBA (WSNZ=0, SBC-3 5.41, 5.42); the range,
+            // given or implied, must not exceed MAXIMUM WRITE SAME LENGTH (SBC-3 6.6.3).
+            if write_same_blocks(ws, num_blocks) > limits.max_write_same_blocks {
                 return Err(Sense::invalid_field_in_cdb(length_byte(cdb), None));
             }
             Ok(())
@@ -96,6 +99,15 @@ pub(crate) fn check(
     }
 }
 
+/// Blocks a WRITE SAME covers: NUMBER OF LOGICAL BLOCKS, or with 0 every block from the LBA
+/// through the last one (SBC-3 5.41).
+pub fn write_same_blocks(ws: WriteSame, num_blocks: u64) -> u64 {
+    match ws.blocks {
+        0 => num_blocks.saturating_sub(ws.lba),
+        n => u64::from(n),
+    }
+}
+
 /// READ CAPACITY(10) parameter data (SBC-3 5.15.2): last LBA (FFFFFFFFh when it does not fit)
 /// and block length.
 pub fn read_capacity_10(num_blocks: u64, block_size: u32) -> Vec<u8> {
@@ -106,12 +118,23 @@ pub fn read_capacity_10(num_blocks: u64, block_size: u32) -> Vec<u8> {
     d
 }
 
-/// READ CAPACITY(16) parameter data (SBC-3 5.16.2): no protection, one logical block per
-/// physical block, LBPME and LBPRZ when thin provisioned (unmapped blocks read as zeroes).
-pub fn read_capacity_16(num_blocks: u64, block_size: u32, thin: bool) -> Vec<u8> {
+/// READ CAPACITY(16) parameter data (SBC-3 5.16.2): no protection, LOGICAL BLOCKS PER
+/// PHYSICAL BLOCK EXPONENT from the physical block size (3 for 512-byte blocks on 4 KiB),
+/// lowest aligned LBA 0, LBPME and LBPRZ when thin provisioned (unmapped blocks read as
+/// zeroes).
+pub fn read_capacity_16(
+    num_blocks: u64,
+    block_size: u32,
+    physical_block_size: u32,
+    thin: bool,
+) -> Vec<u8> {
     let mut d = vec![0u8; 32];
     d[0..8].copy_from_slice(&num_blocks.saturating_sub(1).to_be_bytes());
     d[8..12].copy_from_slice(&block_size.to_be_bytes());
+    let ratio = physical_block_size / block_size.max(1);
+    if ratio.is_power_of_two() {
+        d[13] = (ratio.trailing_zeros() as u8).min(0x0F);
+    }
     if thin {
         d[14] = 0x80 | 0x40;
     }
@@ -135,7 +158,7 @@ pub fn vpd_block_limits(limits: &BlockLimits, thin: bool) -> Vec<u8> {
     let mut d = vec![0u8; 64];
     d[1] = 0xB0;
     d[3] = 0x3C;
-    d[4] = 0x01; // WSNZ
+    // WSNZ=0: WRITE SAME with zero blocks writes through the last LBA.
     d[5] = limits.max_compare_and_write_blocks;
     d[6..8].copy_from_slice(&limits.optimal_granularity.to_be_bytes());
     d[8..12].copy_from_slice(&limits.max_transfer_blocks.to_be_bytes());
@@ -233,13 +256,21 @@ pub(crate) async fn execute(
     let num_blocks = lu.num_blocks();
     match *cmd {
         Command::ReadCapacity10 => Ok(read_capacity_10(num_blocks, bs).into()),
-        Command::ReadCapacity16 { .. } => {
-            Ok(read_capacity_16(num_blocks, bs, lu.settings.thin_provisioning).into())
-        }
+        Command::ReadCapacity16 { .. } => Ok(read_capacity_16(
+            num_blocks,
+            bs,
+            lu.settings.physical_block_size,
+            lu.settings.thin_provisioning,
+        )
+        .into()),
         Command::GetLbaStatus { lba, .. } => Ok(lba_status(lba, num_blocks).into()),
         Command::Read(x) => read(lu, x.lba, x.blocks).await,
         Command::Write(x) => {
             write(lu, x, &data_out).await?;
+            Ok(Bytes::new())
+        }
+        Command::OrWrite(x) => {
+            or_write(lu, x, &data_out).await?;
             Ok(Bytes::new())
         }
         Command::WriteAndVerify { xfer, byte_check } => {
@@ -291,7 +322,7 @@ pub(crate) async fn execute(
     }
 }
 
-async fn read(lu: &LogicalUnit, lba: u64, blocks: u32) -> Result<Bytes, Sense> {
+pub(crate) async fn read(lu: &LogicalUnit, lba: u64, blocks: u32) -> Result<Bytes, Sense> {
     let bs = u64::from(lu.settings.block_size);
     if blocks == 0 {
         return Ok(Bytes::new());
@@ -303,7 +334,7 @@ async fn read(lu: &LogicalUnit, lba: u64, blocks: u32) -> Result<Bytes, Sense> {
 }
 
 /// Writes the whole blocks received; returns them.
-async fn write(lu: &LogicalUnit, x: Transfer, data_out: &Bytes) -> Result<Bytes, Sense> {
+pub(crate) async fn write(lu: &LogicalUnit, x: Transfer, data_out: &Bytes) -> Result<Bytes, Sense> {
     let bs = lu.settings.block_size;
     let data = whole_blocks(data_out, u64::from(x.blocks) * u64::from(bs), bs);
     if data.is_empty() {
@@ -315,6 +346,32 @@ async fn write(lu: &LogicalUnit, x: Transfer, data_out: &Bytes) -> Result<Bytes,
         .await
         .map_err(|e| store_error(e, x.lba, true))?;
     Ok(data)
+}
+
+/// ORWRITE(16) (SBC-3 5.11): reads the blocks, ORs the Data-Out received into them and writes
+/// the result, atomically with respect to every other write to the logical unit (the write
+/// gate held exclusively, as COMPARE AND WRITE does).
+async fn or_write(lu: &LogicalUnit, x: Transfer, data_out: &Bytes) -> Result<(), Sense> {
+    let bs = lu.settings.block_size;
+    let data = whole_blocks(data_out, u64::from(x.blocks) * u64::from(bs), bs);
+    if data.is_empty() {
+        return Ok(());
+    }
+    let blocks = (data.len() / bs as usize) as u32;
+    let _exclusive = lu.write_gate.write().await;
+    let medium = read(lu, x.lba, blocks).await?;
+    let mut merged = BytesMut::from(&medium[..]);
+    for (m, d) in merged.iter_mut().zip(data.iter()) {
+        *m |= d;
+    }
+    lu.store
+        .write(
+            x.lba * u64::from(bs),
+            merged.freeze(),
+            write_mode(lu, x.fua),
+        )
+        .await
+        .map_err(|e| store_error(e, x.lba, true))
 }
 
 /// VERIFY (SBC-3 5.30): reads the range (medium verification) and, with BYTCHK, compares it
@@ -383,11 +440,12 @@ async fn write_same(
         }
         data_out.slice(..bs as usize)
     };
-    if ws.blocks == 0 {
-        return Ok(()); // refused by `check` (WSNZ); never "to the end" here
+    let blocks = write_same_blocks(ws, lu.num_blocks());
+    if blocks == 0 {
+        return Ok(());
     }
     let offset = ws.lba * bs64;
-    let len = u64::from(ws.blocks) * bs64;
+    let len = blocks * bs64;
     let _shared = lu.write_gate.read().await;
     if ws.unmap && pattern.iter().all(|&b| b == 0) {
         return lu
@@ -396,7 +454,7 @@ async fn write_same(
             .await
             .map_err(|e| store_error(e, ws.lba, true));
     }
-    let chunk_blocks = (CHUNK_BYTES / bs64).clamp(1, u64::from(ws.blocks));
+    let chunk_blocks = (CHUNK_BYTES / bs64).clamp(1, blocks);
     let mut chunk = BytesMut::with_capacity((chunk_blocks * bs64) as usize);
     for _ in 0..chunk_blocks {
         chunk.extend_from_slice(&pattern);
@@ -404,8 +462,8 @@ async fn write_same(
     let chunk = chunk.freeze();
     let mode = write_mode(lu, false);
     let mut done = 0u64;
-    while done < u64::from(ws.blocks) {
-        let n = chunk_blocks.min(u64::from(ws.blocks) - done);
+    while done < blocks {
+        let n = chunk_blocks.min(blocks - done);
         lu.store
             .write(
                 offset + done * bs64,
@@ -559,6 +617,7 @@ mod tests {
     fn settings(read_only: bool, thin: bool) -> LunSettings {
         LunSettings {
             block_size: 512,
+            physical_block_size: 4096,
             read_only,
             identity: LunIdentity {
                 vendor: "TWINSAN".into(),
@@ -654,8 +713,14 @@ mod tests {
     #[test]
     fn write_same_zero_blocks_and_limits() {
         let s = settings(false, true);
-        let e = run_check(&s, 100, &cdb16(opcode::WRITE_SAME_16, 0, 0, 0)).unwrap_err();
+        let max = BlockLimits::for_block_size(512).max_write_same_blocks;
+        // Zero blocks: through the last LBA, within MAXIMUM WRITE SAME LENGTH (WSNZ=0).
+        assert!(run_check(&s, 100, &cdb16(opcode::WRITE_SAME_16, 0, 0, 0)).is_ok());
+        assert!(run_check(&s, 100, &cdb16(opcode::WRITE_SAME_16, 0, 100, 0)).is_ok());
+        assert!(run_check(&s, max, &cdb16(opcode::WRITE_SAME_16, 0, 0, 0)).is_ok());
+        let e = run_check(&s, max + 1, &cdb16(opcode::WRITE_SAME_16, 0, 0, 0)).unwrap_err();
         assert_eq!((e.asc, e.sks.unwrap().byte), (0x24, 10));
+        assert!(run_check(&s, max + 1, &cdb16(opcode::WRITE_SAME_16, 0, 1, 0)).is_ok());
         let e = run_check(&s, 100, &cdb16(opcode::WRITE_SAME_16, 0, 101, 0)).unwrap_err();
         assert_eq!(e.asc, 0x21);
         let big = BlockLimits::for_block_size(512).max_write_same_blocks as u32 + 1;
@@ -679,11 +744,15 @@ mod tests {
         assert_eq!(d, [0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 2, 0]);
         let d = read_capacity_10(2048, 4096);
         assert_eq!(d, [0, 0, 0x07, 0xFF, 0, 0, 0x10, 0]);
-        let d = read_capacity_16(2048, 512, true);
+        let d = read_capacity_16(2048, 512, 4096, true);
         assert_eq!(d.len(), 32);
         assert_eq!(&d[..8], &2047u64.to_be_bytes());
+        assert_eq!(d[13], 3, "512e: 8 logical blocks per physical block");
         assert_eq!(d[14], 0xC0);
-        assert_eq!(read_capacity_16(2048, 512, false)[14], 0);
+        assert_eq!(read_capacity_16(2048, 512, 4096, false)[14], 0);
+        assert_eq!(read_capacity_16(2048, 512, 512, false)[13], 0);
+        assert_eq!(read_capacity_16(2048, 4096, 4096, false)[13], 0);
+        assert_eq!(read_capacity_16(2048, 512, 65536, false)[13], 7);
     }
 
     #[test]

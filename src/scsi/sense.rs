@@ -44,6 +44,9 @@ pub struct Sense {
     /// INFORMATION field (LBA of a medium error, miscompare offset...).
     pub info: Option<u64>,
     pub sks: Option<FieldPointer>,
+    /// COMMAND-SPECIFIC INFORMATION (fixed format bytes 8..12), e.g. the number of the
+    /// segment descriptor an EXTENDED COPY failed in (SPC-4 5.17.4.3).
+    pub csi: Option<u32>,
 }
 
 /// Length of fixed-format sense data with the additional length this crate uses (10).
@@ -57,11 +60,17 @@ impl Sense {
             ascq,
             info: None,
             sks: None,
+            csi: None,
         }
     }
 
     pub const fn with_info(mut self, info: u64) -> Self {
         self.info = Some(info);
+        self
+    }
+
+    pub const fn with_command_specific(mut self, csi: u32) -> Self {
+        self.csi = Some(csi);
         self
     }
 
@@ -155,6 +164,9 @@ impl Sense {
         }
         b[2] = self.key as u8;
         b[7] = (FIXED_SENSE_LEN - 8) as u8;
+        if let Some(csi) = self.csi {
+            b[8..12].copy_from_slice(&csi.to_be_bytes());
+        }
         b[12] = self.asc;
         b[13] = self.ascq;
         if let Some(fp) = self.sks {

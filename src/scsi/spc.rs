@@ -105,7 +105,7 @@ pub fn missing_lun_inquiry(identity: Option<&LunIdentity>) -> Vec<u8> {
 }
 
 /// VPD pages offered, in ascending order (SPC-4 7.8.13).
-const VPD_PAGES: [u8; 6] = [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2];
+const VPD_PAGES: [u8; 7] = [0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2];
 
 fn vpd_page(page: u8, body: &[u8]) -> Vec<u8> {
     let mut d = Vec::with_capacity(4 + body.len());
@@ -199,6 +199,7 @@ pub fn inquiry_vpd(
             ),
         ),
         0x83 => device_identification(&settings.identity),
+        0x8F => super::xcopy::vpd_third_party_copy(settings.block_size),
         0xB0 => sbc::vpd_block_limits(limits, thin),
         0xB1 => sbc::vpd_block_device_characteristics(),
         0xB2 => sbc::vpd_logical_block_provisioning(
@@ -502,6 +503,7 @@ fn supported_commands(thin: bool) -> Vec<CommandUsage> {
             ],
         ),
         rw16(WRITE_16, 0x1A),
+        rw16(ORWRITE_16, 0x1A),
         rw16(WRITE_AND_VERIFY_16, 0x12),
         rw16(VERIFY_16, 0x16),
         rw16(PRE_FETCH_16, 0x02),
@@ -553,6 +555,19 @@ fn supported_commands(thin: bool) -> Vec<CommandUsage> {
             PERSISTENT_RESERVE_OUT,
             Some(u16::from(sa)),
             &[0, sa, FF, 0, 0, FF, FF, FF, FF, 0],
+        ));
+    }
+    // EXTENDED COPY(LID1) and RECEIVE COPY RESULTS (SPC-4 6.4, 6.18).
+    v.push(usage(
+        EXTENDED_COPY,
+        Some(0),
+        &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0],
+    ));
+    for sa in [0u8, 3] {
+        v.push(usage(
+            RECEIVE_COPY_RESULTS,
+            Some(u16::from(sa)),
+            &[0, sa, FF, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0],
         ));
     }
     if thin {
@@ -641,6 +656,7 @@ mod tests {
     fn settings() -> LunSettings {
         LunSettings {
             block_size: 512,
+            physical_block_size: 4096,
             read_only: false,
             identity: identity(),
             write_cache: true,

@@ -32,6 +32,7 @@ use super::sense::{Sense, SenseKey};
 use super::spc;
 use super::thin::{ThresholdEvent, UA_SOFT_THRESHOLD};
 use super::unit::{LogicalUnit, PrReplicator};
+use super::xcopy;
 use super::{DataOutPlan, LunSettings, NexusId, ScsiRequest, ScsiResponse, Status};
 use crate::store::BlockStore;
 use bytes::Bytes;
@@ -115,7 +116,32 @@ pub struct ScsiTarget {
     nexuses: RwLock<HashSet<NexusId>>,
     /// The initiator port (name + ISID) of each I_T nexus logged in, for reservations.
     ports: RwLock<HashMap<NexusId, InitiatorPort>>,
+    /// Status of the EXTENDED COPY commands each I_T nexus sent with a list identifier to
+    /// keep, for RECEIVE COPY RESULTS (SPC-4 6.18.3); oldest first, bounded per nexus.
+    copy_results: std::sync::Mutex<HashMap<NexusId, Vec<(u8, xcopy::CopyStatus)>>>,
+    /// (I_T nexus, list identifier) of the EXTENDED COPY commands being processed.
+    copies_in_progress: Arc<std::sync::Mutex<HashSet<(NexusId, u8)>>>,
 }
+
+/// Removes a copy from [`ScsiTarget::copies_in_progress`] when it ends, however it ends.
+struct CopyInProgress {
+    set: Arc<std::sync::Mutex<HashSet<(NexusId, u8)>>>,
+    key: (NexusId, u8),
+}
+
+impl Drop for CopyInProgress {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// Copy statuses kept per I_T nexus (one per list identifier, the oldest dropped first).
+const MAX_COPY_RESULTS: usize = 256;
+/// Bytes one EXTENDED COPY reads and writes at a time (bounds the memory a copy pins).
+const COPY_CHUNK_BYTES: u64 = 1 << 20;
 
 /// RESERVATION CONFLICT: status 18h, no sense data (SAM-5 5.3.1).
 fn reservation_conflict() -> ScsiResponse {
@@ -170,6 +196,8 @@ impl ScsiTarget {
             abort_tasks: OnceLock::new(),
             nexuses: RwLock::new(HashSet::new()),
             ports: RwLock::new(HashMap::new()),
+            copy_results: std::sync::Mutex::new(HashMap::new()),
+            copies_in_progress: Arc::new(std::sync::Mutex::new(HashSet::new())),
         }
     }
 
@@ -510,6 +538,12 @@ impl ScsiTarget {
                 return self.execute_reservation(unit, &cmd, &req).await;
             }
             None => self.execute_without_unit(&cmd),
+            Some(unit) if matches!(cmd, Command::ExtendedCopy { .. }) => {
+                self.extended_copy(unit, &req).await.map(|()| Bytes::new())
+            }
+            Some(unit) if matches!(cmd, Command::ReceiveCopyResults { .. }) => {
+                self.receive_copy_results(unit, &cmd, req.nexus)
+            }
             Some(unit) => {
                 let r = self.execute_on(unit, &cmd, &req).await;
                 if unit.thin.is_some() && cmd.writes_medium() {
@@ -595,6 +629,212 @@ impl ScsiTarget {
         }
     }
 
+    /// RECEIVE COPY RESULTS (SPC-4 6.18): OPERATING PARAMETERS, or the COPY STATUS of the
+    /// EXTENDED COPY this I_T nexus sent with LIST IDENTIFIER `list_id` (INVALID FIELD IN CDB
+    /// when there is none).
+    fn receive_copy_results(
+        &self,
+        unit: &LogicalUnit,
+        cmd: &Command,
+        nexus: NexusId,
+    ) -> Result<Bytes, Sense> {
+        let Command::ReceiveCopyResults {
+            service_action,
+            list_id,
+            ..
+        } = *cmd
+        else {
+            return Err(Sense::invalid_opcode());
+        };
+        if service_action == xcopy::SA_OPERATING_PARAMETERS {
+            return Ok(xcopy::operating_parameters(unit.block_size()).into());
+        }
+        let in_progress = self
+            .copies_in_progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(nexus, list_id));
+        if in_progress {
+            return Ok(xcopy::copy_in_progress_data().into());
+        }
+        let results = self.copy_results.lock().unwrap_or_else(|p| p.into_inner());
+        results
+            .get(&nexus)
+            .and_then(|v| v.iter().rev().find(|(id, _)| *id == list_id))
+            .map(|(_, status)| Bytes::from(xcopy::copy_status_data(status)))
+            .ok_or(Sense::invalid_field_in_cdb(2, None))
+    }
+
+    /// The logical unit of this target a CSCD descriptor names: an NAA designator equal to one
+    /// the unit reports in its Device Identification VPD page (SPC-4 7.8.6).
+    fn cscd_unit(&self, cscd: &xcopy::Cscd) -> Option<&LogicalUnit> {
+        if cscd.null || !cscd.is_lu_naa() {
+            return None;
+        }
+        self.luns.values().map(|u| u.as_ref()).find(|u| {
+            let Ok(page) = spc::inquiry_vpd(0x83, &u.settings, &u.limits, u.num_blocks()) else {
+                return false;
+            };
+            let mut off = 4;
+            while let Some(h) = page.get(off..off + 4) {
+                let len = usize::from(h[3]);
+                let Some(designator) = page.get(off + 4..off + 4 + len) else {
+                    break;
+                };
+                if h[1] & 0x3F == 0x03
+                    && h[0] & 0x0F == cscd.code_set
+                    && designator == cscd.designator.as_slice()
+                {
+                    return true;
+                }
+                off += 4 + len;
+            }
+            false
+        })
+    }
+
+    /// EXTENDED COPY(LID1) (SPC-4 6.4) received on `unit`: decodes the parameter list, then
+    /// processes each block to block segment through the logical units' read and write paths
+    /// (so a replicated LUN replicates the copied writes), [`COPY_CHUNK_BYTES`] at a time.
+    /// Errors in the parameter list are ILLEGAL REQUEST before anything is copied; errors
+    /// while processing a segment are COPY ABORTED (SPC-4 5.17.4).
+    async fn extended_copy(&self, unit: &LogicalUnit, req: &ScsiRequest) -> Result<(), Sense> {
+        let Some(list) = xcopy::parse(&req.data_out)? else {
+            return Ok(());
+        };
+        // A list identifier in use by a copy of this I_T nexus still running: OPERATION IN
+        // PROGRESS (SPC-4 6.4.3.2).
+        let _running = if list.keep_status {
+            let key = (req.nexus, list.list_id);
+            let mut set = self
+                .copies_in_progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if !set.insert(key) {
+                return Err(Sense::new(SenseKey::IllegalRequest, 0x00, 0x16));
+            }
+            Some(CopyInProgress {
+                set: self.copies_in_progress.clone(),
+                key,
+            })
+        } else {
+            None
+        };
+        let mut status = xcopy::CopyStatus {
+            failed: false,
+            segments_processed: 0,
+            bytes: 0,
+        };
+        let r = self.run_segments(&list, req.nexus, &mut status).await;
+        status.failed = r.is_err();
+        if let Err(sense) = &r {
+            warn!(lun = unit.lun(), list_id = list.list_id, segment = status.segments_processed,
+                %sense, "EXTENDED COPY aborted");
+        }
+        if list.keep_status {
+            let mut results = self.copy_results.lock().unwrap_or_else(|p| p.into_inner());
+            let v = results.entry(req.nexus).or_default();
+            v.retain(|(id, _)| *id != list.list_id);
+            if v.len() >= MAX_COPY_RESULTS {
+                v.remove(0);
+            }
+            v.push((list.list_id, status));
+        }
+        r
+    }
+
+    async fn run_segments(
+        &self,
+        list: &xcopy::CopyList,
+        nexus: NexusId,
+        status: &mut xcopy::CopyStatus,
+    ) -> Result<(), Sense> {
+        let me = self.port_of(nexus);
+        for (i, seg) in list.segments.iter().enumerate() {
+            let resolve = |index: u16| -> Result<&LogicalUnit, Sense> {
+                let cscd = list
+                    .cscds
+                    .get(usize::from(index))
+                    .ok_or(xcopy::not_reachable(i))?;
+                let unit = self.cscd_unit(cscd).ok_or(xcopy::not_reachable(i))?;
+                if cscd.peripheral_type != 0
+                    || (cscd.block_len != 0 && cscd.block_len != unit.block_size())
+                {
+                    return Err(xcopy::incorrect_type(i));
+                }
+                Ok(unit)
+            };
+            let src = resolve(seg.src)?;
+            let dst = resolve(seg.dst)?;
+            let (sbs, dbs) = (u64::from(src.block_size()), u64::from(dst.block_size()));
+            let bytes = u64::from(seg.blocks) * if seg.dc { dbs } else { sbs };
+            if bytes % sbs != 0 || bytes % dbs != 0 {
+                return Err(xcopy::data_underrun(i));
+            }
+            // What the copy target devices would answer the copy manager's READ and WRITE:
+            // LBA OUT OF RANGE, WRITE PROTECTED, RESERVATION CONFLICT (SPC-4 5.17.4.3).
+            let in_range = |u: &LogicalUnit, lba: u64, blocks: u64| {
+                sbc::check_range(lba, blocks, u.num_blocks()).is_ok()
+            };
+            let read_probe = Command::Read(cdb::Transfer {
+                lba: seg.src_lba,
+                blocks: 0,
+                dpo: false,
+                fua: false,
+            });
+            let write_probe = Command::Write(cdb::Transfer {
+                lba: seg.dst_lba,
+                blocks: 0,
+                dpo: false,
+                fua: false,
+            });
+            let conflict = |u: &LogicalUnit, c: &Command| {
+                u.reservations_active() && u.reservations().conflicts(&me, c)
+            };
+            if !in_range(src, seg.src_lba, bytes / sbs)
+                || !in_range(dst, seg.dst_lba, bytes / dbs)
+                || dst.settings.read_only
+                || conflict(src, &read_probe)
+                || conflict(dst, &write_probe)
+            {
+                debug!(
+                    segment = i,
+                    src = src.lun(),
+                    dst = dst.lun(),
+                    src_lba = seg.src_lba,
+                    dst_lba = seg.dst_lba,
+                    blocks = seg.blocks,
+                    "EXTENDED COPY segment refused by a copy target device"
+                );
+                return Err(xcopy::target_failed(i));
+            }
+            let mut done = 0u64;
+            while done < bytes {
+                let n = (bytes - done).min(COPY_CHUNK_BYTES / sbs.max(dbs) * sbs.max(dbs));
+                let n = n.max(sbs.max(dbs)).min(bytes - done);
+                let data = sbc::read(src, seg.src_lba + done / sbs, (n / sbs) as u32)
+                    .await
+                    .map_err(|_| xcopy::target_failed(i))?;
+                let x = cdb::Transfer {
+                    lba: seg.dst_lba + done / dbs,
+                    blocks: (n / dbs) as u32,
+                    dpo: false,
+                    fua: false,
+                };
+                let r = sbc::write(dst, x, &data).await;
+                if dst.thin.is_some() {
+                    let full = matches!(&r, Err(s) if (s.key, s.asc, s.ascq) == (SenseKey::DataProtect, 0x27, 0x07));
+                    self.check_thin_threshold(dst, full);
+                }
+                r.map_err(|_| xcopy::target_failed(i))?;
+                done += n;
+                status.bytes += n;
+            }
+            status.segments_processed += 1;
+        }
+        Ok(())
+    }
+
     /// LOGICAL UNIT RESET task management function (SAM-5 7.7, 6.3.3): establishes a unit
     /// attention (29/03 BUS DEVICE RESET FUNCTION OCCURRED) for every I_T nexus, the
     /// requesting one included (libiscsi MultipathIO.Reset expects it on every path).
@@ -641,6 +881,10 @@ impl ScsiTarget {
         for unit in self.luns.values() {
             unit.forget_nexus(nexus);
         }
+        self.copy_results
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&nexus);
     }
 }
 
@@ -672,6 +916,7 @@ mod tests {
     fn settings(read_only: bool, thin: bool) -> LunSettings {
         LunSettings {
             block_size: BS,
+            physical_block_size: 4096,
             read_only,
             identity: identity(),
             write_cache: true,
@@ -1626,5 +1871,281 @@ mod tests {
         let r = run(&t, 2, &pr_out_cdb(0, 0, 24), &pr_params(0, 0xB, 0)).await;
         assert_eq!(sense_of(&r), (0x2, 0x04, 0x0b));
         assert_eq!(*unit.reservations(), before);
+    }
+}
+
+#[cfg(test)]
+mod xcopy_tests {
+    use super::*;
+    use crate::scsi::xcopy::tests::{b2b, cscd, list};
+    use crate::scsi::{LunIdentity, Status};
+    use crate::store::MemStore;
+
+    const BS: u32 = 512;
+    const BLOCKS: u64 = 8192;
+
+    fn naa(n: u8) -> Vec<u8> {
+        vec![0x60, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, n]
+    }
+
+    fn settings(n: u8, read_only: bool) -> LunSettings {
+        LunSettings {
+            block_size: BS,
+            physical_block_size: 4096,
+            read_only,
+            identity: LunIdentity {
+                vendor: "TWINSAN".into(),
+                product: "Virtual disk".into(),
+                revision: "0.1".into(),
+                serial: format!("SN{n}"),
+                naa: naa(n),
+                t10_vendor_specific: "uuid".into(),
+                target_port_name: "iqn.2024-01.org.example:t,t,0x0001".into(),
+                relative_port: 1,
+                port_group: None,
+                compat: None,
+            },
+            write_cache: true,
+            thin_provisioning: false,
+            thin_threshold: None,
+        }
+    }
+
+    /// LUN 0 and LUN 1 (LUN 2 read-only), each with its own NAA designator.
+    fn two_luns() -> ScsiTarget {
+        let store =
+            || Arc::new(MemStore::new((BLOCKS * u64::from(BS)) as usize)) as Arc<dyn BlockStore>;
+        ScsiTarget::new(vec![
+            (0, settings(0, false), store()),
+            (1, settings(1, false), store()),
+            (2, settings(2, true), store()),
+        ])
+    }
+
+    async fn run(t: &ScsiTarget, lun: u64, cdb: &[u8], data: &[u8]) -> ScsiResponse {
+        let req = ScsiRequest {
+            cdb: Bytes::copy_from_slice(cdb),
+            data_out: Bytes::copy_from_slice(data),
+            expected_len: data.len() as u32,
+            nexus: 1,
+        };
+        let raw = u64::from_be_bytes(spc::encode_lun(lun).unwrap());
+        match t.plan(raw, &req.cdb, req.nexus) {
+            DataOutPlan::Fail(r) => r,
+            DataOutPlan::None(p) | DataOutPlan::Gather(_, p) => t.execute(p, req).await,
+        }
+    }
+
+    fn xcopy_cdb(len: usize) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[0] = opcode::EXTENDED_COPY;
+        c[10..14].copy_from_slice(&(len as u32).to_be_bytes());
+        c
+    }
+
+    fn rcr_cdb(sa: u8, list_id: u8) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[0] = opcode::RECEIVE_COPY_RESULTS;
+        c[1] = sa;
+        c[2] = list_id;
+        c[10..14].copy_from_slice(&1024u32.to_be_bytes());
+        c
+    }
+
+    fn rw16(op: u8, lba: u64, blocks: u32) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[0] = op;
+        c[2..10].copy_from_slice(&lba.to_be_bytes());
+        c[10..14].copy_from_slice(&blocks.to_be_bytes());
+        c
+    }
+
+    fn sense_of(r: &ScsiResponse) -> (u8, u8, u8) {
+        assert_eq!(r.status, Status::CheckCondition, "expected CHECK CONDITION");
+        let s = r.sense.as_ref().unwrap();
+        (s[2] & 0x0F, s[12], s[13])
+    }
+
+    #[tokio::test]
+    async fn copy_between_luns_is_byte_identical() {
+        let t = two_luns();
+        // 3000 blocks (more than one 1 MiB chunk) of a pattern on LUN 0 at LBA 100.
+        let pattern: Vec<u8> = (0..3000 * BS as usize)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let r = run(&t, 0, &rw16(opcode::WRITE_16, 100, 3000), &pattern).await;
+        assert_eq!(r.status, Status::Good);
+        // Sent to LUN 0, copying LUN 0 → LUN 1 (CSCD 0 = LUN 0, CSCD 1 = LUN 1).
+        let p = list(
+            5,
+            &[cscd(&naa(0), BS), cscd(&naa(1), BS)],
+            &[b2b(0, 1, 3000, 100, 4000)],
+        );
+        let r = run(&t, 0, &xcopy_cdb(p.len()), &p).await;
+        assert_eq!(r.status, Status::Good, "{:?}", r.sense);
+        let r = run(&t, 1, &rw16(opcode::READ_16, 4000, 3000), &[]).await;
+        assert_eq!(r.status, Status::Good);
+        assert!(r.data_in[..] == pattern[..], "copied data differs");
+        // RECEIVE COPY RESULTS: COPY STATUS of list 5, completed, 1 segment, all bytes.
+        let r = run(&t, 1, &rcr_cdb(0, 5), &[]).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(r.data_in[4], 1);
+        assert_eq!(&r.data_in[5..7], &[0, 1]);
+        assert_eq!(&r.data_in[8..12], &(3000 * BS).to_be_bytes());
+        // Unknown list identifier.
+        assert_eq!(
+            sense_of(&run(&t, 0, &rcr_cdb(0, 6), &[]).await),
+            (0x05, 0x24, 0)
+        );
+        // Operating parameters.
+        let r = run(&t, 0, &rcr_cdb(3, 0), &[]).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(r.data_in[37], 9);
+    }
+
+    #[tokio::test]
+    async fn copy_failures_are_copy_aborted() {
+        let t = two_luns();
+        let cs = [cscd(&naa(0), BS), cscd(&naa(1), BS)];
+        // Destination range beyond the end of LUN 1.
+        let p = list(1, &cs, &[b2b(0, 1, 2048, 0, BLOCKS - 1)]);
+        let r = run(&t, 0, &xcopy_cdb(p.len()), &p).await;
+        assert_eq!(sense_of(&r), (0x0A, 0x00, 0x00));
+        assert_eq!(&r.sense.as_ref().unwrap()[8..12], &[0, 0, 0, 0]);
+        // Source range beyond the end, in the second segment: the first was copied.
+        let p = list(2, &cs, &[b2b(0, 1, 8, 0, 0), b2b(0, 1, 8, BLOCKS, 0)]);
+        let r = run(&t, 0, &xcopy_cdb(p.len()), &p).await;
+        assert_eq!(sense_of(&r), (0x0A, 0x00, 0x00));
+        assert_eq!(&r.sense.as_ref().unwrap()[8..12], &[0, 0, 0, 1]);
+        let s = run(&t, 0, &rcr_cdb(0, 2), &[]).await;
+        assert_eq!((s.data_in[4], s.data_in[6]), (2, 1));
+        // A designator naming no LUN of this target; a CSCD index past the list; NUL.
+        let p = list(3, &[cscd(&naa(9), BS)], &[b2b(0, 0, 1, 0, 1)]);
+        assert_eq!(
+            sense_of(&run(&t, 0, &xcopy_cdb(p.len()), &p).await),
+            (0x0A, 0x0D, 0x02)
+        );
+        let p = list(3, &cs[..1], &[b2b(0, 1, 1, 0, 1)]);
+        assert_eq!(
+            sense_of(&run(&t, 0, &xcopy_cdb(p.len()), &p).await),
+            (0x0A, 0x0D, 0x02)
+        );
+        let mut nul = cs[0].clone();
+        nul[1] |= 0x20;
+        let p = list(3, &[nul], &[b2b(0, 0, 1, 0, 1)]);
+        assert_eq!(
+            sense_of(&run(&t, 0, &xcopy_cdb(p.len()), &p).await),
+            (0x0A, 0x0D, 0x02)
+        );
+        // Wrong disk block length.
+        let p = list(3, &[cscd(&naa(0), 4096)], &[b2b(0, 0, 1, 0, 1)]);
+        assert_eq!(
+            sense_of(&run(&t, 0, &xcopy_cdb(p.len()), &p).await),
+            (0x0A, 0x0D, 0x03)
+        );
+        // Read-only destination.
+        let p = list(
+            3,
+            &[cscd(&naa(0), BS), cscd(&naa(2), BS)],
+            &[b2b(0, 1, 1, 0, 1)],
+        );
+        assert_eq!(
+            sense_of(&run(&t, 0, &xcopy_cdb(p.len()), &p).await),
+            (0x0A, 0x00, 0x00)
+        );
+        // Parameter list errors are ILLEGAL REQUEST; an empty list is GOOD.
+        let p = list(3, &cs, &[b2b(0, 1, 1, 0, 1)]);
+        assert_eq!(
+            sense_of(&run(&t, 0, &xcopy_cdb(p.len() - 1), &p[..p.len() - 1]).await),
+            (0x05, 0x1A, 0x00)
+        );
+        assert_eq!(run(&t, 0, &xcopy_cdb(0), &[]).await.status, Status::Good);
+    }
+
+    #[tokio::test]
+    async fn write_same_zero_blocks_writes_through_the_last_lba() {
+        let t = two_luns();
+        let mut ws = [0u8; 16];
+        ws[0] = opcode::WRITE_SAME_16;
+        ws[2..10].copy_from_slice(&(BLOCKS - 10).to_be_bytes());
+        let block = vec![0xA5u8; BS as usize];
+        let r = run(&t, 0, &ws, &block).await;
+        assert_eq!(r.status, Status::Good, "{:?}", r.sense);
+        let r = run(&t, 0, &rw16(opcode::READ_16, BLOCKS - 11, 11), &[]).await;
+        assert!(r.data_in[..BS as usize].iter().all(|&b| b == 0));
+        assert!(r.data_in[BS as usize..].iter().all(|&b| b == 0xA5));
+        // Block Limits: WSNZ clear.
+        let r = run(&t, 0, &[opcode::INQUIRY, 1, 0xB0, 0, 64, 0], &[]).await;
+        assert_eq!(r.data_in[4] & 0x01, 0);
+    }
+
+    #[tokio::test]
+    async fn orwrite_ors_into_the_medium() {
+        let t = two_luns();
+        let r = run(
+            &t,
+            0,
+            &rw16(opcode::WRITE_16, 7, 2),
+            &vec![0x0Fu8; 2 * BS as usize],
+        )
+        .await;
+        assert_eq!(r.status, Status::Good);
+        let r = run(
+            &t,
+            0,
+            &rw16(opcode::ORWRITE_16, 7, 2),
+            &vec![0xA0u8; 2 * BS as usize],
+        )
+        .await;
+        assert_eq!(r.status, Status::Good, "{:?}", r.sense);
+        let r = run(&t, 0, &rw16(opcode::READ_16, 6, 4), &[]).await;
+        let b = BS as usize;
+        assert!(r.data_in[..b].iter().all(|&x| x == 0));
+        assert!(r.data_in[b..3 * b].iter().all(|&x| x == 0xAF));
+        assert!(r.data_in[3 * b..].iter().all(|&x| x == 0));
+        // Beyond the end, ORPROTECT, write protection.
+        let r = run(
+            &t,
+            0,
+            &rw16(opcode::ORWRITE_16, BLOCKS - 1, 2),
+            &vec![0u8; 2 * b],
+        )
+        .await;
+        assert_eq!(sense_of(&r), (0x05, 0x21, 0x00));
+        let mut c = rw16(opcode::ORWRITE_16, 0, 1);
+        c[1] = 0x20;
+        assert_eq!(
+            sense_of(&run(&t, 0, &c, &vec![0u8; b]).await),
+            (0x05, 0x24, 0x00)
+        );
+        let r = run(&t, 2, &rw16(opcode::ORWRITE_16, 0, 1), &vec![0u8; b]).await;
+        assert_eq!(sense_of(&r), (0x07, 0x27, 0x00));
+    }
+
+    #[tokio::test]
+    async fn list_identifier_in_use_is_operation_in_progress() {
+        let t = two_luns();
+        t.copies_in_progress.lock().unwrap().insert((1, 9));
+        let p = list(9, &[cscd(&naa(0), BS)], &[b2b(0, 0, 1, 0, 1)]);
+        let r = run(&t, 0, &xcopy_cdb(p.len()), &p).await;
+        assert_eq!(sense_of(&r), (0x05, 0x00, 0x16));
+        let r = run(&t, 0, &rcr_cdb(0, 9), &[]).await;
+        assert_eq!((r.status, r.data_in[4]), (Status::Good, 0));
+        t.copies_in_progress.lock().unwrap().clear();
+        let r = run(&t, 0, &xcopy_cdb(p.len()), &p).await;
+        assert_eq!(r.status, Status::Good);
+        assert!(t.copies_in_progress.lock().unwrap().is_empty());
+        let r = run(&t, 0, &rcr_cdb(0, 9), &[]).await;
+        assert_eq!(r.data_in[4], 1);
+    }
+
+    #[tokio::test]
+    async fn third_party_copy_vpd_is_listed() {
+        let t = two_luns();
+        let r = run(&t, 0, &[opcode::INQUIRY, 1, 0x00, 0, 255, 0], &[]).await;
+        assert!(r.data_in[4..].contains(&0x8F));
+        let r = run(&t, 0, &[opcode::INQUIRY, 1, 0x8F, 4, 0, 0], &[]).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(r.data_in[1], 0x8F);
     }
 }
