@@ -205,7 +205,12 @@ fn conformance_reservations_pass() {
 #[test]
 fn conformance_vaai_pass() {
     let dir = scratch_dir();
-    let s = Server::start(dir.path(), "", None, "");
+    // 512e (4 KiB physical blocks): the unaligned-unmap tests run instead of skipping.
+    let lun = format!(
+        "[[target.lun]]\nnumber = 0\npath = \"{}\"\nsize = \"1GiB\"\nphysical_block_size = 4096\n",
+        dir.path().join("lun0.img").display()
+    );
+    let s = Server::start(dir.path(), "", Some(&lun), "");
     let tests = [
         ("ReceiveCopyResults", 2),
         ("ExtendedCopy.Simple", 1),
@@ -254,7 +259,7 @@ fn conformance_vaai_pass() {
 }
 
 /// The whole ALL family runs to the end without the server crashing and without a failure;
-/// counts are printed (issue 14: at least 210 passing is the goal, 180 today).
+/// counts are printed (issue 14: at least 210 passing is the goal, 194 today).
 #[test]
 fn conformance_all_completes_without_crash() {
     let dir = scratch_dir();
@@ -279,12 +284,23 @@ fn conformance_all_completes_without_crash() {
         out.contains("Run Summary"),
         "the run did not finish:\n{out}"
     );
+    // Two tests of libiscsi 1.19 expect what the standard does not ask for (README,
+    // Conformance): ValidTgtDescr wants GOOD for a reserved LU ID TYPE, which SPC-4 6.4.5.3
+    // makes INVALID FIELD IN PARAMETER LIST (later libiscsi agrees); UnmapUntilEnd wants a
+    // WRITE SAME with UNMAP of non-zero data to read back as zeroes, where twinsan writes the
+    // data (it unmaps only zeroes, so what is read is what was written). Any other failure
+    // fails the test.
+    const KNOWN: [&str; 2] = ["ExtendedCopy.ValidTgtDescr", "WriteSame10.UnmapUntilEnd"];
+    let unexpected: Vec<_> = c
+        .failed
+        .iter()
+        .filter(|f| !KNOWN.contains(&f.as_str()))
+        .collect();
     assert!(
-        c.failed.is_empty(),
-        "iscsi-test-cu ALL failures: {:?}",
-        c.failed
+        unexpected.is_empty(),
+        "iscsi-test-cu ALL failures: {unexpected:?}"
     );
-    assert!(c.passed >= 180, "too few tests passed: {c:?}");
+    assert!(c.passed >= 194, "too few tests passed: {c:?}");
 }
 
 fn write_random(path: &std::path::Path, len: usize, seed: u64) {
