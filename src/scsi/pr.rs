@@ -13,6 +13,7 @@
 //! initiator port names the nexus, and the identity survives reconnects and restarts.
 
 use super::cdb::Command;
+use super::cdb::{be16, be32, be64};
 use super::sense::{Sense, SenseKey};
 use serde::{Deserialize, Serialize};
 
@@ -283,20 +284,6 @@ fn access(cmd: &Command) -> Access {
         | Command::StartStopUnit(_)
         | Command::ExtendedCopy { .. } => Access::Write,
     }
-}
-
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
 }
 
 const fn bad_param(byte: u16, bit: Option<u8>) -> Sense {

@@ -7,6 +7,7 @@
 //! block device). The copy itself runs in [`crate::scsi::ScsiTarget`], which knows every
 //! logical unit; this module is pure.
 
+use super::cdb::{be16, be32, be64};
 use super::sense::{Sense, SenseKey};
 
 /// EXTENDED COPY service action LID1 (SPC-4 6.4.1); LID4 (01h) is not supported.
@@ -82,20 +83,6 @@ pub struct CopyList {
     pub keep_status: bool,
     pub cscds: Vec<Cscd>,
     pub segments: Vec<Segment>,
-}
-
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
 }
 
 fn field(byte: usize, bit: Option<u8>) -> Sense {
