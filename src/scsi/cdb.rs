@@ -4,7 +4,6 @@
 //! Decoding is pure: it looks only at the CDB bytes. Checks that need the logical unit (write
 //! protection, capacity, provisioning) happen in [`crate::scsi::sbc::check`].
 
-use super::pr::PrOut;
 use super::sense::Sense;
 
 /// Operation codes this device server implements (SPC-4 / SBC-3).
@@ -162,6 +161,23 @@ pub struct ReportOpcodes {
     pub service_action: u16,
     pub alloc_len: u32,
 }
+
+/// PERSISTENT RESERVE OUT as the CDB gives it (SPC-4 6.16.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrOut {
+    pub service_action: u8,
+    pub scope: u8,
+    pub pr_type: u8,
+    pub param_len: u32,
+}
+
+/// EXTENDED COPY service action LID1 (SPC-4 6.4.1); LID4 (01h) is not supported.
+pub const SA_EXTENDED_COPY_LID1: u8 = 0x00;
+/// RECEIVE COPY RESULTS service actions (SPC-4 6.18.1, table 302).
+pub const SA_COPY_STATUS: u8 = 0x00;
+pub const SA_OPERATING_PARAMETERS: u8 = 0x03;
+/// Largest EXTENDED COPY parameter list accepted in the CDB (refused before data).
+pub const XCOPY_MAX_PARAM_LEN: u32 = 65536;
 
 /// A decoded command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -670,21 +686,18 @@ pub fn parse(cdb: &[u8]) -> Result<Command, Sense> {
             })
         }
         EXTENDED_COPY => {
-            if c[1] & 0x1F != super::xcopy::SA_EXTENDED_COPY_LID1 {
+            if c[1] & 0x1F != SA_EXTENDED_COPY_LID1 {
                 return Err(bad(1, 4));
             }
             let param_len = be32(&c[10..]);
-            if param_len > super::xcopy::MAX_PARAM_LEN {
+            if param_len > XCOPY_MAX_PARAM_LEN {
                 return Err(Sense::invalid_field_in_cdb(10, None));
             }
             Command::ExtendedCopy { param_len }
         }
         RECEIVE_COPY_RESULTS => {
             let service_action = c[1] & 0x1F;
-            if !matches!(
-                service_action,
-                super::xcopy::SA_COPY_STATUS | super::xcopy::SA_OPERATING_PARAMETERS
-            ) {
+            if !matches!(service_action, SA_COPY_STATUS | SA_OPERATING_PARAMETERS) {
                 return Err(bad(1, 4));
             }
             Command::ReceiveCopyResults {
@@ -844,7 +857,7 @@ mod tests {
         c[1] = 0x01; // LID4
         assert_eq!(parse(&c).unwrap_err(), bad(1, 4));
         c[1] = 0;
-        c[10..14].copy_from_slice(&(super::super::xcopy::MAX_PARAM_LEN + 1).to_be_bytes());
+        c[10..14].copy_from_slice(&(super::XCOPY_MAX_PARAM_LEN + 1).to_be_bytes());
         assert_eq!(parse(&c).unwrap_err().asc, 0x24);
         let mut r = [0u8; 16];
         r[0] = opcode::RECEIVE_COPY_RESULTS;

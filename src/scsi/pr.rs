@@ -13,6 +13,7 @@
 //! initiator port names the nexus, and the identity survives reconnects and restarts.
 
 use super::cdb::Command;
+pub use super::cdb::PrOut;
 use super::cdb::{be16, be32, be64};
 use super::sense::{Sense, SenseKey};
 use serde::{Deserialize, Serialize};
@@ -213,15 +214,6 @@ impl From<Sense> for PrError {
     fn from(s: Sense) -> Self {
         PrError::Check(s)
     }
-}
-
-/// PERSISTENT RESERVE OUT as the CDB gives it (SPC-4 6.16.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PrOut {
-    pub service_action: u8,
-    pub scope: u8,
-    pub pr_type: u8,
-    pub param_len: u32,
 }
 
 /// The PERSISTENT RESERVE OUT parameter list (SPC-4 6.16.3, 6.16.4).

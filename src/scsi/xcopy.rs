@@ -8,16 +8,12 @@
 //! logical unit; this module is pure.
 
 use super::cdb::{be16, be32, be64};
+pub use super::cdb::{
+    SA_COPY_STATUS, SA_EXTENDED_COPY_LID1, SA_OPERATING_PARAMETERS,
+    XCOPY_MAX_PARAM_LEN as MAX_PARAM_LEN,
+};
 use super::sense::{Sense, SenseKey};
 
-/// EXTENDED COPY service action LID1 (SPC-4 6.4.1); LID4 (01h) is not supported.
-pub const SA_EXTENDED_COPY_LID1: u8 = 0x00;
-/// RECEIVE COPY RESULTS service actions (SPC-4 6.18.1, table 302).
-pub const SA_COPY_STATUS: u8 = 0x00;
-pub const SA_OPERATING_PARAMETERS: u8 = 0x03;
-
-/// Largest EXTENDED COPY parameter list accepted in the CDB (refused before data).
-pub const MAX_PARAM_LEN: u32 = 65536;
 /// MAXIMUM CSCD DESCRIPTOR COUNT.
 pub const MAX_CSCD_DESCRIPTORS: u16 = 16;
 /// MAXIMUM SEGMENT DESCRIPTOR COUNT.
