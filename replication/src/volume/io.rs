@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use tracing::error;
 
 use super::machine::{Event, WriteGate};
-use super::{lock, split_parts, Pending, PendingKind, ReplicatedVolume, Reply, Role};
+use super::{lock, split_parts, PendingKind, ReplicatedVolume, Reply, Role};
 use crate::drbd::activity_log::{extent_of, AlError};
 use crate::drbd::MetadataError;
 use crate::link::proto::MAX_DATA;
@@ -213,18 +213,7 @@ impl ReplicatedVolume {
                         let mut v = Vec::with_capacity(parts.len());
                         let mut frames = Vec::with_capacity(parts.len());
                         for (off, d) in &parts {
-                            let (tx, rx) = oneshot::channel();
-                            let seq = link.next_seq;
-                            link.next_seq += 1;
-                            link.pending.insert(
-                                seq,
-                                Pending {
-                                    kind: PendingKind::Write,
-                                    offset: *off,
-                                    len: d.len() as u64,
-                                    tx,
-                                },
-                            );
+                            let (seq, rx) = link.register(PendingKind::Write, *off, d.len() as u64);
                             frames.push(Message::Write {
                                 seq,
                                 offset: *off,
@@ -321,18 +310,7 @@ impl ReplicatedVolume {
             }
             match st.link.as_mut() {
                 Some(link) => {
-                    let (tx, rx) = oneshot::channel();
-                    let seq = link.next_seq;
-                    link.next_seq += 1;
-                    link.pending.insert(
-                        seq,
-                        Pending {
-                            kind: PendingKind::Flush,
-                            offset: 0,
-                            len: 0,
-                            tx,
-                        },
-                    );
+                    let (seq, rx) = link.register(PendingKind::Flush, 0, 0);
                     Some((link.tx.clone(), seq, rx))
                 }
                 None => None,

@@ -478,6 +478,31 @@ pub(crate) struct LinkHandle {
     kill: CancellationToken,
 }
 
+impl LinkHandle {
+    /// Allocates the next request number and registers the request whose reply the
+    /// connection loop will deliver on the returned receiver.
+    fn register(
+        &mut self,
+        kind: PendingKind,
+        offset: u64,
+        len: u64,
+    ) -> (u64, oneshot::Receiver<Reply>) {
+        let (tx, rx) = oneshot::channel();
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.pending.insert(
+            seq,
+            Pending {
+                kind,
+                offset,
+                len,
+                tx,
+            },
+        );
+        (seq, rx)
+    }
+}
+
 /// An action [`ReplicatedVolume::run_step`] left for after the state lock.
 #[derive(Debug)]
 pub(crate) enum Deferred {

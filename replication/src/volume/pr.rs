@@ -18,11 +18,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
+
 use tracing::{error, info, warn};
 
 use super::machine::WriteGate;
-use super::{lock, Pending, PendingKind, ReplicatedVolume, Reply, Role};
+use super::{lock, PendingKind, ReplicatedVolume, Reply, Role};
 use crate::link::{LinkSender, Message};
 use crate::volume::ReplicationError;
 
@@ -127,18 +127,7 @@ impl ReplicatedVolume {
         let queued = {
             let mut st = lock(&self.st);
             st.link.as_mut().map(|link| {
-                let (tx, rx) = oneshot::channel();
-                let seq = link.next_seq;
-                link.next_seq += 1;
-                link.pending.insert(
-                    seq,
-                    Pending {
-                        kind: PendingKind::PrState,
-                        offset: 0,
-                        len: 0,
-                        tx,
-                    },
-                );
+                let (seq, rx) = link.register(PendingKind::PrState, 0, 0);
                 (link.tx.clone(), seq, rx)
             })
         };

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use super::machine::{Action, Event};
-use super::{lock, ConnState, Pending, PendingKind, ReplicatedVolume, ReplicationError, Reply};
+use super::{lock, ConnState, PendingKind, ReplicatedVolume, ReplicationError, Reply};
 use crate::link::proto::VERIFY_BLOCK;
 use crate::link::Message;
 
@@ -90,18 +90,7 @@ impl ReplicatedVolume {
         let (tx, msg, rx) = {
             let mut st = lock(&self.st);
             let link = st.link.as_mut().filter(|l| l.epoch == epoch)?;
-            let (tx, rx) = oneshot::channel();
-            let seq = link.next_seq;
-            link.next_seq += 1;
-            link.pending.insert(
-                seq,
-                Pending {
-                    kind,
-                    offset,
-                    len,
-                    tx,
-                },
-            );
+            let (seq, rx) = link.register(kind, offset, len);
             (link.tx.clone(), make(seq), rx)
         };
         tx.send(msg).await.ok()?;
