@@ -1643,23 +1643,28 @@ mod tests {
         d
     }
 
+    /// Nexus 1 (initiator a) and nexus 2 (initiator b), registered with keys 0xA and 0xB.
+    async fn two_registrants(t: &ScsiTarget) {
+        t.nexus_established(1, "iqn.2024-01.org.example:a", [0x40, 0, 0, 0, 0, 1]);
+        t.nexus_established(2, "iqn.2024-01.org.example:b", [0x40, 0, 0, 0, 0, 2]);
+        let reg = pr_out_cdb(0, 0, 24);
+        assert_eq!(
+            run(t, 1, &reg, &pr_params(0, 0xA, 0)).await.status,
+            Status::Good
+        );
+        assert_eq!(
+            run(t, 2, &reg, &pr_params(0, 0xB, 0)).await.status,
+            Status::Good
+        );
+    }
+
     /// Two initiator ports; a write from the one that is not the Exclusive Access holder
     /// fails in `plan` (no data solicited) with RESERVATION CONFLICT and no sense; PREEMPT
     /// gives the preempted nexus REGISTRATIONS PREEMPTED; SPC-2 RESERVE goes with its nexus.
     #[tokio::test]
     async fn reservation_conflict_before_data_and_unit_attentions() {
         let (t, _) = target_with(false, false);
-        t.nexus_established(1, "iqn.2024-01.org.example:a", [0x40, 0, 0, 0, 0, 1]);
-        t.nexus_established(2, "iqn.2024-01.org.example:b", [0x40, 0, 0, 0, 0, 2]);
-        let reg = pr_out_cdb(0, 0, 24);
-        assert_eq!(
-            run(&t, 1, &reg, &pr_params(0, 0xA, 0)).await.status,
-            Status::Good
-        );
-        assert_eq!(
-            run(&t, 2, &reg, &pr_params(0, 0xB, 0)).await.status,
-            Status::Good
-        );
+        two_registrants(&t).await;
         let r = run(&t, 1, &pr_out_cdb(1, 3, 24), &pr_params(0xA, 0, 0)).await;
         assert_eq!(r.status, Status::Good);
         let write = cdb10(opcode::WRITE_10, 0, 0, 1);
@@ -1771,17 +1776,7 @@ mod tests {
         t.set_abort_tasks(Box::new(move |nexus, lun| {
             a.lock().unwrap().push((nexus, lun))
         }));
-        t.nexus_established(1, "iqn.2024-01.org.example:a", [0x40, 0, 0, 0, 0, 1]);
-        t.nexus_established(2, "iqn.2024-01.org.example:b", [0x40, 0, 0, 0, 0, 2]);
-        let reg = pr_out_cdb(0, 0, 24);
-        assert_eq!(
-            run(&t, 1, &reg, &pr_params(0, 0xA, 0)).await.status,
-            Status::Good
-        );
-        assert_eq!(
-            run(&t, 2, &reg, &pr_params(0, 0xB, 0)).await.status,
-            Status::Good
-        );
+        two_registrants(&t).await;
         let r = run(&t, 2, &pr_out_cdb(1, 1, 24), &pr_params(0xB, 0, 0)).await;
         assert_eq!(r.status, Status::Good);
         let r = run(&t, 1, &pr_out_cdb(5, 1, 24), &pr_params(0xA, 0xB, 0)).await;
