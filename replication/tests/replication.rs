@@ -549,8 +549,8 @@ async fn crash_replays_activity_log_and_resyncs() {
     p.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn suspend_io_fencing_waits_for_peer_or_resume() {
+/// A pair with `fencing = suspend-io`, connected once, then its link cut: A primary, apart.
+async fn suspend_io_pair_apart() -> Pair {
     let p = Pair::new(SIZE, skip(), skip(), Role::Primary, |c| {
         c.fencing = Fencing::SuspendIo
     })
@@ -558,6 +558,12 @@ async fn suspend_io_fencing_waits_for_peer_or_resume() {
     wait_connected(&p).await;
     p.cut();
     wait_until("apart", T, || !connected(&p.a)).await;
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_io_fencing_waits_for_peer_or_resume() {
+    let p = suspend_io_pair_apart().await;
     let st = p.a.vol.store();
     let w = tokio::spawn({
         let st = st.clone();
@@ -866,13 +872,7 @@ async fn reservation_state_seed_and_late_sink() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservation_change_waits_while_fencing_suspends_io() {
     use twinsan_replication::volume::PrReplicated;
-    let p = Pair::new(SIZE, skip(), skip(), Role::Primary, |c| {
-        c.fencing = Fencing::SuspendIo
-    })
-    .await;
-    wait_connected(&p).await;
-    p.cut();
-    wait_until("apart", T, || !connected(&p.a)).await;
+    let p = suspend_io_pair_apart().await;
     let v = p.a.vol.clone();
     let w = tokio::spawn(async move {
         v.replicate_pr_state(Bytes::from_static(b"fenced"))
