@@ -39,6 +39,11 @@
 #                               TWINSAN_ENGINES, this binary) and a table of paired ratios
 #                               new/base per job (IOPS, server CPU per I/O), median and range.
 #                               Unset: no base server, the report is as without it.
+#   TWINSAN_METRICS=ADDR        the twinsan servers other than twinsan-base serve Prometheus
+#                               metrics on ADDR (`server.metrics_listen`, e.g. 127.0.0.1:9942)
+#                               and are scraped once a second while they run. With
+#                               TWINSAN_BIN_BASE=TWINSAN_BIN the new/base table is then the
+#                               cost of metrics: on (scraped) / off, same binary.
 #   RUST_LOG=warn               log level for twinsan while measuring
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -142,6 +147,7 @@ TWINSAN_PID=""
 cleanup() {
     local rc=$?
     stop_pid "$RUN_CPU_CHILD" 5 || true
+    scraper_stop
     tgt_stop || true
     stop_pid "$TWINSAN_PID" 15 || true
     TWINSAN_PID=""
@@ -169,13 +175,14 @@ fi
 FILE="$(cd "$(dirname "$FILE")" && pwd)/$(basename "$FILE")"
 
 # ------------------------------------------------------------------ servers
-twinsan_config() {  # engine
+twinsan_config() {  # engine config-name
     cat <<TOML
 [server]
 data_dir = "$WORK/twinsan-data"
 worker_threads = ${TWINSAN_WORKER_THREADS:-0}
 io_engine = "$1"
 io_threads = ${TWINSAN_IO_THREADS:-0}
+$(if [ -n "${TWINSAN_METRICS:-}" ] && [ "$2" != twinsan-base ]; then echo "metrics_listen = \"$TWINSAN_METRICS\""; fi)
 
 [[target]]
 iqn = "$TWINSAN_IQN"
@@ -191,7 +198,7 @@ TOML
 twinsan_start() {  # engine logfile [binary config-name]
     local engine="$1" logf="$2" bin="${3:-$TWINSAN_BIN}" cname="${4:-twinsan-$1}"
     mkdir -p "$WORK/twinsan-data"
-    twinsan_config "$engine" >"$WORK/twinsan.toml"
+    twinsan_config "$engine" "$cname" >"$WORK/twinsan.toml"
     cp "$WORK/twinsan.toml" "$RAW/${cname}.toml"
     "$bin" serve --config "$WORK/twinsan.toml" >>"$logf" 2>&1 &
     TWINSAN_PID=$!
@@ -207,13 +214,31 @@ twinsan_start() {  # engine logfile [binary config-name]
     fi
 }
 
-twinsan_stop() { stop_pid "$TWINSAN_PID" 15; TWINSAN_PID=""; }
+twinsan_stop() { scraper_stop; stop_pid "$TWINSAN_PID" 15; TWINSAN_PID=""; }
+
+# With TWINSAN_METRICS: scrape the metrics endpoint once a second while the server runs (at
+# most an hour), as a Prometheus server would, so the cost of keeping and encoding the
+# metrics is in the measurement.
+SCRAPER_PID=""
+scraper_start() {  # logfile
+    (
+        for ((i = 0; i < 3600; i++)); do
+            curl -fsS -o /dev/null --max-time 2 "http://${TWINSAN_METRICS}/metrics" || echo "scrape failed"
+            sleep 1
+        done
+    ) >>"$1" 2>&1 &
+    SCRAPER_PID=$!
+}
+scraper_stop() { stop_pid "$SCRAPER_PID" 15 || true; SCRAPER_PID=""; }
 
 server_start() {
     case "$1" in
         tgt) tgt_start "$HOST" "$TGT_PORT" "$TGT_IQN" "$FILE" "$RAW/tgtd.$2.log" ;;
         twinsan-base) twinsan_start "$BASE_ENGINE" "$RAW/$1.log" "$TWINSAN_BIN_BASE" twinsan-base ;;
-        twinsan-*) twinsan_start "${1#twinsan-}" "$RAW/$1.log" ;;
+        twinsan-*)
+            twinsan_start "${1#twinsan-}" "$RAW/$1.log"
+            if [ -n "${TWINSAN_METRICS:-}" ]; then scraper_start "$RAW/$1.scrape.log"; fi
+            ;;
     esac
     # A login + INQUIRY proves the target is usable before fio relies on it.
     local url iqn port
@@ -310,6 +335,9 @@ fi
 base_fact=""
 if [ -n "$TWINSAN_BIN_BASE" ] && [ "${BENCH_ONLY:-both}" != tgt ]; then
     base_fact="$("$TWINSAN_BIN_BASE" --version 2>/dev/null | head -n1 || true): ${TWINSAN_BIN_BASE} (sha256 $(sha256sum "$TWINSAN_BIN_BASE" | cut -c1-12)), io_engine = ${BASE_ENGINE}, otherwise configured as twinsan-${BASE_ENGINE}; new binary ${TWINSAN_BIN} (sha256 $(sha256sum "$TWINSAN_BIN" | cut -c1-12))"
+    if [ -n "${TWINSAN_METRICS:-}" ]; then
+        base_fact="${base_fact}; metrics: the new servers with metrics_listen = ${TWINSAN_METRICS}, scraped once a second, twinsan-base without"
+    fi
 fi
 fs_type="$(stat -f -c %T "$FILE" 2>/dev/null || echo unknown)"
 DATE="$(date +%Y-%m-%d)"
