@@ -372,3 +372,81 @@ fn write_edtl_mismatch_is_never_good_with_other_bytes() {
     }
     assert!(r.ping(), "connection still works");
 }
+
+/// Answers the target's NOP-In pings that arrive on `r` for `time`; how many.
+fn answer_pings(r: &mut Raw, time: Duration) -> usize {
+    let until = std::time::Instant::now() + time;
+    let mut answered = 0;
+    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+        let Some(p) = r.recv(left) else { break };
+        if p.opcode() == Some(Opcode::NopIn) && p.itt() == RESERVED_TAG {
+            let mut a = Pdu::new(Opcode::NopOut);
+            a.set_immediate(true);
+            a.set_flags(0x80);
+            a.set_itt(RESERVED_TAG);
+            a.set_u32_at(20, p.u32_at(20));
+            a.set_u32_at(24, r.cmd_sn);
+            r.send(a);
+            answered += 1;
+        }
+    }
+    answered
+}
+
+/// The target's NOP-In ping (RFC 7143 §11.19): none while the initiator is busy, one once it
+/// has been quiet for `nop_in_interval_secs`; an initiator that answers keeps its session,
+/// one that does not is dropped `nop_in_timeout_secs` later.
+#[test]
+fn idle_session_is_pinged_and_dropped_only_when_it_does_not_answer() {
+    let dir = scratch_dir();
+    let s = Server::start_with_server_keys(
+        dir.path(),
+        "nop_in_interval_secs = 1\nnop_in_timeout_secs = 2",
+        "",
+        None,
+        "",
+    );
+    let mut quiet = Raw::login(s.port, false, false);
+    let mut answers = Raw::login(s.port, false, false);
+    let mut answered = 0;
+
+    // Busy for 2.5 s (a ping of our own every 300 ms): the target never pings.
+    let busy = std::time::Instant::now();
+    let mut went_quiet = busy;
+    while busy.elapsed() < Duration::from_millis(2500) {
+        assert!(quiet.ping(), "our own NOP-Out answered");
+        went_quiet = std::time::Instant::now();
+        answered += answer_pings(&mut answers, Duration::from_millis(300));
+    }
+    let ping = loop {
+        match quiet.recv(Duration::from_millis(100)) {
+            Some(p) if p.opcode() == Some(Opcode::NopIn) && p.itt() == RESERVED_TAG => break p,
+            Some(p) => panic!("unexpected PDU while quiet: {:?}", p.opcode()),
+            None => assert!(
+                went_quiet.elapsed() < Duration::from_secs(6),
+                "no NOP-In within 5 s of quiet"
+            ),
+        }
+        answered += answer_pings(&mut answers, Duration::from_millis(10));
+    };
+    let after = went_quiet.elapsed();
+    assert!(
+        after >= Duration::from_millis(900),
+        "pinged {after:?} after the last PDU, before the 1 s interval"
+    );
+    assert_ne!(ping.u32_at(20), RESERVED_TAG, "the ping asks for an answer");
+    // Not answered: the connection goes about 2 s later, while the other one answers.
+    let unanswered = std::time::Instant::now();
+    while unanswered.elapsed() < Duration::from_secs(6) && !quiet.closed(Duration::from_millis(100))
+    {
+        answered += answer_pings(&mut answers, Duration::from_millis(10));
+    }
+    assert!(
+        unanswered.elapsed() < Duration::from_secs(6),
+        "an unanswered ping did not drop the connection"
+    );
+    answered += answer_pings(&mut answers, Duration::from_secs(2));
+    assert!(answered >= 3, "pings answered: {answered}");
+    assert!(answers.ping(), "the answering session is alive");
+    other_session_works(&s);
+}

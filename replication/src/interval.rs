@@ -52,9 +52,10 @@ impl IntervalLock {
     pub async fn lock(&self, start: u64, end: u64) -> IntervalGuard {
         let end = end.max(start + 1);
         loop {
+            // Before the check, so a release in between still wakes it (releases are
+            // `notify_waiters`, which needs no `enable`: that would lock the Notify twice).
             let notified = self.notify.notified();
             tokio::pin!(notified);
-            notified.as_mut().enable();
             if let Some(id) = self.try_take(start, end) {
                 return IntervalGuard {
                     lock: self.clone(),

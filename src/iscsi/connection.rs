@@ -599,13 +599,28 @@ async fn feature_phase(
 ) -> anyhow::Result<()> {
     let shutdown = io.session.shutdown.clone();
     let mut freed = io.session.budget.freed();
+    // One cancellation wait and one timer for the whole phase, not one each per PDU (each
+    // would register and deregister itself on every round). Activity moves the deadline
+    // later on nearly every PDU: the timer is re-armed only when it fires early or the
+    // deadline moves earlier.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let timer = tokio::time::sleep_until(seq.deadline());
+    tokio::pin!(timer);
     while !seq.closing() {
         let event = tokio::select! {
-            _ = shutdown.cancelled() => {
+            _ = &mut cancelled => {
                 info!("session closed by the target (reinstatement or reset)");
                 return Ok(());
             }
-            _ = tokio::time::sleep_until(seq.deadline()) => Event::Timer,
+            _ = &mut timer => {
+                let deadline = seq.deadline();
+                if deadline > Instant::now() {
+                    timer.as_mut().reset(deadline);
+                    continue;
+                }
+                Event::Timer
+            }
             _ = freed.changed(), if seq.waiting_for_budget() => Event::BudgetFreed,
             f = reader.next() => match f {
                 None => return Ok(()),
@@ -618,6 +633,10 @@ async fn feature_phase(
         // Seen before the rules run: a release while they run wakes the next round.
         freed.borrow_and_update();
         seq.handle(event, Instant::now(), io)?;
+        let deadline = seq.deadline();
+        if deadline < timer.deadline() || timer.is_elapsed() {
+            timer.as_mut().reset(deadline);
+        }
     }
     Ok(())
 }

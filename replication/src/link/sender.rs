@@ -121,9 +121,10 @@ impl LinkSender {
     async fn send_routed(&self, msg: Message, direct_ok: bool) -> Result<(), SendError> {
         let frame = EncodedFrame::new(&msg)?;
         loop {
+            // Before the check; `space` is only `notify_waiters`, which reaches a Notified
+            // from its creation (no `enable`, which would lock the Notify twice per frame).
             let space = self.0.space.notified();
             tokio::pin!(space);
-            space.as_mut().enable();
             {
                 let st = self.0.lock();
                 if st.closed {

@@ -242,9 +242,13 @@ impl ReplicatedVolume {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
         let mut last_rx = Instant::now();
+        // One wait for the kill switch for the connection's life, not one registered and
+        // dropped per frame.
+        let killed = kill.cancelled();
+        tokio::pin!(killed);
         let (reason, next) = loop {
             tokio::select! {
-                _ = kill.cancelled() => break ("connection closed locally".to_string(), None),
+                _ = &mut killed => break ("connection closed locally".to_string(), None),
                 e = rx_new.recv() => match e {
                     Some(e) => break ("replaced by a new connection from the peer".to_string(), Some(e)),
                     None => break ("shutting down".to_string(), None),

@@ -188,9 +188,12 @@ impl ReplicatedVolume {
         // Gate: decide "replicate" or "degraded" under the state lock, so the decision and
         // the bitmap agree with what a concurrent handshake or teardown sees.
         let replies: Option<Vec<(u64, u64, oneshot::Receiver<Reply>)>> = loop {
+            // Created before the gate is read, so a change in between still wakes it:
+            // `changed` is only ever `notify_waiters`, which reaches every `Notified` created
+            // before it without `enable` (enabling would take the Notify's lock twice per
+            // write, to register and to deregister).
             let notified = self.changed.notified();
             tokio::pin!(notified);
-            notified.as_mut().enable();
             let queued = {
                 let mut st = lock(&self.st);
                 match st.m.write_gate(self.cfg.fencing) {
