@@ -981,7 +981,10 @@ mod tests {
         assert!(parsed["panels"].as_array().is_some_and(|p| p.len() > 10));
         for name in metric_names(dashboard) {
             // Label names that are also metric names (drbd_resource_role...) are fine.
-            assert!(exported.contains(&name), "the dashboard uses {name}, not exported");
+            assert!(
+                exported.contains(&name),
+                "the dashboard uses {name}, not exported"
+            );
         }
         let readme = include_str!("../../README.md");
         let monitoring = readme
@@ -999,7 +1002,10 @@ mod tests {
             );
         }
         for f in &families {
-            assert!(monitoring.contains(f.as_str()), "README Monitoring does not list {f}");
+            assert!(
+                monitoring.contains(f.as_str()),
+                "README Monitoring does not list {f}"
+            );
         }
     }
 
