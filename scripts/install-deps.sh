@@ -38,9 +38,11 @@ command -v apt-get >/dev/null || die "apt-get not found: only Debian (bookworm) 
 #   qemu-system-x86, seabios, kmod, cpio   the Linux initiator guest (scripts/guest/build-image.sh:
 #                     depmod/modprobe on the unpacked kernel, cpio for the initramfs, qemu to boot it)
 #   man-db            `man -l` renders the generated man page (tests/cli_docs.rs, test-packaging)
+#   python3-prometheus-client   parses the /metrics exposition (tests/metrics.rs)
 PKGS=(libiscsi-bin libiscsi-dev tgt qemu-utils qemu-block-extra drbd-utils iproute2
       dpkg-dev build-essential pkg-config zlib1g-dev libaio-dev xz-utils python3 procps
-      iputils-ping iputils-arping rpm qemu-system-x86 seabios kmod cpio man-db)
+      iputils-ping iputils-arping rpm qemu-system-x86 seabios kmod cpio man-db
+      python3-prometheus-client)
 # shellcheck disable=SC2206  # word splitting of the extra list is intended
 PKGS+=(${TWINSAN_DEPS_EXTRA:-})
 

@@ -167,6 +167,7 @@ EXPECTED_RPM="/etc/twinsan/twinsan.toml
 /usr/share/doc/twinsan/README.md
 /usr/share/doc/twinsan/migration.md
 $(sed 's|^|/usr/share/man/man1/|' <<<"$MAN_PAGES")
+/usr/share/twinsan/grafana-dashboard.json
 /usr/share/zsh/site-functions/_twinsan"
 same_list() {  # same_list NAME EXPECTED ACTUAL
     if [ "$2" = "$3" ]; then return 0; fi
@@ -262,6 +263,7 @@ EXPECTED_DEB="./etc/twinsan/twinsan.toml
 ./usr/share/doc/twinsan/copyright
 ./usr/share/doc/twinsan/migration.md
 $(sed 's|^\(.*\)$|./usr/share/man/man1/\1.gz|' <<<"$MAN_PAGES")
+./usr/share/twinsan/grafana-dashboard.json
 ./usr/share/zsh/vendor-completions/_twinsan"
 log "dpkg-deb -I:"; dpkg-deb -I "$DEB" | sed 's/^/    /' >&2 || true
 check "dpkg -c lists the expected files" \

@@ -12,6 +12,7 @@ pub mod identity;
 pub mod import;
 pub mod iscsi;
 pub mod logbuf;
+pub mod metrics;
 pub mod scsi;
 pub mod sdnotify;
 pub mod server;

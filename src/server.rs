@@ -34,6 +34,8 @@ pub struct Server {
     control: Arc<ControlContext>,
     listeners: Vec<TcpListener>,
     control_socket: std::path::PathBuf,
+    /// The Prometheus endpoint's socket (`server.metrics_listen`), bound at start.
+    metrics: Option<TcpListener>,
 }
 
 impl Server {
@@ -136,6 +138,11 @@ impl Server {
             listeners.push(l);
         }
         let s = &config.server;
+        let metrics = match s.metrics_addr() {
+            Ok(Some(a)) => Some(crate::metrics::bind(a).await?),
+            Ok(None) => None,
+            Err(e) => anyhow::bail!("server.metrics_listen: {e}"),
+        };
         let iscsi = Arc::new(IscsiContext {
             sessions: SessionRegistry::default(),
             targets,
@@ -184,6 +191,7 @@ impl Server {
             control,
             listeners,
             control_socket: config.server.control_socket_path(),
+            metrics,
         })
     }
 
@@ -226,6 +234,13 @@ impl Server {
                 }
             })
         };
+        if let Some(l) = self.metrics {
+            tokio::spawn(crate::metrics::serve(
+                l,
+                self.control.clone(),
+                shutdown.clone(),
+            ));
+        }
         for listener in self.listeners {
             let iscsi = self.iscsi.clone();
             let shutdown = shutdown.clone();

@@ -126,6 +126,9 @@ pub struct ServerConfig {
     pub max_sessions_per_initiator: u32,
     /// Connections in the login phase at once; more are closed as they arrive.
     pub max_logins_in_progress: u32,
+    /// Address of the Prometheus endpoint (`GET /metrics`), e.g. "127.0.0.1:9942"; empty =
+    /// off. No authentication: a non-loopback address serves anyone who can reach it.
+    pub metrics_listen: String,
 }
 
 impl ServerConfig {
@@ -143,6 +146,16 @@ impl ServerConfig {
         match self.max_session_inflight_bytes {
             0 => crate::iscsi::budget::default_session_limit(server),
             n => n.min(server),
+        }
+    }
+
+    /// `metrics_listen` parsed: `None` when empty (no endpoint).
+    pub fn metrics_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        match self.metrics_listen.trim() {
+            "" => Ok(None),
+            a => a.parse().map(Some).map_err(|_| {
+                format!("`{a}` is not an address:port (e.g. \"127.0.0.1:9942\"; empty = off)")
+            }),
         }
     }
 
@@ -175,6 +188,7 @@ impl Default for ServerConfig {
             max_sessions: 4096,
             max_sessions_per_initiator: 256,
             max_logins_in_progress: 256,
+            metrics_listen: String::new(),
         }
     }
 }
@@ -744,6 +758,9 @@ impl Config {
             ),
         ] {
             check_range(&err, &format!("server.{key}"), v, lo, hi, note)?;
+        }
+        if let Err(e) = s.metrics_addr() {
+            return Err(err("server.metrics_listen".into(), e));
         }
         let n = &self.negotiation;
         for (key, v, min, max) in [

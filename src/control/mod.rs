@@ -96,6 +96,10 @@ pub struct LunStatus {
     pub engine: String,
     pub naa: String,
     pub serial: String,
+    /// Commands, bytes, errors and queue depth since start (what the metrics endpoint
+    /// exports as `twinsan_lun_*`).
+    #[serde(default)]
+    pub stats: crate::scsi::stats::LunStatsSnapshot,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -129,6 +133,7 @@ fn status(state: &ControlContext, started: Instant) -> Status {
                     engine: lu.store().engine().to_string(),
                     naa: hex::encode(&lu.settings().identity.naa),
                     serial: lu.settings().identity.serial.clone(),
+                    stats: lu.stats().snapshot(),
                 })
                 .collect(),
         })
@@ -163,13 +168,20 @@ fn status(state: &ControlContext, started: Instant) -> Status {
     }
 }
 
+/// The `status` answer: what the daemon serves and, with `[ha]`, the role loop's view. The
+/// metrics endpoint exports the same snapshot.
+pub async fn full_status(state: &ControlContext, started: Instant) -> Status {
+    let mut st = status(state, started);
+    if let Some(h) = state.ha.get() {
+        st.ha = Some(h.status_json().await);
+    }
+    st
+}
+
 async fn answer(state: &ControlContext, started: Instant, line: &str) -> serde_json::Value {
     match serde_json::from_str::<Request>(line) {
         Ok(Request::Status) => {
-            let mut st = status(state, started);
-            if let Some(h) = state.ha.get() {
-                st.ha = Some(h.status_json().await);
-            }
+            let st = full_status(state, started).await;
             serde_json::json!({ "ok": true, "status": st })
         }
         Ok(Request::Ha { action }) => {

@@ -71,6 +71,11 @@ pub struct Counters {
     pub demotions: u64,
     pub refusals: u64,
     pub alerts_sent: u64,
+    /// Milliseconds the last promotion took (promoting until primary: volumes promoted,
+    /// target started, VIP added), this host's part of a switchover's I/O pause.
+    pub last_promotion_ms: Option<u64>,
+    /// Milliseconds the last demotion took (demoting until secondary).
+    pub last_demotion_ms: Option<u64>,
 }
 
 /// What the role loop publishes.
@@ -499,6 +504,7 @@ pub async fn start(
         announcing: None,
         keeping: None,
         counters: Counters::default(),
+        transition_started: None,
         peer_wait,
         started,
         loop_alive_ms,

@@ -46,6 +46,9 @@ pub(super) struct Runtime {
     /// Cancels the task refreshing the VIPs' lifetime while primary.
     pub keeping: Option<CancellationToken>,
     pub counters: Counters,
+    /// When the current promotion or demotion began (for `last_promotion_ms` /
+    /// `last_demotion_ms`).
+    pub transition_started: Option<Instant>,
     /// How long a promotion waits for replication to notice that a silent peer is gone.
     pub peer_wait: Duration,
     pub started: Instant,
@@ -341,10 +344,23 @@ impl Runtime {
         let mut p = self.published.lock().unwrap_or_else(|e| e.into_inner());
         if p.status.role != role {
             info!(from = ?p.status.role, to = ?role, "role changed");
+            let took_ms = self
+                .transition_started
+                .take()
+                .map(|t| t.elapsed().as_millis() as u64);
             match role {
-                HostRole::Primary => self.counters.promotions += 1,
+                HostRole::Primary => {
+                    self.counters.promotions += 1;
+                    if p.status.role == HostRole::Promoting {
+                        self.counters.last_promotion_ms = took_ms;
+                    }
+                }
                 HostRole::Secondary if p.status.role == HostRole::Demoting => {
-                    self.counters.demotions += 1
+                    self.counters.demotions += 1;
+                    self.counters.last_demotion_ms = took_ms;
+                }
+                HostRole::Promoting | HostRole::Demoting => {
+                    self.transition_started = Some(Instant::now());
                 }
                 _ => {}
             }

@@ -11,6 +11,7 @@ pub mod pr;
 pub mod sbc;
 pub mod sense;
 pub mod spc;
+pub mod stats;
 mod target;
 pub mod thin;
 mod unit;

@@ -30,6 +30,7 @@ use super::pr::{Effects, InitiatorPort, PrError, PrOut};
 use super::sbc;
 use super::sense::{Sense, SenseKey};
 use super::spc;
+use super::stats::CommandClass;
 use super::thin::{ThresholdEvent, UA_SOFT_THRESHOLD};
 use super::unit::{LogicalUnit, PrReplicator};
 use super::xcopy;
@@ -38,6 +39,7 @@ use crate::store::BlockStore;
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Instant;
 use tracing::{debug, error, info, warn};
 
 /// Additional sense codes of the unit attentions this target establishes (SPC-4 D.2).
@@ -487,7 +489,11 @@ impl ScsiTarget {
         match self.route(lun, cdb, nexus) {
             Err(sense) => {
                 debug!(lun, opcode = %Opcode(cdb), %sense, "command refused before data");
-                DataOutPlan::Fail(ScsiResponse::check(sense))
+                let response = ScsiResponse::check(sense);
+                if let Some(unit) = self.unit_at(lun) {
+                    unit.stats.failed(&response);
+                }
+                DataOutPlan::Fail(response)
             }
             Ok(Route::NoUnit(cmd)) => DataOutPlan::None(PlannedCommand {
                 raw_lun: lun,
@@ -501,7 +507,9 @@ impl ScsiTarget {
                     && unit.reservations().conflicts(&self.port_of(nexus), &cmd)
                 {
                     debug!(lun, opcode = %Opcode(cdb), nexus, "reservation conflict");
-                    return DataOutPlan::Fail(reservation_conflict());
+                    let response = reservation_conflict();
+                    unit.stats.failed(&response);
+                    return DataOutPlan::Fail(response);
                 }
                 let planned = PlannedCommand {
                     raw_lun: lun,
@@ -521,6 +529,22 @@ impl ScsiTarget {
     /// Runs a command [`ScsiTarget::plan`] accepted, with the Data-Out gathered for it. See
     /// the module documentation for how `data_out` and the response relate to iSCSI lengths.
     pub async fn execute(&self, planned: PlannedCommand, req: ScsiRequest) -> ScsiResponse {
+        // The logical units never change after start: a planned unit is still there.
+        let Some(unit) = planned.unit.and_then(|n| self.luns.get(&n)) else {
+            return self.run_planned(planned, req).await;
+        };
+        let class = CommandClass::of(&planned.cmd);
+        let _in_flight = unit.stats.start();
+        let started = Instant::now();
+        let data_out_len = req.data_out.len();
+        let response = self.run_planned(planned, req).await;
+        unit.stats
+            .finish(class, data_out_len, &response, started.elapsed());
+        response
+    }
+
+    /// [`ScsiTarget::execute`] without the statistics.
+    async fn run_planned(&self, planned: PlannedCommand, req: ScsiRequest) -> ScsiResponse {
         let PlannedCommand {
             raw_lun, unit, cmd, ..
         } = planned;

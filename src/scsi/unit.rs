@@ -38,6 +38,8 @@ pub struct LogicalUnit {
     /// PERSISTENT RESERVE OUTs of a replicated LUN one at a time, change and replication
     /// together: the replica receives the states in the order they were made.
     pub(super) pr_out_gate: tokio::sync::Mutex<()>,
+    /// Command counters, latencies and queue depth (status and the metrics endpoint).
+    pub(super) stats: super::stats::LunStats,
 }
 
 /// Future of [`PrReplicator::replicate`].
@@ -77,7 +79,13 @@ impl LogicalUnit {
             pr_file: OnceLock::new(),
             pr_replicator: OnceLock::new(),
             pr_out_gate: tokio::sync::Mutex::new(()),
+            stats: Default::default(),
         }
+    }
+
+    /// This unit's command statistics.
+    pub fn stats(&self) -> &super::stats::LunStats {
+        &self.stats
     }
 
     /// Replicates this unit's reservation changes through `r` (a replicated LUN). The first

@@ -132,6 +132,8 @@ pub struct PairSpec {
     pub after_sb_0pri: String,
     pub after_sb_1pri: String,
     pub after_sb_2pri: String,
+    /// Serve the Prometheus endpoint on a loopback port of each host ([`Host::metrics_port`]).
+    pub metrics: bool,
 }
 
 impl Default for PairSpec {
@@ -144,6 +146,7 @@ impl Default for PairSpec {
             after_sb_0pri: "discard-zero-changes".into(),
             after_sb_1pri: "consensus".into(),
             after_sb_2pri: "disconnect".into(),
+            metrics: false,
         }
     }
 }
@@ -157,6 +160,8 @@ pub struct Host {
     /// All of this host's daemon runs, appended.
     pub log: PathBuf,
     pub iscsi_port: u16,
+    /// `[server] metrics_listen` port on 127.0.0.1, with [`PairSpec::metrics`].
+    pub metrics_port: Option<u16>,
     pub listen: SocketAddr,
     /// Where this host dials the peer (the peer's listen address or a proxy).
     pub peer: SocketAddr,
@@ -171,6 +176,7 @@ impl Host {
         let cfg = format!(
             r#"[server]
 data_dir = "{data}"
+{metrics}
 
 [[target]]
 iqn = "{IQN}"
@@ -195,6 +201,10 @@ after_sb_1pri = "{sb1}"
 after_sb_2pri = "{sb2}"
 "#,
             data = self.dir.join("data").display(),
+            metrics = self
+                .metrics_port
+                .map(|p| format!("metrics_listen = \"127.0.0.1:{p}\""))
+                .unwrap_or_default(),
             port = self.iscsi_port,
             image = self.image.display(),
             listen = self.listen,
@@ -475,6 +485,7 @@ impl Pair {
                 image,
                 dir: d,
                 iscsi_port: unique_port(),
+                metrics_port: spec.metrics.then(unique_port),
                 listen,
                 peer,
                 server: None,

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -262,10 +262,16 @@ impl ReplicatedVolume {
         let (lres, peer) = match replies {
             None => (local.await, Vec::new()),
             Some(v) => {
-                let waits = futures::future::join_all(
-                    v.into_iter()
-                        .map(|(off, l, rx)| async move { (off, l, rx.await) }),
-                );
+                // Write-ack latency: from the frames' queueing to each part's ack.
+                let sent_at = Instant::now();
+                let waits =
+                    futures::future::join_all(v.into_iter().map(|(off, l, rx)| async move {
+                        let r = rx.await;
+                        if matches!(r, Ok(Reply::Ok)) {
+                            self.ctr.write_ack.observe(sent_at.elapsed());
+                        }
+                        (off, l, r)
+                    }));
                 tokio::join!(local, waits)
             }
         };

@@ -540,6 +540,8 @@ pub(crate) struct Counters {
     app_inflight: AtomicU64,
     /// The peer's writes being applied here (secondary).
     peer_writes_inflight: AtomicU64,
+    /// Application writes: queued to the peer until its ack (protocol C).
+    write_ack: crate::latency::LatencyHistogram,
 }
 
 /// A replicated volume. See the module docs.
@@ -671,6 +673,17 @@ impl ReplicatedVolume {
     /// Usable data size in bytes (the DRBD data area).
     pub fn size(&self) -> u64 {
         self.usable
+    }
+
+    /// The peer's address (`peer`).
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.cfg.peer
+    }
+
+    /// Latency of application writes from queueing to the peer's ack (the Prometheus
+    /// endpoint's write-ack histogram).
+    pub fn write_ack_latency(&self) -> crate::latency::HistogramSnapshot {
+        self.ctr.write_ack.snapshot()
     }
 
     /// Volume name.
