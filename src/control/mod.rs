@@ -367,6 +367,40 @@ pub fn render_rates(before: &Status, now: &Status, elapsed: std::time::Duration)
     use std::fmt::Write;
     let secs = elapsed.as_secs_f64().max(1e-3);
     let mut o = String::new();
+    for t in &now.targets {
+        let Some(bt) = before.targets.iter().find(|b| b.iqn == t.iqn) else {
+            continue;
+        };
+        for l in &t.luns {
+            let Some(b) = bt.luns.iter().find(|b| b.number == l.number) else {
+                continue;
+            };
+            let (a, b) = (&l.stats, &b.stats);
+            // Counters that went backwards (daemon restarted) read as no traffic.
+            let reads = a.reads.saturating_sub(b.reads);
+            let writes = a.writes.saturating_sub(b.writes);
+            let mean_us = |ns: u64, n: u64| {
+                if n == 0 {
+                    0.0
+                } else {
+                    ns as f64 / n as f64 / 1e3
+                }
+            };
+            let mib = |x: u64| x as f64 / secs / (1 << 20) as f64;
+            let _ = writeln!(
+                o,
+                "lun {:<3} read {:.0} IOPS {:.1} MiB/s {:.0} us, write {:.0} IOPS {:.1} MiB/s {:.0} us, in flight {}",
+                l.number,
+                reads as f64 / secs,
+                mib(a.read_bytes.saturating_sub(b.read_bytes)),
+                mean_us(a.read_latency_ns.saturating_sub(b.read_latency_ns), reads),
+                writes as f64 / secs,
+                mib(a.written_bytes.saturating_sub(b.written_bytes)),
+                mean_us(a.write_latency_ns.saturating_sub(b.write_latency_ns), writes),
+                a.in_flight,
+            );
+        }
+    }
     for v in &now.volumes {
         let Some(b) = before.volumes.iter().find(|b| b["name"] == v["name"]) else {
             continue;
@@ -535,5 +569,50 @@ mod tests {
         // A counter that went backwards (daemon restarted) reads as no traffic.
         let r = render_rates(&now, &before, std::time::Duration::from_secs(1));
         assert!(r.contains("sent 0.0 MiB/s"));
+    }
+
+    #[test]
+    fn lun_rates_are_iops_mib_and_mean_latency_over_the_interval() {
+        let lun = |reads: u64, read_ns: u64, writes: u64, write_ns: u64, in_flight: u64| {
+            let mut s = status(Vec::new());
+            s.targets.push(TargetStatus {
+                iqn: "iqn.x:t".into(),
+                luns: vec![LunStatus {
+                    number: 0,
+                    size_bytes: 0,
+                    block_size: 512,
+                    read_only: false,
+                    store: String::new(),
+                    engine: String::new(),
+                    naa: String::new(),
+                    serial: String::new(),
+                    stats: crate::scsi::stats::LunStatsSnapshot {
+                        reads,
+                        read_bytes: reads * 4096,
+                        read_latency_ns: read_ns,
+                        writes,
+                        written_bytes: writes << 20,
+                        write_latency_ns: write_ns,
+                        in_flight,
+                        ..Default::default()
+                    },
+                }],
+            });
+            s
+        };
+        let before = lun(1000, 50_000_000, 10, 1_000_000, 0);
+        // 2 s later: 2,000 reads of 4 KiB that took 100 us each, 4 writes of 1 MiB at 2 ms.
+        let now = lun(3000, 250_000_000, 14, 9_000_000, 3);
+        let r = render_rates(&before, &now, std::time::Duration::from_secs(2));
+        assert_eq!(
+            r,
+            "lun 0   read 1000 IOPS 3.9 MiB/s 100 us, write 2 IOPS 2.0 MiB/s 2000 us, in flight 3\n"
+        );
+        // Nothing done: no division by zero.
+        let r = render_rates(&now, &now, std::time::Duration::from_secs(1));
+        assert!(
+            r.starts_with("lun 0   read 0 IOPS 0.0 MiB/s 0 us, write 0 IOPS"),
+            "{r}"
+        );
     }
 }

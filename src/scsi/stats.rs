@@ -103,6 +103,12 @@ pub struct LunStatsSnapshot {
     pub reservation_conflicts: u64,
     /// Commands running now (the queue depth this LUN sees).
     pub in_flight: u64,
+    /// Total time the READs and the write commands took, in nanoseconds (the sums of the
+    /// latency histograms): `status --watch` divides their growth by the commands'.
+    #[serde(default)]
+    pub read_latency_ns: u64,
+    #[serde(default)]
+    pub write_latency_ns: u64,
 }
 
 impl LunStats {
@@ -188,6 +194,8 @@ impl LunStats {
                 .collect(),
             reservation_conflicts: load(&self.reservation_conflicts),
             in_flight: load(&self.in_flight),
+            read_latency_ns: self.read_latency.snapshot().sum_ns,
+            write_latency_ns: self.write_latency.snapshot().sum_ns,
         }
     }
 
