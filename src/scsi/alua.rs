@@ -376,12 +376,15 @@ mod tests {
         );
         let e = report_target_port_groups(g, s, true, true);
         assert_eq!(&e[..8], &[0, 0, 0, 28, 0x10, 0, 0, 0]);
-        assert_eq!(&e[8..], &{
-            let mut v = d[4..].to_vec();
-            v[5] = 0x02;
-            v[17] = 0x02;
-            v
-        }[..]);
+        assert_eq!(
+            &e[8..],
+            &{
+                let mut v = d[4..].to_vec();
+                v[5] = 0x02;
+                v[17] = 0x02;
+                v
+            }[..]
+        );
     }
 
     #[test]
@@ -396,7 +399,10 @@ mod tests {
         assert_eq!(&long[4..6], &[0x10, 0]);
         assert_eq!(parsed(&rtpg(1, 40)).alloc_len(), Some(40));
         let e = rtpg_data(Some(&alua), &parsed(&rtpg(2, 40))).unwrap_err();
-        assert_eq!((e.asc, e.sks.unwrap().byte, e.sks.unwrap().bit), (0x24, 1, Some(7)));
+        assert_eq!(
+            (e.asc, e.sks.unwrap().byte, e.sks.unwrap().bit),
+            (0x24, 1, Some(7))
+        );
         // Without ALUA: what an unknown MAINTENANCE IN service action always got.
         let e = rtpg_data(None, &parsed(&rtpg(0, 40))).unwrap_err();
         assert_eq!(e, Sense::invalid_field_in_cdb(1, Some(4)));

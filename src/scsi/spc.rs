@@ -989,7 +989,8 @@ mod tests {
         let n = supported_commands(true, false).len();
         assert_eq!(d.len(), 4 + 8 * n);
         assert_eq!(&d[..4], &((8 * n) as u32).to_be_bytes());
-        let d = report_supported_opcodes(&ReportOpcodes { rctd: true, ..all }, true, false).unwrap();
+        let d =
+            report_supported_opcodes(&ReportOpcodes { rctd: true, ..all }, true, false).unwrap();
         assert_eq!(d.len(), 4 + 20 * n);
         assert_eq!(d[4 + 5] & 0x02, 0x02);
 
@@ -1002,7 +1003,8 @@ mod tests {
         assert_eq!(&d[..4], &[0, 3, 0, 10]);
         assert_eq!(d[4], opcode::READ_10);
         assert_eq!(d[5] & 0x18, 0x18);
-        let e = report_supported_opcodes(&ReportOpcodes { options: 2, ..one }, true, false).unwrap_err();
+        let e = report_supported_opcodes(&ReportOpcodes { options: 2, ..one }, true, false)
+            .unwrap_err();
         assert_eq!(e.asc, 0x24);
         let rc16 = ReportOpcodes {
             options: 2,
@@ -1012,15 +1014,23 @@ mod tests {
         };
         let d = report_supported_opcodes(&rc16, true, false).unwrap();
         assert_eq!((d[1], d[4], d[5]), (3, 0x9E, 0x10));
-        assert!(report_supported_opcodes(&ReportOpcodes { options: 1, ..rc16 }, true, false).is_err());
+        assert!(
+            report_supported_opcodes(&ReportOpcodes { options: 1, ..rc16 }, true, false).is_err()
+        );
         let either = ReportOpcodes { options: 3, ..rc16 };
-        assert_eq!(report_supported_opcodes(&either, true, false).unwrap()[5], 0x10);
+        assert_eq!(
+            report_supported_opcodes(&either, true, false).unwrap()[5],
+            0x10
+        );
         let either = ReportOpcodes {
             options: 3,
             opcode: opcode::WRITE_SAME_16,
             ..all
         };
-        assert_eq!(report_supported_opcodes(&either, true, false).unwrap()[4], 0x93);
+        assert_eq!(
+            report_supported_opcodes(&either, true, false).unwrap()[4],
+            0x93
+        );
         let unknown = ReportOpcodes {
             options: 1,
             opcode: 0x3B,
@@ -1035,7 +1045,10 @@ mod tests {
             opcode: opcode::UNMAP,
             ..all
         };
-        assert_eq!(report_supported_opcodes(&unmap, false, false).unwrap()[1], 1);
+        assert_eq!(
+            report_supported_opcodes(&unmap, false, false).unwrap()[1],
+            1
+        );
         assert!(matches!(
             parse(&[opcode::TEST_UNIT_READY, 0, 0, 0, 0, 0]),
             Ok(Command::TestUnitReady)

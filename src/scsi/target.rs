@@ -1960,7 +1960,10 @@ mod tests {
         let r = run(&t, 1, &[opcode::INQUIRY, 1, 0x83, 0, 255, 0], &[]).await;
         let page = r.data_in.to_vec();
         let tail = &page[page.len() - 16..];
-        assert_eq!(tail, &[0x51, 0x94, 0, 4, 0, 0, 0, 2, 0x51, 0x95, 0, 4, 0, 0, 0, 2]);
+        assert_eq!(
+            tail,
+            &[0x51, 0x94, 0, 4, 0, 0, 0, 2, 0x51, 0x95, 0, 4, 0, 0, 0, 2]
+        );
         let r = run(&t, 2, &TUR, &[]).await;
         assert_eq!(sense_of(&r), (0x02, 0x04, 0x0B));
         let data = vec![0xAB; BS as usize];
@@ -1972,7 +1975,11 @@ mod tests {
         assert!(block.iter().all(|&b| b == 0), "nothing written");
         let r = run(&t, 1, &rtpg_cdb(), &[]).await;
         assert_eq!(r.status, Status::Good);
-        assert_eq!((r.data_in[4], r.data_in[7]), (0x02, 2), "own group 2 standby");
+        assert_eq!(
+            (r.data_in[4], r.data_in[7]),
+            (0x02, 2),
+            "own group 2 standby"
+        );
         assert_eq!((r.data_in[16], r.data_in[19]), (0x00, 1), "group 1 active");
 
         primary.store(true, Ordering::SeqCst);
@@ -1985,7 +1992,11 @@ mod tests {
         let r = run(&t, 1, &cdb10(opcode::WRITE_10, 0, 3, 1), &data).await;
         assert_eq!(r.status, Status::Good);
         let r = run(&t, 1, &rtpg_cdb(), &[]).await;
-        assert_eq!((r.data_in[4], r.data_in[9]), (0x00, 0x02), "active, altered implicitly");
+        assert_eq!(
+            (r.data_in[4], r.data_in[9]),
+            (0x00, 0x02),
+            "active, altered implicitly"
+        );
 
         // Planned as primary, demoted while the Data-Out came in: not written.
         let DataOutPlan::Gather(_, planned) = t.plan(raw(0), &cdb10(opcode::WRITE_10, 0, 4, 1), 1)

@@ -132,6 +132,8 @@ pub struct PairSpec {
     pub after_sb_0pri: String,
     pub after_sb_1pri: String,
     pub after_sb_2pri: String,
+    /// `alua = true` on the target (ALUA across the pair).
+    pub alua: bool,
 }
 
 impl Default for PairSpec {
@@ -144,6 +146,7 @@ impl Default for PairSpec {
             after_sb_0pri: "discard-zero-changes".into(),
             after_sb_1pri: "consensus".into(),
             after_sb_2pri: "disconnect".into(),
+            alua: false,
         }
     }
 }
@@ -175,6 +178,7 @@ data_dir = "{data}"
 [[target]]
 iqn = "{IQN}"
 portals = ["127.0.0.1:{port}"]
+alua = {alua}
 
 [[target.lun]]
 number = 0
@@ -203,6 +207,7 @@ after_sb_2pri = "{sb2}"
             sb0 = s.after_sb_0pri,
             sb1 = s.after_sb_1pri,
             sb2 = s.after_sb_2pri,
+            alua = s.alua,
         );
         std::fs::write(&self.config, cfg).unwrap();
     }
