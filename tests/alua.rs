@@ -10,6 +10,7 @@ mod common;
 use bytes::Bytes;
 use common::pair::{Pair, PairSpec};
 use common::raw::Raw;
+use common::{bin, run, text, INIT1, IQN};
 use std::time::Duration;
 use twinsan::iscsi::pdu::Opcode;
 
@@ -177,4 +178,96 @@ fn alua_groups_follow_a_switchover_and_standby_never_touches_the_medium() {
     assert!(img[8 * BLOCK..9 * BLOCK].iter().all(|&x| x == 0));
     assert!(img[10 * BLOCK..11 * BLOCK].iter().all(|&x| x == 0));
     assert!(img[11 * BLOCK..12 * BLOCK].iter().all(|&x| x == 0xB2));
+}
+
+/// `[ha]` (manual source, heartbeats on loopback) for `node`.
+fn ha_table(node: &str, hb: u16, peer_hb: u16) -> String {
+    format!(
+        r#"
+[ha]
+node = "{node}"
+source = "manual"
+listen = "127.0.0.1:{hb}"
+peer = "127.0.0.1:{peer_hb}"
+secret = "loopback-ha-secret"
+heartbeat_interval_ms = 50
+peer_timeout_ms = 400
+"#
+    )
+}
+
+fn ha_cli(h: &common::pair::Host, args: &[&str]) -> (bool, String) {
+    let o = run(
+        std::process::Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(&h.config),
+        LIMIT * 3,
+    );
+    (o.status.success(), text(&o))
+}
+
+/// Retries `become-primary` (the peer's demotion reaches it over the heartbeats).
+fn become_primary(h: &common::pair::Host) {
+    let deadline = std::time::Instant::now() + SYNC;
+    loop {
+        let (ok, out) = ha_cli(h, &["become-primary"]);
+        if ok {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}: {out}", h.label);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn with_ha_the_standby_host_keeps_its_host_portal() {
+    let mut p = Pair::new(PairSpec {
+        alua: true,
+        ..PairSpec::default()
+    });
+    // `portals` (the shared address, here 127.0.0.2) only while primary; the host portal
+    // (127.0.0.1:iscsi_port) in both roles.
+    let shared = common::pair::unique_port();
+    let (hb_a, hb_b) = (common::pair::unique_port(), common::pair::unique_port());
+    for (h, node, hb, peer_hb) in [(&mut p.a, "a", hb_a, hb_b), (&mut p.b, "b", hb_b, hb_a)] {
+        h.portals = Some(format!("\"127.0.0.2:{shared}\""));
+        h.target_extra = format!("host_portals = [\"127.0.0.1:{}\"]", h.iscsi_port);
+        h.extra = ha_table(node, hb, peer_hb);
+    }
+    p.start();
+    become_primary(&p.a);
+    p.wait_in_sync(SYNC);
+    let (ga, gb) = if p.a.listen < p.b.listen {
+        (1, 2)
+    } else {
+        (2, 1)
+    };
+    let mut b = Raw::login(p.b.iscsi_port, false, false);
+    assert_eq!(rtpg(&mut b), vec![(gb, STANDBY, gb), (ga, AO, ga)]);
+    assert_eq!(write(&mut b, 3, 0xB3), (0x02, NOT_READY_STANDBY));
+    let shared_addr = std::net::SocketAddr::from(([127, 0, 0, 2], shared));
+    let mut via_shared =
+        Raw::try_login_at(shared_addr, IQN, INIT1, false, false, LIMIT).expect("login to A");
+    assert_eq!(rtpg(&mut via_shared), vec![(ga, AO, ga), (gb, STANDBY, gb)]);
+    drop(via_shared);
+
+    // Planned switchover: A steps down, B up. B's host-portal session lives on.
+    for h in [&p.a, &p.b] {
+        let (ok, out) = ha_cli(h, &["manual-mode-enable"]);
+        assert!(ok, "{out}");
+    }
+    let (ok, out) = ha_cli(&p.a, &["become-secondary"]);
+    assert!(ok, "{out}");
+    become_primary(&p.b);
+    assert_eq!(cmd(&mut b, &TUR, 0).2, (0x6, 0x2A, 0x06));
+    assert_eq!(rtpg(&mut b), vec![(gb, AO, gb), (ga, STANDBY, ga)]);
+    // A, now secondary, still answers on its host portal, as standby.
+    let mut a = Raw::login(p.a.iscsi_port, false, false);
+    assert_eq!(rtpg(&mut a), vec![(ga, STANDBY, ga), (gb, AO, gb)]);
+    assert_eq!(write(&mut a, 4, 0xA4), (0x02, NOT_READY_STANDBY));
+    assert_eq!(write(&mut b, 5, 0xB5), (0x00, (0, 0, 0)));
+    let (_, block3, _) = cmd(&mut b, &read_cdb(3), BLOCK as u32);
+    let (_, block4, _) = cmd(&mut b, &read_cdb(4), BLOCK as u32);
+    assert_eq!((block3, block4), (vec![0; BLOCK], vec![0; BLOCK]));
 }

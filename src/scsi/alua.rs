@@ -440,8 +440,8 @@ mod tests {
                 roles(primary, Some(!primary))
             }),
         );
-        assert_eq!(alua.observe().1, false, "the first look is no change");
-        assert_eq!(alua.observe().1, false);
+        assert!(!alua.observe().1, "the first look is no change");
+        assert!(!alua.observe().1);
         assert_eq!(alua.report(false)[4], AccessState::Standby as u8);
         assert_eq!(alua.report(false)[9], 0, "no status before a change");
         state.store(1, Ordering::SeqCst);
@@ -449,7 +449,7 @@ mod tests {
         let (now, changed) = alua.observe();
         assert!(changed);
         assert_eq!(now.own, AccessState::ActiveOptimized);
-        assert_eq!(alua.observe().1, false, "reported once");
+        assert!(!alua.observe().1, "reported once");
         let r = alua.report(false);
         assert_eq!((r[4], r[9]), (0x00, STATUS_ALTERED_IMPLICITLY));
     }

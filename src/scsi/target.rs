@@ -458,28 +458,30 @@ impl ScsiTarget {
     /// 6.39: only INQUIRY, REPORT LUNS and REQUEST SENSE work without a logical unit), then
     /// UNIT ATTENTION (SAM-5 5.14: not reported to those three), then the CDB itself.
     fn route(&self, raw_lun: u64, cdb: &[u8], nexus: NexusId) -> Result<Route<'_>, Sense> {
-        self.note_nexus(nexus);
-        let exempt = matches!(
-            cdb.first().copied(),
-            Some(opcode::INQUIRY | opcode::REPORT_LUNS | opcode::REQUEST_SENSE)
-        );
-        let Some(unit) = self.unit_at(raw_lun) else {
-            if !exempt {
-                return Err(Sense::logical_unit_not_supported());
-            }
-            return Ok(Route::NoUnit(cdb::parse(cdb)?));
-        };
-        // ALUA (SPC-4 5.16.2.7): a change of the groups' states since the last command is
-        // a unit attention for every I_T nexus, this one included.
-        let own_state = unit.alua().map(|a| {
+        let unit = self.unit_at(raw_lun);
+        // ALUA (SPC-4 5.16.2.7): a change of the groups' states since the last command is a
+        // unit attention for every I_T nexus that existed (noted after, so that a nexus
+        // whose first command this is does not get one for a change it never saw).
+        let own_state = unit.and_then(|u| u.alua()).map(|a| {
             let (states, changed) = a.observe();
-            if changed {
+            if let Some(unit) = unit.filter(|_| changed) {
                 info!(lun = unit.lun(), own = ?states.own, peer = ?states.peer,
                     "ALUA: asymmetric access state changed");
                 self.establish_unit_attention(&[unit], alua::UA_ACCESS_STATE_CHANGED);
             }
             states.own
         });
+        self.note_nexus(nexus);
+        let exempt = matches!(
+            cdb.first().copied(),
+            Some(opcode::INQUIRY | opcode::REPORT_LUNS | opcode::REQUEST_SENSE)
+        );
+        let Some(unit) = unit else {
+            if !exempt {
+                return Err(Sense::logical_unit_not_supported());
+            }
+            return Ok(Route::NoUnit(cdb::parse(cdb)?));
+        };
         if !exempt {
             if let Some(ua) = unit.take_unit_attention(nexus) {
                 return Err(ua);
@@ -1991,6 +1993,23 @@ mod tests {
         }
         let r = run(&t, 1, &cdb10(opcode::WRITE_10, 0, 3, 1), &data).await;
         assert_eq!(r.status, Status::Good);
+        // A nexus whose first command comes after a change gets no unit attention for it.
+        primary.store(false, Ordering::SeqCst);
+        let r = run(&t, 3, &TUR, &[]).await;
+        assert_eq!(
+            sense_of(&r),
+            (0x02, 0x04, 0x0B),
+            "standby, no unit attention"
+        );
+        let r = run(&t, 1, &TUR, &[]).await;
+        assert_eq!(
+            sense_of(&r),
+            (0x06, 0x2A, 0x06),
+            "nexus 1 had seen the old state"
+        );
+        primary.store(true, Ordering::SeqCst);
+        let r = run(&t, 1, &TUR, &[]).await;
+        assert_eq!(sense_of(&r), (0x06, 0x2A, 0x06));
         let r = run(&t, 1, &rtpg_cdb(), &[]).await;
         assert_eq!(
             (r.data_in[4], r.data_in[9]),

@@ -164,6 +164,13 @@ pub struct Host {
     /// Where this host dials the peer (the peer's listen address or a proxy).
     pub peer: SocketAddr,
     pub server: Option<Server>,
+    /// The target's `portals` instead of `127.0.0.1:<iscsi_port>` (then `iscsi_port` must be
+    /// bound some other way, e.g. as a host portal: start waits for it).
+    pub portals: Option<String>,
+    /// Lines added to this host's `[[target]]` table (e.g. `host_portals`).
+    pub target_extra: String,
+    /// Tables appended to this host's configuration (e.g. `[ha]`).
+    pub extra: String,
     spec: PairSpec,
     starts: u32,
 }
@@ -177,8 +184,9 @@ data_dir = "{data}"
 
 [[target]]
 iqn = "{IQN}"
-portals = ["127.0.0.1:{port}"]
+portals = [{portals}]
 alua = {alua}
+{target_extra}
 
 [[target.lun]]
 number = 0
@@ -197,9 +205,9 @@ timeout_secs = 3
 after_sb_0pri = "{sb0}"
 after_sb_1pri = "{sb1}"
 after_sb_2pri = "{sb2}"
+{extra}
 "#,
             data = self.dir.join("data").display(),
-            port = self.iscsi_port,
             image = self.image.display(),
             listen = self.listen,
             peer = self.peer,
@@ -208,6 +216,12 @@ after_sb_2pri = "{sb2}"
             sb1 = s.after_sb_1pri,
             sb2 = s.after_sb_2pri,
             alua = s.alua,
+            portals = self
+                .portals
+                .clone()
+                .unwrap_or_else(|| format!("\"127.0.0.1:{}\"", self.iscsi_port)),
+            target_extra = self.target_extra,
+            extra = self.extra,
         );
         std::fs::write(&self.config, cfg).unwrap();
     }
@@ -483,6 +497,9 @@ impl Pair {
                 listen,
                 peer,
                 server: None,
+                portals: None,
+                target_extra: String::new(),
+                extra: String::new(),
                 spec: spec.clone(),
                 starts: 0,
             }
