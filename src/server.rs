@@ -69,7 +69,12 @@ impl Server {
                     replicated.push((l.number, volume.clone()));
                     volumes.push(volume);
                 }
-                let identity = identities.resolve(t, l)?;
+                let mut identity = identities.resolve(t, l)?;
+                if let Some(groups) = alua_groups(t, l) {
+                    // ALUA: this host's target port is the one of its group (SPC-4 5.16).
+                    identity.port_group = Some(groups.own);
+                    identity.relative_port = groups.own;
+                }
                 info!(target = %t.iqn, lun = l.number, store = %store.describe(),
                     naa = %hex::encode(&identity.naa), serial = %identity.serial, "LUN ready");
                 let settings = LunSettings {
@@ -110,6 +115,15 @@ impl Server {
             for (lun, volume) in &replicated {
                 if let Some(unit) = scsi.logical_unit(*lun) {
                     crate::volumes::replicate_reservations(unit, volume);
+                    if let Some(groups) = t
+                        .luns
+                        .iter()
+                        .find(|l| l.number == *lun)
+                        .and_then(|l| alua_groups(t, l))
+                    {
+                        crate::volumes::report_alua(unit, volume, groups);
+                        info!(target = %t.iqn, lun, own_group = groups.own, peer_group = groups.peer, "ALUA on");
+                    }
                 }
             }
             targets.insert(
@@ -131,8 +145,21 @@ impl Server {
             }
         }
         let mut listeners = Vec::new();
-        // With [ha] the role loop binds the portals while this host is primary.
-        for a in addrs.into_iter().filter(|_| config.ha.is_none()) {
+        // With [ha] the role loop binds the portals while this host is primary; the host
+        // portals (ALUA's standby path) are bound in both roles.
+        let host_portals: BTreeSet<SocketAddr> = config
+            .targets
+            .iter()
+            .flat_map(|t| &t.host_portals)
+            .map(|p| p.parse::<SocketAddr>().expect("validated"))
+            .filter(|a| !addrs.contains(a))
+            .collect();
+        let always = host_portals.into_iter();
+        for a in addrs
+            .into_iter()
+            .filter(|_| config.ha.is_none())
+            .chain(always)
+        {
             let l =
                 listener::bind(a, false).with_context(|| format!("cannot listen on portal {a}"))?;
             listeners.push(l);
@@ -301,7 +328,10 @@ pub fn build_login_config(config: &Config) -> Arc<LoginConfig> {
             a.allowed_initiators = t.allowed_initiators.clone();
             a.chap = chap(&t.chap);
             a.mutual_chap = chap(&t.mutual_chap);
-            a.portals = t.portals.iter().filter_map(|p| p.parse().ok()).collect();
+            a.portals = t
+                .advertised_portals()
+                .filter_map(|p| p.parse().ok())
+                .collect();
             a.portal_group_tag = Some(t.tpgt);
             a
         })
@@ -377,4 +407,11 @@ fn open_store(l: &LunConfig, engine: &EngineChoice) -> anyhow::Result<Arc<dyn Bl
 /// The URL a libiscsi client uses to reach LUN `lun` of `target` on `portal`.
 pub fn iscsi_url(portal: &str, target: &TargetConfig, lun: u64) -> String {
     format!("iscsi://{portal}/{}/{lun}", target.iqn)
+}
+
+/// The ALUA port groups of LUN `l` of target `t`: with `alua = true`, from its replication
+/// link (validated: every LUN replicated, the same numbering for all).
+fn alua_groups(t: &TargetConfig, l: &LunConfig) -> Option<crate::scsi::alua::PortGroups> {
+    let r = l.replication.as_ref().filter(|_| t.alua)?;
+    crate::scsi::alua::PortGroups::from_link(r.listen.parse().ok()?, r.peer.parse().ok()?)
 }

@@ -3,6 +3,7 @@
 //! answers the `twinsan replication ...` commands.
 
 use crate::config::{parse_meta, LunConfig, MetaDisk, ReplicationConfig};
+use crate::scsi::alua::{Alua, PairRoles, PortGroups};
 use crate::scsi::{LogicalUnit, PrReplicateFuture, PrReplicator};
 use crate::store::BlockStore;
 use anyhow::{anyhow, bail, Context};
@@ -136,6 +137,22 @@ pub fn replicate_reservations(unit: &Arc<LogicalUnit>, volume: &Arc<ReplicatedVo
         None => Err("logical unit is gone".into()),
     }));
     unit.replicate_reservations_through(Arc::new(VolumeReservations(volume.clone())));
+}
+
+/// ALUA on `unit` (SPC-4 5.16): its port groups' states follow `volume`'s roles, read for
+/// every command, so a standby host refuses media access before the store is touched.
+pub fn report_alua(unit: &LogicalUnit, volume: &Arc<ReplicatedVolume>, groups: PortGroups) {
+    let v = volume.clone();
+    unit.enable_alua(Alua::new(
+        groups,
+        Box::new(move || {
+            let (local, peer) = v.roles();
+            PairRoles {
+                local_primary: local == Role::Primary,
+                peer_primary: peer.map(|p| p == Role::Primary),
+            }
+        }),
+    ));
 }
 
 /// `twinsan replication create-md`: fresh DRBD v08 metadata for a new volume.

@@ -244,6 +244,23 @@ pub struct TargetConfig {
     pub mutual_chap: Option<Credentials>,
     #[serde(default, rename = "lun")]
     pub luns: Vec<LunConfig>,
+    /// ALUA across the pair (SPC-4 5.16): each host is a target port group, the primary's
+    /// active/optimized, the secondary's standby. Every LUN must be replicated. Off by
+    /// default: INQUIRY and VPD pages stay what they were.
+    #[serde(default)]
+    pub alua: bool,
+    /// With `alua`: this host's own portals, bound in both roles so that initiators keep a
+    /// path to the standby group (with `[ha]` the `portals`, e.g. the VIP, are bound only
+    /// while primary); advertised in SendTargets after `portals`.
+    #[serde(default)]
+    pub host_portals: Vec<String>,
+}
+
+impl TargetConfig {
+    /// Every address this target answers SendTargets with: `portals`, then `host_portals`.
+    pub fn advertised_portals(&self) -> impl Iterator<Item = &String> {
+        self.portals.iter().chain(&self.host_portals)
+    }
 }
 
 fn default_portals() -> Vec<String> {
@@ -642,6 +659,8 @@ impl Config {
                 allowed_initiators: vec![],
                 chap: None,
                 mutual_chap: None,
+                alua: false,
+                host_portals: vec![],
                 luns: vec![LunConfig {
                     number: 0,
                     path: data_dir.join("lun0.img"),
@@ -849,13 +868,18 @@ impl Config {
                     "needs at least one portal".into(),
                 ));
             }
-            for p in &t.portals {
-                if p.parse::<SocketAddr>().is_err() {
-                    return Err(err(
-                        format!("{tk}.portals"),
-                        format!("`{p}` is not an address:port (IPv6 as \"[::1]:3260\")"),
-                    ));
+            for (key, list) in [("portals", &t.portals), ("host_portals", &t.host_portals)] {
+                for p in list {
+                    if p.parse::<SocketAddr>().is_err() {
+                        return Err(err(
+                            format!("{tk}.{key}"),
+                            format!("`{p}` is not an address:port (IPv6 as \"[::1]:3260\")"),
+                        ));
+                    }
                 }
+            }
+            if let Err((key, m)) = check_alua(t) {
+                return Err(err(format!("{tk}.{key}"), m));
             }
             for i in &t.allowed_initiators {
                 if let Err(m) = check_iscsi_name(i) {
@@ -1009,6 +1033,64 @@ fn check_thin_threshold(l: &LunConfig, p: u8) -> Result<(), String> {
 
 /// The identity-mode keys of one LUN: which keys each mode needs or refuses, and the field
 /// lengths tgt (usr/tgtd.h) and IET (kernel/iscsi.h) accept.
+/// `alua` and `host_portals` of a target: ALUA needs every LUN replicated, with twinsan's own
+/// identity (tgt / IET never reported ALUA), and the port group numbering (from each
+/// replication link's `listen` and `peer`, see `scsi::alua::PortGroups`) the same for all.
+fn check_alua(t: &TargetConfig) -> Result<(), (&'static str, String)> {
+    if !t.alua {
+        if !t.host_portals.is_empty() {
+            return Err(("host_portals", "only applies with alua = true".into()));
+        }
+        return Ok(());
+    }
+    if let Some(p) = t.host_portals.iter().find(|p| t.portals.contains(p)) {
+        return Err((
+            "host_portals",
+            format!("`{p}` is in `portals` already (host_portals are this host's own addresses, portals the shared one)"),
+        ));
+    }
+    let mut groups = None;
+    for l in &t.luns {
+        let Some(r) = &l.replication else {
+            return Err((
+                "alua",
+                format!("LUN {} is not replicated: ALUA reports the two hosts of a replicated pair as its target port groups", l.number),
+            ));
+        };
+        if l.identity != IdentityMode::Twinsan {
+            return Err((
+                "alua",
+                format!("LUN {} presents tgt's or IET's identity, which had no ALUA: alua needs identity = \"twinsan\"", l.number),
+            ));
+        }
+        let (Ok(listen), Ok(peer)) = (r.listen.parse::<SocketAddr>(), r.peer.parse::<SocketAddr>())
+        else {
+            continue; // reported by the replication table's own checks
+        };
+        if listen.ip().is_unspecified() {
+            return Err((
+                "alua",
+                format!("LUN {}: replication.listen {listen} is a wildcard: the port groups are numbered from the link's addresses, so both hosts need their own", l.number),
+            ));
+        }
+        let g = crate::scsi::alua::PortGroups::from_link(listen, peer).ok_or((
+            "alua",
+            format!(
+                "LUN {}: replication.listen and peer are the same address",
+                l.number
+            ),
+        ))?;
+        if groups.is_some_and(|first| first != g) {
+            return Err((
+                "alua",
+                format!("LUN {}: its replication link numbers this host's port group {} unlike the target's first LUN (the host whose listen address is lower is group 1): order the links' addresses alike", l.number, g.own),
+            ));
+        }
+        groups = Some(g);
+    }
+    Ok(())
+}
+
 fn check_identity_mode(l: &LunConfig) -> Result<(), (&'static str, String)> {
     use crate::scsi::compat::{IET_ID_LEN, IET_SN_LEN, TGT_ID_LEN, TGT_SN_LEN};
     let printable = |v: &str| v.bytes().all(|b| (0x20..0x7f).contains(&b));
@@ -1449,6 +1531,43 @@ naa = "600140512345678901234567890abcde"
         );
         assert_eq!(invalid_key(&repl), "target[0].lun[0].replication.secret");
         parse(&repl.replace(&short, &"x".repeat(MIN_SECRET_LEN))).unwrap();
+    }
+
+    #[test]
+    fn alua_needs_replicated_luns_with_distinct_link_addresses() {
+        let on = GOOD.replace(
+            "chap = { user = \"u\", secret = \"secretsecret\" }",
+            "chap = { user = \"u\", secret = \"secretsecret\" }\nalua = true\nhost_portals = [\"127.0.0.2:3260\"]",
+        );
+        let repl = |s: &str, listen: &str| {
+            format!(
+                "{s}\n[target.lun.replication]\nname = \"r0\"\nlisten = \"{listen}\"\npeer = \"127.0.0.1:7789\"\nsecret = \"sharedsecret\"\n"
+            )
+        };
+        let c = parse(&repl(&on, "127.0.0.1:7788")).unwrap();
+        assert!(c.targets[0].alua);
+        let advertised: Vec<_> = c.targets[0].advertised_portals().collect();
+        assert_eq!(advertised.len(), 3);
+        assert!(!parse(GOOD).unwrap().targets[0].alua, "off by default");
+        assert_eq!(invalid_key(&on), "target[0].alua", "LUN not replicated");
+        for listen in ["0.0.0.0:7788", "127.0.0.1:7789"] {
+            assert_eq!(
+                invalid_key(&repl(&on, listen)),
+                "target[0].alua",
+                "{listen}"
+            );
+        }
+        let tgt = repl(&on, "127.0.0.1:7788").replace(
+            "block_size = 4096",
+            "block_size = 4096\nidentity = \"tgt\"\ntgt_tid = 1",
+        );
+        assert_eq!(invalid_key(&tgt), "target[0].alua");
+        let dup = repl(&on, "127.0.0.1:7788").replace("127.0.0.2:3260", "127.0.0.1:3260");
+        assert_eq!(invalid_key(&dup), "target[0].host_portals");
+        let off = repl(&on, "127.0.0.1:7788").replace("alua = true", "alua = false");
+        assert_eq!(invalid_key(&off), "target[0].host_portals");
+        let bad = repl(&on, "127.0.0.1:7788").replace("127.0.0.2:3260", "nowhere");
+        assert_eq!(invalid_key(&bad), "target[0].host_portals");
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub mod opcode {
     pub const SA_GET_LBA_STATUS: u16 = 0x12;
     /// MAINTENANCE IN service action (SPC-4 6.35).
     pub const SA_REPORT_SUPPORTED_OPCODES: u16 = 0x0C;
+    /// MAINTENANCE IN service action (SPC-4 6.36).
+    pub const SA_REPORT_TARGET_PORT_GROUPS: u16 = 0x0A;
 }
 
 /// Largest PERSISTENT RESERVE OUT parameter list accepted (SPC-4 6.16.3).
@@ -199,6 +201,13 @@ pub enum Command {
         alloc_len: u32,
     },
     ReportSupportedOpcodes(ReportOpcodes),
+    /// REPORT TARGET PORT GROUPS (SPC-4 6.36). `format`: PARAMETER DATA FORMAT as sent
+    /// (000b length only, 001b extended; others are refused where ALUA is checked, so that
+    /// without ALUA the command fails exactly as an unknown service action did).
+    ReportTargetPortGroups {
+        format: u8,
+        alloc_len: u32,
+    },
     ReadCapacity10,
     ReadCapacity16 {
         alloc_len: u32,
@@ -328,7 +337,8 @@ impl Command {
             | Command::ReadCapacity16 { alloc_len }
             | Command::GetLbaStatus { alloc_len, .. }
             | Command::PersistentReserveIn { alloc_len, .. }
-            | Command::ReceiveCopyResults { alloc_len, .. } => Some(alloc_len),
+            | Command::ReceiveCopyResults { alloc_len, .. }
+            | Command::ReportTargetPortGroups { alloc_len, .. } => Some(alloc_len),
             Command::ModeSense(ms) => Some(ms.alloc_len),
             Command::ReportSupportedOpcodes(r) => Some(r.alloc_len),
             _ => None,
@@ -573,6 +583,10 @@ pub fn parse(cdb: &[u8]) -> Result<Command, Sense> {
                     alloc_len: be32(&c[6..]),
                 })
             }
+            SA_REPORT_TARGET_PORT_GROUPS => Command::ReportTargetPortGroups {
+                format: c[1] >> 5,
+                alloc_len: be32(&c[6..]),
+            },
             _ => return Err(bad(1, 4)),
         },
         READ_6 | WRITE_6 => {

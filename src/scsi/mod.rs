@@ -4,6 +4,7 @@
 //! status, optional sense data and the Data-In bytes the command produced (at their natural
 //! length: the transport truncates to the initiator's expected length and reports residuals).
 
+pub mod alua;
 pub mod cdb;
 pub mod compat;
 pub mod limits;
@@ -110,7 +111,8 @@ pub struct LunIdentity {
     pub target_port_name: String,
     /// Relative target port identifier (VPD 0x83 designator type 4).
     pub relative_port: u16,
-    /// Target port group (designator type 5), presented when `Some`.
+    /// Target port group (designator type 5), presented when `Some`; `Some` exactly when the
+    /// logical unit has ALUA, which standard INQUIRY then reports (TPGS=01b, implicit).
     pub port_group: Option<u16>,
     /// When set, standard INQUIRY and VPD 0x00/0x80/0x83 are exactly what tgt or IET
     /// presented for this LUN (migration without changing the disk's identity).

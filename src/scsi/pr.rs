@@ -251,6 +251,7 @@ fn access(cmd: &Command) -> Access {
         | Command::RequestSense { .. }
         | Command::ReportLuns { .. }
         | Command::ReportSupportedOpcodes(_)
+        | Command::ReportTargetPortGroups { .. }
         | Command::ReadCapacity10
         | Command::ReadCapacity16 { .. }
         | Command::PersistentReserveIn { .. }

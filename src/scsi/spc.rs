@@ -78,12 +78,17 @@ fn standard_inquiry_with(byte0: u8, identity: &LunIdentity) -> Vec<u8> {
 }
 
 /// Standard INQUIRY data (SPC-4 6.4.2), 96 bytes: direct-access block device, SPC-4,
-/// HISUP, command queuing, not removable, no protection information, no ALUA (TPGS=0).
+/// HISUP, command queuing, not removable, no protection information; implicit ALUA
+/// (TPGS=01b) with a port group, else none (TPGS=0).
 pub fn standard_inquiry(identity: &LunIdentity) -> Vec<u8> {
     if let Some(compat) = &identity.compat {
         return compat.standard_inquiry(&identity.vendor, &identity.product, &identity.revision);
     }
-    standard_inquiry_with(0x00, identity)
+    let mut d = standard_inquiry_with(0x00, identity);
+    if identity.port_group.is_some() {
+        d[5] = super::alua::TPGS_IMPLICIT;
+    }
+    d
 }
 
 /// Standard INQUIRY data for a LUN with no logical unit behind it (SPC-4 6.4.2:
@@ -456,7 +461,7 @@ fn usage(opcode: u8, service_action: Option<u16>, usage: &[u8]) -> CommandUsage 
 }
 
 /// Commands implemented, with the CDB bits each one looks at.
-fn supported_commands(thin: bool) -> Vec<CommandUsage> {
+fn supported_commands(thin: bool, alua: bool) -> Vec<CommandUsage> {
     use opcode::*;
     const FF: u8 = 0xFF;
     let rw10 = |op, b1| usage(op, None, &[0, b1, FF, FF, FF, FF, 0x1F, FF, FF, 0]);
@@ -573,6 +578,13 @@ fn supported_commands(thin: bool) -> Vec<CommandUsage> {
     if thin {
         v.push(usage(UNMAP, None, &[0, 0, 0, 0, 0, 0, 0x1F, FF, FF, 0]));
     }
+    if alua {
+        v.push(usage(
+            MAINTENANCE_IN,
+            Some(SA_REPORT_TARGET_PORT_GROUPS),
+            &[0, 0x2A, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0],
+        ));
+    }
     v.sort_by_key(|c| (c.opcode, c.service_action));
     v
 }
@@ -580,9 +592,14 @@ fn supported_commands(thin: bool) -> Vec<CommandUsage> {
 /// Command timeouts descriptor (SPC-4 6.35.4): length 0Ah, no timeouts reported.
 const TIMEOUTS_DESCRIPTOR: [u8; 12] = [0, 0x0A, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
-/// REPORT SUPPORTED OPERATION CODES parameter data (SPC-4 6.35).
-pub fn report_supported_opcodes(req: &ReportOpcodes, thin: bool) -> Result<Vec<u8>, Sense> {
-    let commands = supported_commands(thin);
+/// REPORT SUPPORTED OPERATION CODES parameter data (SPC-4 6.35); `alua`: REPORT TARGET
+/// PORT GROUPS is listed.
+pub fn report_supported_opcodes(
+    req: &ReportOpcodes,
+    thin: bool,
+    alua: bool,
+) -> Result<Vec<u8>, Sense> {
+    let commands = supported_commands(thin, alua);
     let mut d = Vec::new();
     if req.options == 0 {
         for c in &commands {
@@ -943,7 +960,7 @@ mod tests {
     #[test]
     fn supported_opcodes_match_the_decoder() {
         for thin in [false, true] {
-            for c in supported_commands(thin) {
+            for c in supported_commands(thin, thin) {
                 // A CDB made of the opcode (and service action) alone must decode, or fail
                 // only on a field, never as an unsupported opcode.
                 let mut cdb = vec![0u8; 16];
@@ -968,11 +985,12 @@ mod tests {
             service_action: 0,
             alloc_len: 65535,
         };
-        let d = report_supported_opcodes(&all, true).unwrap();
-        let n = supported_commands(true).len();
+        let d = report_supported_opcodes(&all, true, false).unwrap();
+        let n = supported_commands(true, false).len();
         assert_eq!(d.len(), 4 + 8 * n);
         assert_eq!(&d[..4], &((8 * n) as u32).to_be_bytes());
-        let d = report_supported_opcodes(&ReportOpcodes { rctd: true, ..all }, true).unwrap();
+        let d =
+            report_supported_opcodes(&ReportOpcodes { rctd: true, ..all }, true, false).unwrap();
         assert_eq!(d.len(), 4 + 20 * n);
         assert_eq!(d[4 + 5] & 0x02, 0x02);
 
@@ -981,11 +999,12 @@ mod tests {
             opcode: opcode::READ_10,
             ..all
         };
-        let d = report_supported_opcodes(&one, true).unwrap();
+        let d = report_supported_opcodes(&one, true, false).unwrap();
         assert_eq!(&d[..4], &[0, 3, 0, 10]);
         assert_eq!(d[4], opcode::READ_10);
         assert_eq!(d[5] & 0x18, 0x18);
-        let e = report_supported_opcodes(&ReportOpcodes { options: 2, ..one }, true).unwrap_err();
+        let e = report_supported_opcodes(&ReportOpcodes { options: 2, ..one }, true, false)
+            .unwrap_err();
         assert_eq!(e.asc, 0x24);
         let rc16 = ReportOpcodes {
             options: 2,
@@ -993,24 +1012,32 @@ mod tests {
             service_action: 0x10,
             ..all
         };
-        let d = report_supported_opcodes(&rc16, true).unwrap();
+        let d = report_supported_opcodes(&rc16, true, false).unwrap();
         assert_eq!((d[1], d[4], d[5]), (3, 0x9E, 0x10));
-        assert!(report_supported_opcodes(&ReportOpcodes { options: 1, ..rc16 }, true).is_err());
+        assert!(
+            report_supported_opcodes(&ReportOpcodes { options: 1, ..rc16 }, true, false).is_err()
+        );
         let either = ReportOpcodes { options: 3, ..rc16 };
-        assert_eq!(report_supported_opcodes(&either, true).unwrap()[5], 0x10);
+        assert_eq!(
+            report_supported_opcodes(&either, true, false).unwrap()[5],
+            0x10
+        );
         let either = ReportOpcodes {
             options: 3,
             opcode: opcode::WRITE_SAME_16,
             ..all
         };
-        assert_eq!(report_supported_opcodes(&either, true).unwrap()[4], 0x93);
+        assert_eq!(
+            report_supported_opcodes(&either, true, false).unwrap()[4],
+            0x93
+        );
         let unknown = ReportOpcodes {
             options: 1,
             opcode: 0x3B,
             ..all
         };
         assert_eq!(
-            report_supported_opcodes(&unknown, true).unwrap(),
+            report_supported_opcodes(&unknown, true, false).unwrap(),
             vec![0, 1, 0, 0]
         );
         let unmap = ReportOpcodes {
@@ -1018,7 +1045,10 @@ mod tests {
             opcode: opcode::UNMAP,
             ..all
         };
-        assert_eq!(report_supported_opcodes(&unmap, false).unwrap()[1], 1);
+        assert_eq!(
+            report_supported_opcodes(&unmap, false, false).unwrap()[1],
+            1
+        );
         assert!(matches!(
             parse(&[opcode::TEST_UNIT_READY, 0, 0, 0, 0, 0]),
             Ok(Command::TestUnitReady)

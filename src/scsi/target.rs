@@ -25,6 +25,7 @@
 //!   (allocation length already applied). Send `min(len, EDTL)` bytes; len > EDTL →
 //!   overflow, residual len − EDTL; len < EDTL → underflow, residual EDTL − len.
 
+use super::alua;
 use super::cdb::{self, opcode, Command};
 use super::pr::{Effects, InitiatorPort, PrError, PrOut};
 use super::sbc;
@@ -459,12 +460,25 @@ impl ScsiTarget {
     /// 6.39: only INQUIRY, REPORT LUNS and REQUEST SENSE work without a logical unit), then
     /// UNIT ATTENTION (SAM-5 5.14: not reported to those three), then the CDB itself.
     fn route(&self, raw_lun: u64, cdb: &[u8], nexus: NexusId) -> Result<Route<'_>, Sense> {
+        let unit = self.unit_at(raw_lun);
+        // ALUA (SPC-4 5.16.2.7): a change of the groups' states since the last command is a
+        // unit attention for every I_T nexus that existed (noted after, so that a nexus
+        // whose first command this is does not get one for a change it never saw).
+        let own_state = unit.and_then(|u| u.alua()).map(|a| {
+            let (states, changed) = a.observe();
+            if let Some(unit) = unit.filter(|_| changed) {
+                info!(lun = unit.lun(), own = ?states.own, peer = ?states.peer,
+                    "ALUA: asymmetric access state changed");
+                self.establish_unit_attention(&[unit], alua::UA_ACCESS_STATE_CHANGED);
+            }
+            states.own
+        });
         self.note_nexus(nexus);
         let exempt = matches!(
             cdb.first().copied(),
             Some(opcode::INQUIRY | opcode::REPORT_LUNS | opcode::REQUEST_SENSE)
         );
-        let Some(unit) = self.unit_at(raw_lun) else {
+        let Some(unit) = unit else {
             if !exempt {
                 return Err(Sense::logical_unit_not_supported());
             }
@@ -476,6 +490,8 @@ impl ScsiTarget {
             }
         }
         let cmd = cdb::parse(cdb)?;
+        // Before anything touches the store: a standby port never runs a media access.
+        alua::admit(own_state, &cmd)?;
         sbc::check(&unit.settings, &unit.limits, unit.num_blocks(), &cmd, cdb)?;
         Ok(Route::Unit(unit, cmd))
     }
@@ -549,7 +565,16 @@ impl ScsiTarget {
             raw_lun, unit, cmd, ..
         } = planned;
         // The logical units never change after start: a planned unit is still there.
-        let data = match unit.and_then(|n| self.luns.get(&n)) {
+        let unit_ref = unit.and_then(|n| self.luns.get(&n));
+        // The role may have changed while the Data-Out came in: checked again, still before
+        // the store is touched.
+        if let Some(a) = unit_ref.and_then(|u| u.alua()) {
+            if let Err(sense) = alua::check_access(a.current().own, &cmd) {
+                debug!(lun = raw_lun, opcode = %Opcode(&req.cdb), %sense, "ALUA: refused at execution");
+                return ScsiResponse::check(sense);
+            }
+        }
+        let data = match unit_ref {
             Some(unit)
                 if matches!(
                     cmd,
@@ -647,7 +672,11 @@ impl ScsiTarget {
                 Ok(Bytes::new())
             }
             Command::ReportSupportedOpcodes(r) => {
-                spc::report_supported_opcodes(r, settings.thin_provisioning).map(Bytes::from)
+                spc::report_supported_opcodes(r, settings.thin_provisioning, unit.alua().is_some())
+                    .map(Bytes::from)
+            }
+            Command::ReportTargetPortGroups { .. } => {
+                alua::rtpg_data(unit.alua(), cmd).map(Bytes::from)
             }
             _ => sbc::execute(unit, cmd, req.data_out.clone(), req.expected_len).await,
         }
@@ -1890,6 +1919,144 @@ mod tests {
         let r = run(&t, 2, &pr_out_cdb(0, 0, 24), &pr_params(0, 0xB, 0)).await;
         assert_eq!(sense_of(&r), (0x2, 0x04, 0x0b));
         assert_eq!(*unit.reservations(), before);
+    }
+
+    /// A target whose LUN 0 has ALUA as host 2 of a pair; `primary` says its volume's role.
+    fn alua_target(primary: Arc<std::sync::atomic::AtomicBool>) -> (ScsiTarget, Arc<MemStore>) {
+        use std::sync::atomic::Ordering;
+        let store = Arc::new(MemStore::new((BLOCKS * u64::from(BS)) as usize));
+        let mut s = settings(false, false);
+        s.identity.relative_port = 2;
+        s.identity.port_group = Some(2);
+        let t = ScsiTarget::new(vec![(0, s, store.clone() as Arc<dyn BlockStore>)]);
+        t.logical_unit(0).unwrap().enable_alua(alua::Alua::new(
+            alua::PortGroups { own: 2, peer: 1 },
+            Box::new(move || {
+                let p = primary.load(Ordering::SeqCst);
+                alua::PairRoles {
+                    local_primary: p,
+                    peer_primary: Some(!p),
+                }
+            }),
+        ));
+        (t, store)
+    }
+
+    fn rtpg_cdb() -> [u8; 12] {
+        let mut c = [0u8; 12];
+        c[0] = opcode::MAINTENANCE_IN;
+        c[1] = opcode::SA_REPORT_TARGET_PORT_GROUPS as u8;
+        c[9] = 255;
+        c
+    }
+
+    #[tokio::test]
+    async fn without_alua_nothing_changes() {
+        let (t, _) = target_with(false, false);
+        let r = run(&t, 1, &[opcode::INQUIRY, 0, 0, 0, 96, 0], &[]).await;
+        assert_eq!(r.data_in[5], 0, "TPGS=0");
+        assert_eq!(
+            r.data_in[..],
+            spc::standard_inquiry(&identity())[..],
+            "byte for byte what it was"
+        );
+        let r = run(&t, 1, &rtpg_cdb(), &[]).await;
+        assert_eq!(
+            r.sense.unwrap(),
+            Sense::invalid_field_in_cdb(1, Some(4)).to_fixed_bytes()
+        );
+        let mut rsoc = [0u8; 12];
+        rsoc[0] = opcode::MAINTENANCE_IN;
+        rsoc[1] = 0x0C;
+        rsoc[2] = 0x02;
+        rsoc[3] = opcode::MAINTENANCE_IN;
+        rsoc[5] = 0x0A;
+        rsoc[9] = 64;
+        let r = run(&t, 1, &rsoc, &[]).await;
+        assert_eq!(r.data_in[1] & 0x07, 0x01, "RTPG not supported");
+    }
+
+    #[tokio::test]
+    async fn standby_refuses_media_access_and_a_role_change_is_announced() {
+        use std::sync::atomic::Ordering;
+        let primary = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (t, store) = alua_target(primary.clone());
+        let r = run(&t, 1, &[opcode::INQUIRY, 0, 0, 0, 96, 0], &[]).await;
+        assert_eq!(r.data_in[5], 0x10, "TPGS=01b, implicit");
+        let r = run(&t, 1, &[opcode::INQUIRY, 1, 0x83, 0, 255, 0], &[]).await;
+        let page = r.data_in.to_vec();
+        let tail = &page[page.len() - 16..];
+        assert_eq!(
+            tail,
+            &[0x51, 0x94, 0, 4, 0, 0, 0, 2, 0x51, 0x95, 0, 4, 0, 0, 0, 2]
+        );
+        let r = run(&t, 2, &TUR, &[]).await;
+        assert_eq!(sense_of(&r), (0x02, 0x04, 0x0B));
+        let data = vec![0xAB; BS as usize];
+        let r = run(&t, 1, &cdb10(opcode::WRITE_10, 0, 3, 1), &data).await;
+        assert_eq!(sense_of(&r), (0x02, 0x04, 0x0B));
+        let r = run(&t, 1, &cdb10(opcode::READ_10, 0, 3, 1), &[]).await;
+        assert_eq!(sense_of(&r), (0x02, 0x04, 0x0B));
+        let block = store.read(3 * u64::from(BS), BS as usize).await.unwrap();
+        assert!(block.iter().all(|&b| b == 0), "nothing written");
+        let r = run(&t, 1, &rtpg_cdb(), &[]).await;
+        assert_eq!(r.status, Status::Good);
+        assert_eq!(
+            (r.data_in[4], r.data_in[7]),
+            (0x02, 2),
+            "own group 2 standby"
+        );
+        assert_eq!((r.data_in[16], r.data_in[19]), (0x00, 1), "group 1 active");
+
+        primary.store(true, Ordering::SeqCst);
+        for nexus in [1, 2] {
+            let r = run(&t, nexus, &TUR, &[]).await;
+            assert_eq!(sense_of(&r), (0x06, 0x2A, 0x06), "nexus {nexus}");
+            let r = run(&t, nexus, &TUR, &[]).await;
+            assert_eq!(r.status, Status::Good);
+        }
+        let r = run(&t, 1, &cdb10(opcode::WRITE_10, 0, 3, 1), &data).await;
+        assert_eq!(r.status, Status::Good);
+        // A nexus whose first command comes after a change gets no unit attention for it.
+        primary.store(false, Ordering::SeqCst);
+        let r = run(&t, 3, &TUR, &[]).await;
+        assert_eq!(
+            sense_of(&r),
+            (0x02, 0x04, 0x0B),
+            "standby, no unit attention"
+        );
+        let r = run(&t, 1, &TUR, &[]).await;
+        assert_eq!(
+            sense_of(&r),
+            (0x06, 0x2A, 0x06),
+            "nexus 1 had seen the old state"
+        );
+        primary.store(true, Ordering::SeqCst);
+        let r = run(&t, 1, &TUR, &[]).await;
+        assert_eq!(sense_of(&r), (0x06, 0x2A, 0x06));
+        let r = run(&t, 1, &rtpg_cdb(), &[]).await;
+        assert_eq!(
+            (r.data_in[4], r.data_in[9]),
+            (0x00, 0x02),
+            "active, altered implicitly"
+        );
+
+        // Planned as primary, demoted while the Data-Out came in: not written.
+        let DataOutPlan::Gather(_, planned) = t.plan(raw(0), &cdb10(opcode::WRITE_10, 0, 4, 1), 1)
+        else {
+            panic!("a write on the primary gathers its data");
+        };
+        primary.store(false, Ordering::SeqCst);
+        let req = ScsiRequest {
+            cdb: Bytes::copy_from_slice(&cdb10(opcode::WRITE_10, 0, 4, 1)),
+            data_out: Bytes::from(data.clone()),
+            expected_len: BS,
+            nexus: 1,
+        };
+        let r = t.execute(planned, req).await;
+        assert_eq!(sense_of(&r), (0x02, 0x04, 0x0B));
+        let block = store.read(4 * u64::from(BS), BS as usize).await.unwrap();
+        assert!(block.iter().all(|&b| b == 0), "nothing written");
     }
 }
 

@@ -1,6 +1,7 @@
 //! A logical unit (SAM-5 4.6.19): settings, store, Block Limits and the unit attentions
 //! pending per I_T nexus. The SBC handlers and the target's dispatch both work on it.
 
+use super::alua::Alua;
 use super::limits::BlockLimits;
 use super::pr::PrState;
 use super::sense::Sense;
@@ -40,6 +41,8 @@ pub struct LogicalUnit {
     pub(super) pr_out_gate: tokio::sync::Mutex<()>,
     /// Command counters, latencies and queue depth (status and the metrics endpoint).
     pub(super) stats: super::stats::LunStats,
+    /// Asymmetric access across the pair (SPC-4 5.16), when on.
+    alua: OnceLock<Alua>,
 }
 
 /// Future of [`PrReplicator::replicate`].
@@ -80,12 +83,23 @@ impl LogicalUnit {
             pr_replicator: OnceLock::new(),
             pr_out_gate: tokio::sync::Mutex::new(()),
             stats: Default::default(),
+            alua: OnceLock::new(),
         }
     }
 
     /// This unit's command statistics.
     pub fn stats(&self) -> &super::stats::LunStats {
         &self.stats
+    }
+
+    /// Turns ALUA on for this unit (its identity must carry the own port group, so INQUIRY
+    /// reports TPGS=01b). The first one set stays.
+    pub fn enable_alua(&self, alua: Alua) {
+        let _ = self.alua.set(alua);
+    }
+
+    pub(super) fn alua(&self) -> Option<&Alua> {
+        self.alua.get()
     }
 
     /// Replicates this unit's reservation changes through `r` (a replicated LUN). The first

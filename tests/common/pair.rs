@@ -134,6 +134,8 @@ pub struct PairSpec {
     pub after_sb_2pri: String,
     /// Serve the Prometheus endpoint on a loopback port of each host ([`Host::metrics_port`]).
     pub metrics: bool,
+    /// `alua = true` on the target (ALUA across the pair).
+    pub alua: bool,
 }
 
 impl Default for PairSpec {
@@ -147,6 +149,7 @@ impl Default for PairSpec {
             after_sb_1pri: "consensus".into(),
             after_sb_2pri: "disconnect".into(),
             metrics: false,
+            alua: false,
         }
     }
 }
@@ -166,6 +169,13 @@ pub struct Host {
     /// Where this host dials the peer (the peer's listen address or a proxy).
     pub peer: SocketAddr,
     pub server: Option<Server>,
+    /// The target's `portals` instead of `127.0.0.1:<iscsi_port>` (then `iscsi_port` must be
+    /// bound some other way, e.g. as a host portal: start waits for it).
+    pub portals: Option<String>,
+    /// Lines added to this host's `[[target]]` table (e.g. `host_portals`).
+    pub target_extra: String,
+    /// Tables appended to this host's configuration (e.g. `[ha]`).
+    pub extra: String,
     spec: PairSpec,
     starts: u32,
 }
@@ -180,7 +190,9 @@ data_dir = "{data}"
 
 [[target]]
 iqn = "{IQN}"
-portals = ["127.0.0.1:{port}"]
+portals = [{portals}]
+alua = {alua}
+{target_extra}
 
 [[target.lun]]
 number = 0
@@ -199,13 +211,13 @@ timeout_secs = 3
 after_sb_0pri = "{sb0}"
 after_sb_1pri = "{sb1}"
 after_sb_2pri = "{sb2}"
+{extra}
 "#,
             data = self.dir.join("data").display(),
             metrics = self
                 .metrics_port
                 .map(|p| format!("metrics_listen = \"127.0.0.1:{p}\""))
                 .unwrap_or_default(),
-            port = self.iscsi_port,
             image = self.image.display(),
             listen = self.listen,
             peer = self.peer,
@@ -213,6 +225,13 @@ after_sb_2pri = "{sb2}"
             sb0 = s.after_sb_0pri,
             sb1 = s.after_sb_1pri,
             sb2 = s.after_sb_2pri,
+            alua = s.alua,
+            portals = self
+                .portals
+                .clone()
+                .unwrap_or_else(|| format!("\"127.0.0.1:{}\"", self.iscsi_port)),
+            target_extra = self.target_extra,
+            extra = self.extra,
         );
         std::fs::write(&self.config, cfg).unwrap();
     }
@@ -489,6 +508,9 @@ impl Pair {
                 listen,
                 peer,
                 server: None,
+                portals: None,
+                target_extra: String::new(),
+                extra: String::new(),
                 spec: spec.clone(),
                 starts: 0,
             }

@@ -1062,6 +1062,13 @@ impl ReplicatedVolume {
         self.step_sync(Event::Invalidated)
     }
 
+    /// This host's role and, while connected, the peer's: what ALUA reports, read for every
+    /// SCSI command of such a LUN (one lock, unlike [`ReplicatedVolume::status`]).
+    pub fn roles(&self) -> (Role, Option<Role>) {
+        let st = lock(&self.st);
+        (st.m.role(), st.m.peer().map(|p| p.role))
+    }
+
     /// Current state.
     pub fn status(&self) -> VolumeStatus {
         let st = lock(&self.st);
