@@ -87,6 +87,32 @@ fn rtpg(s: &mut Raw) -> Vec<(u16, u8, u16)> {
     groups
 }
 
+/// REPORT TARGET PORT GROUPS until it shows `want` (the peer's role reaches this host over
+/// the replication link a moment after the role change; the change's unit attention may
+/// come first), at most 10 s; the last answer.
+fn rtpg_settled(s: &mut Raw, want: &[(u16, u8, u16)]) -> Vec<(u16, u8, u16)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut cdb = [0u8; 12];
+        cdb[0] = 0xA3;
+        cdb[1] = 0x20 | 0x0A;
+        cdb[6..10].copy_from_slice(&1024u32.to_be_bytes());
+        let (status, _, sense) = cmd(s, &cdb, 1024);
+        let attention = status == 0x02 && sense == (0x6, 0x2A, 0x06);
+        if !attention {
+            let groups = rtpg(s);
+            if groups == want || std::time::Instant::now() > deadline {
+                return groups;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "RTPG: sense {sense:x?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// This host's (relative target port, target port group) from VPD page 83h.
 fn port_designators(s: &mut Raw) -> (Option<u16>, Option<u16>) {
     let (status, d, _) = cmd(s, &[0x12, 1, 0x83, 1, 0, 0], 256);
@@ -244,7 +270,8 @@ fn with_ha_the_standby_host_keeps_its_host_portal() {
         (2, 1)
     };
     let mut b = Raw::login(p.b.iscsi_port, false, false);
-    assert_eq!(rtpg(&mut b), vec![(gb, STANDBY, gb), (ga, AO, ga)]);
+    let want = vec![(gb, STANDBY, gb), (ga, AO, ga)];
+    assert_eq!(rtpg_settled(&mut b, &want), want);
     assert_eq!(write(&mut b, 3, 0xB3), (0x02, NOT_READY_STANDBY));
     let shared_addr = std::net::SocketAddr::from(([127, 0, 0, 2], shared));
     let mut via_shared =
