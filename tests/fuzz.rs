@@ -50,7 +50,9 @@ use twinsan::iscsi::pdu::{
 };
 use twinsan::iscsi::text::{TextContext, TextNegotiation, TextOutcome};
 use twinsan_ha::heartbeat::{self, ReplayGuard};
-use twinsan_replication::link::proto::{encode_frame, FrameCodec, FrameQueue, Message};
+use twinsan_replication::link::proto::{
+    encode_frame, FrameCodec, FrameQueue, Message, PROTOCOL_VERSION,
+};
 
 use driver::Target;
 
@@ -999,6 +1001,8 @@ fn message_strategy() -> impl Strategy<Value = Message> {
                     mismatched
                 }
             ),
+        (any::<u64>(), data()).prop_map(|(seq, blob)| Message::PrState { seq, blob }),
+        (any::<u64>(), any::<bool>()).prop_map(|(seq, ok)| Message::PrStateAck { seq, ok }),
         Just(Message::Ping),
         Just(Message::Pong),
         s().prop_map(|reason| Message::Disconnect { reason }),
@@ -1287,6 +1291,36 @@ fn corpus_seeds_are_valid() {
             complete,
             "login seed {name} does not reach Full Feature Phase"
         );
+    }
+    // The generated replication frames are the current peer protocol's: every one decodes,
+    // the Hello speaks PROTOCOL_VERSION, and the reservation messages are there.
+    let mut names = Vec::new();
+    let generated = driver::load_corpus("replication_frame")
+        .into_iter()
+        .filter(|(p, _)| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("gen-"))
+        });
+    for (path, bytes) in generated {
+        let mut buf = BytesMut::from(&bytes[..]);
+        let mut decoded = 0;
+        while let Some(msg) = FrameCodec
+            .decode_eof(&mut buf)
+            .unwrap_or_else(|e| panic!("frame seed {} does not decode: {e}", path.display()))
+        {
+            if let Message::Hello {
+                protocol_version, ..
+            } = &msg
+            {
+                assert_eq!(*protocol_version, PROTOCOL_VERSION, "{}", path.display());
+            }
+            names.push(msg.name());
+            decoded += 1;
+        }
+        assert!(decoded > 0, "frame seed {} is empty", path.display());
+    }
+    for name in ["Hello", "PrState", "PrStateAck"] {
+        assert!(names.contains(&name), "no {name} frame seed");
     }
     for (path, text) in driver::load_corpus("config") {
         if let Err(e) = Config::parse(&String::from_utf8_lossy(&text), &path) {

@@ -735,48 +735,11 @@ fn tag_checker_detects_lost_stale_and_damaged_blocks() {
 #[test]
 fn reservations_survive_failover_and_restart_of_both() {
     use common::raw::Raw;
-    use twinsan::iscsi::pdu::Opcode;
 
-    /// Logs in to `port` as `initiator` with a fixed ISID (the same initiator port on
-    /// every host).
-    fn login(port: u16, initiator: &str, isid: u16) -> Raw {
-        Raw::try_login_isid(
-            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            IQN,
-            initiator,
-            isid,
-            false,
-            false,
-            Duration::from_secs(10),
-        )
-        .unwrap_or_else(|e| panic!("login {initiator} to {port}: {e}"))
-    }
-    /// Runs a command with Data-Out (immediate data); returns the SCSI status.
-    fn with_data(r: &mut Raw, cdb: &[u8], data: Vec<u8>) -> u8 {
-        let p = r.scsi_command(0, cdb, 0, Some(data.into()));
-        let itt = p.itt();
-        r.send(p);
-        let resp = r
-            .wait_for(|p| p.itt() == itt && p.opcode() == Some(Opcode::ScsiResponse))
-            .expect("SCSI response");
-        resp.bhs[3]
-    }
-    fn pr_out(r: &mut Raw, sa: u8, pr_type: u8, key: u64, sa_key: u64, aptpl: bool) -> u8 {
-        let mut cdb = [0u8; 10];
-        cdb[0] = 0x5f;
-        cdb[1] = sa;
-        cdb[2] = pr_type;
-        cdb[8] = 24;
-        let mut d = vec![0u8; 24];
-        d[0..8].copy_from_slice(&key.to_be_bytes());
-        d[8..16].copy_from_slice(&sa_key.to_be_bytes());
-        d[20] = u8::from(aptpl);
-        with_data(r, &cdb, d)
-    }
     fn write_block(r: &mut Raw) -> u8 {
         // WRITE(10), LBA 0, 8 blocks of 512 bytes.
         let cdb = [0x2a, 0, 0, 0, 0, 0, 0, 0, 8, 0];
-        with_data(r, &cdb, vec![0x5a; 4096])
+        r.status_with_data(&cdb, vec![0x5a; 4096])
     }
     const GOOD: u8 = 0;
     const CONFLICT: u8 = 0x18;
@@ -784,10 +747,10 @@ fn reservations_survive_failover_and_restart_of_both() {
     let mut p = Pair::new(PairSpec::default());
     p.start();
     p.wait_in_sync(SYNC);
-    let mut i1 = login(p.a.iscsi_port, INIT1, 0x11);
-    let mut i2 = login(p.a.iscsi_port, INIT2, 0x22);
-    assert_eq!(pr_out(&mut i1, 0, 0, 0, 0xA, true), GOOD, "REGISTER");
-    assert_eq!(pr_out(&mut i1, 1, 5, 0xA, 0, false), GOOD, "RESERVE WERO");
+    let mut i1 = Raw::login_port(p.a.iscsi_port, INIT1, 0x11);
+    let mut i2 = Raw::login_port(p.a.iscsi_port, INIT2, 0x22);
+    assert_eq!(i1.pr_out(0, 0, 0, 0xA, true), GOOD, "REGISTER");
+    assert_eq!(i1.pr_out(1, 5, 0xA, 0, false), GOOD, "RESERVE WERO");
     assert_eq!(write_block(&mut i2), CONFLICT);
     assert_eq!(write_block(&mut i1), GOOD);
     drop((i1, i2));
@@ -798,8 +761,8 @@ fn reservations_survive_failover_and_restart_of_both() {
     p.b.wait("B primary", Duration::from_secs(10), |b| {
         b.role == "Primary"
     });
-    let mut i1 = login(p.b.iscsi_port, INIT1, 0x11);
-    let mut i2 = login(p.b.iscsi_port, INIT2, 0x22);
+    let mut i1 = Raw::login_port(p.b.iscsi_port, INIT1, 0x11);
+    let mut i2 = Raw::login_port(p.b.iscsi_port, INIT2, 0x22);
     assert_eq!(write_block(&mut i2), CONFLICT, "after failover");
     assert_eq!(write_block(&mut i1), GOOD, "after failover");
     drop((i1, i2));
@@ -809,8 +772,8 @@ fn reservations_survive_failover_and_restart_of_both() {
     p.b.start("primary");
     p.a.start("secondary");
     p.wait_in_sync(SYNC);
-    let mut i1 = login(p.b.iscsi_port, INIT1, 0x11);
-    let mut i2 = login(p.b.iscsi_port, INIT2, 0x22);
+    let mut i1 = Raw::login_port(p.b.iscsi_port, INIT1, 0x11);
+    let mut i2 = Raw::login_port(p.b.iscsi_port, INIT2, 0x22);
     assert_eq!(write_block(&mut i2), CONFLICT, "after restart");
     assert_eq!(write_block(&mut i1), GOOD, "after restart");
     p.stop_both();

@@ -24,6 +24,7 @@ pub mod opcode {
     pub const WRITE_AND_VERIFY_10: u8 = 0x2E;
     pub const VERIFY_10: u8 = 0x2F;
     pub const PRE_FETCH_10: u8 = 0x34;
+    pub const READ_DEFECT_DATA_10: u8 = 0x37;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
@@ -44,6 +45,7 @@ pub mod opcode {
     pub const PRE_FETCH_16: u8 = 0x90;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
     pub const WRITE_SAME_16: u8 = 0x93;
+    pub const WRITE_ATOMIC_16: u8 = 0x9C;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9E;
     pub const REPORT_LUNS: u8 = 0xA0;
     pub const MAINTENANCE_IN: u8 = 0xA3;
@@ -51,6 +53,7 @@ pub mod opcode {
     pub const WRITE_12: u8 = 0xAA;
     pub const WRITE_AND_VERIFY_12: u8 = 0xAE;
     pub const VERIFY_12: u8 = 0xAF;
+    pub const READ_DEFECT_DATA_12: u8 = 0xB7;
 
     /// SERVICE ACTION IN(16) service actions (SBC-3 5.16, 5.8).
     pub const SA_READ_CAPACITY_16: u16 = 0x10;
@@ -220,6 +223,8 @@ pub enum Command {
     Write(Transfer),
     /// ORWRITE(16) (SBC-3 5.11): each block becomes the OR of the medium and the Data-Out.
     OrWrite(Transfer),
+    /// WRITE ATOMIC(16) (SBC-4 5.48): one atomic write operation (ATOMIC BOUNDARY 0).
+    WriteAtomic(Transfer),
     WriteAndVerify {
         xfer: Transfer,
         /// BYTCHK=1: compare the written data with what the medium returns.
@@ -252,6 +257,15 @@ pub enum Command {
         blocks: u32,
         immed: bool,
     },
+    /// READ DEFECT DATA(10) / (12) (SBC-3 5.19, 5.20).
+    ReadDefectData {
+        /// READ DEFECT DATA(12): 8-byte header with a 4-byte DEFECT LIST LENGTH.
+        twelve: bool,
+        req_plist: bool,
+        req_glist: bool,
+        format: u8,
+        alloc_len: u32,
+    },
     /// PERSISTENT RESERVE IN (SPC-4 6.15).
     PersistentReserveIn {
         service_action: u8,
@@ -280,9 +294,10 @@ impl Command {
     pub fn data_out_len(&self, block_size: u32) -> u64 {
         let bs = u64::from(block_size);
         match *self {
-            Command::Write(x) | Command::OrWrite(x) | Command::WriteAndVerify { xfer: x, .. } => {
-                u64::from(x.blocks) * bs
-            }
+            Command::Write(x)
+            | Command::OrWrite(x)
+            | Command::WriteAtomic(x)
+            | Command::WriteAndVerify { xfer: x, .. } => u64::from(x.blocks) * bs,
             Command::Verify {
                 blocks, byte_check, ..
             } => match byte_check {
@@ -314,6 +329,8 @@ impl Command {
             | Command::OrWrite(_)
             | Command::WriteAndVerify { .. }
             | Command::Verify { .. } => block_size.max(1),
+            // An atomic write is all or nothing: only its whole transfer can be used.
+            Command::WriteAtomic(x) => (x.blocks.saturating_mul(block_size)).max(1),
             _ => 1,
         }
     }
@@ -337,6 +354,7 @@ impl Command {
             | Command::ReadCapacity16 { alloc_len }
             | Command::GetLbaStatus { alloc_len, .. }
             | Command::PersistentReserveIn { alloc_len, .. }
+            | Command::ReadDefectData { alloc_len, .. }
             | Command::ReceiveCopyResults { alloc_len, .. }
             | Command::ReportTargetPortGroups { alloc_len, .. } => Some(alloc_len),
             Command::ModeSense(ms) => Some(ms.alloc_len),
@@ -351,6 +369,7 @@ impl Command {
             self,
             Command::Write(_)
                 | Command::OrWrite(_)
+                | Command::WriteAtomic(_)
                 | Command::WriteAndVerify { .. }
                 | Command::WriteSame(_)
                 | Command::Unmap { .. }
@@ -618,6 +637,35 @@ pub fn parse(cdb: &[u8]) -> Result<Command, Sense> {
             let (lba, blocks) = lba_len(c);
             Command::OrWrite(transfer(c, lba, blocks)?)
         }
+        WRITE_ATOMIC_16 => {
+            // ATOMIC BOUNDARY: a non-zero value asks for several atomic write operations,
+            // which are not supported (MAXIMUM ATOMIC BOUNDARY SIZE 0, SBC-4 5.48).
+            if be16(&c[10..]) != 0 {
+                return Err(Sense::invalid_field_in_cdb(10, None));
+            }
+            let x = transfer(c, be64(&c[2..]), u32::from(be16(&c[12..])))?;
+            Command::WriteAtomic(x)
+        }
+        READ_DEFECT_DATA_10 | READ_DEFECT_DATA_12 => {
+            let twelve = op == READ_DEFECT_DATA_12;
+            let flags = if twelve { c[1] } else { c[2] };
+            let format = flags & 0x07;
+            // DEFECT LIST FORMAT 111b is reserved (SBC-3 6.2, address descriptor formats).
+            if format == 0b111 {
+                return Err(bad(if twelve { 1 } else { 2 }, 2));
+            }
+            Command::ReadDefectData {
+                twelve,
+                req_plist: flags & 0x10 != 0,
+                req_glist: flags & 0x08 != 0,
+                format,
+                alloc_len: if twelve {
+                    be32(&c[6..])
+                } else {
+                    u32::from(be16(&c[7..]))
+                },
+            }
+        }
         WRITE_AND_VERIFY_10 | WRITE_AND_VERIFY_12 | WRITE_AND_VERIFY_16 => {
             let (lba, blocks) = lba_len(c);
             let byte_check = write_verify_bytchk(c)?;
@@ -819,7 +867,7 @@ mod tests {
 
     #[test]
     fn unknown_opcode() {
-        for op in [0x02u8, 0x7F, 0xC0, 0xFF, 0x3B, 0x3C, 0xA2, 0x9C] {
+        for op in [0x02u8, 0x7F, 0xC0, 0xFF, 0x3B, 0x3C, 0xA2, 0x48] {
             let mut c = [0u8; 16];
             c[0] = op;
             assert_eq!(parse(&c).unwrap_err(), Sense::invalid_opcode());

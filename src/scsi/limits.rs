@@ -1,5 +1,6 @@
-//! Block Limits (SBC-3 6.6.3): what one command may move or cover, reported in the Block
-//! Limits VPD page and enforced by `sbc::check` before any data moves.
+//! Block Limits (SBC-3 6.6.3; the atomic fields SBC-4 6.6.4): what one command may move or
+//! cover, reported in the Block Limits VPD page and enforced by `sbc::check` before any data
+//! moves.
 
 /// Largest Data-In / Data-Out a single command may move (Block Limits MAXIMUM TRANSFER
 /// LENGTH); also bounds the memory one command can pin.
@@ -14,6 +15,9 @@ const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 const MAX_COMPARE_AND_WRITE_BLOCKS: u8 = 255;
 /// Granularity the backing stores work best with (page size / filesystem block).
 const PREFERRED_IO_BYTES: u32 = 4096;
+/// Largest WRITE ATOMIC (MAXIMUM ATOMIC TRANSFER LENGTH): one replication message, and what
+/// holds every other command of the LU off while it is written.
+const MAX_ATOMIC_BYTES: u64 = 1 << 20;
 /// Limits reported in the Block Limits VPD page (SBC-3 6.6.3) and enforced by [`super::sbc::check`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockLimits {
@@ -23,6 +27,11 @@ pub struct BlockLimits {
     pub max_unmap_blocks: u32,
     pub max_unmap_descriptors: u32,
     pub max_compare_and_write_blocks: u8,
+    /// MAXIMUM ATOMIC TRANSFER LENGTH (SBC-4 6.6.4).
+    pub max_atomic_transfer_blocks: u32,
+    /// ATOMIC ALIGNMENT and ATOMIC TRANSFER LENGTH GRANULARITY: atomic writes cover whole
+    /// pages of the backing store ([`PREFERRED_IO_BYTES`]), never part of one.
+    pub atomic_granularity: u32,
 }
 
 impl BlockLimits {
@@ -35,6 +44,8 @@ impl BlockLimits {
             max_unmap_blocks: (MAX_UNMAP_BYTES / bs).clamp(1, MAX_UNMAP_BLOCKS_CAP) as u32,
             max_unmap_descriptors: MAX_UNMAP_DESCRIPTORS,
             max_compare_and_write_blocks: MAX_COMPARE_AND_WRITE_BLOCKS,
+            max_atomic_transfer_blocks: (MAX_ATOMIC_BYTES / bs).max(1) as u32,
+            atomic_granularity: (PREFERRED_IO_BYTES / block_size.max(1)).max(1),
         }
     }
 }

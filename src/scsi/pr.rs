@@ -263,11 +263,13 @@ fn access(cmd: &Command) -> Access {
         | Command::Verify { .. }
         | Command::ModeSense(_)
         | Command::GetLbaStatus { .. }
+        | Command::ReadDefectData { .. }
         | Command::PreFetch { .. } => Access::Read,
         Command::Reserve => Access::Spc2(true),
         Command::Release => Access::Spc2(false),
         Command::Write(_)
         | Command::OrWrite(_)
+        | Command::WriteAtomic(_)
         | Command::WriteAndVerify { .. }
         | Command::WriteSame(_)
         | Command::Unmap { .. }

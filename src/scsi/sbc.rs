@@ -1,5 +1,10 @@
 //! Block commands (SBC-3): capacity, reads, writes, verification, WRITE SAME, UNMAP,
-//! COMPARE AND WRITE, SYNCHRONIZE CACHE, PRE-FETCH, GET LBA STATUS, and the SBC VPD pages.
+//! COMPARE AND WRITE, ORWRITE, WRITE ATOMIC (SBC-4), SYNCHRONIZE CACHE, PRE-FETCH, GET LBA
+//! STATUS, READ DEFECT DATA, and the SBC VPD pages.
+//!
+//! Atomicity: reads and writes hold the logical unit's `write_gate` shared; COMPARE AND
+//! WRITE, ORWRITE and WRITE ATOMIC hold it exclusively, so no other command of the LU sees
+//! or changes their blocks half done.
 //!
 //! [`check`] runs before any Data-Out is solicited (so an out-of-range or write-protected
 //! command never moves data); [`execute`] does the I/O.
@@ -71,6 +76,7 @@ pub(crate) fn check(
         | Command::WriteAndVerify { xfer: x, .. } => {
             check_transfer(limits, x.lba, x.blocks, num_blocks, cdb)
         }
+        Command::WriteAtomic(x) => check_atomic(limits, x, num_blocks),
         Command::Verify { lba, blocks, .. } => check_transfer(limits, lba, blocks, num_blocks, cdb),
         Command::SynchronizeCache { lba, blocks, .. } | Command::PreFetch { lba, blocks, .. } => {
             check_range(lba, u64::from(blocks), num_blocks)
@@ -97,6 +103,22 @@ pub(crate) fn check(
         }
         _ => Ok(()),
     }
+}
+
+/// WRITE ATOMIC(16) (SBC-4 5.48, 4.29): the range, then the Block Limits atomic fields:
+/// TRANSFER LENGTH at most MAXIMUM ATOMIC TRANSFER LENGTH and a multiple of ATOMIC TRANSFER
+/// LENGTH GRANULARITY, the LBA a multiple of ATOMIC ALIGNMENT; otherwise INVALID FIELD IN
+/// CDB.
+fn check_atomic(limits: &BlockLimits, x: Transfer, num_blocks: u64) -> Result<(), Sense> {
+    check_range(x.lba, u64::from(x.blocks), num_blocks)?;
+    let unit = limits.atomic_granularity.max(1);
+    if x.blocks > limits.max_atomic_transfer_blocks || x.blocks % unit != 0 {
+        return Err(Sense::invalid_field_in_cdb(12, None));
+    }
+    if x.lba % u64::from(unit) != 0 {
+        return Err(Sense::invalid_field_in_cdb(2, None));
+    }
+    Ok(())
 }
 
 /// Blocks a WRITE SAME covers: NUMBER OF LOGICAL BLOCKS, or with 0 every block from the LBA
@@ -168,6 +190,21 @@ pub fn vpd_block_limits(limits: &BlockLimits, thin: bool) -> Vec<u8> {
         d[28..32].copy_from_slice(&u32::from(limits.optimal_granularity).to_be_bytes());
     }
     d[36..44].copy_from_slice(&limits.max_write_same_blocks.to_be_bytes());
+    // SBC-4: MAXIMUM ATOMIC TRANSFER LENGTH, ATOMIC ALIGNMENT, ATOMIC TRANSFER LENGTH
+    // GRANULARITY; no atomic boundaries (the two fields after them stay 0).
+    d[44..48].copy_from_slice(&limits.max_atomic_transfer_blocks.to_be_bytes());
+    d[48..52].copy_from_slice(&limits.atomic_granularity.to_be_bytes());
+    d[52..56].copy_from_slice(&limits.atomic_granularity.to_be_bytes());
+    d
+}
+
+/// READ DEFECT DATA parameter data (SBC-3 5.19, 5.20): a logical unit on a file or block
+/// device has no defect list of its own, so the lists asked for are valid (PLISTV / GLISTV)
+/// and empty, in the format asked for. (10): 4-byte header; (12): 8-byte header, GENERATION
+/// CODE 0 (not supported).
+pub fn read_defect_data(twelve: bool, req_plist: bool, req_glist: bool, format: u8) -> Vec<u8> {
+    let mut d = vec![0u8; if twelve { 8 } else { 4 }];
+    d[1] = (u8::from(req_plist) << 4) | (u8::from(req_glist) << 3) | (format & 0x07);
     d
 }
 
@@ -264,13 +301,27 @@ pub(crate) async fn execute(
         )
         .into()),
         Command::GetLbaStatus { lba, .. } => Ok(lba_status(lba, num_blocks).into()),
-        Command::Read(x) => read(lu, x.lba, x.blocks).await,
+        Command::Read(x) => {
+            let _shared = lu.write_gate.read().await;
+            read(lu, x.lba, x.blocks).await
+        }
+        Command::ReadDefectData {
+            twelve,
+            req_plist,
+            req_glist,
+            format,
+            ..
+        } => Ok(read_defect_data(twelve, req_plist, req_glist, format).into()),
         Command::Write(x) => {
             write(lu, x, &data_out).await?;
             Ok(Bytes::new())
         }
         Command::OrWrite(x) => {
             or_write(lu, x, &data_out).await?;
+            Ok(Bytes::new())
+        }
+        Command::WriteAtomic(x) => {
+            write_atomic(lu, x, &data_out).await?;
             Ok(Bytes::new())
         }
         Command::WriteAndVerify { xfer, byte_check } => {
@@ -291,6 +342,7 @@ pub(crate) async fn execute(
             byte_check,
             ..
         } => {
+            let _shared = lu.write_gate.read().await;
             verify(lu, lba, blocks, byte_check, &data_out).await?;
             Ok(Bytes::new())
         }
@@ -374,6 +426,31 @@ async fn or_write(lu: &LogicalUnit, x: Transfer, data_out: &Bytes) -> Result<(),
         .map_err(|e| store_error(e, x.lba, true))
 }
 
+/// WRITE ATOMIC(16) (SBC-4 5.48): the whole transfer or nothing. A Data-Out shorter than
+/// the transfer (iSCSI EDTL below it) is refused before anything is written; the blocks go
+/// to the store in one write (one replication message: MAXIMUM ATOMIC TRANSFER LENGTH is
+/// 1 MiB) with the write gate held exclusively, so no read, write or other atomic command of
+/// the logical unit runs while they change (SBC-4 4.29).
+async fn write_atomic(lu: &LogicalUnit, x: Transfer, data_out: &Bytes) -> Result<(), Sense> {
+    let len = u64::from(x.blocks) * u64::from(lu.settings.block_size);
+    if len == 0 {
+        return Ok(());
+    }
+    let Some(data) = data_out.get(..len as usize) else {
+        return Err(Sense::invalid_field_in_command_iu());
+    };
+    let data = data_out.slice_ref(data);
+    let _exclusive = lu.write_gate.write().await;
+    lu.store
+        .write(
+            x.lba * u64::from(lu.settings.block_size),
+            data,
+            write_mode(lu, x.fua),
+        )
+        .await
+        .map_err(|e| store_error(e, x.lba, true))
+}
+
 /// VERIFY (SBC-3 5.30): reads the range (medium verification) and, with BYTCHK, compares it
 /// with the Data-Out received; a difference is MISCOMPARE with the offset in INFORMATION.
 async fn verify(
@@ -420,8 +497,9 @@ async fn verify(
 }
 
 /// WRITE SAME (SBC-3 5.41, 5.42): one block of Data-Out (zeroes with NDOB) written to every
-/// block of the range, or the range unmapped when UNMAP is set and the block is zeroes
-/// (what an unmapped block reads as, LBPRZ=1).
+/// block of the range; with UNMAP set the range is unmapped instead, whatever the block
+/// holds: the device server "should" unmap (SBC-4 table 237 [e]; it may also write), and
+/// unmapped blocks then read as zeroes (LBPRZ=1), as the initiator asked.
 async fn write_same(
     lu: &LogicalUnit,
     ws: WriteSame,
@@ -447,7 +525,7 @@ async fn write_same(
     let offset = ws.lba * bs64;
     let len = blocks * bs64;
     let _shared = lu.write_gate.read().await;
-    if ws.unmap && pattern.iter().all(|&b| b == 0) {
+    if ws.unmap {
         return lu
             .store
             .discard(offset, len)

@@ -495,6 +495,11 @@ fn supported_commands(thin: bool, alua: bool) -> Vec<CommandUsage> {
         rw10(WRITE_AND_VERIFY_10, 0x12),
         rw10(VERIFY_10, 0x16),
         rw10(PRE_FETCH_10, 0x02),
+        usage(
+            READ_DEFECT_DATA_10,
+            None,
+            &[0, 0, 0x1F, 0, 0, 0, 0, FF, FF, 0],
+        ),
         rw10(SYNCHRONIZE_CACHE_10, 0x06),
         rw10(WRITE_SAME_10, unmap_bit),
         usage(MODE_SELECT_10, None, &[0, 0x11, 0, 0, 0, 0, 0, FF, FF, 0]),
@@ -509,6 +514,13 @@ fn supported_commands(thin: bool, alua: bool) -> Vec<CommandUsage> {
         ),
         rw16(WRITE_16, 0x1A),
         rw16(ORWRITE_16, 0x1A),
+        usage(
+            WRITE_ATOMIC_16,
+            None,
+            &[
+                0, 0x18, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0, FF, FF, 0x1F, 0,
+            ],
+        ),
         rw16(WRITE_AND_VERIFY_16, 0x12),
         rw16(VERIFY_16, 0x16),
         rw16(PRE_FETCH_16, 0x02),
@@ -546,6 +558,11 @@ fn supported_commands(thin: bool, alua: bool) -> Vec<CommandUsage> {
         rw12(WRITE_12, 0x1A),
         rw12(WRITE_AND_VERIFY_12, 0x12),
         rw12(VERIFY_12, 0x16),
+        usage(
+            READ_DEFECT_DATA_12,
+            None,
+            &[0, 0x1F, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0],
+        ),
     ];
     // PERSISTENT RESERVE IN / OUT, one entry per service action (SPC-4 6.15, 6.16).
     for sa in 0..=3u8 {

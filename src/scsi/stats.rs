@@ -15,8 +15,8 @@ use twinsan_replication::latency::{HistogramSnapshot, LatencyHistogram};
 pub enum CommandClass {
     /// READ(6/10/12/16).
     Read,
-    /// Commands that write data to the medium: WRITE, WRITE AND VERIFY, ORWRITE, COMPARE AND
-    /// WRITE, WRITE SAME (UNMAP is `Other`: it moves no data).
+    /// Commands that write data to the medium: WRITE, WRITE ATOMIC, WRITE AND VERIFY, ORWRITE,
+    /// COMPARE AND WRITE, WRITE SAME (UNMAP is `Other`: it moves no data).
     Write,
     /// SYNCHRONIZE CACHE.
     Flush,
@@ -29,6 +29,7 @@ impl CommandClass {
         match cmd {
             Command::Read(_) => CommandClass::Read,
             Command::Write(_)
+            | Command::WriteAtomic(_)
             | Command::OrWrite(_)
             | Command::WriteAndVerify { .. }
             | Command::CompareAndWrite { .. }

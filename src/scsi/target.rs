@@ -1487,6 +1487,21 @@ mod tests {
         assert!(store.snapshot()[200 * BS as usize..210 * BS as usize]
             .iter()
             .all(|&b| b == 0));
+        // With UNMAP the range is unmapped whatever the block holds (SBC-4 table 237): the
+        // 0x5A blocks read back as zeroes (LBPRZ), as libiscsi's UnmapUntilEnd expects.
+        let r = run(
+            &t,
+            1,
+            &cdb10(opcode::WRITE_SAME_10, 0x08, 100, 20),
+            &pattern,
+        )
+        .await;
+        assert_eq!(r.status, Status::Good);
+        let snap = store.snapshot();
+        assert!(snap[100 * BS as usize..120 * BS as usize]
+            .iter()
+            .all(|&b| b == 0));
+        assert_eq!(snap[120 * BS as usize], 0x5A);
         // Not thin: UNMAP is not implemented, WRITE SAME's UNMAP bit is invalid.
         let (t, _) = target_with(false, false);
         let r = run(&t, 1, &cdb10(opcode::UNMAP, 0, 0, 24), &params).await;
@@ -2306,6 +2321,102 @@ mod xcopy_tests {
         );
         let r = run(&t, 2, &rw16(opcode::ORWRITE_16, 0, 1), &vec![0u8; b]).await;
         assert_eq!(sense_of(&r), (0x07, 0x27, 0x00));
+    }
+
+    fn atomic16(lba: u64, blocks: u16) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[0] = opcode::WRITE_ATOMIC_16;
+        c[2..10].copy_from_slice(&lba.to_be_bytes());
+        c[12..14].copy_from_slice(&blocks.to_be_bytes());
+        c
+    }
+
+    #[tokio::test]
+    async fn write_atomic_follows_the_block_limits_atomic_fields() {
+        let t = two_luns();
+        let b = BS as usize;
+        // Block Limits (SBC-4 6.6.4): 1 MiB at most, whole 4 KiB pages, no boundaries.
+        let r = run(&t, 0, &[opcode::INQUIRY, 1, 0xB0, 0, 64, 0], &[]).await;
+        let field = |at: usize| u32::from_be_bytes(r.data_in[at..at + 4].try_into().unwrap());
+        assert_eq!(field(44), (1 << 20) / BS);
+        assert_eq!((field(48), field(52)), (8, 8));
+        assert_eq!((field(56), field(60)), (0, 0));
+
+        let r = run(&t, 0, &atomic16(8, 16), &vec![0xA6u8; 16 * b]).await;
+        assert_eq!(r.status, Status::Good, "{:?}", r.sense);
+        let r = run(&t, 0, &rw16(opcode::READ_16, 7, 18), &[]).await;
+        assert!(r.data_in[..b].iter().all(|&x| x == 0));
+        assert!(r.data_in[b..17 * b].iter().all(|&x| x == 0xA6));
+        assert!(r.data_in[17 * b..].iter().all(|&x| x == 0));
+        assert_eq!(run(&t, 0, &atomic16(0, 0), &[]).await.status, Status::Good);
+
+        let refused = [
+            (atomic16(4, 8), (0x05, 0x24, 0x00)),    // LBA not aligned
+            (atomic16(0, 4), (0x05, 0x24, 0x00)),    // not whole granules
+            (atomic16(0, 2056), (0x05, 0x24, 0x00)), // above MAXIMUM ATOMIC TRANSFER LENGTH
+            (atomic16(BLOCKS - 8, 16), (0x05, 0x21, 0x00)),
+        ];
+        for (cdb, want) in refused {
+            let len = usize::from(u16::from_be_bytes([cdb[12], cdb[13]])) * b;
+            assert_eq!(sense_of(&run(&t, 0, &cdb, &vec![1u8; len]).await), want);
+        }
+        let mut boundary = atomic16(0, 8);
+        boundary[11] = 8;
+        assert_eq!(
+            sense_of(&run(&t, 0, &boundary, &vec![1u8; 8 * b]).await),
+            (0x05, 0x24, 0x00)
+        );
+        let r = run(&t, 2, &atomic16(0, 8), &vec![1u8; 8 * b]).await;
+        assert_eq!(sense_of(&r), (0x07, 0x27, 0x00));
+        // Less Data-Out than the transfer (EDTL below it): nothing written.
+        let r = run(&t, 0, &atomic16(0, 8), &vec![0xEEu8; 7 * b]).await;
+        assert_eq!(sense_of(&r), (0x05, 0x0E, 0x03));
+        let r = run(&t, 0, &rw16(opcode::READ_16, 0, 8), &[]).await;
+        assert!(r.data_in.iter().all(|&x| x == 0));
+    }
+
+    /// SBC-4 4.29: no read sees an atomic write half done. A read in progress (the gate held
+    /// shared) keeps the atomic write from starting; once it ends the write goes in whole.
+    #[tokio::test]
+    async fn write_atomic_waits_for_reads_in_progress() {
+        let t = Arc::new(two_luns());
+        let unit = t.logical_unit(0).unwrap().clone();
+        let reading = unit.write_gate.read().await;
+        let writer = {
+            let t = t.clone();
+            tokio::spawn(async move {
+                run(&t, 0, &atomic16(0, 8), &vec![0x5Au8; 8 * BS as usize]).await
+            })
+        };
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!writer.is_finished());
+        let medium = unit.store.read(0, 8 * BS as usize).await.unwrap();
+        assert!(medium.iter().all(|&x| x == 0), "written under a read");
+        drop(reading);
+        assert_eq!(writer.await.unwrap().status, Status::Good);
+        let medium = unit.store.read(0, 8 * BS as usize).await.unwrap();
+        assert!(medium.iter().all(|&x| x == 0x5A));
+    }
+
+    #[tokio::test]
+    async fn read_defect_data_is_an_empty_list() {
+        let t = two_luns();
+        let r = run(&t, 0, &[0x37, 0, 0x18, 0, 0, 0, 0, 0, 32, 0], &[]).await;
+        assert_eq!(
+            (r.status, &r.data_in[..]),
+            (Status::Good, &[0, 0x18, 0, 0][..])
+        );
+        let mut c12 = [0u8; 12];
+        c12[0] = 0xB7;
+        c12[1] = 0x13;
+        c12[9] = 32;
+        let r = run(&t, 0, &c12, &[]).await;
+        assert_eq!(r.data_in[..], [0, 0x13, 0, 0, 0, 0, 0, 0]);
+        // 111b is a reserved DEFECT LIST FORMAT.
+        let r = run(&t, 0, &[0x37, 0, 0x07, 0, 0, 0, 0, 0, 32, 0], &[]).await;
+        assert_eq!(sense_of(&r), (0x05, 0x24, 0x00));
     }
 
     #[tokio::test]

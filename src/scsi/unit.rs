@@ -19,8 +19,9 @@ pub struct LogicalUnit {
     pub(crate) settings: LunSettings,
     pub(crate) store: Arc<dyn BlockStore>,
     pub(crate) limits: BlockLimits,
-    /// Writes take it shared, COMPARE AND WRITE exclusively: the compare and the write are
-    /// atomic with respect to every other write to the logical unit (SBC-3 5.2).
+    /// Reads and writes take it shared; COMPARE AND WRITE, ORWRITE and WRITE ATOMIC
+    /// exclusively: they are atomic with respect to every other read and write of the
+    /// logical unit (SBC-3 5.2, 5.11; SBC-4 4.29).
     pub(crate) write_gate: tokio::sync::RwLock<()>,
     unit_attentions: Mutex<HashMap<NexusId, Vec<(u8, u8)>>>,
     /// Fast path: false when no nexus has a unit attention pending.

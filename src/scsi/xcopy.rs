@@ -151,10 +151,9 @@ pub fn parse(params: &[u8]) -> Result<Option<CopyList>, Sense> {
             return Err(Sense::new(SenseKey::IllegalRequest, 0x26, 0x07)
                 .with_field(false, off as u16, None));
         }
-        // LU ID TYPE: only 00b (LUN) is supported; proxy tokens (01b) and reserved values not.
-        if d[1] >> 6 != 0 {
-            return Err(field(off + 1, Some(7)));
-        }
+        // LU ID TYPE (byte 1 bits 7:6) is not looked at: it says how to read a LU
+        // IDENTIFIER field (SPC-4 6.4.5.1), and the identification descriptor CSCD names its
+        // logical unit by a designation descriptor instead (6.4.5.3).
         let desig_len = usize::from(d[7]);
         if desig_len > 20 {
             return Err(field(off + 7, None));
@@ -451,10 +450,21 @@ pub(crate) mod tests {
         s2s[0] = 0x03;
         let p = list(1, &[cscd(&[1; 16], 512)], &[s2s]);
         assert_eq!(code(parse(&p).unwrap_err()), (0x26, 0x09));
-        let mut proxy = cscd(&[1; 16], 512);
-        proxy[1] = 0x40;
-        let p = list(1, &[proxy], &[b2b(0, 0, 1, 0, 0)]);
-        assert_eq!(code(parse(&p).unwrap_err()), (0x26, 0x00));
+    }
+
+    /// libiscsi 1.19 ExtendedCopy.ValidTgtDescr: an identification descriptor CSCD with any
+    /// LU ID TYPE (01b proxy token, 10b and 11b reserved) names the same logical unit.
+    #[test]
+    fn identification_cscd_ignores_lu_id_type() {
+        let naa = [0x60u8; 16];
+        for lu_id_type in 1..=3u8 {
+            let mut c = cscd(&naa, 512);
+            c[1] = lu_id_type << 6;
+            let p = list(1, &[c], &[b2b(0, 0, 1, 0, 0)]);
+            let l = parse(&p).unwrap().unwrap();
+            assert!(l.cscds[0].is_lu_naa() && !l.cscds[0].null);
+            assert_eq!(l.cscds[0].designator, naa);
+        }
     }
 
     #[test]

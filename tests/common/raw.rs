@@ -366,6 +366,54 @@ impl Raw {
         p
     }
 
+    /// Logs in to [`IQN`] on 127.0.0.1:`port` as `initiator` with a fixed ISID (the same
+    /// initiator port on every login and every host); panics on failure.
+    pub fn login_port(port: u16, initiator: &str, isid_low: u16) -> Raw {
+        Self::try_login_isid(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            IQN,
+            initiator,
+            isid_low,
+            false,
+            false,
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("login {initiator} to {port}: {e}"))
+    }
+
+    /// Runs a command on LUN 0 with `data` as immediate Data-Out; returns the SCSI status.
+    pub fn status_with_data(&mut self, cdb: &[u8], data: Vec<u8>) -> u8 {
+        let p = self.scsi_command(0, cdb, 0, Some(data.into()));
+        let itt = p.itt();
+        self.send(p);
+        let resp = self
+            .wait_for(|p| p.itt() == itt && p.opcode() == Some(Opcode::ScsiResponse))
+            .expect("SCSI response");
+        resp.bhs[3]
+    }
+
+    /// PERSISTENT RESERVE OUT(10) on LUN 0 with the basic 24-byte parameter list (SPC-4
+    /// 6.16.3); returns the SCSI status.
+    pub fn pr_out(
+        &mut self,
+        service_action: u8,
+        pr_type: u8,
+        key: u64,
+        sa_key: u64,
+        aptpl: bool,
+    ) -> u8 {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x5f;
+        cdb[1] = service_action;
+        cdb[2] = pr_type;
+        cdb[8] = 24;
+        let mut d = vec![0u8; 24];
+        d[0..8].copy_from_slice(&key.to_be_bytes());
+        d[8..16].copy_from_slice(&sa_key.to_be_bytes());
+        d[20] = u8::from(aptpl);
+        self.status_with_data(&cdb, d)
+    }
+
     /// Runs one command to completion: (status, data in, sense) or an error when the
     /// connection fails or no status arrives within `limit`.
     pub fn scsi_sync(

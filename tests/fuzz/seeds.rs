@@ -12,8 +12,12 @@ use twinsan::iscsi::pdu::{
     RejectBuilder, RejectReason, Residual, ScsiResponseBuilder, TaskMgmtResponseBuilder,
     TextRequestBuilder, TextResponseBuilder, RESERVED_TAG,
 };
+use twinsan::scsi::pr::{InitiatorPort, PrState, PrType, Registration, Reservation};
+use twinsan::scsi::LogicalUnit;
 use twinsan_replication::drbd::{GenerationUuids, Role};
-use twinsan_replication::link::proto::{encode_frame, DiskState, Message, VerifyDigest};
+use twinsan_replication::link::proto::{
+    encode_frame, DiskState, Message, VerifyDigest, PROTOCOL_VERSION,
+};
 
 use super::{
     driver::corpus_dir, join_records, CHAP_USER, HB_SECRET, INITIATOR, TGT_CHAP, TGT_OPEN,
@@ -345,6 +349,31 @@ fn text_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// A logical unit's persistent reservation state as a `PrState` message carries it: two
+/// registrants, one holding WRITE EXCLUSIVE - REGISTRANTS ONLY, APTPL set.
+fn reservation_state() -> PrState {
+    let port = |name: &str, isid| InitiatorPort::new(name, [0x40, 0, 0, 0, 0, isid]);
+    let registration = |name, isid, key| Registration {
+        port: port(name, isid),
+        key,
+        all_tg_pt: false,
+        relative_port: 1,
+    };
+    PrState {
+        generation: 3,
+        registrations: vec![
+            registration(INITIATOR, 1, 0xA1),
+            registration("iqn.2026-11.org.twinsan.fuzz:other", 2, 0xB2),
+        ],
+        reservation: Some(Reservation {
+            holder: port(INITIATOR, 1),
+            kind: PrType::WriteExclusiveRegistrantsOnly,
+        }),
+        aptpl: true,
+        spc2_holder: None,
+    }
+}
+
 fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let uuids = GenerationUuids {
         current: 0x1234_5678_9abc_def1,
@@ -355,7 +384,7 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
         (
             "hello",
             Message::Hello {
-                protocol_version: 1,
+                protocol_version: PROTOCOL_VERSION,
                 volume_name: "r0".into(),
                 size_bytes: 1 << 30,
                 role: Role::Primary,
@@ -441,6 +470,14 @@ fn frame_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 mismatched: vec![4096],
             },
         ),
+        (
+            "pr-state",
+            Message::PrState {
+                seq: 5,
+                blob: LogicalUnit::encode_reservations(&reservation_state()),
+            },
+        ),
+        ("pr-state-ack", Message::PrStateAck { seq: 5, ok: true }),
         ("ping", Message::Ping),
         ("pong", Message::Pong),
         (
