@@ -102,6 +102,24 @@ pub struct LunStatus {
     pub stats: crate::scsi::stats::LunStatsSnapshot,
 }
 
+#[cfg(test)]
+impl LunStatus {
+    /// LUN 0, 1 MiB of 512-byte blocks, with `stats` (for the renderers' tests).
+    pub(crate) fn with_stats(stats: crate::scsi::stats::LunStatsSnapshot) -> LunStatus {
+        LunStatus {
+            number: 0,
+            size_bytes: 1 << 20,
+            block_size: 512,
+            read_only: false,
+            store: String::new(),
+            engine: String::new(),
+            naa: String::new(),
+            serial: String::new(),
+            stats,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SessionStatus {
     pub tsih: u16,
@@ -577,16 +595,8 @@ mod tests {
             let mut s = status(Vec::new());
             s.targets.push(TargetStatus {
                 iqn: "iqn.x:t".into(),
-                luns: vec![LunStatus {
-                    number: 0,
-                    size_bytes: 0,
-                    block_size: 512,
-                    read_only: false,
-                    store: String::new(),
-                    engine: String::new(),
-                    naa: String::new(),
-                    serial: String::new(),
-                    stats: crate::scsi::stats::LunStatsSnapshot {
+                luns: vec![LunStatus::with_stats(
+                    crate::scsi::stats::LunStatsSnapshot {
                         reads,
                         read_bytes: reads * 4096,
                         read_latency_ns: read_ns,
@@ -596,7 +606,7 @@ mod tests {
                         in_flight,
                         ..Default::default()
                     },
-                }],
+                )],
             });
             s
         };

@@ -911,17 +911,7 @@ mod tests {
         stats.check_conditions.insert("MEDIUM ERROR".into(), 1);
         s.status.targets.push(crate::control::TargetStatus {
             iqn: "iqn.2026-11.org.twinsan:t".into(),
-            luns: vec![crate::control::LunStatus {
-                number: 0,
-                size_bytes: 1 << 20,
-                block_size: 512,
-                read_only: false,
-                store: String::new(),
-                engine: String::new(),
-                naa: String::new(),
-                serial: String::new(),
-                stats,
-            }],
+            luns: vec![crate::control::LunStatus::with_stats(stats)],
         });
         s.status.sessions.push(crate::control::SessionStatus {
             tsih: 1,

@@ -944,6 +944,13 @@ impl ScsiTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether blocks `blocks` (of `BS` bytes) of `snap` are all zero.
+    fn zeroed(snap: &[u8], blocks: std::ops::Range<usize>) -> bool {
+        snap[blocks.start * BS as usize..blocks.end * BS as usize]
+            .iter()
+            .all(|&b| b == 0)
+    }
     use crate::scsi::{LunIdentity, Status};
     use crate::store::MemStore;
     use rand::{Rng, SeedableRng};
@@ -1477,16 +1484,12 @@ mod tests {
         let r = run(&t, 1, &cdb10(opcode::UNMAP, 0, 0, 24), &params).await;
         assert_eq!(r.status, Status::Good);
         let snap = store.snapshot();
-        assert!(snap[150 * BS as usize..160 * BS as usize]
-            .iter()
-            .all(|&b| b == 0));
+        assert!(zeroed(&snap, 150..160));
         assert_eq!(snap[160 * BS as usize], 0x5A);
         // WRITE SAME with UNMAP and a zero block unmaps; NDOB needs no data.
         let r = run(&t, 1, &cdb16(opcode::WRITE_SAME_16, 0x09, 200, 10), &[]).await;
         assert_eq!(r.status, Status::Good);
-        assert!(store.snapshot()[200 * BS as usize..210 * BS as usize]
-            .iter()
-            .all(|&b| b == 0));
+        assert!(zeroed(&store.snapshot(), 200..210));
         // With UNMAP the range is unmapped whatever the block holds (SBC-4 table 237): the
         // 0x5A blocks read back as zeroes (LBPRZ), as libiscsi's UnmapUntilEnd expects.
         let r = run(
@@ -1498,9 +1501,7 @@ mod tests {
         .await;
         assert_eq!(r.status, Status::Good);
         let snap = store.snapshot();
-        assert!(snap[100 * BS as usize..120 * BS as usize]
-            .iter()
-            .all(|&b| b == 0));
+        assert!(zeroed(&snap, 100..120));
         assert_eq!(snap[120 * BS as usize], 0x5A);
         // Not thin: UNMAP is not implemented, WRITE SAME's UNMAP bit is invalid.
         let (t, _) = target_with(false, false);
