@@ -316,11 +316,28 @@ impl Shared {
         let mut st = self.lock();
         let idx = st.alloc(Slot::InFlight { waker: None, keep });
         let entry = entry.user_data(u64::from(idx));
-        // SAFETY: the SQ is only accessed with the state lock held.
-        let pushed = unsafe { self.ring.submission_shared().push(&entry).is_ok() };
+        // The permit guarantees room in the SQ, but not at once: the kernel posts the
+        // completions of an enter before it commits the SQ head for the entries it took
+        // (io_submit_sqes), so a completion reaped meanwhile frees a permit while its entry
+        // still counts as queued. The room appears when that enter returns: wait for it,
+        // bounded (about 100 ms at least).
+        let mut tries = 0u32;
+        let pushed = loop {
+            // SAFETY: the SQ is only accessed with the state lock held.
+            if unsafe { self.ring.submission_shared().push(&entry).is_ok() } {
+                break true;
+            }
+            if tries == 10_000 {
+                break false;
+            }
+            tries += 1;
+            drop(st);
+            std::thread::sleep(Duration::from_micros(10));
+            st = self.lock();
+        };
         if !pushed {
-            // Cannot happen (in-flight ops never exceed the SQ size), but fail the request
-            // rather than lose it. The kernel never saw `keep`, so dropping it is fine.
+            // Fail the request rather than lose it. The kernel never saw `keep`, so
+            // dropping it is fine.
             let slot = st.release(idx);
             drop(st);
             drop(slot);
