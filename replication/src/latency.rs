@@ -58,6 +58,11 @@ impl LatencyHistogram {
         self.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
+    /// Sum of all observations in nanoseconds (without copying the buckets).
+    pub fn sum_ns(&self) -> u64 {
+        self.sum_ns.load(Ordering::Relaxed)
+    }
+
     /// The cumulative buckets now. `count` is the sum of the buckets read, so it always
     /// equals the last cumulative value plus the `+Inf` bucket.
     pub fn snapshot(&self) -> HistogramSnapshot {

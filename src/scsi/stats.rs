@@ -195,8 +195,8 @@ impl LunStats {
                 .collect(),
             reservation_conflicts: load(&self.reservation_conflicts),
             in_flight: load(&self.in_flight),
-            read_latency_ns: self.read_latency.snapshot().sum_ns,
-            write_latency_ns: self.write_latency.snapshot().sum_ns,
+            read_latency_ns: self.read_latency.sum_ns(),
+            write_latency_ns: self.write_latency.sum_ns(),
         }
     }
 
