@@ -17,7 +17,9 @@ use tracing::{debug, error, info, warn};
 use twinsan_throttle::{Admitted, Attempt, LogAction};
 
 use super::machine::{Action, Event};
-use super::{lock, LinkHandle, PendingKind, ReplicatedVolume, Reply, Role, LINK_QUEUE};
+use super::{
+    lock, LinkHandle, PendingKind, ReplicatedVolume, Reply, Role, LINK_QUEUE, LINK_READ_BUF,
+};
 use crate::drbd::{GenerationUuids, MdFlags};
 use crate::link::proto::{VERIFY_BLOCK, WIRE_CRASHED_PRIMARY, WIRE_DISCARD_MY_DATA};
 use crate::link::{
@@ -152,7 +154,7 @@ impl ReplicatedVolume {
         // `establish` sends with `SinkExt::send`, which flushes: nothing is left to write.
         debug_assert!(parts.write_buf.is_empty());
         let (read_half, write_half) = parts.io.into_split();
-        let mut stream = FramedRead::new(read_half, FrameCodec);
+        let mut stream = FramedRead::with_capacity(read_half, FrameCodec, LINK_READ_BUF);
         stream.read_buffer_mut().extend_from_slice(&parts.read_buf);
         let kill = self.shutdown.child_token();
         let (tx, writer) = link_channel(write_half, LINK_QUEUE);

@@ -530,6 +530,13 @@ pub(crate) struct State {
 /// that drain it.
 pub(crate) const LINK_QUEUE: usize = 128;
 
+/// Room for received frames per read of the link. With tokio-util's default (8 KiB) one
+/// `recv` took at most one 4 KiB write's frame, so a busy secondary paid a system call and a
+/// wake-up per write; 64 KiB (the most `BytesMut` keeps as its refill size) takes a burst of
+/// frames at once. A 4 KiB payload keeps its block alive until it is written, so this holds at
+/// most 64 KiB per write in flight, and those are bounded by the peer's queue.
+pub(crate) const LINK_READ_BUF: usize = 64 * 1024;
+
 #[derive(Default)]
 pub(crate) struct Counters {
     sent: AtomicU64,
