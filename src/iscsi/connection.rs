@@ -36,6 +36,14 @@ pub use super::sequencer::FeatureParams;
 /// Bytes the writer task gathers into one vectored write at most.
 const MAX_WRITE_BATCH: usize = 4 << 20;
 
+/// Room for received PDUs per read of the socket. With tokio-util's default (8 KiB) one `recv`
+/// took at most one 4 KiB WRITE with its immediate data, so a busy connection paid a system
+/// call per command; 64 KiB (the most `BytesMut` keeps as its refill size) takes a burst.
+/// Write data is copied out at once (into the gather buffer), and PDUs kept for commands that
+/// cannot run yet get their own allocation (`sequencer::own_data`), so a block is not pinned
+/// for long.
+pub(crate) const READ_BUF: usize = 64 * 1024;
+
 /// The sending side of a connection, shared by the reader, command tasks and the writer task.
 #[derive(Clone)]
 struct Outbox(Arc<OutboxShared>);
@@ -292,7 +300,7 @@ async fn run(
         return Ok(());
     };
     let (rd, mut wr) = stream.into_split();
-    let mut reader = FramedRead::new(rd, PduCodec::default());
+    let mut reader = FramedRead::with_capacity(rd, PduCodec::default(), READ_BUF);
     // The login timeout bounds a login held back by the authentication throttle too (its
     // longest wait, 5 s, is well below the default 15 s).
     let login_timeout = ctx.timers.login_timeout;

@@ -390,7 +390,7 @@ impl<P> Sequencer<P> {
                 exp = self.session.exp_cmd_sn(),
                 "command ahead of ExpCmdSN: held"
             );
-            self.held.push(pdu);
+            self.held.push(own_data(pdu));
         } else {
             debug!(
                 cmd_sn = sn,
@@ -596,8 +596,11 @@ impl<P> Sequencer<P> {
             "memory budget spent: command waits, CmdSN window closed"
         );
         if !early.is_empty() {
-            self.early_data_out.insert(w.hdr.itt, early);
+            self.early_data_out
+                .insert(w.hdr.itt, early.into_iter().map(own_data).collect());
         }
+        let mut w = w;
+        w.immediate = Bytes::copy_from_slice(&w.immediate);
         self.budget_wait.push_back(w);
         budget.set_waiting(true);
         self.session.close_window(true);
@@ -786,7 +789,7 @@ impl<P> Sequencer<P> {
         self.early_data_out
             .entry(itt)
             .or_default()
-            .push(pdu.clone());
+            .push(own_data(pdu.clone()));
         true
     }
 
@@ -1041,9 +1044,35 @@ const TMF_NO_LUN: u8 = 2;
 const TMF_REASSIGN_UNSUPPORTED: u8 = 4;
 const TMF_NOT_SUPPORTED: u8 = 5;
 
+/// `pdu` with its AHS and data in their own allocations. A PDU kept while its command cannot
+/// run would otherwise pin the whole receive block it was read into (up to the connection's
+/// `READ_BUF`), beyond what the held-data bound counts. Only the holding paths copy.
+fn own_data(mut pdu: Pdu) -> Pdu {
+    pdu.ahs = Bytes::copy_from_slice(&pdu.ahs);
+    pdu.data = Bytes::copy_from_slice(&pdu.data);
+    pdu
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_pdu_owns_its_bytes_and_keeps_them() {
+        let block = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+        let pdu = Pdu {
+            bhs: [0; crate::iscsi::pdu::BHS_LEN],
+            ahs: block.slice(0..16),
+            data: block.slice(16..16 + 4096),
+        };
+        let owned = own_data(pdu);
+        assert_eq!(owned.ahs, block.slice(0..16));
+        assert_eq!(owned.data, block.slice(16..16 + 4096));
+        // Neither points into the receive block any more.
+        let range = block.as_ptr_range();
+        assert!(!range.contains(&owned.ahs.as_ptr()));
+        assert!(!range.contains(&owned.data.as_ptr()));
+    }
     use crate::iscsi::budget::{MemoryBudget, SessionBudget};
     use crate::iscsi::login::TargetAuth;
     use crate::iscsi::negotiation::SessionParams;

@@ -251,7 +251,14 @@ impl LinkWriter {
                         return;
                     }
                 }
-                None => wake.await,
+                None => {
+                    wake.await;
+                    // Woken by the first of a burst (the secondary's acks of writes completed
+                    // together, requests of a busy primary): let the other tasks that are
+                    // ready now queue theirs first, so one vectored write carries them all
+                    // instead of one write each.
+                    tokio::task::yield_now().await;
+                }
             }
         }
     }
