@@ -1057,6 +1057,26 @@ fn turs_until(g: &mut Guest, dev: &str, want_rc: i32, limit: Duration) -> Vec<St
     }
 }
 
+/// LUN 0's statistics of `IQN` on host `h` (`status --json`).
+fn lun_stats(h: &common::ha::HaHost) -> serde_json::Value {
+    let v = h
+        .status_json()
+        .unwrap_or_else(|e| panic!("{}: {e}", h.label));
+    v["targets"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["iqn"] == IQN))
+        .map(|t| t["luns"][0]["stats"].clone())
+        .unwrap_or_else(|| panic!("{}: no LUN statistics in {v}", h.label))
+}
+
+/// (bytes read, bytes written) by commands that completed GOOD, from [`lun_stats`].
+fn media_bytes(stats: &serde_json::Value) -> (u64, u64) {
+    (
+        stats["read_bytes"].as_u64().expect("read_bytes"),
+        stats["written_bytes"].as_u64().expect("written_bytes"),
+    )
+}
+
 /// Both target port groups of an `alua = true` target on a replicated pair with HA, seen by
 /// the Linux kernel initiator logged in to both hosts' own portals (`host_portals`): two paths
 /// to one LUN (the same WWID). Through each path `sg_rtpg -d` reports both groups, the
@@ -1192,6 +1212,24 @@ fn kernel_initiator_alua_groups_follow_a_switchover() {
     ok_cli(&l.a, &["manual-mode-enable"]);
     ok_cli(&l.b, &["manual-mode-enable"]);
     ok_cli(&l.a, &["become-secondary"]);
+    // The target's own count: B, secondary until now, completed no read or write (the
+    // initiator's and the kernel's commands were all refused).
+    let b_stats = lun_stats(&l.b);
+    eprintln!("B's LUN statistics as secondary: {b_stats}");
+    assert_eq!(
+        media_bytes(&b_stats),
+        (0, 0),
+        "B executed media access while secondary: {b_stats}"
+    );
+    assert!(
+        b_stats["check_conditions"].as_object().is_some_and(|m| m
+            .values()
+            .filter_map(|n| n.as_u64())
+            .sum::<u64>()
+            >= 4),
+        "B's refusals are not counted: {b_stats}"
+    );
+    let a_demoted = lun_stats(&l.a);
     let deadline = Instant::now() + PROMOTE;
     loop {
         let o = l.b.cli(&["become-primary"]);
@@ -1241,6 +1279,14 @@ fn kernel_initiator_alua_groups_follow_a_switchover() {
     );
     assert_eq!(rc, 0, "read-back through the new active path (B): {out:?}");
 
+    // A, secondary since the switchover, completed no read or write either.
+    let a_stats = lun_stats(&l.a);
+    eprintln!("A's LUN statistics, secondary since the switchover: {a_stats}");
+    assert_eq!(
+        media_bytes(&a_stats),
+        media_bytes(&a_demoted),
+        "A executed media access while secondary: {a_demoted} -> {a_stats}"
+    );
     g.send("run done");
     g.expect("done", Duration::from_secs(120));
     let out = g.finish();
