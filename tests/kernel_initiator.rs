@@ -863,6 +863,28 @@ sgw() {
 sgr() {
     sg_raw -r "$3" -o "$4" "/dev/$1" $(cdb10 28 "$1" "$2" "$3")
 }
+# dm-multipath with the README's device entry for an ALUA pair (instead of the guest's
+# multibus one): a path group per target port group, the active/optimized one used.
+cat > /etc/multipath.conf <<'EOF'
+defaults {
+	user_friendly_names	no
+	polling_interval	2
+	find_multipaths		no
+}
+devices {
+	device {
+		vendor			"TWINSAN"
+		product			"TWINSAN-DISK"
+		hardware_handler	"1 alua"
+		prio			alua
+		path_grouping_policy	group_by_prio
+		failback		immediate
+		path_checker		tur
+		no_path_retry		12
+	}
+}
+EOF
+multipathd reconfigure || fail "multipathd reconfigure"
 # Both hosts' own portals (host_portals), each found by a discovery on it: two paths.
 for p in @A@:3260 @B@:3260; do
     iscsiadm -m discovery -t st -p $p > /tmp/disc 2>&1 || fail "discovery $p: $(cat /tmp/disc)"
@@ -875,6 +897,11 @@ DA=$(disk_at @A@:3260) || fail "no disk through A's portal"
 DB=$(disk_at @B@:3260) || fail "no disk through B's portal"
 udevadm settle --timeout=10
 LBS=$(cat /sys/block/$DA/queue/logical_block_size)
+i=0
+while [ $i -lt 60 ] && ! multipath -ll 2>/dev/null | grep -q "TWINSAN,"; do
+    multipath >/dev/null 2>&1; sleep 0.5; i=$((i + 1))
+done
+multipath -ll
 yes alua-written-through-A | head -c 65536 > /tmp/pa
 yes alua-written-through-B | head -c 65536 > /tmp/pb
 yes refused-by-the-standby | head -c 65536 > /tmp/px
@@ -886,8 +913,9 @@ while :; do
     echo "# $c"
     out=$(eval "$c" 2>&1); rc=$?
     printf '%s\n' "$out"
-    host_say "out rc=$rc $(printf '%s' "$out" | tr '\n' '|')"
+    host_say "out rc=$rc $(printf '%s' "$out" | tr '\n' '\036')"
 done
+multipath -F >/dev/null 2>&1
 iscsiadm -m node -T @IQN@ --logout || fail "logout"
 host_say done
 "##;
@@ -953,7 +981,8 @@ fn parse_rtpg(lines: &[String]) -> Vec<PortGroup> {
     groups
 }
 
-/// Sends `cmd` to the guest's command loop: (exit status, output lines).
+/// Sends `cmd` to the guest's command loop: (exit status, output lines; the guest sends them
+/// separated by ASCII RS, 0x1E).
 fn guest_run(g: &mut Guest, cmd: &str, limit: Duration) -> (i32, Vec<String>) {
     g.send(&format!("run {cmd}"));
     let r = g.expect("out", limit);
@@ -962,7 +991,7 @@ fn guest_run(g: &mut Guest, cmd: &str, limit: Duration) -> (i32, Vec<String>) {
         .strip_prefix("rc=")
         .and_then(|v| v.parse().ok())
         .unwrap_or(-1);
-    (rc, out.split('|').map(str::to_string).collect())
+    (rc, out.split('\x1e').map(str::to_string).collect())
 }
 
 const ALUA_AO: u8 = 0x0;
@@ -1057,6 +1086,83 @@ fn turs_until(g: &mut Guest, dev: &str, want_rc: i32, limit: Duration) -> Vec<St
     }
 }
 
+/// One path group of `multipath -ll`: (prio, status, [(device, path states)]).
+type PathGroup = (u32, String, Vec<(String, String)>);
+
+/// The path groups of `multipath -ll` output.
+fn parse_multipath(lines: &[String]) -> Vec<PathGroup> {
+    let after = |l: &str, key: &str| -> String {
+        l.split(key)
+            .nth(1)
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut groups: Vec<PathGroup> = Vec::new();
+    for l in lines {
+        if l.contains("policy=") {
+            groups.push((
+                after(l, "prio=").parse().unwrap_or(0),
+                after(l, "status="),
+                Vec::new(),
+            ));
+        } else if let Some(g) = groups.last_mut() {
+            // "| `- 0:0:0:0 sda 8:0 active ready running"
+            let w: Vec<&str> = l.split_whitespace().collect();
+            if let Some(i) = w.iter().position(|x| x.matches(':').count() == 3) {
+                if let Some(dev) = w.get(i + 1) {
+                    g.2.push((dev.to_string(), w.get(i + 3..).unwrap_or(&[]).join(" ")));
+                }
+            }
+        }
+    }
+    groups
+}
+
+/// `multipath -ll` until the map's active path group is the one path `active_dev` (higher
+/// priority, as `prio alua` ranks active/optimized) and the other group holds `standby_dev`,
+/// at most `limit`: the last output.
+fn multipath_until(
+    g: &mut Guest,
+    active_dev: &str,
+    standby_dev: &str,
+    limit: Duration,
+) -> Vec<String> {
+    let t = Instant::now();
+    loop {
+        let (rc, out) = guest_run(g, "multipath -ll", Duration::from_secs(60));
+        let groups = parse_multipath(&out);
+        let prio = |d: &str| {
+            groups
+                .iter()
+                .find(|g| g.2.iter().any(|p| p.0 == d))
+                .map(|g| g.0)
+        };
+        let ok = rc == 0
+            && groups.len() == 2
+            && groups.iter().all(|g| g.2.len() == 1)
+            && groups
+                .iter()
+                .any(|(_, status, paths)| status == "active" && paths[0].0 == active_dev)
+            && prio(standby_dev).is_some()
+            && prio(active_dev) > prio(standby_dev);
+        if ok {
+            eprintln!(
+                "multipath -ll after {:.1?}:\n    {}",
+                t.elapsed(),
+                out.join("\n    ")
+            );
+            return out;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "multipath: want {active_dev} active, {standby_dev} in the other group; got {groups:?}:\n{}",
+            out.join("\n")
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// LUN 0's statistics of `IQN` on host `h` (`status --json`).
 fn lun_stats(h: &common::ha::HaHost) -> serde_json::Value {
     let v = h
@@ -1118,7 +1224,7 @@ fn kernel_initiator_alua_groups_follow_a_switchover() {
             tap: "gtap0".into(),
             guest_cidr: GUEST_LAN_ADDR.into(),
         }],
-        multipath: false,
+        multipath: true,
         script: body,
         timeout: Duration::from_secs(600),
         dir: &dir,
@@ -1144,6 +1250,7 @@ fn kernel_initiator_alua_groups_follow_a_switchover() {
     );
     assert_eq!(kv("scsiid_a"), format!("3{naa}"), "scsi_id -g: {paths}");
     let lim = Duration::from_secs(60);
+    let (dev_a, dev_b) = (kv("A"), kv("B"));
     // path label, device variable in the guest, own group
     let both = [("A's portal", "$DA", ga), ("B's portal", "$DB", gb)];
 
@@ -1179,6 +1286,16 @@ fn kernel_initiator_alua_groups_follow_a_switchover() {
         seen.push(sorted);
     }
     assert_eq!(seen[0], seen[1], "the two paths report different groups");
+    let mp = multipath_until(&mut g, &dev_a, &dev_b, lim);
+    // One map holds both paths (the map's name is udev's ID_SERIAL; sg3-utils-udev ranks
+    // the T10 vendor designator above a locally assigned NAA, so it is not scsi_id's).
+    assert_eq!(
+        mp.iter()
+            .filter(|l| l.contains(" TWINSAN,TWINSAN-DISK"))
+            .count(),
+        1,
+        "not one multipath map: {mp:?}"
+    );
 
     // The standby path refuses media access; the active one serves.
     let out = turs_until(&mut g, "$DB", 2, lim);
@@ -1258,6 +1375,8 @@ fn kernel_initiator_alua_groups_follow_a_switchover() {
         seen[0], seen[1],
         "after: the two paths report different groups"
     );
+    // failback immediate: the map moves to B's path, now the active/optimized group.
+    multipath_until(&mut g, &dev_b, &dev_a, lim);
     let out = turs_until(&mut g, "$DA", 2, lim);
     eprintln!("sg_turs through the standby path (A): {}", out.join(" | "));
     turs_until(&mut g, "$DB", 0, lim);
