@@ -905,7 +905,7 @@ multipath -ll
 yes alua-written-through-A | head -c 65536 > /tmp/pa
 yes alua-written-through-B | head -c 65536 > /tmp/pb
 yes refused-by-the-standby | head -c 65536 > /tmp/px
-host_say "paths A=$DA B=$DB lbs=$LBS scsiid_a=$(/lib/udev/scsi_id -g -d /dev/$DA) scsiid_b=$(/lib/udev/scsi_id -g -d /dev/$DB) wwid_a=$(tr ' ' _ < /sys/block/$DA/device/wwid) wwid_b=$(tr ' ' _ < /sys/block/$DB/device/wwid)"
+host_say "paths A=$DA B=$DB lbs=$LBS sectors_a=$(cat /sys/block/$DA/size) sectors_b=$(cat /sys/block/$DB/size) scsiid_a=$(/lib/udev/scsi_id -g -d /dev/$DA) scsiid_b=$(/lib/udev/scsi_id -g -d /dev/$DB) wwid_a=$(tr ' ' _ < /sys/block/$DA/device/wwid) wwid_b=$(tr ' ' _ < /sys/block/$DB/device/wwid)"
 # The host's commands, one a line ("run CMD"); each one's exit status and output back.
 while :; do
     c=$(host_wait run 600) || fail "no command from the host"
@@ -1249,6 +1249,16 @@ fn kernel_initiator_alua_groups_follow_a_switchover() {
         "two paths, one LUN: {paths}"
     );
     assert_eq!(kv("scsiid_a"), format!("3{naa}"), "scsi_id -g: {paths}");
+    // The standby path has its size too (READ CAPACITY is served in standby): the kernel keeps
+    // the size it read when the path appeared, also once the path turns active.
+    assert_eq!(
+        (kv("sectors_a"), kv("sectors_b")),
+        (
+            (l.size_bytes / 512).to_string(),
+            (l.size_bytes / 512).to_string()
+        ),
+        "the paths' sizes in 512-byte sectors: {paths}"
+    );
     let lim = Duration::from_secs(60);
     let (dev_a, dev_b) = (kv("A"), kv("B"));
     // path label, device variable in the guest, own group
