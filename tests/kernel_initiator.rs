@@ -827,3 +827,635 @@ fn kernel_initiator_rides_through_failovers() {
         assert!(!log.contains("panicked"), "{} panicked:\n{log}", h.label);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// ALUA across a replicated pair, as the kernel initiator and sg3-utils see it
+// ---------------------------------------------------------------------------------------
+
+const ALUA_SCRIPT: &str = r##"
+step alua-login
+# disk_at PORTAL: the sd device of the session logged in to PORTAL (ip:port), waited for.
+disk_at() {
+    i=0
+    while [ $i -lt 100 ]; do
+        d=$(iscsiadm -m session -P 3 2>/dev/null | awk -v p="$1" '
+            /Current Portal: / { cur = $3; sub(/,.*/, "", cur) }
+            /Attached scsi disk/ && cur == p { print $4; exit }')
+        if [ -n "$d" ] && [ -b "/dev/$d" ]; then echo "$d"; return 0; fi
+        sleep 0.2; i=$((i + 1))
+    done
+    return 1
+}
+# cdb10 OP DEV OFFSET BYTES: a READ(10) / WRITE(10) CDB for BYTES at byte OFFSET (LBS blocks).
+cdb10() {
+    lba=$(($3 / LBS)); n=$(($4 / LBS))
+    printf '%s 00 %02x %02x %02x %02x 00 %02x %02x 00' "$1" \
+        $((lba >> 24 & 255)) $((lba >> 16 & 255)) $((lba >> 8 & 255)) $((lba & 255)) \
+        $((n >> 8 & 255)) $((n & 255))
+}
+# sgw DEV OFFSET FILE: WRITE(10) of FILE at byte OFFSET through SG_IO (passthrough: the
+# kernel's ALUA device handler does not filter it, the command reaches the target).
+sgw() {
+    s=$(wc -c < "$3")
+    sg_raw -s "$s" -i "$3" "/dev/$1" $(cdb10 2a "$1" "$2" "$s")
+}
+# sgr DEV OFFSET BYTES OUT: READ(10) of BYTES at byte OFFSET through SG_IO into OUT.
+sgr() {
+    sg_raw -r "$3" -o "$4" "/dev/$1" $(cdb10 28 "$1" "$2" "$3")
+}
+# dm-multipath with the README's device entry for an ALUA pair (instead of the guest's
+# multibus one): a path group per target port group, the active/optimized one used.
+cat > /etc/multipath.conf <<'EOF'
+defaults {
+	user_friendly_names	no
+	polling_interval	2
+	find_multipaths		no
+}
+devices {
+	device {
+		vendor			"TWINSAN"
+		product			"TWINSAN-DISK"
+		hardware_handler	"1 alua"
+		prio			alua
+		path_grouping_policy	group_by_prio
+		failback		immediate
+		path_checker		tur
+		no_path_retry		12
+	}
+}
+EOF
+multipathd reconfigure || fail "multipathd reconfigure"
+# Both hosts' own portals (host_portals), each found by a discovery on it: two paths.
+for p in @A@:3260 @B@:3260; do
+    iscsiadm -m discovery -t st -p $p > /tmp/disc 2>&1 || fail "discovery $p: $(cat /tmp/disc)"
+    cat /tmp/disc
+done
+for p in @A@:3260 @B@:3260; do
+    iscsiadm -m node -T @IQN@ -p $p --login || fail "login $p"
+done
+DA=$(disk_at @A@:3260) || fail "no disk through A's portal"
+DB=$(disk_at @B@:3260) || fail "no disk through B's portal"
+udevadm settle --timeout=10
+LBS=$(cat /sys/block/$DA/queue/logical_block_size)
+i=0
+while [ $i -lt 60 ] && ! multipath -ll 2>/dev/null | grep -q "TWINSAN,"; do
+    multipath >/dev/null 2>&1; sleep 0.5; i=$((i + 1))
+done
+multipath -ll
+yes alua-written-through-A | head -c 65536 > /tmp/pa
+yes alua-written-through-B | head -c 65536 > /tmp/pb
+yes refused-by-the-standby | head -c 65536 > /tmp/px
+host_say "paths A=$DA B=$DB lbs=$LBS sectors_a=$(cat /sys/block/$DA/size) sectors_b=$(cat /sys/block/$DB/size) scsiid_a=$(/lib/udev/scsi_id -g -d /dev/$DA) scsiid_b=$(/lib/udev/scsi_id -g -d /dev/$DB) wwid_a=$(tr ' ' _ < /sys/block/$DA/device/wwid) wwid_b=$(tr ' ' _ < /sys/block/$DB/device/wwid)"
+# The host's commands, one a line ("run CMD"); each one's exit status and output back.
+while :; do
+    c=$(host_wait run 600) || fail "no command from the host"
+    [ "$c" = done ] && break
+    echo "# $c"
+    out=$(eval "$c" 2>&1); rc=$?
+    printf '%s\n' "$out"
+    host_say "out rc=$rc $(printf '%s' "$out" | tr '\n' '\036')"
+done
+multipath -F >/dev/null 2>&1
+iscsiadm -m node -T @IQN@ --logout || fail "logout"
+host_say done
+"##;
+
+/// One target port group descriptor as `sg_rtpg -d` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct PortGroup {
+    id: u16,
+    /// Asymmetric access state (0 active/optimized, 2 standby).
+    state: u8,
+    /// sg_rtpg's decoding of the state, e.g. "active/optimized".
+    decoded: String,
+    /// Relative target port identifiers.
+    ports: Vec<u16>,
+}
+
+/// The hexadecimal number at the start of `s` ("0x1 , Pref=0" -> 1).
+fn hex_at(s: &str) -> Option<u16> {
+    let s = s.trim();
+    let s = s.strip_prefix("0x").unwrap_or(s);
+    let digits: String = s.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+    u16::from_str_radix(&digits, 16).ok()
+}
+
+/// The value after `label` on the first line holding it.
+fn field(lines: &[String], label: &str) -> Option<u16> {
+    lines
+        .iter()
+        .find_map(|l| l.split_once(label).and_then(|(_, v)| hex_at(v)))
+}
+
+/// Parses `sg_rtpg -d` output: one [`PortGroup`] per descriptor, in the order reported.
+fn parse_rtpg(lines: &[String]) -> Vec<PortGroup> {
+    let mut groups: Vec<PortGroup> = Vec::new();
+    let mut in_ports = false;
+    for l in lines {
+        if let Some((_, v)) = l.split_once("target port group id :") {
+            groups.push(PortGroup {
+                id: hex_at(v).unwrap_or(u16::MAX),
+                state: u8::MAX,
+                decoded: String::new(),
+                ports: Vec::new(),
+            });
+            in_ports = false;
+        } else if let (Some(g), Some((_, v))) =
+            (groups.last_mut(), l.split_once("asymmetric access state :"))
+        {
+            g.state = hex_at(v).map_or(u8::MAX, |s| s as u8);
+            g.decoded = v
+                .split_once('(')
+                .and_then(|(_, d)| d.split_once(')'))
+                .map(|(d, _)| d.to_string())
+                .unwrap_or_default();
+        } else if l.contains("Relative target port ids:") {
+            in_ports = true;
+        } else if let (true, Some(g)) = (in_ports, groups.last_mut()) {
+            match hex_at(l) {
+                Some(p) if l.trim().starts_with("0x") => g.ports.push(p),
+                _ => in_ports = false,
+            }
+        }
+    }
+    groups
+}
+
+/// Sends `cmd` to the guest's command loop: (exit status, output lines; the guest sends them
+/// separated by ASCII RS, 0x1E).
+fn guest_run(g: &mut Guest, cmd: &str, limit: Duration) -> (i32, Vec<String>) {
+    g.send(&format!("run {cmd}"));
+    let r = g.expect("out", limit);
+    let (rc, out) = r.split_once(' ').unwrap_or((&r, ""));
+    let rc = rc
+        .strip_prefix("rc=")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1);
+    (rc, out.split('\x1e').map(str::to_string).collect())
+}
+
+const ALUA_AO: u8 = 0x0;
+const ALUA_STANDBY: u8 = 0x2;
+const STANDBY_SENSE: &str = "target port in standby state";
+
+/// The groups `sg_rtpg -d` should report through the path of the host in group `own`, with
+/// group `active` active/optimized and the other standby (own group first).
+fn want_groups(own: u16, active: u16) -> Vec<(u16, u8, Vec<u16>)> {
+    let other = 3 - own;
+    let state = |g| if g == active { ALUA_AO } else { ALUA_STANDBY };
+    vec![
+        (own, state(own), vec![own]),
+        (other, state(other), vec![other]),
+    ]
+}
+
+/// Runs `sg_rtpg -d` on `dev` until it succeeds with `want` (the kernel or sg_rtpg itself
+/// may first meet the 2A/06 unit attention or a session being re-established), at most
+/// `limit`; prints every answer, returns the last one's groups and lines.
+fn rtpg_until(
+    g: &mut Guest,
+    path: &str,
+    dev: &str,
+    want: &[(u16, u8, Vec<u16>)],
+    limit: Duration,
+) -> (Vec<PortGroup>, Vec<String>) {
+    let t = Instant::now();
+    loop {
+        let (rc, out) = guest_run(
+            g,
+            &format!("sg_rtpg -d /dev/{dev}"),
+            Duration::from_secs(60),
+        );
+        let groups = parse_rtpg(&out);
+        let got: Vec<(u16, u8, Vec<u16>)> = groups
+            .iter()
+            .map(|p| (p.id, p.state, p.ports.clone()))
+            .collect();
+        if rc == 0 && got == want {
+            eprintln!(
+                "sg_rtpg -d through {path} (/dev/{dev}), after {:.1?}:\n    {}",
+                t.elapsed(),
+                out.join("\n    ")
+            );
+            return (groups, out);
+        }
+        assert!(
+            t.elapsed() < limit,
+            "sg_rtpg through {path}: rc {rc}, groups {got:?}, want {want:?} (after {limit:?}):\n{}",
+            out.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Checks one path's RTPG answer and that the decoded names match the states.
+fn check_decoded(path: &str, groups: &[PortGroup]) {
+    for p in groups {
+        let name = match p.state {
+            ALUA_AO => "active/optimized",
+            ALUA_STANDBY => "standby",
+            _ => "?",
+        };
+        assert_eq!(
+            p.decoded, name,
+            "{path}: sg_rtpg decodes group {}'s state as {:?}",
+            p.id, p.decoded
+        );
+    }
+}
+
+/// `sg_turs` until it exits with `want_rc` (a unit attention may come first), at most
+/// `limit`: the last output.
+fn turs_until(g: &mut Guest, dev: &str, want_rc: i32, limit: Duration) -> Vec<String> {
+    let t = Instant::now();
+    loop {
+        let (rc, out) = guest_run(
+            g,
+            &format!("sg_turs -v /dev/{dev}"),
+            Duration::from_secs(60),
+        );
+        if rc == want_rc {
+            return out;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "sg_turs /dev/{dev}: rc {rc}, want {want_rc}:\n{}",
+            out.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// One path group of `multipath -ll`: (prio, status, [(device, path states)]).
+type PathGroup = (u32, String, Vec<(String, String)>);
+
+/// The path groups of `multipath -ll` output.
+fn parse_multipath(lines: &[String]) -> Vec<PathGroup> {
+    let after = |l: &str, key: &str| -> String {
+        l.split(key)
+            .nth(1)
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut groups: Vec<PathGroup> = Vec::new();
+    for l in lines {
+        if l.contains("policy=") {
+            groups.push((
+                after(l, "prio=").parse().unwrap_or(0),
+                after(l, "status="),
+                Vec::new(),
+            ));
+        } else if let Some(g) = groups.last_mut() {
+            // "| `- 0:0:0:0 sda 8:0 active ready running"
+            let w: Vec<&str> = l.split_whitespace().collect();
+            if let Some(i) = w.iter().position(|x| x.matches(':').count() == 3) {
+                if let Some(dev) = w.get(i + 1) {
+                    g.2.push((dev.to_string(), w.get(i + 3..).unwrap_or(&[]).join(" ")));
+                }
+            }
+        }
+    }
+    groups
+}
+
+/// `multipath -ll` until the map's active path group is the one path `active_dev` (higher
+/// priority, as `prio alua` ranks active/optimized) and the other group holds `standby_dev`,
+/// at most `limit`: the last output.
+fn multipath_until(
+    g: &mut Guest,
+    active_dev: &str,
+    standby_dev: &str,
+    limit: Duration,
+) -> Vec<String> {
+    let t = Instant::now();
+    loop {
+        let (rc, out) = guest_run(g, "multipath -ll", Duration::from_secs(60));
+        let groups = parse_multipath(&out);
+        let prio = |d: &str| {
+            groups
+                .iter()
+                .find(|g| g.2.iter().any(|p| p.0 == d))
+                .map(|g| g.0)
+        };
+        let ok = rc == 0
+            && groups.len() == 2
+            && groups.iter().all(|g| g.2.len() == 1)
+            && groups
+                .iter()
+                .any(|(_, status, paths)| status == "active" && paths[0].0 == active_dev)
+            && prio(standby_dev).is_some()
+            && prio(active_dev) > prio(standby_dev);
+        if ok {
+            eprintln!(
+                "multipath -ll after {:.1?}:\n    {}",
+                t.elapsed(),
+                out.join("\n    ")
+            );
+            return out;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "multipath: want {active_dev} active, {standby_dev} in the other group; got {groups:?}:\n{}",
+            out.join("\n")
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// LUN 0's statistics of `IQN` on host `h` (`status --json`).
+fn lun_stats(h: &common::ha::HaHost) -> serde_json::Value {
+    let v = h
+        .status_json()
+        .unwrap_or_else(|e| panic!("{}: {e}", h.label));
+    v["targets"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["iqn"] == IQN))
+        .map(|t| t["luns"][0]["stats"].clone())
+        .unwrap_or_else(|| panic!("{}: no LUN statistics in {v}", h.label))
+}
+
+/// (bytes read, bytes written) by commands that completed GOOD, from [`lun_stats`].
+fn media_bytes(stats: &serde_json::Value) -> (u64, u64) {
+    (
+        stats["read_bytes"].as_u64().expect("read_bytes"),
+        stats["written_bytes"].as_u64().expect("written_bytes"),
+    )
+}
+
+/// Both target port groups of an `alua = true` target on a replicated pair with HA, seen by
+/// the Linux kernel initiator logged in to both hosts' own portals (`host_portals`): two paths
+/// to one LUN (the same WWID). Through each path `sg_rtpg -d` reports both groups, the
+/// primary's active/optimized and the secondary's standby, with the same group ids and states
+/// and the relative target ports VPD page 83h (`sg_vpd -p di`) gives each path; TEST UNIT
+/// READY, WRITE and READ through the standby path are refused with 04/0B while the same WRITE
+/// through the active path lands. After a planned switchover (manual mode, A secondary, B
+/// primary) the states have swapped on both paths and the refusals follow. At the end both
+/// replicas are identical: the active paths' patterns are there and the refused writes nowhere.
+#[test]
+fn kernel_initiator_alua_groups_follow_a_switchover() {
+    let Some(image) = guest::image_or_skip("kinit-alua") else {
+        return;
+    };
+    let mut spec = HaSpec::new(Source::Xapi);
+    spec.alua = true;
+    let Some(mut l) = HaLab::new_or_skip("kalua", spec) else {
+        return;
+    };
+    guest::add_tap(&l.lab.bridge, "gtap0", None, Some("br0"));
+    l.start_both();
+    l.wait_primary(0, PROMOTE);
+    // Group 1 is the host whose replication listen address sorts lower.
+    let repl = |a: &str| -> std::net::SocketAddr { format!("{a}:7788").parse().unwrap() };
+    let (ga, gb) = if repl(netns::A_REPL) < repl(netns::B_REPL) {
+        (1u16, 2u16)
+    } else {
+        (2, 1)
+    };
+    let naa = naa_of(&l.a.config, IQN);
+    let (a_addr, b_addr) = (netns::A_ADDR, netns::B_ADDR);
+    let body = script(ALUA_SCRIPT, &[("A", a_addr), ("B", b_addr), ("IQN", IQN)]);
+    let dir = l.dir();
+    let t0 = Instant::now();
+    let mut g = Guest::start(GuestSpec {
+        image: &image,
+        ns: &l.lab.bridge,
+        nics: vec![Nic {
+            tap: "gtap0".into(),
+            guest_cidr: GUEST_LAN_ADDR.into(),
+        }],
+        multipath: true,
+        script: body,
+        timeout: Duration::from_secs(600),
+        dir: &dir,
+    });
+    let paths = g.expect("paths", Duration::from_secs(240));
+    eprintln!(
+        "guest logged in to both host portals after {:.1?}: {paths}",
+        t0.elapsed()
+    );
+    let kv = |k: &str| {
+        paths
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k}= in {paths}"))
+            .to_string()
+    };
+    assert_eq!(kv("wwid_a"), kv("wwid_b"), "two paths, one LUN: {paths}");
+    // The identifier multipath and XenServer go by (scsi_id: 3 + the NAA designator).
+    assert_eq!(
+        kv("scsiid_a"),
+        kv("scsiid_b"),
+        "two paths, one LUN: {paths}"
+    );
+    assert_eq!(kv("scsiid_a"), format!("3{naa}"), "scsi_id -g: {paths}");
+    // The standby path has its size too (READ CAPACITY is served in standby): the kernel keeps
+    // the size it read when the path appeared, also once the path turns active.
+    assert_eq!(
+        (kv("sectors_a"), kv("sectors_b")),
+        (
+            (l.size_bytes / 512).to_string(),
+            (l.size_bytes / 512).to_string()
+        ),
+        "the paths' sizes in 512-byte sectors: {paths}"
+    );
+    let lim = Duration::from_secs(60);
+    let (dev_a, dev_b) = (kv("A"), kv("B"));
+    // path label, device variable in the guest, own group
+    let both = [("A's portal", "$DA", ga), ("B's portal", "$DB", gb)];
+
+    // TPGS and the port designators, through each path.
+    for (path, dev, own) in both {
+        let (rc, inq) = guest_run(&mut g, &format!("sg_inq /dev/{dev}"), lim);
+        assert_eq!(rc, 0, "sg_inq through {path}: {inq:?}");
+        assert!(
+            inq.iter().any(|l| l.contains("TPGS=1")),
+            "{path}: TPGS is not 1 (implicit ALUA):\n{}",
+            inq.join("\n")
+        );
+        let (rc, vpd) = guest_run(&mut g, &format!("sg_vpd -p di /dev/{dev}"), lim);
+        assert_eq!(rc, 0, "sg_vpd -p di through {path}: {vpd:?}");
+        eprintln!("sg_vpd -p di through {path}:\n    {}", vpd.join("\n    "));
+        assert_eq!(
+            (
+                field(&vpd, "Relative target port:"),
+                field(&vpd, "Target port group:")
+            ),
+            (Some(own), Some(own)),
+            "{path}: VPD 83h's relative target port and target port group"
+        );
+    }
+
+    // Before: A primary.
+    let mut seen = Vec::new();
+    for (path, dev, own) in both {
+        let (groups, _) = rtpg_until(&mut g, path, dev, &want_groups(own, ga), lim);
+        check_decoded(path, &groups);
+        let mut sorted = groups.clone();
+        sorted.sort();
+        seen.push(sorted);
+    }
+    assert_eq!(seen[0], seen[1], "the two paths report different groups");
+    let mp = multipath_until(&mut g, &dev_a, &dev_b, lim);
+    // One map holds both paths (the map's name is udev's ID_SERIAL; sg3-utils-udev ranks
+    // the T10 vendor designator above a locally assigned NAA, so it is not scsi_id's).
+    assert_eq!(
+        mp.iter()
+            .filter(|l| l.contains(" TWINSAN,TWINSAN-DISK"))
+            .count(),
+        1,
+        "not one multipath map: {mp:?}"
+    );
+
+    // The standby path refuses media access; the active one serves.
+    let out = turs_until(&mut g, "$DB", 2, lim);
+    eprintln!("sg_turs through the standby path (B): {}", out.join(" | "));
+    turs_until(&mut g, "$DA", 0, lim);
+    let (rc, out) = guest_run(&mut g, "sgw $DB 2097152 /tmp/px", lim);
+    eprintln!(
+        "WRITE through the standby path (B): rc {rc}: {}",
+        out.join(" | ")
+    );
+    assert!(
+        rc != 0 && out.join(" ").to_lowercase().contains(STANDBY_SENSE),
+        "WRITE through the standby path: rc {rc}: {out:?}"
+    );
+    let (rc, out) = guest_run(&mut g, "sgr $DB 1048576 65536 /tmp/rb", lim);
+    assert!(
+        rc != 0 && out.join(" ").to_lowercase().contains(STANDBY_SENSE),
+        "READ through the standby path: rc {rc}: {out:?}"
+    );
+    let (rc, out) = guest_run(&mut g, "sgw $DA 1048576 /tmp/pa", lim);
+    assert_eq!(rc, 0, "WRITE through the active path (A): {out:?}");
+    let (rc, out) = guest_run(
+        &mut g,
+        "sgr $DA 1048576 65536 /tmp/ra && cmp /tmp/pa /tmp/ra",
+        lim,
+    );
+    assert_eq!(rc, 0, "read-back through the active path (A): {out:?}");
+
+    // Planned switchover: A steps down, B up.
+    let t = Instant::now();
+    ok_cli(&l.a, &["manual-mode-enable"]);
+    ok_cli(&l.b, &["manual-mode-enable"]);
+    ok_cli(&l.a, &["become-secondary"]);
+    // The target's own count: B, secondary until now, completed no read or write (the
+    // initiator's and the kernel's commands were all refused).
+    let b_stats = lun_stats(&l.b);
+    eprintln!("B's LUN statistics as secondary: {b_stats}");
+    assert_eq!(
+        media_bytes(&b_stats),
+        (0, 0),
+        "B executed media access while secondary: {b_stats}"
+    );
+    assert!(
+        b_stats["check_conditions"].as_object().is_some_and(|m| m
+            .values()
+            .filter_map(|n| n.as_u64())
+            .sum::<u64>()
+            >= 4),
+        "B's refusals are not counted: {b_stats}"
+    );
+    let a_demoted = lun_stats(&l.a);
+    let deadline = Instant::now() + PROMOTE;
+    loop {
+        let o = l.b.cli(&["become-primary"]);
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B: become-primary: {}",
+            common::text(&o)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    l.wait_primary(1, PROMOTE);
+    eprintln!("switchover to B done after {:.2?}", t.elapsed());
+
+    let mut seen = Vec::new();
+    for (path, dev, own) in both {
+        let (groups, _) = rtpg_until(&mut g, path, dev, &want_groups(own, gb), lim);
+        check_decoded(path, &groups);
+        let mut sorted = groups.clone();
+        sorted.sort();
+        seen.push(sorted);
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "after: the two paths report different groups"
+    );
+    // failback immediate: the map moves to B's path, now the active/optimized group.
+    multipath_until(&mut g, &dev_b, &dev_a, lim);
+    let out = turs_until(&mut g, "$DA", 2, lim);
+    eprintln!("sg_turs through the standby path (A): {}", out.join(" | "));
+    turs_until(&mut g, "$DB", 0, lim);
+    let (rc, out) = guest_run(&mut g, "sgw $DA 4194304 /tmp/px", lim);
+    eprintln!(
+        "WRITE through the standby path (A): rc {rc}: {}",
+        out.join(" | ")
+    );
+    assert!(
+        rc != 0 && out.join(" ").to_lowercase().contains(STANDBY_SENSE),
+        "WRITE through the standby path (A): rc {rc}: {out:?}"
+    );
+    let (rc, out) = guest_run(&mut g, "sgw $DB 3145728 /tmp/pb", lim);
+    assert_eq!(rc, 0, "WRITE through the active path (B): {out:?}");
+    let (rc, out) = guest_run(
+        &mut g,
+        "sgr $DB 1048576 65536 /tmp/ra && cmp /tmp/pa /tmp/ra && sgr $DB 3145728 65536 /tmp/rb && cmp /tmp/pb /tmp/rb",
+        lim,
+    );
+    assert_eq!(rc, 0, "read-back through the new active path (B): {out:?}");
+
+    // A, secondary since the switchover, completed no read or write either.
+    let a_stats = lun_stats(&l.a);
+    eprintln!("A's LUN statistics, secondary since the switchover: {a_stats}");
+    assert_eq!(
+        media_bytes(&a_stats),
+        media_bytes(&a_demoted),
+        "A executed media access while secondary: {a_demoted} -> {a_stats}"
+    );
+    g.send("run done");
+    g.expect("done", Duration::from_secs(120));
+    let out = g.finish();
+    out.assert_passed();
+    eprintln!(
+        "----- guest dmesg, storage lines -----\n{}",
+        out.storage_dmesg().join("\n")
+    );
+    eprintln!("ALUA guest run: {:.1?} in all", t0.elapsed());
+
+    l.wait_in_sync(Duration::from_secs(60));
+    l.stop(0);
+    l.stop(1);
+    let n = l.size_bytes as usize;
+    let a = std::fs::read(&l.a.image).unwrap();
+    let b = std::fs::read(&l.b.image).unwrap();
+    let first = (0..n).find(|&i| a[i] != b[i]);
+    assert!(
+        first.is_none(),
+        "the replicas differ, first at byte {first:?}"
+    );
+    let pattern = |s: &str| -> Vec<u8> { format!("{s}\n").bytes().cycle().take(65536).collect() };
+    const K64: usize = 65536;
+    assert_eq!(
+        &a[1 << 20..(1 << 20) + K64],
+        &pattern("alua-written-through-A")[..]
+    );
+    assert_eq!(
+        &a[3 << 20..(3 << 20) + K64],
+        &pattern("alua-written-through-B")[..]
+    );
+    for off in [2usize << 20, 4 << 20] {
+        assert!(
+            a[off..off + K64].iter().all(|&x| x == 0),
+            "a write refused by the standby reached the medium at {off}"
+        );
+    }
+    for h in [&l.a, &l.b] {
+        let log = h.log_text();
+        show_warnings(h.label, &log);
+        assert!(!log.contains("panicked"), "{} panicked:\n{log}", h.label);
+    }
+}

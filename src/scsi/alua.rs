@@ -97,10 +97,14 @@ pub fn group_states(roles: PairRoles) -> GroupStates {
 
 /// Whether `cmd` may run through a target port in `state`; the sense data otherwise.
 /// Standby (SPC-4 5.16.2.4.4): INQUIRY, REPORT LUNS, REPORT TARGET PORT GROUPS, REQUEST SENSE,
-/// MODE SENSE / SELECT, PERSISTENT RESERVE IN / OUT and (a command the standard lets a device
-/// server add) REPORT SUPPORTED OPERATION CODES; anything else, TEST UNIT READY and every
-/// media access included, is NOT READY, LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN STANDBY
-/// STATE (04/0B). Transitioning (5.16.2.6) and unavailable (5.16.2.4.5): INQUIRY, REPORT LUNS,
+/// MODE SENSE / SELECT, PERSISTENT RESERVE IN / OUT and (commands the standard lets a device
+/// server add) REPORT SUPPORTED OPERATION CODES and READ CAPACITY (10) / (16); anything else,
+/// TEST UNIT READY and every media access included, is NOT READY, LOGICAL UNIT NOT
+/// ACCESSIBLE, TARGET PORT IN STANDBY STATE (04/0B). READ CAPACITY reads no medium, and Linux
+/// needs it: sd reads a path's capacity when the path appears and keeps it, so a path that was
+/// standby then would stay 0 blocks long after it turns active/optimized, and dm-multipath's
+/// I/O through it would fail ("access beyond end of device") after every switchover (LIO
+/// allows it in standby for the same reason). Transitioning (5.16.2.6) and unavailable (5.16.2.4.5): INQUIRY, REPORT LUNS,
 /// REPORT TARGET PORT GROUPS and REQUEST SENSE; else 04/0A ASYMMETRIC ACCESS STATE TRANSITION,
 /// or 04/0C TARGET PORT IN UNAVAILABLE STATE.
 pub fn check_access(state: AccessState, cmd: &Command) -> Result<(), Sense> {
@@ -122,6 +126,8 @@ pub fn check_access(state: AccessState, cmd: &Command) -> Result<(), Sense> {
                     | Command::PersistentReserveIn { .. }
                     | Command::PersistentReserveOut(_)
                     | Command::ReportSupportedOpcodes(_)
+                    | Command::ReadCapacity10
+                    | Command::ReadCapacity16 { .. }
             ) =>
         {
             return Ok(())
@@ -305,6 +311,10 @@ mod tests {
     #[test]
     fn standby_serves_only_what_spc4_lists() {
         let standby = AccessState::Standby;
+        let mut read_capacity_16 = [0u8; 16];
+        read_capacity_16[0] = opcode::SERVICE_ACTION_IN_16;
+        read_capacity_16[1] = opcode::SA_READ_CAPACITY_16 as u8;
+        read_capacity_16[13] = 32;
         let allowed: Vec<Vec<u8>> = vec![
             vec![opcode::INQUIRY, 0, 0, 0, 96, 0],
             vec![opcode::INQUIRY, 1, 0x83, 0, 255, 0],
@@ -314,6 +324,9 @@ mod tests {
             rtpg(0, 256).to_vec(),
             rtpg(1, 256).to_vec(),
             vec![opcode::PERSISTENT_RESERVE_IN, 0, 0, 0, 0, 0, 0, 1, 0, 0],
+            // Not a media access; Linux sizes a path with it when the path appears.
+            vec![opcode::READ_CAPACITY_10, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            read_capacity_16.to_vec(),
         ];
         for c in &allowed {
             assert_eq!(check_access(standby, &parsed(c)), Ok(()), "{c:02x?}");
@@ -327,7 +340,6 @@ mod tests {
             vec![opcode::TEST_UNIT_READY, 0, 0, 0, 0, 0],
             read10.to_vec(),
             write10.to_vec(),
-            vec![opcode::READ_CAPACITY_10, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             vec![opcode::SYNCHRONIZE_CACHE_10, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             vec![opcode::RESERVE_6, 0, 0, 0, 0, 0],
         ];

@@ -70,6 +70,9 @@ pub struct HaSpec {
     pub xapi_session: bool,
     /// Configure `[ha.alerts]` to the SMTP sink in the bridge namespace.
     pub alerts: bool,
+    /// `alua = true` on the target, with this host's LAN address as its `host_portals`
+    /// (bound in both roles, so an initiator keeps a path to the standby group).
+    pub alua: bool,
 }
 
 impl HaSpec {
@@ -80,6 +83,7 @@ impl HaSpec {
             witnesses: vec![netns::BRIDGE_ADDR.to_string()],
             xapi_session: source == Source::Xapi,
             alerts: false,
+            alua: false,
         }
     }
 }
@@ -344,7 +348,7 @@ data_dir = "{data}"
 [[target]]
 iqn = "{IQN}"
 portals = ["{VIP}:{ISCSI_PORT}"]
-
+{alua}
 [[target.lun]]
 number = 0
 path = "{image}"
@@ -395,6 +399,14 @@ label = "tsan"
             state = h.dir.join("ha-state.toml").display(),
             plen = netns::PREFIX_LEN,
             lan_if = netns::LAN_IF,
+            alua = if s.alua {
+                format!(
+                    "alua = true\nhost_portals = [\"{}:{ISCSI_PORT}\"]\n",
+                    h.lan_addr
+                )
+            } else {
+                String::new()
+            },
         );
         if let (true, Some(x)) = (s.xapi_session, &self.xapi) {
             cfg.push_str(&format!(
