@@ -104,9 +104,9 @@ pub fn group_states(roles: PairRoles) -> GroupStates {
 /// needs it: sd reads a path's capacity when the path appears and keeps it, so a path that was
 /// standby then would stay 0 blocks long after it turns active/optimized, and dm-multipath's
 /// I/O through it would fail ("access beyond end of device") after every switchover (LIO
-/// allows it in standby for the same reason). Transitioning (5.16.2.6) and unavailable (5.16.2.4.5): INQUIRY, REPORT LUNS,
-/// REPORT TARGET PORT GROUPS and REQUEST SENSE; else 04/0A ASYMMETRIC ACCESS STATE TRANSITION,
-/// or 04/0C TARGET PORT IN UNAVAILABLE STATE.
+/// allows it in standby too). Transitioning (5.16.2.6) and unavailable (5.16.2.4.5):
+/// INQUIRY, REPORT LUNS, REPORT TARGET PORT GROUPS and REQUEST SENSE; else 04/0A ASYMMETRIC
+/// ACCESS STATE TRANSITION, or 04/0C TARGET PORT IN UNAVAILABLE STATE.
 pub fn check_access(state: AccessState, cmd: &Command) -> Result<(), Sense> {
     let always = matches!(
         cmd,
