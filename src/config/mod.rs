@@ -1287,6 +1287,33 @@ naa = "600140512345678901234567890abcde"
     }
 
     #[test]
+    fn sanitize_rate_is_checked() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.targets[0].luns[0].sanitize_rate, SizeValue(100 << 20));
+        let with = |v: &str| {
+            GOOD.replace(
+                "block_size = 4096\n",
+                &format!("block_size = 4096\nsanitize_rate = {v}\n"),
+            )
+        };
+        let c = parse(&with("\"10M\"")).unwrap();
+        assert_eq!(c.targets[0].luns[0].sanitize_rate, SizeValue(10 << 20));
+        for bad in ["1048575", "\"2T\"", "0"] {
+            assert_eq!(
+                invalid_key(&with(bad)),
+                "target[0].lun[0].sanitize_rate",
+                "{bad}"
+            );
+        }
+        let e = parse(&with("0")).unwrap_err().to_string();
+        assert!(e.contains("sanitize_rate") && e.contains("1M..=1T"), "{e}");
+        assert!(matches!(
+            parse(&with("\"fast\"")),
+            Err(ConfigError::Syntax { .. })
+        ));
+    }
+
+    #[test]
     fn physical_block_size_is_checked() {
         for bad in [
             "physical_block_size = 512",
