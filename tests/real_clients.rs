@@ -333,22 +333,50 @@ fn sanitize_lun(dir: &std::path::Path) -> String {
     )
 }
 
-/// The Sanitize suite (run only with `-S`) and the Control mode page's SWP: no failure, and
-/// every test that can run here passes (CRYPTO ERASE, not offered, skips; Readonly and
-/// Reservations report its [SKIPPED] line too).
+/// libiscsi 1.19's Sanitize.Reservations takes a RESERVE(6) on the second session and never
+/// releases it when that session is the multipath one (URL given twice: the session lives
+/// for the whole run), so the Sanitize.Reset that follows it gets RESERVATION CONFLICT for its
+/// SANITIZE (SPC-2 5.5.1; SANITIZE conflicts with every reservation) and fails on any target
+/// that honours the reservation; its resets then clear it. The one failure a run of the suite
+/// in order may have; Sanitize.Reset run on its own must pass.
+const SANITIZE_RESET: &str = "Sanitize.Reset";
+
+/// Sanitize.Reset on its own: the sanitize outlives ABORT TASK, ABORT TASK SET, LUN RESET,
+/// TARGET WARM and COLD RESET and the session, and reports SANITIZE IN PROGRESS throughout.
+fn sanitize_reset_passes_alone(s: &Server) {
+    let (c, out) = conformance_flags(
+        &["-S"],
+        &["ALL.Sanitize.Reset"],
+        s,
+        Duration::from_secs(300),
+    );
+    assert_eq!(
+        (c.passed, c.skipped, c.failed.len()),
+        (1, 0, 0),
+        "Sanitize.Reset alone: {c:?}\n{out}\nserver log:\n{}",
+        s.log_text()
+    );
+}
+
+/// The Sanitize suite (run only with `-S`) and the Control mode page's SWP: every test that
+/// can run here passes (CRYPTO ERASE, not offered, skips; Readonly and Reservations report
+/// its [SKIPPED] line too): Sanitize.Reset alone, and in the suite's order it fails at most
+/// for the reservation Sanitize.Reservations leaves ([`SANITIZE_RESET`]).
 #[test]
 fn conformance_sanitize_and_swp() {
     let dir = scratch_dir();
     let lun = sanitize_lun(dir.path());
     let mut s = Server::start(dir.path(), "", Some(&lun), "");
+    sanitize_reset_passes_alone(&s);
     let (c, out) = conformance_flags(&["-S"], &["ALL.Sanitize"], &s, Duration::from_secs(900));
     eprintln!("Sanitize: {c:?}");
-    assert!(c.failed.is_empty(), "{out}\nserver log:\n{}", s.log_text());
-    assert!(c.passed >= 8, "{c:?}\n{out}");
     assert!(
-        out.contains("Test: Reset ...") && !out.contains("SANITIZE is not implemented"),
-        "{out}"
+        c.failed.iter().all(|f| f == SANITIZE_RESET),
+        "{out}\nserver log:\n{}",
+        s.log_text()
     );
+    assert!(c.passed >= 7, "{c:?}\n{out}");
+    assert!(!out.contains("SANITIZE is not implemented"), "{out}");
     let (c, out) = conformance(
         &["ALL.ModeSense6.Control-SWP"],
         &s,
@@ -360,8 +388,9 @@ fn conformance_sanitize_and_swp() {
 }
 
 /// The whole ALL family, SANITIZE included (`-S`), runs to the end without the server
-/// crashing and without a failure; counts are printed. 216 of the 241 tests pass
-/// (2026-12-07); the others skip (README, Conformance).
+/// crashing and without a failure but [`SANITIZE_RESET`] (which then passes on its own);
+/// counts are printed. 211 of the 230 tests pass, 18 skip, Sanitize.Reset fails
+/// (2026-12-07; README, Conformance).
 #[test]
 fn conformance_all_completes_without_crash() {
     let dir = scratch_dir();
@@ -388,8 +417,13 @@ fn conformance_all_completes_without_crash() {
         out.contains("Run Summary"),
         "the run did not finish:\n{out}"
     );
-    assert!(c.failed.is_empty(), "iscsi-test-cu ALL failures: {c:?}");
+    assert!(
+        c.failed.iter().all(|f| f == SANITIZE_RESET),
+        "iscsi-test-cu ALL failures: {c:?}"
+    );
     assert!(c.passed >= 210, "too few tests passed: {c:?}");
+    sanitize_reset_passes_alone(&s);
+    s.assert_alive();
 }
 
 fn write_random(path: &std::path::Path, len: usize, seed: u64) {
