@@ -92,6 +92,7 @@ impl Server {
                     write_cache: l.write_cache,
                     thin_provisioning: l.thin_provisioning && !l.read_only,
                     thin_threshold: thin_threshold(l),
+                    sanitize_rate: l.sanitize_rate.0,
                 };
                 luns.push((l.number, settings, store));
             }

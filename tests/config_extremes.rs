@@ -119,6 +119,7 @@ fn cases() -> Vec<Case> {
         (Lun, "number", U64, 0, 16383, none),
         (Lun, "size", U64, 512, 1 << 50, none),
         (Lun, "thin_threshold_percent", U8, 1, 99, none),
+        (Lun, "sanitize_rate", U64, 1 << 20, 1 << 40, none),
         (Lun, "tgt_tid", U32, 1, u32::MAX as i128, |_| {
             "identity = \"tgt\"".into()
         }),

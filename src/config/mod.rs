@@ -50,6 +50,11 @@ pub const MAX_REPLICATION_TIMEOUT_SECS: u64 = 600;
 pub const MIN_RESYNC_RATE: u64 = 1 << 20;
 pub const MAX_RESYNC_RATE: u64 = 1 << 40;
 
+/// `sanitize_rate` bounds and default, bytes per second: the resync rates' range.
+pub const MIN_SANITIZE_RATE: u64 = MIN_RESYNC_RATE;
+pub const MAX_SANITIZE_RATE: u64 = MAX_RESYNC_RATE;
+pub const DEFAULT_SANITIZE_RATE: u64 = 100 << 20;
+
 /// Refuses `v` outside `lo..=hi`, naming the key and the range; `note` explains special values.
 pub(crate) fn check_range<T: PartialOrd + std::fmt::Display>(
     err: &impl Fn(String, String) -> ConfigError,
@@ -298,6 +303,11 @@ pub struct LunConfig {
     /// Offer UNMAP / WRITE SAME unmap (thin provisioning).
     #[serde(default = "default_true")]
     pub thin_provisioning: bool,
+    /// Most bytes per second a SANITIZE OVERWRITE writes (each pass), e.g. "100M": a sanitize
+    /// of a large LUN does not starve the other volumes of the storage or the replication
+    /// link. 1M..=1T; default 100M.
+    #[serde(default = "default_sanitize_rate")]
+    pub sanitize_rate: SizeValue,
     /// Soft threshold (1..=99 percent of the backing file's filesystem in use): crossing it
     /// raises UNIT ATTENTION THIN PROVISIONING SOFT THRESHOLD REACHED, a warn line and an
     /// alert; off when unset. Files only, with thin_provisioning.
@@ -562,6 +572,9 @@ pub fn parse_meta(s: &str) -> Result<MetaDisk, String> {
     Ok(MetaDisk::External(PathBuf::from(s)))
 }
 
+fn default_sanitize_rate() -> SizeValue {
+    SizeValue(DEFAULT_SANITIZE_RATE)
+}
 fn default_block_size() -> u32 {
     512
 }
@@ -671,6 +684,7 @@ impl Config {
                     direct: true,
                     write_cache: true,
                     thin_provisioning: true,
+                    sanitize_rate: default_sanitize_rate(),
                     thin_threshold_percent: None,
                     vendor: None,
                     product: None,
@@ -973,6 +987,14 @@ impl Config {
                         }
                     }
                 }
+                check_range(
+                    &err,
+                    &format!("{lk}.sanitize_rate"),
+                    l.sanitize_rate.0,
+                    MIN_SANITIZE_RATE,
+                    MAX_SANITIZE_RATE,
+                    "bytes per second, 1M..=1T",
+                )?;
                 if let Some(p) = l.thin_threshold_percent {
                     if let Err(m) = check_thin_threshold(l, p) {
                         return Err(err(format!("{lk}.thin_threshold_percent"), m));
@@ -1262,6 +1284,33 @@ naa = "600140512345678901234567890abcde"
             }
             other => panic!("expected invalid, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn sanitize_rate_is_checked() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.targets[0].luns[0].sanitize_rate, SizeValue(100 << 20));
+        let with = |v: &str| {
+            GOOD.replace(
+                "block_size = 4096\n",
+                &format!("block_size = 4096\nsanitize_rate = {v}\n"),
+            )
+        };
+        let c = parse(&with("\"10M\"")).unwrap();
+        assert_eq!(c.targets[0].luns[0].sanitize_rate, SizeValue(10 << 20));
+        for bad in ["1048575", "\"2T\"", "0"] {
+            assert_eq!(
+                invalid_key(&with(bad)),
+                "target[0].lun[0].sanitize_rate",
+                "{bad}"
+            );
+        }
+        let e = parse(&with("0")).unwrap_err().to_string();
+        assert!(e.contains("sanitize_rate") && e.contains("1M..=1T"), "{e}");
+        assert!(matches!(
+            parse(&with("\"fast\"")),
+            Err(ConfigError::Syntax { .. })
+        ));
     }
 
     #[test]

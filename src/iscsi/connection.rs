@@ -581,7 +581,21 @@ impl Io<'_> {
                 expected_len: c.hdr.expected_len,
                 nexus: session.nexus,
             };
-            let resp = target.scsi.execute(c.planned, req).await;
+            // A command whose work the logical unit owns (SANITIZE) only waits for it: an
+            // abort ends the wait (no response), the work goes on. Any other command runs to
+            // its end, so the abort's response follows its last store access.
+            let resp = if c.planned.owned_by_unit() {
+                tokio::select! {
+                    r = target.scsi.execute(c.planned, req) => r,
+                    () = c.task.aborted() => {
+                        session.remove_task(c.hdr.itt);
+                        c.task.finished();
+                        return;
+                    }
+                }
+            } else {
+                target.scsi.execute(c.planned, req).await
+            };
             let pdus = build_response(&c.hdr, resp, c.limits, c.residual);
             session.remove_task(c.hdr.itt);
             let charge = c.charge;

@@ -37,6 +37,9 @@ pub struct Task {
     pub immediate: bool,
     state: Mutex<TaskState>,
     done_tx: watch::Sender<bool>,
+    /// Cancelled when the task is aborted (ABORT TASK, ABORT TASK SET, resets): a command
+    /// whose work the logical unit owns (SANITIZE) stops waiting for it then.
+    aborted: CancellationToken,
 }
 
 impl Task {
@@ -69,6 +72,9 @@ impl Task {
     /// touching the store, or None when the task had already completed.
     fn abort(&self) -> Option<watch::Receiver<bool>> {
         let mut s = self.state.lock().unwrap();
+        if *s != TaskState::Completed {
+            self.aborted.cancel();
+        }
         match *s {
             TaskState::Completed => None,
             TaskState::Gathering => {
@@ -81,6 +87,11 @@ impl Task {
                 Some(self.done_tx.subscribe())
             }
         }
+    }
+
+    /// Resolves once the task is aborted.
+    pub async fn aborted(&self) {
+        self.aborted.cancelled().await
     }
 
     /// Called when the task's execution has finished (answered or not).
@@ -191,6 +202,7 @@ impl Session {
             immediate,
             state: Mutex::new(TaskState::Gathering),
             done_tx,
+            aborted: CancellationToken::new(),
         });
         tasks.insert(itt, t.clone());
         self.active.fetch_add(1, Ordering::AcqRel);

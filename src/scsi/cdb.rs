@@ -28,6 +28,7 @@ pub mod opcode {
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
+    pub const SANITIZE: u8 = 0x48;
     pub const MODE_SELECT_10: u8 = 0x55;
     pub const RESERVE_10: u8 = 0x56;
     pub const RELEASE_10: u8 = 0x57;
@@ -63,6 +64,12 @@ pub mod opcode {
     /// MAINTENANCE IN service action (SPC-4 6.36).
     pub const SA_REPORT_TARGET_PORT_GROUPS: u16 = 0x0A;
 }
+
+/// SANITIZE service actions (SBC-4 5.30, table 98).
+pub const SA_SANITIZE_OVERWRITE: u8 = 0x01;
+pub const SA_SANITIZE_BLOCK_ERASE: u8 = 0x02;
+pub const SA_SANITIZE_CRYPTO_ERASE: u8 = 0x03;
+pub const SA_SANITIZE_EXIT_FAILURE_MODE: u8 = 0x1F;
 
 /// Largest PERSISTENT RESERVE OUT parameter list accepted (SPC-4 6.16.3).
 pub const MAX_PR_OUT_PARAM_LEN: u32 = 65536;
@@ -152,6 +159,19 @@ pub struct WriteSame {
     pub unmap: bool,
     /// No Data-Out buffer: the block is all zeroes (WRITE SAME(16) only).
     pub ndob: bool,
+}
+
+/// SANITIZE (SBC-4 5.30) as the CDB gives it; the service action is one this device server
+/// knows (OVERWRITE, BLOCK ERASE, EXIT FAILURE MODE), the rest is checked against the logical
+/// unit in [`crate::scsi::sanitize::check_cdb`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sanitize {
+    /// Return status once the CDB and parameter list are checked; the sanitize goes on.
+    pub immed: bool,
+    /// Allow unrestricted sanitize exit: EXIT FAILURE MODE may end a failure of this one.
+    pub ause: bool,
+    pub service_action: u8,
+    pub param_len: u16,
 }
 
 /// REPORT SUPPORTED OPERATION CODES request (SPC-4 6.35).
@@ -283,6 +303,8 @@ pub enum Command {
         list_id: u8,
         alloc_len: u32,
     },
+    /// SANITIZE (SBC-4 5.30): the parameter list (OVERWRITE) is Data-Out.
+    Sanitize(Sanitize),
     /// RESERVE(6) / RESERVE(10) (SPC-2 7.21, 7.22), logical unit reservation only.
     Reserve,
     /// RELEASE(6) / RELEASE(10) (SPC-2 7.17, 7.18).
@@ -313,6 +335,7 @@ impl Command {
             Command::ModeSelect(ms) => u64::from(ms.param_len),
             Command::PersistentReserveOut(p) => u64::from(p.param_len),
             Command::ExtendedCopy { param_len } => u64::from(param_len),
+            Command::Sanitize(s) => u64::from(s.param_len),
             _ => 0,
         }
     }
@@ -364,17 +387,21 @@ impl Command {
     }
 
     /// Whether the command changes the medium (refused on a write-protected LU, SBC-3 4.11).
+    /// SANITIZE EXIT FAILURE MODE does not: it only ends a failure mode.
     pub fn writes_medium(&self) -> bool {
-        matches!(
-            self,
-            Command::Write(_)
-                | Command::OrWrite(_)
-                | Command::WriteAtomic(_)
-                | Command::WriteAndVerify { .. }
-                | Command::WriteSame(_)
-                | Command::Unmap { .. }
-                | Command::CompareAndWrite { .. }
-        )
+        match self {
+            Command::Sanitize(s) => s.service_action != SA_SANITIZE_EXIT_FAILURE_MODE,
+            _ => matches!(
+                self,
+                Command::Write(_)
+                    | Command::OrWrite(_)
+                    | Command::WriteAtomic(_)
+                    | Command::WriteAndVerify { .. }
+                    | Command::WriteSame(_)
+                    | Command::Unmap { .. }
+                    | Command::CompareAndWrite { .. }
+            ),
+        }
     }
 }
 
@@ -768,6 +795,30 @@ pub fn parse(cdb: &[u8]) -> Result<Command, Sense> {
                 alloc_len: be32(&c[10..]),
             }
         }
+        SANITIZE => {
+            // Byte 1: IMMED (7), ZNR (6, zoned devices only: reserved here), AUSE (5),
+            // SERVICE ACTION (4:0); bytes 2..=6 reserved.
+            if c[1] & 0x40 != 0 {
+                return Err(bad(1, 6));
+            }
+            if let Some(i) = (2..=6).find(|&i| c[i] != 0) {
+                return Err(Sense::invalid_field_in_cdb(i as u16, None));
+            }
+            let service_action = c[1] & 0x1F;
+            if !matches!(
+                service_action,
+                SA_SANITIZE_OVERWRITE | SA_SANITIZE_BLOCK_ERASE | SA_SANITIZE_EXIT_FAILURE_MODE
+            ) {
+                // CRYPTO ERASE (03h) included: the stores keep no encryption key to change.
+                return Err(bad(1, 4));
+            }
+            Command::Sanitize(Sanitize {
+                immed: c[1] & 0x80 != 0,
+                ause: c[1] & 0x20 != 0,
+                service_action,
+                param_len: be16(&c[7..]),
+            })
+        }
         RESERVE_6 | RELEASE_6 => {
             // Extent reservations (obsolete) and third-party reservations are not supported.
             if c[1] & 0x01 != 0 {
@@ -867,7 +918,7 @@ mod tests {
 
     #[test]
     fn unknown_opcode() {
-        for op in [0x02u8, 0x7F, 0xC0, 0xFF, 0x3B, 0x3C, 0xA2, 0x48] {
+        for op in [0x02u8, 0x7F, 0xC0, 0xFF, 0x3B, 0x3C, 0xA2] {
             let mut c = [0u8; 16];
             c[0] = op;
             assert_eq!(parse(&c).unwrap_err(), Sense::invalid_opcode());

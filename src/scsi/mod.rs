@@ -9,6 +9,7 @@ pub mod cdb;
 pub mod compat;
 pub mod limits;
 pub mod pr;
+pub mod sanitize;
 pub mod sbc;
 pub mod sense;
 pub mod spc;
@@ -137,4 +138,6 @@ pub struct LunSettings {
     /// Soft threshold on the backing filesystem's usage (`thin_threshold_percent`): unit
     /// attention 38/07 when crossed. Only with `thin_provisioning` on a file.
     pub thin_threshold: Option<thin::ThinThreshold>,
+    /// Bytes per second a SANITIZE OVERWRITE writes at most (`sanitize_rate`); 0 = no limit.
+    pub sanitize_rate: u64,
 }

@@ -277,7 +277,8 @@ fn access(cmd: &Command) -> Access {
         | Command::ModeSelect(_)
         | Command::SynchronizeCache { .. }
         | Command::StartStopUnit(_)
-        | Command::ExtendedCopy { .. } => Access::Write,
+        | Command::ExtendedCopy { .. }
+        | Command::Sanitize(_) => Access::Write,
     }
 }
 

@@ -164,14 +164,16 @@ pub fn read_capacity_16(
 }
 
 /// GET LBA STATUS parameter data (SBC-3 5.8.2) with one descriptor from `lba` to the end
-/// (capped at 2^32-1 blocks), provisioning status 0 ("mapped or unknown"): the stores do not
-/// track allocation.
-pub fn lba_status(lba: u64, num_blocks: u64) -> Vec<u8> {
+/// (capped at 2^32-1 blocks), provisioning status 0 ("mapped or unknown": the stores do not
+/// track allocation), or 1 (deallocated) when the whole unit is known to be (`deallocated`:
+/// block erased and not written since).
+pub fn lba_status(lba: u64, num_blocks: u64, deallocated: bool) -> Vec<u8> {
     let blocks = u32::try_from(num_blocks.saturating_sub(lba)).unwrap_or(u32::MAX);
     let mut d = vec![0u8; 24];
     d[0..4].copy_from_slice(&20u32.to_be_bytes());
     d[8..16].copy_from_slice(&lba.to_be_bytes());
     d[16..20].copy_from_slice(&blocks.to_be_bytes());
+    d[20] = u8::from(deallocated);
     d
 }
 
@@ -208,12 +210,18 @@ pub fn read_defect_data(twelve: bool, req_plist: bool, req_glist: bool, format: 
     d
 }
 
-/// Block Device Characteristics VPD page B1h (SBC-3 6.6.2): non-rotating medium.
-pub fn vpd_block_device_characteristics() -> Vec<u8> {
+/// Block Device Characteristics VPD page B1h (SBC-3 6.6.2): non-rotating medium; with
+/// SANITIZE BLOCK ERASE (`block_erase`, thin LUNs) WABEREQ 01b: a read of a block erased and
+/// not written since succeeds (it returns zeroes, LBPRZ) (SBC-4 6.6.2). WACEREQ 00b: no
+/// CRYPTO ERASE.
+pub fn vpd_block_device_characteristics(block_erase: bool) -> Vec<u8> {
     let mut d = vec![0u8; 64];
     d[1] = 0xB1;
     d[3] = 0x3C;
     d[5] = 0x01;
+    if block_erase {
+        d[7] = 0x40;
+    }
     d
 }
 
@@ -300,7 +308,9 @@ pub(crate) async fn execute(
             lu.settings.thin_provisioning,
         )
         .into()),
-        Command::GetLbaStatus { lba, .. } => Ok(lba_status(lba, num_blocks).into()),
+        Command::GetLbaStatus { lba, .. } => {
+            Ok(lba_status(lba, num_blocks, lu.all_deallocated()).into())
+        }
         Command::Read(x) => {
             let _shared = lu.write_gate.read().await;
             read(lu, x.lba, x.blocks).await
@@ -712,6 +722,7 @@ mod tests {
             write_cache: true,
             thin_provisioning: thin,
             thin_threshold: None,
+            sanitize_rate: 0,
         }
     }
 
@@ -850,7 +861,13 @@ mod tests {
             vpd_logical_block_provisioning(false, 3),
             [0, 0xB2, 0, 4, 0, 0, 0, 0]
         );
-        assert_eq!(vpd_block_device_characteristics()[5], 1);
+        assert_eq!(vpd_block_device_characteristics(false)[5], 1);
+        assert_eq!(vpd_block_device_characteristics(false)[7], 0);
+        assert_eq!(
+            vpd_block_device_characteristics(true)[7],
+            0x40,
+            "WABEREQ 01b"
+        );
     }
 
     fn unmap_params(ranges: &[(u64, u32)]) -> Vec<u8> {

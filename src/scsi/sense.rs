@@ -47,6 +47,9 @@ pub struct Sense {
     /// COMMAND-SPECIFIC INFORMATION (fixed format bytes 8..12), e.g. the number of the
     /// segment descriptor an EXTENDED COPY failed in (SPC-4 5.17.4.3).
     pub csi: Option<u32>,
+    /// Sense-key specific PROGRESS INDICATION (SPC-4 4.5.2.4.4): the fraction of an operation
+    /// done, in 65536ths (NOT READY while a SANITIZE runs). Exclusive with `sks`.
+    pub progress: Option<u16>,
 }
 
 /// Length of fixed-format sense data with the additional length this crate uses (10).
@@ -61,6 +64,7 @@ impl Sense {
             info: None,
             sks: None,
             csi: None,
+            progress: None,
         }
     }
 
@@ -114,6 +118,23 @@ impl Sense {
     /// 39/00 SAVING PARAMETERS NOT SUPPORTED.
     pub const fn saving_parameters_not_supported() -> Self {
         Self::new(SenseKey::IllegalRequest, 0x39, 0x00)
+    }
+    /// NOT READY 04/1B LOGICAL UNIT NOT READY, SANITIZE IN PROGRESS with the progress
+    /// indication (SBC-4 4.11.1: `done` of 65536).
+    pub const fn sanitize_in_progress(done: u16) -> Self {
+        let mut s = Self::new(SenseKey::NotReady, 0x04, 0x1B);
+        s.progress = Some(done);
+        s
+    }
+    /// MEDIUM ERROR 31/03 SANITIZE COMMAND FAILED (SBC-4 4.11.4: a failed sanitize, until
+    /// EXIT FAILURE MODE or a SANITIZE that succeeds).
+    pub const fn sanitize_failed() -> Self {
+        Self::new(SenseKey::MediumError, 0x31, 0x03)
+    }
+    /// DATA PROTECT 27/02 LOGICAL UNIT SOFTWARE WRITE PROTECTED (SWP of the Control mode
+    /// page, SPC-4 7.5.8).
+    pub const fn software_write_protected() -> Self {
+        Self::new(SenseKey::DataProtect, 0x27, 0x02)
     }
     /// DATA PROTECT 27/00 WRITE PROTECTED.
     pub const fn write_protected() -> Self {
@@ -178,6 +199,9 @@ impl Sense {
                 b[15] |= 0x08 | (bit & 0x07);
             }
             b[16..18].copy_from_slice(&fp.byte.to_be_bytes());
+        } else if let Some(p) = self.progress {
+            b[15] = 0x80;
+            b[16..18].copy_from_slice(&p.to_be_bytes());
         }
         b
     }
@@ -226,6 +250,14 @@ mod tests {
         assert_eq!(b[0], 0x70);
         assert_eq!(&b[3..7], &[0, 0, 0, 0]);
         assert_eq!((b[2], b[12]), (0x03, 0x11));
+    }
+
+    #[test]
+    fn progress_indication_layout() {
+        let b = Sense::sanitize_in_progress(0x8000).to_fixed_array();
+        assert_eq!((b[2], b[12], b[13]), (0x02, 0x04, 0x1B));
+        assert_eq!(b[15], 0x80, "SKSV, no C/D or BPV");
+        assert_eq!(&b[16..18], &[0x80, 0x00]);
     }
 
     #[test]

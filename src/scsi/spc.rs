@@ -3,7 +3,7 @@
 //!
 //! Everything here is pure: page builders take settings and return bytes or sense.
 
-use super::cdb::{opcode, ModeSelect, ModeSense, PageControl, ReportOpcodes, StartStopUnit};
+use super::cdb::{self, opcode, ModeSelect, ModeSense, PageControl, ReportOpcodes, StartStopUnit};
 use super::limits::BlockLimits;
 use super::sbc;
 use super::sense::Sense;
@@ -206,7 +206,7 @@ pub fn inquiry_vpd(
         0x83 => device_identification(&settings.identity),
         0x8F => super::xcopy::vpd_third_party_copy(settings.block_size),
         0xB0 => sbc::vpd_block_limits(limits, thin),
-        0xB1 => sbc::vpd_block_device_characteristics(),
+        0xB1 => sbc::vpd_block_device_characteristics(thin),
         0xB2 => sbc::vpd_logical_block_provisioning(
             thin,
             super::thin::threshold_exponent(num_blocks, thin && settings.thin_threshold.is_some()),
@@ -221,25 +221,36 @@ const PAGE_CONTROL: u8 = 0x0A;
 const PAGE_ALL: u8 = 0x3F;
 const MODE_PAGES: [u8; 3] = [PAGE_RW_ERROR_RECOVERY, PAGE_CACHING, PAGE_CONTROL];
 
-/// One mode page's current (= default) values, or its changeable mask (all zero: nothing
-/// can be changed).
-fn mode_page(page: u8, changeable: bool, settings: &LunSettings) -> Option<Vec<u8>> {
+/// SWP (software write protect) in byte 4 of the Control mode page (SPC-4 7.5.8).
+const CONTROL_SWP: u8 = 0x08;
+
+/// One mode page's current values (the defaults but for SWP, `swp`), or its changeable
+/// mask: only SWP can be changed.
+fn mode_page(page: u8, changeable: bool, settings: &LunSettings, swp: bool) -> Option<Vec<u8>> {
     let mut p = match page {
         // Read-Write Error Recovery (SBC-3 6.4.7).
         PAGE_RW_ERROR_RECOVERY => vec![0u8; 12],
         // Caching (SBC-3 6.4.5): WCE reflects the store's volatile cache.
         PAGE_CACHING => vec![0u8; 20],
-        // Control (SPC-4 7.5.8): TST 0, fixed-format sense (D_SENSE 0), no SWP, never BUSY.
+        // Control (SPC-4 7.5.8): TST 0, fixed-format sense (D_SENSE 0), SWP as set by MODE
+        // SELECT, never BUSY.
         PAGE_CONTROL => vec![0u8; 12],
         _ => return None,
     };
     p[0] = page;
     p[1] = (p.len() - 2) as u8;
-    if !changeable {
+    if changeable {
+        if page == PAGE_CONTROL {
+            p[4] = CONTROL_SWP;
+        }
+    } else {
         match page {
             PAGE_CACHING if settings.write_cache => p[2] = 0x04,
             PAGE_CONTROL => {
                 p[3] = 0x10; // QUEUE ALGORITHM MODIFIER 1: unrestricted reordering
+                if swp {
+                    p[4] = CONTROL_SWP;
+                }
                 p[8..10].copy_from_slice(&[0xFF, 0xFF]); // BUSY TIMEOUT PERIOD: unlimited
             }
             _ => {}
@@ -254,6 +265,7 @@ pub fn mode_sense(
     ms: &ModeSense,
     settings: &LunSettings,
     num_blocks: u64,
+    swp: bool,
 ) -> Result<Vec<u8>, Sense> {
     if ms.pc == PageControl::Saved {
         return Err(Sense::saving_parameters_not_supported());
@@ -266,11 +278,12 @@ pub fn mode_sense(
     let pages: Vec<u8> = if ms.page == PAGE_ALL {
         MODE_PAGES
             .iter()
-            .filter_map(|&p| mode_page(p, changeable, settings))
+            .filter_map(|&p| mode_page(p, changeable, settings, swp))
             .flatten()
             .collect()
     } else {
-        mode_page(ms.page, changeable, settings).ok_or(Sense::invalid_field_in_cdb(2, Some(5)))?
+        mode_page(ms.page, changeable, settings, swp)
+            .ok_or(Sense::invalid_field_in_cdb(2, Some(5)))?
     };
 
     let mut block_descriptor = Vec::new();
@@ -288,8 +301,13 @@ pub fn mode_sense(
             block_descriptor[4] = 0; // density code
         }
     }
-    // Device-specific parameter (SBC-3 6.4.1): WP, DPOFUA.
-    let device_specific = if settings.read_only { 0x90 } else { 0x10 };
+    // Device-specific parameter (SBC-3 6.4.1): WP (read-only LUN or SWP), DPOFUA. The
+    // changeable values report no changeable bit there (SWP is changed in the Control page).
+    let device_specific = if (settings.read_only || swp) && !changeable {
+        0x90
+    } else {
+        0x10
+    };
     let mut d = Vec::with_capacity(8 + block_descriptor.len() + pages.len());
     if ms.ten {
         let len = 6 + block_descriptor.len() + pages.len();
@@ -305,19 +323,22 @@ pub fn mode_sense(
     Ok(d)
 }
 
-/// MODE SELECT(6)/(10) (SPC-4 6.9, 6.10): nothing is changeable, so the parameter list is
-/// accepted only when every block descriptor and page repeats the current values.
+/// MODE SELECT(6)/(10) (SPC-4 6.9, 6.10): the parameter list is accepted only when every
+/// block descriptor and page repeats the current values but in changeable bits (SWP of the
+/// Control page, current value `swp`). Returns the SWP the list sets, when it holds a Control
+/// page; nothing is changed when any part is refused.
 pub fn mode_select(
     sel: &ModeSelect,
     params: &[u8],
     settings: &LunSettings,
     num_blocks: u64,
-) -> Result<(), Sense> {
+    swp: bool,
+) -> Result<Option<bool>, Sense> {
     if sel.sp {
         return Err(Sense::invalid_field_in_cdb(1, Some(0)));
     }
     if params.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     if !sel.pf {
         return Err(Sense::invalid_field_in_cdb(1, Some(4)));
@@ -372,6 +393,7 @@ pub fn mode_select(
             ));
         }
     }
+    let mut new_swp = None;
     let mut at = pages_at;
     while at < params.len() {
         let rest = &params[at..];
@@ -382,8 +404,10 @@ pub fn mode_select(
         if rest[0] & 0x40 != 0 {
             return Err(Sense::invalid_field_in_parameter_list(at as u16, Some(6)));
         }
-        let current = mode_page(rest[0] & 0x3F, false, settings)
+        let code = rest[0] & 0x3F;
+        let current = mode_page(code, false, settings, swp)
             .ok_or(Sense::invalid_field_in_parameter_list(at as u16, Some(5)))?;
+        let mask = mode_page(code, true, settings, swp).unwrap_or_default();
         if usize::from(rest[1]) != current.len() - 2 {
             return Err(Sense::invalid_field_in_parameter_list(
                 (at + 1) as u16,
@@ -393,15 +417,19 @@ pub fn mode_select(
         let page = rest
             .get(..current.len())
             .ok_or(Sense::parameter_list_length_error())?;
-        if let Some(i) = (2..current.len()).find(|&i| page[i] != current[i]) {
+        let fixed = |i: usize| !mask.get(i).copied().unwrap_or(0);
+        if let Some(i) = (2..current.len()).find(|&i| (page[i] ^ current[i]) & fixed(i) != 0) {
             return Err(Sense::invalid_field_in_parameter_list(
                 (at + i) as u16,
                 None,
             ));
         }
+        if code == PAGE_CONTROL {
+            new_swp = Some(page[4] & CONTROL_SWP != 0);
+        }
         at += current.len();
     }
-    Ok(())
+    Ok(new_swp)
 }
 
 /// REPORT LUNS parameter data (SPC-4 6.33): the LUN list (sorted) in single-level format.
@@ -595,6 +623,21 @@ fn supported_commands(thin: bool, alua: bool) -> Vec<CommandUsage> {
     if thin {
         v.push(usage(UNMAP, None, &[0, 0, 0, 0, 0, 0, 0x1F, FF, FF, 0]));
     }
+    // SANITIZE (SBC-4 5.30): IMMED, AUSE, the service action; BLOCK ERASE where blocks can
+    // be deallocated.
+    for sa in [
+        cdb::SA_SANITIZE_OVERWRITE,
+        cdb::SA_SANITIZE_BLOCK_ERASE,
+        cdb::SA_SANITIZE_EXIT_FAILURE_MODE,
+    ] {
+        if sa != cdb::SA_SANITIZE_BLOCK_ERASE || thin {
+            v.push(usage(
+                SANITIZE,
+                Some(u16::from(sa)),
+                &[0, 0xA0 | sa, 0, 0, 0, 0, 0, FF, FF, 0],
+            ));
+        }
+    }
     if alua {
         v.push(usage(
             MAINTENANCE_IN,
@@ -696,6 +739,7 @@ mod tests {
             write_cache: true,
             thin_provisioning: true,
             thin_threshold: None,
+            sanitize_rate: 0,
         }
     }
 
@@ -823,6 +867,7 @@ mod tests {
             &ms(0x3F, PageControl::Current, false, false, false),
             &s,
             1000,
+            false,
         )
         .unwrap();
         assert_eq!(usize::from(d[0]), d.len() - 1);
@@ -842,7 +887,13 @@ mod tests {
         assert_eq!(codes, vec![0x01, 0x08, 0x0A]);
         assert_eq!(d[12 + 12 + 2] & 0x04, 0x04, "WCE");
 
-        let d10 = mode_sense(&ms(0x3F, PageControl::Current, true, false, true), &s, 1000).unwrap();
+        let d10 = mode_sense(
+            &ms(0x3F, PageControl::Current, true, false, true),
+            &s,
+            1000,
+            false,
+        )
+        .unwrap();
         assert_eq!(
             usize::from(u16::from_be_bytes([d10[0], d10[1]])),
             d10.len() - 2
@@ -855,6 +906,7 @@ mod tests {
             &ms(0x3F, PageControl::Current, false, true, false),
             &s,
             1000,
+            false,
         )
         .unwrap();
         assert_eq!((dbd[3], dbd.len()), (0, 4 + 44));
@@ -862,41 +914,101 @@ mod tests {
             subpage: 0xFF,
             ..ms(0x3F, PageControl::Default, false, true, false)
         };
-        assert_eq!(mode_sense(&all_sub, &s, 1000).unwrap(), dbd);
+        assert_eq!(mode_sense(&all_sub, &s, 1000, false,).unwrap(), dbd);
     }
 
     #[test]
     fn mode_sense_control_page_and_errors() {
         let s = settings();
-        let d = mode_sense(&ms(0x0A, PageControl::Current, false, true, false), &s, 10).unwrap();
+        let d = mode_sense(
+            &ms(0x0A, PageControl::Current, false, true, false),
+            &s,
+            10,
+            false,
+        )
+        .unwrap();
         assert_eq!(&d[4..6], &[0x0A, 0x0A]);
         let ch = mode_sense(
             &ms(0x0A, PageControl::Changeable, false, true, false),
             &s,
             10,
+            false,
         )
         .unwrap();
         assert_eq!(&ch[4..6], &[0x0A, 0x0A]);
-        assert!(ch[6..].iter().all(|&b| b == 0));
-        let e = mode_sense(&ms(0x0A, PageControl::Saved, false, true, false), &s, 10).unwrap_err();
+        assert_eq!(ch[8], 0x08, "SWP is changeable");
+        assert!(ch[6..].iter().enumerate().all(|(i, &b)| i == 2 || b == 0));
+        assert_eq!(ch[2], 0x10, "no WP in the changeable values");
+        let e = mode_sense(
+            &ms(0x0A, PageControl::Saved, false, true, false),
+            &s,
+            10,
+            false,
+        )
+        .unwrap_err();
         assert_eq!((e.key, e.asc), (SenseKey::IllegalRequest, 0x39));
-        let e =
-            mode_sense(&ms(0x1C, PageControl::Current, false, true, false), &s, 10).unwrap_err();
+        let e = mode_sense(
+            &ms(0x1C, PageControl::Current, false, true, false),
+            &s,
+            10,
+            false,
+        )
+        .unwrap_err();
         assert_eq!((e.asc, e.sks.unwrap().byte), (0x24, 2));
         let bad_sub = ModeSense {
             subpage: 1,
             ..ms(0x0A, PageControl::Current, false, true, false)
         };
         assert_eq!(
-            mode_sense(&bad_sub, &s, 10).unwrap_err().sks.unwrap().byte,
+            mode_sense(&bad_sub, &s, 10, false,)
+                .unwrap_err()
+                .sks
+                .unwrap()
+                .byte,
             3
         );
         let mut ro = settings();
         ro.read_only = true;
         ro.write_cache = false;
-        let d = mode_sense(&ms(0x08, PageControl::Current, false, true, false), &ro, 10).unwrap();
+        let d = mode_sense(
+            &ms(0x08, PageControl::Current, false, true, false),
+            &ro,
+            10,
+            false,
+        )
+        .unwrap();
         assert_eq!(d[2], 0x90);
         assert_eq!(d[6] & 0x04, 0);
+        // SWP: WP in the header, SWP in the Control page.
+        let d = mode_sense(
+            &ms(0x0A, PageControl::Current, false, true, false),
+            &s,
+            10,
+            true,
+        )
+        .unwrap();
+        assert_eq!((d[2], d[8] & 0x08), (0x90, 0x08));
+    }
+
+    #[test]
+    fn mode_select_changes_swp_only() {
+        let s = settings();
+        let sel = ModeSelect {
+            ten: false,
+            pf: true,
+            sp: false,
+            param_len: 0,
+        };
+        let mut control = vec![0u8, 0, 0, 0];
+        control.extend(mode_page(PAGE_CONTROL, false, &s, false).unwrap());
+        control[4 + 4] |= 0x08;
+        assert_eq!(mode_select(&sel, &control, &s, 10, false), Ok(Some(true)));
+        control[4 + 4] &= !0x08;
+        assert_eq!(mode_select(&sel, &control, &s, 10, true), Ok(Some(false)));
+        // Another bit of the same byte (RAC) is not changeable.
+        control[4 + 4] |= 0x40;
+        let e = mode_select(&sel, &control, &s, 10, false).unwrap_err();
+        assert_eq!((e.asc, e.sks.unwrap().byte), (0x26, 8));
     }
 
     #[test]
@@ -912,17 +1024,18 @@ mod tests {
             &ms(0x3F, PageControl::Current, false, false, false),
             &s,
             1000,
+            false,
         )
         .unwrap();
         let mut params = current.clone();
         params[0] = 0;
         params[2] = 0;
-        assert_eq!(mode_select(&sel, &params, &s, 1000), Ok(()));
-        assert_eq!(mode_select(&sel, &[], &s, 1000), Ok(()));
+        assert_eq!(mode_select(&sel, &params, &s, 1000, false), Ok(Some(false)));
+        assert_eq!(mode_select(&sel, &[], &s, 1000, false), Ok(None));
         // Turning the write cache off is not possible.
         let mut wce = params.clone();
         wce[12 + 12 + 2] &= !0x04;
-        let e = mode_select(&sel, &wce, &s, 1000).unwrap_err();
+        let e = mode_select(&sel, &wce, &s, 1000, false).unwrap_err();
         assert_eq!(
             (e.asc, e.sks.unwrap().byte, e.sks.unwrap().in_cdb),
             (0x26, 26, false)
@@ -930,14 +1043,22 @@ mod tests {
         // Different block length.
         let mut bl = params.clone();
         bl[10] = 0x10;
-        assert_eq!(mode_select(&sel, &bl, &s, 1000).unwrap_err().asc, 0x26);
+        assert_eq!(
+            mode_select(&sel, &bl, &s, 1000, false).unwrap_err().asc,
+            0x26
+        );
         // Truncated page.
         assert_eq!(
-            mode_select(&sel, &params[..params.len() - 1], &s, 1000).unwrap_err(),
+            mode_select(&sel, &params[..params.len() - 1], &s, 1000, false).unwrap_err(),
             Sense::parameter_list_length_error()
         );
         let save = ModeSelect { sp: true, ..sel };
-        assert_eq!(mode_select(&save, &params, &s, 1000).unwrap_err().asc, 0x24);
+        assert_eq!(
+            mode_select(&save, &params, &s, 1000, false)
+                .unwrap_err()
+                .asc,
+            0x24
+        );
     }
 
     #[test]

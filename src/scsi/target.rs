@@ -28,6 +28,7 @@
 use super::alua;
 use super::cdb::{self, opcode, Command};
 use super::pr::{Effects, InitiatorPort, PrError, PrOut};
+use super::sanitize::{self, Operation, Pacer};
 use super::sbc;
 use super::sense::{Sense, SenseKey};
 use super::spc;
@@ -36,7 +37,7 @@ use super::thin::{ThresholdEvent, UA_SOFT_THRESHOLD};
 use super::unit::{LogicalUnit, PrReplicator};
 use super::xcopy;
 use super::{DataOutPlan, LunSettings, NexusId, ScsiRequest, ScsiResponse, Status};
-use crate::store::BlockStore;
+use crate::store::{BlockStore, WriteMode};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -47,6 +48,7 @@ use tracing::{debug, error, info, warn};
 const UA_RESET: (u8, u8) = (0x29, 0x00);
 const UA_LOGICAL_UNIT_RESET: (u8, u8) = (0x29, 0x03);
 const UA_CAPACITY_CHANGED: (u8, u8) = (0x2A, 0x09);
+const UA_MODE_PARAMETERS_CHANGED: (u8, u8) = (0x2A, 0x01);
 
 /// What the HA layer gives the target to send an alert: (LUN, message).
 pub type ThinAlertHook = Box<dyn Fn(u64, String) + Send + Sync>;
@@ -88,6 +90,13 @@ impl PlannedCommand {
     /// commands whose parameter data is small (INQUIRY, MODE SENSE, REPORT LUNS...).
     pub fn data_in_len(&self) -> u64 {
         self.data_in
+    }
+
+    /// Whether the command's work belongs to the logical unit rather than to its task
+    /// (SANITIZE, SBC-4 4.11): its execution only waits for that work, so a transport may
+    /// stop waiting when the task is aborted; the work goes on.
+    pub fn owned_by_unit(&self) -> bool {
+        matches!(self.cmd, Command::Sanitize(_))
     }
 
     /// The unit a Data-Out shorter than `Gather(n)`'s `n` must come in (a WRITE's block
@@ -145,6 +154,10 @@ impl Drop for CopyInProgress {
 const MAX_COPY_RESULTS: usize = 256;
 /// Bytes one EXTENDED COPY reads and writes at a time (bounds the memory a copy pins).
 const COPY_CHUNK_BYTES: u64 = 1 << 20;
+/// Bytes one SANITIZE OVERWRITE write carries (the memory a sanitize pins).
+const SANITIZE_CHUNK_BYTES: u64 = 1 << 20;
+/// Bytes one SANITIZE BLOCK ERASE deallocates at a time (the progress indication's step).
+const ERASE_CHUNK_BYTES: u64 = 1 << 30;
 
 /// RESERVATION CONFLICT: status 18h, no sense data (SAM-5 5.3.1).
 fn reservation_conflict() -> ScsiResponse {
@@ -492,7 +505,15 @@ impl ScsiTarget {
         let cmd = cdb::parse(cdb)?;
         // Before anything touches the store: a standby port never runs a media access.
         alua::admit(own_state, &cmd)?;
+        // A SANITIZE running (04/1B) or failed (31/03) on the unit (SBC-4 4.11).
+        unit.sanitize.admit(&cmd)?;
         sbc::check(&unit.settings, &unit.limits, unit.num_blocks(), &cmd, cdb)?;
+        if cmd.writes_medium() && unit.software_write_protected() {
+            return Err(Sense::software_write_protected());
+        }
+        if let Command::Sanitize(s) = &cmd {
+            sanitize::check_cdb(s, unit.block_size(), unit.settings.thin_provisioning)?;
+        }
         Ok(Route::Unit(unit, cmd))
     }
 
@@ -574,6 +595,17 @@ impl ScsiTarget {
                 return ScsiResponse::check(sense);
             }
         }
+        if let Some(unit) = unit_ref {
+            // A sanitize may have started while the Data-Out came in.
+            if let Err(sense) = unit.sanitize.admit(&cmd) {
+                return ScsiResponse::check(sense);
+            }
+            let unmaps = matches!(cmd, Command::Unmap { .. })
+                || matches!(cmd, Command::WriteSame(ws) if ws.unmap);
+            if cmd.writes_medium() && !unmaps {
+                unit.set_all_deallocated(false);
+            }
+        }
         let data = match unit_ref {
             Some(unit)
                 if matches!(
@@ -592,6 +624,9 @@ impl ScsiTarget {
             }
             Some(unit) if matches!(cmd, Command::ReceiveCopyResults { .. }) => {
                 self.receive_copy_results(unit, &cmd, req.nexus)
+            }
+            Some(unit) if matches!(cmd, Command::Sanitize(_)) => {
+                self.sanitize(unit, &cmd, &req).await.map(|()| Bytes::new())
             }
             Some(unit) => {
                 let r = self.execute_on(unit, &cmd, &req).await;
@@ -644,8 +679,10 @@ impl ScsiTarget {
         let settings = &unit.settings;
         match cmd {
             Command::TestUnitReady => Ok(Bytes::new()),
+            // A pending unit attention, else the progress of a running sanitize (SBC-4 4.11).
             Command::RequestSense { .. } => Ok(unit
                 .take_unit_attention(req.nexus)
+                .or_else(|| unit.sanitize.request_sense())
                 .unwrap_or(Sense::no_sense())
                 .to_fixed_bytes()),
             Command::Inquiry { evpd: false, .. } => {
@@ -659,12 +696,32 @@ impl ScsiTarget {
                 alloc_len,
             } => spc::report_luns(self.luns.keys().copied(), *select_report, *alloc_len)
                 .map(Bytes::from),
-            Command::ModeSense(ms) => {
-                spc::mode_sense(ms, settings, unit.num_blocks()).map(Bytes::from)
-            }
+            Command::ModeSense(ms) => spc::mode_sense(
+                ms,
+                settings,
+                unit.num_blocks(),
+                unit.software_write_protected(),
+            )
+            .map(Bytes::from),
             Command::ModeSelect(sel) => {
                 let params = &req.data_out[..req.data_out.len().min(sel.param_len as usize)];
-                spc::mode_select(sel, params, settings, unit.num_blocks())?;
+                let swp = unit.software_write_protected();
+                let new = spc::mode_select(sel, params, settings, unit.num_blocks(), swp)?;
+                // SWP is the logical unit's, for every I_T nexus; the others learn of the
+                // change by MODE PARAMETERS CHANGED (SPC-4 7.5.1).
+                if let Some(on) = new.filter(|&on| unit.set_software_write_protect(on)) {
+                    info!(
+                        lun = unit.lun(),
+                        nexus = req.nexus,
+                        swp = on,
+                        "software write protect changed"
+                    );
+                    let nexuses = self.nexuses.read().unwrap_or_else(|p| p.into_inner());
+                    unit.establish_unit_attention(
+                        nexuses.iter().filter(|&&n| n != req.nexus),
+                        UA_MODE_PARAMETERS_CHANGED,
+                    );
+                }
                 Ok(Bytes::new())
             }
             Command::StartStopUnit(ssu) => {
@@ -847,6 +904,9 @@ impl ScsiTarget {
             if !in_range(src, seg.src_lba, bytes / sbs)
                 || !in_range(dst, seg.dst_lba, bytes / dbs)
                 || dst.settings.read_only
+                || dst.software_write_protected()
+                || src.sanitize.admit(&read_probe).is_err()
+                || dst.sanitize.admit(&write_probe).is_err()
                 || conflict(src, &read_probe)
                 || conflict(dst, &write_probe)
             {
@@ -874,6 +934,7 @@ impl ScsiTarget {
                     dpo: false,
                     fua: false,
                 };
+                dst.set_all_deallocated(false);
                 let r = sbc::write(dst, x, &data).await;
                 if dst.thin.is_some() {
                     let full = matches!(&r, Err(s) if (s.key, s.asc, s.ascq) == (SenseKey::DataProtect, 0x27, 0x07));
@@ -886,6 +947,73 @@ impl ScsiTarget {
             status.segments_processed += 1;
         }
         Ok(())
+    }
+
+    /// SANITIZE (SBC-4 5.30) received on `unit`: EXIT FAILURE MODE at once; OVERWRITE and BLOCK
+    /// ERASE start a job owned by the logical unit (it goes on whatever happens to the command,
+    /// its task or its session: aborts, resets, logout) and the command completes when it ends,
+    /// or, with IMMED, once the parameter list is checked. A job that fails leaves the unit in
+    /// failure mode; the command, if still waiting, gets MEDIUM ERROR, SANITIZE COMMAND FAILED.
+    async fn sanitize(
+        &self,
+        unit: &Arc<LogicalUnit>,
+        cmd: &Command,
+        req: &ScsiRequest,
+    ) -> Result<(), Sense> {
+        let Command::Sanitize(s) = *cmd else {
+            return Err(Sense::invalid_opcode());
+        };
+        let params = &req.data_out[..req.data_out.len().min(usize::from(s.param_len))];
+        let op = match s.service_action {
+            cdb::SA_SANITIZE_EXIT_FAILURE_MODE => {
+                unit.sanitize.exit_failure_mode()?;
+                info!(lun = unit.lun(), "SANITIZE EXIT FAILURE MODE");
+                return Ok(());
+            }
+            cdb::SA_SANITIZE_OVERWRITE => {
+                Operation::Overwrite(sanitize::parse_overwrite(params, unit.block_size())?)
+            }
+            cdb::SA_SANITIZE_BLOCK_ERASE => Operation::BlockErase,
+            _ => return Err(Sense::invalid_field_in_cdb(1, Some(4))),
+        };
+        let capacity = unit.num_blocks() * u64::from(unit.block_size());
+        unit.sanitize.begin(op.total_bytes(capacity), s.ause)?;
+        let what = match &op {
+            Operation::Overwrite(o) => format!(
+                "OVERWRITE ({} pass(es), {}-byte pattern{})",
+                o.passes,
+                o.pattern.len(),
+                if o.invert {
+                    ", inverted between passes"
+                } else {
+                    ""
+                }
+            ),
+            Operation::BlockErase => "BLOCK ERASE".to_string(),
+        };
+        info!(
+            lun = unit.lun(),
+            nexus = req.nexus,
+            immed = s.immed,
+            ause = s.ause,
+            rate = unit.settings.sanitize_rate,
+            "SANITIZE {what} started"
+        );
+        let job_unit = Arc::clone(unit);
+        let job = tokio::spawn(async move {
+            let done = SanitizeDone {
+                unit: &job_unit,
+                ok: false,
+            };
+            run_sanitize(done, &op).await
+        });
+        if s.immed {
+            return Ok(());
+        }
+        match job.await {
+            Ok(r) => r,
+            Err(_) => Err(Sense::sanitize_failed()),
+        }
     }
 
     /// LOGICAL UNIT RESET task management function (SAM-5 7.7, 6.3.3): establishes a unit
@@ -941,6 +1069,99 @@ impl ScsiTarget {
     }
 }
 
+/// Ends the running sanitize of a unit when dropped: as a success if the job said so, else
+/// (an error, or a panic unwinding through the job) as a failure.
+struct SanitizeDone<'a> {
+    unit: &'a LogicalUnit,
+    ok: bool,
+}
+
+impl Drop for SanitizeDone<'_> {
+    fn drop(&mut self) {
+        let lun = self.unit.lun();
+        if self.ok {
+            info!(lun, "SANITIZE completed");
+        } else {
+            warn!(lun, "SANITIZE failed: medium access is refused (SANITIZE COMMAND FAILED) until EXIT FAILURE MODE or a SANITIZE that succeeds");
+        }
+        self.unit.sanitize.finish(self.ok);
+    }
+}
+
+/// The sanitize job: with the unit's write gate held exclusively (a read or write that
+/// slipped past the SANITIZE IN PROGRESS check waits for the end), OVERWRITE writes each pass
+/// [`SANITIZE_CHUNK_BYTES`] at a time through the unit's store (so a replicated LUN
+/// replicates it), paced to `sanitize_rate`; BLOCK ERASE deallocates the whole capacity
+/// through the store's discard, the path UNMAP takes. The cache is flushed at the end.
+async fn run_sanitize(mut done: SanitizeDone<'_>, op: &Operation) -> Result<(), Sense> {
+    let unit = done.unit;
+    let bs = u64::from(unit.block_size());
+    let capacity = unit.num_blocks() * bs;
+    let failed = |what: &str, at: u64, e: crate::store::StoreError| {
+        warn!(lun = unit.lun(), offset = at, error = %e, "SANITIZE: {what} failed");
+        Sense::sanitize_failed()
+    };
+    let _exclusive = unit.write_gate.write().await;
+    unit.set_all_deallocated(false);
+    match op {
+        Operation::Overwrite(o) => {
+            let chunk_len = (SANITIZE_CHUNK_BYTES / bs).max(1) * bs;
+            let mode = if unit.settings.write_cache {
+                WriteMode::Cached
+            } else {
+                WriteMode::Durable
+            };
+            let mut pacer = Pacer::new(unit.settings.sanitize_rate, Instant::now());
+            for pass in 0..o.passes {
+                let block = o.block(pass, unit.block_size());
+                let chunk: Bytes = block
+                    .iter()
+                    .cycle()
+                    .take(chunk_len.min(capacity.max(bs)) as usize)
+                    .copied()
+                    .collect::<Vec<u8>>()
+                    .into();
+                let mut at = 0u64;
+                while at < capacity {
+                    let n = (chunk.len() as u64).min(capacity - at);
+                    let wait = pacer.delay(n, Instant::now());
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    unit.store
+                        .write(at, chunk.slice(..n as usize), mode)
+                        .await
+                        .map_err(|e| failed("write", at, e))?;
+                    unit.sanitize.advance(n);
+                    at += n;
+                }
+            }
+        }
+        Operation::BlockErase => {
+            let step = (ERASE_CHUNK_BYTES / bs).max(1) * bs;
+            let mut at = 0u64;
+            while at < capacity {
+                let n = step.min(capacity - at);
+                unit.store
+                    .discard(at, n)
+                    .await
+                    .map_err(|e| failed("deallocation", at, e))?;
+                unit.sanitize.advance(n);
+                at += n;
+            }
+        }
+    }
+    unit.store
+        .flush()
+        .await
+        .map_err(|e| failed("flush", 0, e))?;
+    if matches!(op, Operation::BlockErase) {
+        unit.set_all_deallocated(true);
+    }
+    done.ok = true;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -982,6 +1203,7 @@ mod tests {
             write_cache: true,
             thin_provisioning: thin,
             thin_threshold: None,
+            sanitize_rate: 0,
         }
     }
 
@@ -2074,6 +2296,338 @@ mod tests {
         let block = store.read(4 * u64::from(BS), BS as usize).await.unwrap();
         assert!(block.iter().all(|&b| b == 0), "nothing written");
     }
+
+    fn sanitize_cdb(flags: u8, param_len: u16) -> [u8; 10] {
+        let mut c = [0u8; 10];
+        c[0] = opcode::SANITIZE;
+        c[1] = flags;
+        c[7..9].copy_from_slice(&param_len.to_be_bytes());
+        c
+    }
+
+    fn overwrite_params(byte0: u8, pattern: &[u8]) -> Vec<u8> {
+        let mut p = vec![byte0, 0];
+        p.extend_from_slice(&(pattern.len() as u16).to_be_bytes());
+        p.extend_from_slice(pattern);
+        p
+    }
+
+    fn sanitize_target(thin: bool, rate: u64) -> (ScsiTarget, Arc<MemStore>) {
+        let store = Arc::new(MemStore::new((BLOCKS * u64::from(BS)) as usize));
+        let mut s = settings(false, thin);
+        s.sanitize_rate = rate;
+        let t = ScsiTarget::new(vec![(0, s, store.clone() as Arc<dyn BlockStore>)]);
+        (t, store)
+    }
+
+    /// Waits (polling TEST UNIT READY on `nexus`) until the sanitize is over.
+    async fn until_ready(t: &ScsiTarget, nexus: NexusId) -> ScsiResponse {
+        for _ in 0..400 {
+            let r = run(t, nexus, &TUR, &[]).await;
+            if r.status == Status::Good || sense_of(&r) != (0x2, 0x04, 0x1B) {
+                return r;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("the sanitize did not end");
+    }
+
+    /// SANITIZE OVERWRITE with IMMED: the unit answers NOT READY, SANITIZE IN PROGRESS with
+    /// the progress indication (INQUIRY and REQUEST SENSE still work), the job goes on across
+    /// a logical unit reset and the end of the nexus that sent it, is paced to
+    /// `sanitize_rate`, and leaves the last pass's pattern in every block.
+    #[tokio::test]
+    async fn sanitize_overwrite_runs_in_background_across_reset() {
+        // 512 KiB at 1 MiB/s: each pass one chunk, the second and third 0.5 s apart.
+        let (t, store) = sanitize_target(false, 1 << 20);
+        for nexus in [1, 2] {
+            assert_eq!(run(&t, nexus, &TUR, &[]).await.status, Status::Good);
+        }
+        let data = vec![0x77u8; BS as usize];
+        assert_eq!(
+            run(&t, 1, &cdb10(opcode::WRITE_10, 0, 9, 1), &data)
+                .await
+                .status,
+            Status::Good
+        );
+        let params = overwrite_params(0x80 | 3, &[0xA5, 0x0F, 0x00]);
+        let started = Instant::now();
+        let r = run(
+            &t,
+            2,
+            &sanitize_cdb(0x80 | 0x01, params.len() as u16),
+            &params,
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            Status::Good,
+            "IMMED: status once the list is checked"
+        );
+        let r = run(&t, 2, &TUR, &[]).await;
+        assert_eq!(sense_of(&r), (0x2, 0x04, 0x1B));
+        assert_eq!(
+            r.sense.as_ref().unwrap()[15],
+            0x80,
+            "SKSV with the progress indication"
+        );
+        let r = run(&t, 1, &cdb16(opcode::READ_16, 0, 0, 1), &[]).await;
+        assert_eq!(sense_of(&r), (0x2, 0x04, 0x1B));
+        let r = run(&t, 1, &cdb10(opcode::WRITE_10, 0, 0, 1), &data).await;
+        assert_eq!(sense_of(&r), (0x2, 0x04, 0x1B));
+        let r = run(&t, 1, &[opcode::INQUIRY, 0, 0, 0, 96, 0], &[]).await;
+        assert_eq!(r.status, Status::Good);
+        let rs = run(&t, 1, &[opcode::REQUEST_SENSE, 0, 0, 0, 18, 0], &[]).await;
+        assert_eq!(rs.status, Status::Good);
+        assert_eq!(
+            (
+                rs.data_in[2],
+                rs.data_in[12],
+                rs.data_in[13],
+                rs.data_in[15]
+            ),
+            (0x2, 0x04, 0x1B, 0x80)
+        );
+        // A second SANITIZE while one runs.
+        let r = run(&t, 1, &sanitize_cdb(0x01, params.len() as u16), &params).await;
+        assert_eq!(sense_of(&r), (0x2, 0x04, 0x1B));
+        // The job belongs to the unit: a reset and the sender's nexus ending leave it be.
+        assert!(t.logical_unit_reset(raw(0), 1));
+        t.nexus_lost(2);
+        assert_eq!(sense_of(&run(&t, 1, &TUR, &[]).await), (0x6, 0x29, 0x03));
+        assert_eq!(sense_of(&run(&t, 1, &TUR, &[]).await), (0x2, 0x04, 0x1B));
+        let r = until_ready(&t, 1).await;
+        assert_eq!(r.status, Status::Good);
+        assert!(
+            started.elapsed() >= std::time::Duration::from_millis(950),
+            "paced: three 512 KiB passes at 1 MiB/s take a second, took {:?}",
+            started.elapsed()
+        );
+        // Passes 1 and 3 write the pattern, pass 2 its inverse: the pattern stays.
+        let expect: Vec<u8> = [0xA5u8, 0x0F, 0x00]
+            .iter()
+            .cycle()
+            .take(BS as usize)
+            .copied()
+            .collect();
+        let snap = store.snapshot();
+        assert!(snap.chunks(BS as usize).all(|b| b == expect.as_slice()));
+        let r = run(&t, 1, &cdb16(opcode::READ_16, 0, 9, 1), &[]).await;
+        assert_eq!(&r.data_in[..], expect.as_slice());
+    }
+
+    /// A sanitize that fails leaves the unit in failure mode (medium access is MEDIUM ERROR,
+    /// SANITIZE COMMAND FAILED; TEST UNIT READY and INQUIRY work); EXIT FAILURE MODE ends it
+    /// only after a sanitize with AUSE set; a sanitize that succeeds ends it too.
+    #[tokio::test]
+    async fn sanitize_failure_mode_and_exit() {
+        let (t, store) = sanitize_target(true, 0);
+        store.inject_fault(100 * u64::from(BS), 101 * u64::from(BS));
+        let params = overwrite_params(0x01, &[0x5A]);
+        let ow = |ause: u8| sanitize_cdb(ause | 0x01, params.len() as u16);
+        let exit = sanitize_cdb(0x1F, 0);
+        let read0 = cdb16(opcode::READ_16, 0, 0, 1);
+        let r = run(&t, 1, &ow(0), &params).await;
+        assert_eq!(sense_of(&r), (0x3, 0x31, 0x03));
+        assert_eq!(sense_of(&run(&t, 1, &read0, &[]).await), (0x3, 0x31, 0x03));
+        let r = run(&t, 1, &cdb10(opcode::WRITE_10, 0, 0, 1), &[0; BS as usize]).await;
+        assert_eq!(sense_of(&r), (0x3, 0x31, 0x03));
+        assert_eq!(run(&t, 1, &TUR, &[]).await.status, Status::Good);
+        // AUSE was clear: EXIT FAILURE MODE is refused.
+        assert_eq!(sense_of(&run(&t, 1, &exit, &[]).await), (0x5, 0x24, 0x00));
+        assert_eq!(sense_of(&run(&t, 1, &read0, &[]).await), (0x3, 0x31, 0x03));
+        // AUSE set: the next failure can be exited.
+        assert_eq!(
+            sense_of(&run(&t, 1, &ow(0x20), &params).await),
+            (0x3, 0x31, 0x03)
+        );
+        assert_eq!(run(&t, 1, &exit, &[]).await.status, Status::Good);
+        assert_eq!(run(&t, 1, &read0, &[]).await.status, Status::Good);
+        // Outside failure mode EXIT FAILURE MODE has nothing to do.
+        assert_eq!(run(&t, 1, &exit, &[]).await.status, Status::Good);
+        // A failure, then a sanitize that succeeds.
+        assert_eq!(
+            sense_of(&run(&t, 1, &ow(0), &params).await),
+            (0x3, 0x31, 0x03)
+        );
+        store.inject_fault(0, 0);
+        assert_eq!(run(&t, 1, &ow(0), &params).await.status, Status::Good);
+        let r = run(&t, 1, &read0, &[]).await;
+        assert!(r.data_in.iter().all(|&b| b == 0x5A));
+        // Parameter list errors move nothing.
+        let r = run(&t, 1, &sanitize_cdb(0x01, 4), &params[..4]).await;
+        assert_eq!(sense_of(&r), (0x5, 0x24, 0x00));
+        let bad = overwrite_params(0x00, &[1]);
+        let r = run(&t, 1, &sanitize_cdb(0x01, bad.len() as u16), &bad).await;
+        assert_eq!(sense_of(&r), (0x5, 0x26, 0x00));
+        assert_eq!(
+            sense_of(&run(&t, 1, &sanitize_cdb(0x03, 0), &[]).await),
+            (0x5, 0x24, 0x00)
+        );
+    }
+
+    /// BLOCK ERASE deallocates every block (they read back as zeroes) and GET LBA STATUS says
+    /// so until something writes; without thin provisioning it is not offered.
+    #[tokio::test]
+    async fn sanitize_block_erase_deallocates() {
+        let (t, store) = sanitize_target(true, 0);
+        let data = vec![0x61u8; 4 * BS as usize];
+        assert_eq!(
+            run(&t, 1, &cdb10(opcode::WRITE_10, 0, 0, 4), &data)
+                .await
+                .status,
+            Status::Good
+        );
+        let mut gls = [0u8; 16];
+        gls[0] = opcode::SERVICE_ACTION_IN_16;
+        gls[1] = 0x12;
+        gls[13] = 64;
+        assert_eq!(
+            run(&t, 1, &gls, &[]).await.data_in[20],
+            0,
+            "mapped or unknown"
+        );
+        assert_eq!(
+            run(&t, 1, &sanitize_cdb(0x02, 0), &[]).await.status,
+            Status::Good
+        );
+        assert!(store.snapshot().iter().all(|&b| b == 0));
+        let d = run(&t, 1, &gls, &[]).await.data_in;
+        assert_eq!(
+            (&d[16..20], d[20]),
+            (&(BLOCKS as u32).to_be_bytes()[..], 1),
+            "deallocated"
+        );
+        assert_eq!(
+            run(
+                &t,
+                1,
+                &cdb10(opcode::WRITE_10, 0, 7, 1),
+                &data[..BS as usize]
+            )
+            .await
+            .status,
+            Status::Good
+        );
+        assert_eq!(run(&t, 1, &gls, &[]).await.data_in[20], 0);
+        // REPORT SUPPORTED OPERATION CODES, one command with service action.
+        let rsoc = |sa: u8| {
+            let mut c = [0u8; 12];
+            c[0] = opcode::MAINTENANCE_IN;
+            c[1] = 0x0C;
+            c[2] = 0x02;
+            c[3] = opcode::SANITIZE;
+            c[5] = sa;
+            c[9] = 64;
+            c
+        };
+        assert_eq!(run(&t, 1, &rsoc(0x02), &[]).await.data_in[1] & 0x07, 3);
+        let (plain, _) = sanitize_target(false, 0);
+        assert_eq!(
+            sense_of(&run(&plain, 1, &sanitize_cdb(0x02, 0), &[]).await),
+            (0x5, 0x24, 0x00)
+        );
+        assert_eq!(run(&plain, 1, &rsoc(0x02), &[]).await.data_in[1] & 0x07, 1);
+        for sa in [0x01, 0x1F] {
+            assert_eq!(run(&plain, 1, &rsoc(sa), &[]).await.data_in[1] & 0x07, 3);
+        }
+    }
+
+    /// SWP set by MODE SELECT on one nexus: write protection for every nexus (DATA PROTECT,
+    /// LOGICAL UNIT SOFTWARE WRITE PROTECTED on every command that writes, SANITIZE
+    /// included), WP in MODE SENSE, MODE PARAMETERS CHANGED for the other nexuses only.
+    #[tokio::test]
+    async fn software_write_protect_is_per_unit() {
+        let (t, _) = sanitize_target(true, 0);
+        for nexus in [1, 2] {
+            assert_eq!(run(&t, nexus, &TUR, &[]).await.status, Status::Good);
+        }
+        let ch = run(
+            &t,
+            2,
+            &[opcode::MODE_SENSE_6, 0x08, 0x40 | 0x0A, 0, 255, 0],
+            &[],
+        )
+        .await;
+        assert_eq!(ch.data_in[4 + 4] & 0x08, 0x08, "SWP changeable");
+        let select = |swp: bool| {
+            let mut page = run_sync_control_page(swp);
+            page.splice(0..0, [0u8, 0, 0, 0]);
+            page
+        };
+        let params = select(true);
+        let cdb = [opcode::MODE_SELECT_6, 0x10, 0, 0, params.len() as u8, 0];
+        assert_eq!(run(&t, 2, &cdb, &params).await.status, Status::Good);
+        assert_eq!(
+            run(&t, 2, &TUR, &[]).await.status,
+            Status::Good,
+            "no UA to the sender"
+        );
+        assert_eq!(sense_of(&run(&t, 1, &TUR, &[]).await), (0x6, 0x2A, 0x01));
+        assert_eq!(run(&t, 1, &TUR, &[]).await.status, Status::Good);
+        let data = vec![1u8; BS as usize];
+        let params_ow = overwrite_params(0x01, &[1]);
+        for (cdb, out) in [
+            (cdb10(opcode::WRITE_10, 0, 0, 1).to_vec(), data.clone()),
+            (
+                cdb16(opcode::WRITE_SAME_16, 0x08, 0, 1).to_vec(),
+                data.clone(),
+            ),
+            (cdb10(opcode::UNMAP, 0, 0, 24).to_vec(), vec![0; 24]),
+            (
+                sanitize_cdb(0x01, params_ow.len() as u16).to_vec(),
+                params_ow.clone(),
+            ),
+            (sanitize_cdb(0x02, 0).to_vec(), vec![]),
+        ] {
+            assert_eq!(
+                sense_of(&run(&t, 1, &cdb, &out).await),
+                (0x7, 0x27, 0x02),
+                "{cdb:02x?}"
+            );
+        }
+        assert_eq!(
+            run(&t, 1, &sanitize_cdb(0x1F, 0), &[]).await.status,
+            Status::Good
+        );
+        assert_eq!(
+            run(&t, 1, &cdb16(opcode::READ_16, 0, 0, 1), &[])
+                .await
+                .status,
+            Status::Good
+        );
+        let ms = run(&t, 1, &[opcode::MODE_SENSE_6, 0x08, 0x0A, 0, 255, 0], &[]).await;
+        assert_eq!(
+            (ms.data_in[2] & 0x80, ms.data_in[4 + 4] & 0x08),
+            (0x80, 0x08)
+        );
+        // Cleared from nexus 1: nexus 2 is told, writes work again.
+        let params = select(false);
+        assert_eq!(run(&t, 1, &cdb, &params).await.status, Status::Good);
+        assert_eq!(sense_of(&run(&t, 2, &TUR, &[]).await), (0x6, 0x2A, 0x01));
+        assert_eq!(
+            run(&t, 2, &cdb10(opcode::WRITE_10, 0, 0, 1), &data)
+                .await
+                .status,
+            Status::Good
+        );
+        // Selecting the same value again changes nothing: no unit attention.
+        assert_eq!(run(&t, 1, &cdb, &params).await.status, Status::Good);
+        assert_eq!(run(&t, 2, &TUR, &[]).await.status, Status::Good);
+    }
+
+    /// The current Control mode page with SWP as given (MODE SELECT's page).
+    fn run_sync_control_page(swp: bool) -> Vec<u8> {
+        let mut p = vec![0u8; 12];
+        p[0] = 0x0A;
+        p[1] = 0x0A;
+        p[3] = 0x10;
+        if swp {
+            p[4] = 0x08;
+        }
+        p[8..10].copy_from_slice(&[0xFF, 0xFF]);
+        p
+    }
 }
 
 #[cfg(test)]
@@ -2110,6 +2664,7 @@ mod xcopy_tests {
             write_cache: true,
             thin_provisioning: false,
             thin_threshold: None,
+            sanitize_rate: 0,
         }
     }
 

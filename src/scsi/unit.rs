@@ -4,6 +4,7 @@
 use super::alua::Alua;
 use super::limits::BlockLimits;
 use super::pr::PrState;
+use super::sanitize::SanitizeState;
 use super::sense::Sense;
 use super::thin::ThinMonitor;
 use super::{LunSettings, NexusId};
@@ -44,6 +45,14 @@ pub struct LogicalUnit {
     pub(super) stats: super::stats::LunStats,
     /// Asymmetric access across the pair (SPC-4 5.16), when on.
     alua: OnceLock<Alua>,
+    /// The SANITIZE running on this unit, or the failure mode one left (SBC-4 4.11).
+    pub(crate) sanitize: SanitizeState,
+    /// SWP of the Control mode page (SPC-4 7.5.8): the medium is write protected for every
+    /// I_T nexus. Not saved: a restart (or a failover) comes up with SWP clear.
+    swp: AtomicBool,
+    /// Every block is deallocated: a SANITIZE BLOCK ERASE succeeded and nothing has written
+    /// since (GET LBA STATUS reports the range deallocated; otherwise "mapped or unknown").
+    deallocated: AtomicBool,
 }
 
 /// Future of [`PrReplicator::replicate`].
@@ -85,6 +94,31 @@ impl LogicalUnit {
             pr_out_gate: tokio::sync::Mutex::new(()),
             stats: Default::default(),
             alua: OnceLock::new(),
+            sanitize: SanitizeState::default(),
+            swp: AtomicBool::new(false),
+            deallocated: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether software write protection (SWP) is on.
+    pub fn software_write_protected(&self) -> bool {
+        self.swp.load(Ordering::Acquire)
+    }
+
+    /// Sets SWP; returns whether it changed.
+    pub(super) fn set_software_write_protect(&self, on: bool) -> bool {
+        self.swp.swap(on, Ordering::AcqRel) != on
+    }
+
+    /// Whether every block is known to be deallocated (see the field).
+    pub(super) fn all_deallocated(&self) -> bool {
+        self.deallocated.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_all_deallocated(&self, v: bool) {
+        // Most writes find it clear: a load first keeps the cache line shared.
+        if self.deallocated.load(Ordering::Relaxed) != v {
+            self.deallocated.store(v, Ordering::Release);
         }
     }
 
