@@ -253,11 +253,15 @@ impl LinkWriter {
                 }
                 None => {
                     wake.await;
-                    // Woken by the first of a burst (the secondary's acks of writes completed
-                    // together, requests of a busy primary): let the other tasks that are
-                    // ready now queue theirs first, so one vectored write carries them all
-                    // instead of one write each.
-                    tokio::task::yield_now().await;
+                    // Woken by the first of a burst of small frames (the secondary's acks of
+                    // writes completed together, 4 KiB writes of a busy primary): let the
+                    // other tasks that are ready now queue theirs first, so one vectored write
+                    // carries them all instead of one write each. A large frame leaves at
+                    // once: its copy into the socket dwarfs a system call, and waiting only
+                    // delays the peer's work on it.
+                    if sh.lock().queue.remaining() < DIRECT_MAX {
+                        tokio::task::yield_now().await;
+                    }
                 }
             }
         }
