@@ -1064,6 +1064,34 @@ fn check_decoded(path: &str, groups: &[PortGroup]) {
     }
 }
 
+/// The standby path `standby` refuses TEST UNIT READY and a WRITE at byte `at` (of the
+/// pattern file `/tmp/px` in the guest) with TARGET PORT IN STANDBY STATE, and the active path
+/// `active` is ready. `label` names the standby host in the messages.
+fn standby_refuses(
+    g: &mut Guest,
+    standby: &str,
+    active: &str,
+    at: u64,
+    label: &str,
+    limit: Duration,
+) {
+    let out = turs_until(g, standby, 2, limit);
+    eprintln!(
+        "sg_turs through the standby path ({label}): {}",
+        out.join(" | ")
+    );
+    turs_until(g, active, 0, limit);
+    let (rc, out) = guest_run(g, &format!("sgw {standby} {at} /tmp/px"), limit);
+    eprintln!(
+        "WRITE through the standby path ({label}): rc {rc}: {}",
+        out.join(" | ")
+    );
+    assert!(
+        rc != 0 && out.join(" ").to_lowercase().contains(STANDBY_SENSE),
+        "WRITE through the standby path ({label}): rc {rc}: {out:?}"
+    );
+}
+
 /// `sg_turs` until it exits with `want_rc` (a unit attention may come first), at most
 /// `limit`: the last output.
 fn turs_until(g: &mut Guest, dev: &str, want_rc: i32, limit: Duration) -> Vec<String> {
@@ -1308,18 +1336,7 @@ fn kernel_initiator_alua_groups_follow_a_switchover() {
     );
 
     // The standby path refuses media access; the active one serves.
-    let out = turs_until(&mut g, "$DB", 2, lim);
-    eprintln!("sg_turs through the standby path (B): {}", out.join(" | "));
-    turs_until(&mut g, "$DA", 0, lim);
-    let (rc, out) = guest_run(&mut g, "sgw $DB 2097152 /tmp/px", lim);
-    eprintln!(
-        "WRITE through the standby path (B): rc {rc}: {}",
-        out.join(" | ")
-    );
-    assert!(
-        rc != 0 && out.join(" ").to_lowercase().contains(STANDBY_SENSE),
-        "WRITE through the standby path: rc {rc}: {out:?}"
-    );
+    standby_refuses(&mut g, "$DB", "$DA", 2 << 20, "B", lim);
     let (rc, out) = guest_run(&mut g, "sgr $DB 1048576 65536 /tmp/rb", lim);
     assert!(
         rc != 0 && out.join(" ").to_lowercase().contains(STANDBY_SENSE),
@@ -1387,18 +1404,7 @@ fn kernel_initiator_alua_groups_follow_a_switchover() {
     );
     // failback immediate: the map moves to B's path, now the active/optimized group.
     multipath_until(&mut g, &dev_b, &dev_a, lim);
-    let out = turs_until(&mut g, "$DA", 2, lim);
-    eprintln!("sg_turs through the standby path (A): {}", out.join(" | "));
-    turs_until(&mut g, "$DB", 0, lim);
-    let (rc, out) = guest_run(&mut g, "sgw $DA 4194304 /tmp/px", lim);
-    eprintln!(
-        "WRITE through the standby path (A): rc {rc}: {}",
-        out.join(" | ")
-    );
-    assert!(
-        rc != 0 && out.join(" ").to_lowercase().contains(STANDBY_SENSE),
-        "WRITE through the standby path (A): rc {rc}: {out:?}"
-    );
+    standby_refuses(&mut g, "$DA", "$DB", 4 << 20, "A", lim);
     let (rc, out) = guest_run(&mut g, "sgw $DB 3145728 /tmp/pb", lim);
     assert_eq!(rc, 0, "WRITE through the active path (B): {out:?}");
     let (rc, out) = guest_run(
