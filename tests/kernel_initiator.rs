@@ -691,6 +691,32 @@ iscsiadm -m node -T @IQN@ -p $V --logout || fail logout
 host_say done
 "#;
 
+/// Shows each host's warnings and asserts neither daemon panicked.
+fn assert_no_panic(l: &HaLab) {
+    for h in [&l.a, &l.b] {
+        let log = h.log_text();
+        show_warnings(h.label, &log);
+        assert!(!log.contains("panicked"), "{} panicked:\n{log}", h.label);
+    }
+}
+
+/// Waits for the pair to be in sync, stops both hosts and asserts both replicas hold the same
+/// bytes; returns A's image.
+fn stop_in_sync_and_compare(l: &mut HaLab) -> Vec<u8> {
+    l.wait_in_sync(Duration::from_secs(60));
+    l.stop(0);
+    l.stop(1);
+    let n = l.size_bytes as usize;
+    let a = std::fs::read(&l.a.image).unwrap();
+    let b = std::fs::read(&l.b.image).unwrap();
+    let first = (0..n).find(|&i| a[i] != b[i]);
+    assert!(
+        first.is_none(),
+        "the replicas differ, first at byte {first:?}"
+    );
+    a
+}
+
 /// XenServer's stack on a replicated pair with HA (xapi source), the guest logged in through
 /// the floating IP with XenServer's single-path settings (replacement_timeout 144 s) and an SR's
 /// volume group on the LUN. Under its fio writes with verify, in turn: a planned switchover to
@@ -810,22 +836,8 @@ fn kernel_initiator_rides_through_failovers() {
     for (ph, pause, _) in &pauses {
         eprintln!("FAILOVER-PAUSE {ph}: {pause:.2} s (longest guest write)");
     }
-    l.wait_in_sync(Duration::from_secs(60));
-    l.stop(0);
-    l.stop(1);
-    let n = l.size_bytes as usize;
-    let a = std::fs::read(&l.a.image).unwrap();
-    let b = std::fs::read(&l.b.image).unwrap();
-    let first = (0..n).find(|&i| a[i] != b[i]);
-    assert!(
-        first.is_none(),
-        "the replicas differ, first at byte {first:?}"
-    );
-    for h in [&l.a, &l.b] {
-        let log = h.log_text();
-        show_warnings(h.label, &log);
-        assert!(!log.contains("panicked"), "{} panicked:\n{log}", h.label);
-    }
+    stop_in_sync_and_compare(&mut l);
+    assert_no_panic(&l);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1432,17 +1444,7 @@ fn kernel_initiator_alua_groups_follow_a_switchover() {
     );
     eprintln!("ALUA guest run: {:.1?} in all", t0.elapsed());
 
-    l.wait_in_sync(Duration::from_secs(60));
-    l.stop(0);
-    l.stop(1);
-    let n = l.size_bytes as usize;
-    let a = std::fs::read(&l.a.image).unwrap();
-    let b = std::fs::read(&l.b.image).unwrap();
-    let first = (0..n).find(|&i| a[i] != b[i]);
-    assert!(
-        first.is_none(),
-        "the replicas differ, first at byte {first:?}"
-    );
+    let a = stop_in_sync_and_compare(&mut l);
     let pattern = |s: &str| -> Vec<u8> { format!("{s}\n").bytes().cycle().take(65536).collect() };
     const K64: usize = 65536;
     assert_eq!(
@@ -1459,9 +1461,5 @@ fn kernel_initiator_alua_groups_follow_a_switchover() {
             "a write refused by the standby reached the medium at {off}"
         );
     }
-    for h in [&l.a, &l.b] {
-        let log = h.log_text();
-        show_warnings(h.label, &log);
-        assert!(!log.contains("panicked"), "{} panicked:\n{log}", h.label);
-    }
+    assert_no_panic(&l);
 }
