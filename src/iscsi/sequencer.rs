@@ -568,7 +568,7 @@ impl<P> Sequencer<P> {
     /// Starts a command if the memory budget has room for its data, else queues it (behind
     /// any command already waiting, so a large one is not overtaken for ever) and closes
     /// the CmdSN window until it runs.
-    fn admit(&mut self, w: BudgetWait<P>, early: Vec<Pdu>, env: &mut impl Env<Planned = P>) {
+    fn admit(&mut self, mut w: BudgetWait<P>, early: Vec<Pdu>, env: &mut impl Env<Planned = P>) {
         let budget = self.session.budget.clone();
         if w.bytes == 0 {
             return self.start(w, Charge::none(), early, env);
@@ -599,7 +599,6 @@ impl<P> Sequencer<P> {
             self.early_data_out
                 .insert(w.hdr.itt, early.into_iter().map(own_data).collect());
         }
-        let mut w = w;
         w.immediate = Bytes::copy_from_slice(&w.immediate);
         self.budget_wait.push_back(w);
         budget.set_waiting(true);
