@@ -4,13 +4,18 @@ latency of a slower replication link is simulated in user space.
 
 Usage:
     delay_proxy.py --listen 127.0.0.1:PORT --target 127.0.0.1:PORT [--listen ... --target ...]
-                   --delay-file FILE --max-seconds N
+                   --delay-file FILE --max-seconds N [--stats-file FILE]
 
 Every --listen address forwards to the --target given after it (pairs in order). Every chunk
 of bytes read from one side is written to the other side no earlier than DELAY after it was
 read, in both directions, preserving order (a pipe whose transit time is DELAY, not a rate
 limit). DELAY is read (in microseconds, a whole number) from --delay-file every 0.2 s, so the
-caller can change it without reconnecting; a missing or unreadable file means 0.
+caller can change it without reconnecting; a missing or unreadable file means 0. A word after
+the number in that file labels the run: with --stats-file, the proxy keeps per label and per
+direction the number of chunks and the sum of their actual transit times (read until written
+out, so the sleep overshoot under the run's own load is in it) and writes them as JSON
+{label: {direction: [chunks, sum_us]}} every 0.2 s and at exit; a direction is the listen
+address followed by ">" (towards the target) or "<" (back).
 
 Sub-millisecond delays need precise sleeps: asyncio's timers go through epoll, whose timeout
 has a resolution of 1 ms, so each direction of each connection has a reader thread (recv,
@@ -39,7 +44,11 @@ import threading
 import time
 
 DELAY_US = 0
+LABEL = ""
 STOP = threading.Event()
+# label -> direction -> [chunks, sum of transit in us]
+STATS: dict[str, dict[str, list[float]]] = {}
+STATS_LOCK = threading.Lock()
 
 
 def loopback(addr: str) -> tuple[str, int]:
@@ -49,18 +58,33 @@ def loopback(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def watch_delay(path: str) -> None:
-    global DELAY_US
+def watch_delay(path: str, stats_file: str | None) -> None:
+    global DELAY_US, LABEL
     while not STOP.is_set():
         try:
             with open(path, encoding="ascii") as f:
-                DELAY_US = max(0, int(f.read().strip() or "0"))
+                words = f.read().split()
+            DELAY_US = max(0, int(words[0])) if words else 0
+            LABEL = words[1] if len(words) > 1 else ""
         except (OSError, ValueError):
-            DELAY_US = 0
+            DELAY_US, LABEL = 0, ""
+        if stats_file:
+            write_stats(stats_file)
         STOP.wait(0.2)
 
 
-def pipe(src: socket.socket, dst: socket.socket) -> None:
+def write_stats(path: str) -> None:
+    import json
+
+    with STATS_LOCK:
+        text = json.dumps(STATS)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="ascii") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def pipe(src: socket.socket, dst: socket.socket, direction: str) -> None:
     """One direction: a reader (this thread) and a writer thread joined by a queue."""
     q: collections.deque = collections.deque()
     cv = threading.Condition()
@@ -74,11 +98,17 @@ def pipe(src: socket.socket, dst: socket.socket) -> None:
                         cv.wait(0.5)
                     if not q:
                         return
-                    due, data = q.popleft()
+                    read_at, due, label, data = q.popleft()
                 wait = due - time.monotonic()
                 if wait > 0:
                     time.sleep(wait)
                 dst.sendall(data)
+                if label:
+                    transit = (time.monotonic() - read_at) * 1e6
+                    with STATS_LOCK:
+                        acc = STATS.setdefault(label, {}).setdefault(direction, [0, 0.0])
+                        acc[0] += 1
+                        acc[1] += transit
         except OSError:
             pass
         finally:
@@ -95,8 +125,9 @@ def pipe(src: socket.socket, dst: socket.socket) -> None:
             data = src.recv(256 * 1024)
             if not data:
                 break
+            now = time.monotonic()
             with cv:
-                q.append((time.monotonic() + DELAY_US / 1e6, data))
+                q.append((now, now + DELAY_US / 1e6, LABEL, data))
                 cv.notify()
     except OSError:
         pass
@@ -115,7 +146,7 @@ def bind(listen: tuple[str, int]) -> socket.socket:
     return ls
 
 
-def serve(ls: socket.socket, target: tuple[str, int]) -> None:
+def serve(ls: socket.socket, target: tuple[str, int], name: str = "") -> None:
     while not STOP.is_set():
         try:
             c, _ = ls.accept()
@@ -131,8 +162,8 @@ def serve(ls: socket.socket, target: tuple[str, int]) -> None:
         for s in (c, t):
             s.settimeout(None)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        threading.Thread(target=pipe, args=(c, t), daemon=True).start()
-        threading.Thread(target=pipe, args=(t, c), daemon=True).start()
+        threading.Thread(target=pipe, args=(c, t, name + ">"), daemon=True).start()
+        threading.Thread(target=pipe, args=(t, c, name + "<"), daemon=True).start()
 
 
 def calibrate(delay_us: int) -> int:
@@ -190,6 +221,7 @@ def main() -> int:
     ap.add_argument("--target", action="append")
     ap.add_argument("--delay-file")
     ap.add_argument("--max-seconds", type=float)
+    ap.add_argument("--stats-file")
     a = ap.parse_args()
     if a.calibrate is not None:
         return calibrate(a.calibrate)
@@ -201,15 +233,17 @@ def main() -> int:
         ap.error("--max-seconds must be in (0, 86400]")
     signal.signal(signal.SIGTERM, lambda *_: STOP.set())
     signal.signal(signal.SIGINT, lambda *_: STOP.set())
-    threading.Thread(target=watch_delay, args=(a.delay_file,), daemon=True).start()
+    threading.Thread(target=watch_delay, args=(a.delay_file, a.stats_file), daemon=True).start()
     # Bound before the daemons are told about them: a refused dial would only be retried.
     pairs = [(bind(loopback(lst)), loopback(t)) for lst, t in zip(a.listen, a.target)]
-    for ls, t in pairs:
-        threading.Thread(target=serve, args=(ls, t), daemon=True).start()
+    for (ls, t), lst in zip(pairs, a.listen):
+        threading.Thread(target=serve, args=(ls, t, lst), daemon=True).start()
     print(f"delay_proxy pid {os.getpid()} up", file=sys.stderr, flush=True)
     STOP.wait(a.max_seconds)
     STOP.set()
     time.sleep(0.6)
+    if a.stats_file:
+        write_stats(a.stats_file)
     return 0
 
 

@@ -569,7 +569,8 @@ if want_section delay; then
     python3 "$REPO/benches/delay_proxy.py" \
         --listen "$HOST:$(port_of new pab)" --target "$HOST:$(port_of new rlb)" \
         --listen "$HOST:$(port_of new pba)" --target "$HOST:$(port_of new rla)" \
-        --delay-file "$DELAY_FILE" --max-seconds "$budget" >>"$RAW/delay_proxy.log" 2>&1 &
+        --delay-file "$DELAY_FILE" --stats-file "$RAW/delay_link_stats.json" \
+        --max-seconds "$budget" >>"$RAW/delay_proxy.log" 2>&1 &
     PROXY_PID=$!
     wait_port "$HOST" "$(port_of new pab)" 10 "$PROXY_PID" || die "delay proxy did not start; log $RAW/delay_proxy.log"
     start_pair new delay "" 1
@@ -577,7 +578,8 @@ if want_section delay; then
         for spec in "${DELAY_JOBS[@]}"; do
             if [ $((rep % 2)) = 1 ]; then order=(0 "$DELAY_US"); else order=("$DELAY_US" 0); fi
             for d in "${order[@]}"; do
-                echo "$d" >"$DELAY_FILE"
+                # The label makes the proxy measure this run's actual link transit times.
+                echo "$d delay${d}__${spec%%|*}__${rep}" >"$DELAY_FILE"
                 sleep 0.5   # the proxy reads the file every 0.2 s
                 wait_in_sync new 60
                 log "delay ${d} us each way: ${spec%%|*} (rep ${rep}/${REPEAT})"

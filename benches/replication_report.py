@@ -313,6 +313,55 @@ def main() -> int:
                 f"{spread(adds)} | {spread([x - 2 * d for x in adds])} | "
                 f"{fmt_lat(med([lat(r, rw, 'p99_us') for r in Z]))} | {fmt_lat(med([lat(r, rw, 'p99_us') for r in D]))} |"
             )
+        # The link's actual transit times in each run, as the proxy measured them
+        # (delay_link_stats.json: label -> direction -> [chunks, sum_us]).
+        try:
+            with open(os.path.join(raw, "delay_link_stats.json"), encoding="utf-8") as f:
+                link_stats = json.load(f)
+        except (OSError, ValueError):
+            link_stats = {}
+
+        def link_rtt(setup: str, job: str, rep: str):
+            """Mean transit forth plus back on the busiest proxied connection of one run."""
+            best = None
+            by_dir = link_stats.get(f"{setup}__{job}__{rep}", {})
+            for name in {k[:-1] for k in by_dir}:
+                fw, bw = by_dir.get(name + ">"), by_dir.get(name + "<")
+                if not fw or not bw or not fw[0] or not bw[0]:
+                    continue
+                if best is None or fw[0] + bw[0] > best[0]:
+                    best = (fw[0] + bw[0], fw[1] / fw[0] + bw[1] / bw[0])
+            return best[1] if best else None
+
+        if link_stats:
+            o.append("")
+            o.append(
+                "The link's round trip as it was in each run: the mean transit time through the "
+                "proxy (read to written out, under the run's own load) of a chunk towards the "
+                "secondary plus one back, on the busiest proxied connection; its added part is the "
+                f"same at {d} us minus at 0 us, paired. Added write latency minus that added "
+                "round trip is what twinsan adds on top of the link's real round trip (the goal: "
+                "at most 40 us)."
+            )
+            o.append("")
+            o.append(f"| job | link round trip 0 us | link round trip {d} us | added round trip | added mean lat - added round trip (us) |")
+            o.append("|---|---:|---:|---:|---:|")
+            for j in meta.get("delay_jobs", []):
+                n, rw = j["name"], j["rw"]
+                reps = sorted(set(runs.get((a, n), {})) & set(runs.get((b, n), {})), key=int)
+                r0 = [link_rtt(b, n, k) for k in reps]
+                rd = [link_rtt(a, n, k) for k in reps]
+                added_rtt, beyond = [], []
+                for k, x0, xd in zip(reps, r0, rd):
+                    if x0 is None or xd is None:
+                        continue
+                    added_rtt.append(xd - x0)
+                    add = (lat(runs[(a, n)][k], rw, "mean_us") or 0) - (lat(runs[(b, n)][k], rw, "mean_us") or 0)
+                    beyond.append(add - (xd - x0))
+                o.append(
+                    f"| {n} | {fmt_lat(med([x for x in r0 if x is not None]))} | {fmt_lat(med([x for x in rd if x is not None]))} | "
+                    f"{spread(added_rtt)} | {spread(beyond)} |"
+                )
         cal = []
         for when in ("before", "after"):
             try:
