@@ -14,8 +14,9 @@
 //!   READY, MEDIUM NOT PRESENT; INQUIRY, REQUEST SENSE, MODE SENSE / SELECT, REPORT LUNS,
 //!   the reservations, START STOP UNIT and PREVENT ALLOW MEDIUM REMOVAL still work.
 //!
-//! The state is in memory on this host only: a restart or a failover starts loaded, with no
-//! prevention (a power on ends every prevention, SBC-3 5.12).
+//! The state is in memory on this host only, neither saved nor replicated: a restart starts
+//! loaded with no prevention (a power on ends every prevention, SBC-3 5.12), and so does the
+//! peer that takes over in a failover.
 
 use super::cdb::{Command, StartStopUnit};
 use super::sense::Sense;

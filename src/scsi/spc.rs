@@ -1128,6 +1128,20 @@ mod tests {
     }
 
     #[test]
+    fn rmb_only_when_removable() {
+        assert_eq!(standard_inquiry(&identity(), false)[1], 0x00);
+        assert_eq!(standard_inquiry(&identity(), true)[1], 0x80);
+        let mut id = identity();
+        id.compat = Some(crate::scsi::compat::CompatIdentity::Tgt {
+            scsi_id: crate::scsi::compat::tgt_default_scsi_id(1, 1),
+            scsi_sn: crate::scsi::compat::tgt_default_scsi_sn(1, 1),
+            numeric_id: (1 << 32) | 1,
+        });
+        assert_eq!(standard_inquiry(&id, false)[1] & 0x80, 0x00);
+        assert_eq!(standard_inquiry(&id, true)[1] & 0x80, 0x80);
+    }
+
+    #[test]
     fn supported_opcodes_match_the_decoder() {
         for thin in [false, true] {
             for c in supported_commands(thin, thin, thin) {

@@ -55,7 +55,8 @@ pub struct LogicalUnit {
     /// since (GET LBA STATUS reports the range deallocated; otherwise "mapped or unknown").
     deallocated: AtomicBool,
     /// A removable unit's medium: loaded or not, and the preventions of its removal (SBC-3
-    /// 5.12). In memory only: a restart or a failover starts loaded, with none.
+    /// 5.12). In memory only: a restart (or the peer after a failover) starts loaded, with
+    /// none.
     pub(crate) medium: MediumState,
     /// On a removable unit, the commands that need the medium hold it shared while they
     /// run; an unload takes it exclusively, so it waits for them (see `start_stop_unit`).
