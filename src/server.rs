@@ -93,6 +93,7 @@ impl Server {
                     thin_provisioning: l.thin_provisioning && !l.read_only,
                     thin_threshold: thin_threshold(l),
                     sanitize_rate: l.sanitize_rate.0,
+                    removable: l.removable,
                 };
                 luns.push((l.number, settings, store));
             }

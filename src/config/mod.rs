@@ -308,6 +308,11 @@ pub struct LunConfig {
     /// link. 1M..=1T; default 100M.
     #[serde(default = "default_sanitize_rate")]
     pub sanitize_rate: SizeValue,
+    /// A removable-medium disk (RMB=1): PREVENT ALLOW MEDIUM REMOVAL, and START STOP UNIT
+    /// with LOEJ ejects and loads the medium (SBC-3 5.12, 5.25). The medium state and the
+    /// preventions are in memory on this host only. Default false.
+    #[serde(default)]
+    pub removable: bool,
     /// Soft threshold (1..=99 percent of the backing file's filesystem in use): crossing it
     /// raises UNIT ATTENTION THIN PROVISIONING SOFT THRESHOLD REACHED, a warn line and an
     /// alert; off when unset. Files only, with thin_provisioning.
@@ -685,6 +690,7 @@ impl Config {
                     write_cache: true,
                     thin_provisioning: true,
                     sanitize_rate: default_sanitize_rate(),
+                    removable: false,
                     thin_threshold_percent: None,
                     vendor: None,
                     product: None,
@@ -1311,6 +1317,23 @@ naa = "600140512345678901234567890abcde"
             parse(&with("\"fast\"")),
             Err(ConfigError::Syntax { .. })
         ));
+    }
+
+    #[test]
+    fn removable_is_a_boolean_defaulting_to_false() {
+        assert!(!parse(GOOD).unwrap().targets[0].luns[0].removable);
+        let with = |v: &str| {
+            GOOD.replace(
+                "block_size = 4096\n",
+                &format!("block_size = 4096\nremovable = {v}\n"),
+            )
+        };
+        assert!(parse(&with("true")).unwrap().targets[0].luns[0].removable);
+        for bad in ["1", "\"yes\""] {
+            let e = parse(&with(bad)).unwrap_err();
+            assert!(matches!(e, ConfigError::Syntax { .. }), "{bad}: {e}");
+            assert!(e.to_string().contains("removable"), "{bad}: {e}");
+        }
     }
 
     #[test]

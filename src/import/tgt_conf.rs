@@ -51,13 +51,13 @@ const MAPPED_LUN_OPTIONS: &[&str] = &[
     "device-type",
     "bsoflags",
     "allow-in-use",
+    "removable",
 ];
 
 /// Per-LUN tgt options that exist but have no twinsan equivalent: each gets a warning.
 const UNMAPPED_LUN_OPTIONS: &[&str] = &[
     "params",
     "mode_page",
-    "removable",
     "sense_format",
     "online",
     "path",
@@ -67,6 +67,41 @@ const UNMAPPED_LUN_OPTIONS: &[&str] = &[
     "optimal_xfer_len",
     "bsopts",
 ];
+
+/// tgt reads `removable` with atoi(3): leading blanks, a sign, then digits; anything else
+/// counts as 0.
+fn tgt_atoi(v: &str) -> i64 {
+    let t = v.trim_start();
+    let (neg, digits) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let n = digits
+        .bytes()
+        .take_while(u8::is_ascii_digit)
+        .fold(0i64, |n, d| {
+            n.saturating_mul(10).saturating_add(i64::from(d - b'0'))
+        });
+    if neg {
+        -n
+    } else {
+        n
+    }
+}
+
+/// `removable=N` inside a `params` value (tgt's lu_config: comma-separated `key=value`),
+/// and the other items, which have no twinsan equivalent.
+fn params_removable(params: &str) -> (Option<&str>, Vec<&str>) {
+    let mut removable = None;
+    let mut rest = Vec::new();
+    for item in params.split(',').filter(|i| !i.is_empty()) {
+        match item.strip_prefix("removable=") {
+            Some(v) => removable = Some(v),
+            None => rest.push(item),
+        }
+    }
+    (removable, rest)
+}
 
 /// `<name arg>` / `</name>` / `key value` / `key = value`.
 fn split_kv(line: &str) -> (String, String) {
@@ -719,7 +754,44 @@ pub fn targets(
                     at,
                 ));
             }
-            for name in UNMAPPED_LUN_OPTIONS {
+            // `removable N`, or `removable=N` in `params` (tgt: RMB=1 when atoi(N) != 0). A
+            // `removable` line wins over `params`.
+            let (in_params, other_params) = match get("params") {
+                Some((_, v, at)) => {
+                    let (r, rest) = params_removable(&v);
+                    (
+                        r.map(|r| (r.to_string(), at.clone())),
+                        (!rest.is_empty()).then(|| (rest.join(","), at)),
+                    )
+                }
+                None => (None, None),
+            };
+            let removable = get("removable").map(|(_, v, at)| (v, at)).or(in_params);
+            if let Some((v, at)) = removable {
+                if tgt_atoi(&v).to_string() != v.trim() {
+                    warnings.push(Warning::new(
+                        &at,
+                        format!(
+                            "LUN {number} of {}: removable `{v}` is read by tgt as {}",
+                            t.iqn,
+                            tgt_atoi(&v)
+                        ),
+                    ));
+                }
+                if tgt_atoi(&v) != 0 {
+                    e.push(Entry::new("removable", "true".into(), at));
+                }
+            }
+            if let Some((v, at)) = other_params {
+                warnings.push(Warning::new(
+                    &at,
+                    format!(
+                        "LUN {number} of {}: `params {v}` has no twinsan equivalent; ignored",
+                        t.iqn
+                    ),
+                ));
+            }
+            for name in UNMAPPED_LUN_OPTIONS.iter().filter(|&&n| n != "params") {
                 if let Some((_, v, at)) = get(name) {
                     warnings.push(Warning::new(
                         &at,
@@ -845,6 +917,43 @@ mod tests {
             .message
             .contains("LUN 1 of iqn.2001-04.com.example:a is not in the running tgtd")));
         assert!(parse_show("nothing\n", Path::new("s")).is_err());
+    }
+
+    #[test]
+    fn removable_maps_from_the_option_and_from_params() {
+        let conf = |opts: &str| {
+            format!("<target iqn.2001-04.com.example:r>\n    <backing-store /dev/vg/r>\n{opts}    </backing-store>\n</target>\n")
+        };
+        let lun = |opts: &str| {
+            let (r, w) = run(&conf(opts)).unwrap();
+            (r.targets[0].luns[0].clone(), w)
+        };
+        let (l, w) = lun("        removable 1\n");
+        assert_eq!(val(&l, "removable").as_deref(), Some("true"));
+        assert!(w.iter().all(|w| !w.message.contains("removable")), "{w:?}");
+        let (l, _) = lun("        removable 0\n");
+        assert_eq!(val(&l, "removable"), None);
+        // Inside params, with the other items still warned about.
+        let (l, w) = lun("        params removable=1,sense_format=1\n");
+        assert_eq!(val(&l, "removable").as_deref(), Some("true"));
+        assert!(w.iter().any(|w| w
+            .message
+            .contains("`params sense_format=1` has no twinsan equivalent")));
+        let (l, w) = lun("        params removable=1\n");
+        assert_eq!(val(&l, "removable").as_deref(), Some("true"));
+        assert!(w.iter().all(|w| !w.message.contains("params")), "{w:?}");
+        // A `removable` line wins over params; atoi reads `yes` as 0, and says so.
+        let (l, _) = lun("        params removable=1\n        removable 0\n");
+        assert_eq!(val(&l, "removable"), None);
+        let (l, w) = lun("        removable yes\n");
+        assert_eq!(val(&l, "removable"), None);
+        assert!(w.iter().any(|w| w.message.contains("read by tgt as 0")));
+        // At target level too (store options override the target's).
+        let (r, _) = run("<target iqn.2001-04.com.example:r>\n    backing-store /dev/vg/r\n    removable 1\n</target>\n").unwrap();
+        assert_eq!(
+            val(&r.targets[0].luns[0], "removable").as_deref(),
+            Some("true")
+        );
     }
 
     #[test]

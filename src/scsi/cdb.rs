@@ -18,6 +18,7 @@ pub mod opcode {
     pub const RELEASE_6: u8 = 0x17;
     pub const MODE_SENSE_6: u8 = 0x1A;
     pub const START_STOP_UNIT: u8 = 0x1B;
+    pub const PREVENT_ALLOW_MEDIUM_REMOVAL: u8 = 0x1E;
     pub const READ_CAPACITY_10: u8 = 0x25;
     pub const READ_10: u8 = 0x28;
     pub const WRITE_10: u8 = 0x2A;
@@ -219,6 +220,10 @@ pub enum Command {
     ModeSense(ModeSense),
     ModeSelect(ModeSelect),
     StartStopUnit(StartStopUnit),
+    /// PREVENT ALLOW MEDIUM REMOVAL (SBC-3 5.12): PREVENT 01b (true) or 00b (false).
+    PreventAllowMediumRemoval {
+        prevent: bool,
+    },
     ReportLuns {
         select_report: u8,
         alloc_len: u32,
@@ -589,6 +594,12 @@ pub fn parse(cdb: &[u8]) -> Result<Command, Sense> {
             loej: c[4] & 0x02 != 0,
             start: c[4] & 0x01 != 0,
         }),
+        PREVENT_ALLOW_MEDIUM_REMOVAL => match c[4] & 0x03 {
+            0 => Command::PreventAllowMediumRemoval { prevent: false },
+            1 => Command::PreventAllowMediumRemoval { prevent: true },
+            // 10b and 11b are obsolete (SBC-3 5.12, table 43).
+            _ => return Err(bad(4, 1)),
+        },
         REPORT_LUNS => Command::ReportLuns {
             select_report: c[2],
             alloc_len: be32(&c[6..]),

@@ -8,6 +8,7 @@ pub mod alua;
 pub mod cdb;
 pub mod compat;
 pub mod limits;
+pub mod medium;
 pub mod pr;
 pub mod sanitize;
 pub mod sbc;
@@ -140,4 +141,7 @@ pub struct LunSettings {
     pub thin_threshold: Option<thin::ThinThreshold>,
     /// Bytes per second a SANITIZE OVERWRITE writes at most (`sanitize_rate`); 0 = no limit.
     pub sanitize_rate: u64,
+    /// A removable medium (`removable`): RMB in standard INQUIRY, PREVENT ALLOW MEDIUM
+    /// REMOVAL, and START STOP UNIT with LOEJ unloads and loads it (SBC-3 5.12, 5.25).
+    pub removable: bool,
 }

@@ -257,8 +257,10 @@ fn access(cmd: &Command) -> Access {
         | Command::PersistentReserveIn { .. }
         | Command::PersistentReserveOut(_)
         | Command::ReceiveCopyResults { .. } => Access::Allowed,
-        // SBC-3 table 13: START STOP UNIT with START=1 and POWER CONDITION 0 is allowed.
+        // SBC-3 table 13: START STOP UNIT with START=1 and POWER CONDITION 0 is allowed, as
+        // is PREVENT ALLOW MEDIUM REMOVAL with PREVENT 00b.
         Command::StartStopUnit(s) if s.start && s.power_condition == 0 => Access::Allowed,
+        Command::PreventAllowMediumRemoval { prevent: false } => Access::Allowed,
         Command::Read(_)
         | Command::Verify { .. }
         | Command::ModeSense(_)
@@ -277,6 +279,7 @@ fn access(cmd: &Command) -> Access {
         | Command::ModeSelect(_)
         | Command::SynchronizeCache { .. }
         | Command::StartStopUnit(_)
+        | Command::PreventAllowMediumRemoval { .. }
         | Command::ExtendedCopy { .. }
         | Command::Sanitize(_) => Access::Write,
     }

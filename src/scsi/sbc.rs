@@ -242,7 +242,7 @@ pub fn vpd_logical_block_provisioning(thin: bool, threshold_exponent: u8) -> Vec
 }
 
 /// Maps a store failure on the range starting at `lba` to sense data (never a panic).
-fn store_error(e: StoreError, lba: u64, writing: bool) -> Sense {
+pub(crate) fn store_error(e: StoreError, lba: u64, writing: bool) -> Sense {
     match e {
         // SBC-3 4.7.3.6: a thin LUN that cannot allocate space for a write answers DATA
         // PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT, not a medium error: the disk is
@@ -723,6 +723,7 @@ mod tests {
             thin_provisioning: thin,
             thin_threshold: None,
             sanitize_rate: 0,
+            removable: false,
         }
     }
 

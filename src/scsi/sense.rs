@@ -131,6 +131,14 @@ impl Sense {
     pub const fn sanitize_failed() -> Self {
         Self::new(SenseKey::MediumError, 0x31, 0x03)
     }
+    /// NOT READY 3A/00 MEDIUM NOT PRESENT: a removable medium is unloaded (SBC-3 4.2.1).
+    pub const fn medium_not_present() -> Self {
+        Self::new(SenseKey::NotReady, 0x3A, 0x00)
+    }
+    /// ILLEGAL REQUEST 53/02 MEDIUM REMOVAL PREVENTED (SBC-3 5.12, 5.25).
+    pub const fn medium_removal_prevented() -> Self {
+        Self::new(SenseKey::IllegalRequest, 0x53, 0x02)
+    }
     /// DATA PROTECT 27/02 LOGICAL UNIT SOFTWARE WRITE PROTECTED (SWP of the Control mode
     /// page, SPC-4 7.5.8).
     pub const fn software_write_protected() -> Self {

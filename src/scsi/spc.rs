@@ -14,6 +14,8 @@ use super::{LunIdentity, LunSettings};
 const VERSION_DESCRIPTORS: [u16; 4] = [0x00A0, 0x0960, 0x0460, 0x04C0];
 /// iSCSI protocol identifier (SPC-4 7.6.1, table 362).
 const PROTOCOL_ISCSI: u8 = 0x5;
+/// RMB: the medium is removable (SPC-4 6.4.2, byte 1 bit 7).
+const RMB: u8 = 0x80;
 /// Peripheral qualifier 011b, device type 1Fh: no logical unit at this LUN (SPC-4 6.4.2).
 const NO_LOGICAL_UNIT: u8 = 0x7F;
 
@@ -78,15 +80,26 @@ fn standard_inquiry_with(byte0: u8, identity: &LunIdentity) -> Vec<u8> {
 }
 
 /// Standard INQUIRY data (SPC-4 6.4.2), 96 bytes: direct-access block device, SPC-4,
-/// HISUP, command queuing, not removable, no protection information; implicit ALUA
-/// (TPGS=01b) with a port group, else none (TPGS=0).
-pub fn standard_inquiry(identity: &LunIdentity) -> Vec<u8> {
-    if let Some(compat) = &identity.compat {
-        return compat.standard_inquiry(&identity.vendor, &identity.product, &identity.revision);
-    }
-    let mut d = standard_inquiry_with(0x00, identity);
-    if identity.port_group.is_some() {
-        d[5] = super::alua::TPGS_IMPLICIT;
+/// HISUP, command queuing, no protection information; implicit ALUA (TPGS=01b) with a port
+/// group, else none (TPGS=0). RMB (byte 1 bit 7) set for a removable medium, in the tgt and
+/// IET layouts too (tgt sets it for `removable 1`).
+pub fn standard_inquiry(identity: &LunIdentity, removable: bool) -> Vec<u8> {
+    let mut d = match &identity.compat {
+        Some(compat) => {
+            compat.standard_inquiry(&identity.vendor, &identity.product, &identity.revision)
+        }
+        None => {
+            let mut d = standard_inquiry_with(0x00, identity);
+            if identity.port_group.is_some() {
+                d[5] = super::alua::TPGS_IMPLICIT;
+            }
+            d
+        }
+    };
+    if removable {
+        if let Some(b) = d.get_mut(1) {
+            *b |= RMB;
+        }
     }
     d
 }
@@ -458,11 +471,15 @@ pub fn report_luns(
     Ok(d)
 }
 
-/// START STOP UNIT (SBC-3 5.25). The medium is not removable, so LOEJ with POWER CONDITION 0
-/// is refused; START and power conditions are accepted and have nothing to do (a virtual
-/// logical unit is always ready). IMMED changes nothing since the command completes at once.
-pub fn start_stop_unit(ssu: &StartStopUnit) -> Result<(), Sense> {
+/// START STOP UNIT (SBC-3 5.25), the checks. Not removable: LOEJ with POWER CONDITION 0 is
+/// refused; START and power conditions are accepted and have nothing to do (a virtual
+/// logical unit is always ready). Removable: LOEJ with POWER CONDITION 0 moves the medium
+/// (the target's part); any other POWER CONDITION makes the device server ignore START and
+/// LOEJ (5.25), reserved values included, as tgt does and libiscsi's StartStopUnit.PwrCnd
+/// expects of a removable unit. IMMED changes nothing since the command completes at once.
+pub fn start_stop_unit(ssu: &StartStopUnit, removable: bool) -> Result<(), Sense> {
     match ssu.power_condition {
+        _ if removable => Ok(()),
         0x0 if ssu.loej => Err(Sense::invalid_field_in_cdb(4, Some(1))),
         // START_VALID, ACTIVE, IDLE, STANDBY, LU_CONTROL, FORCE_IDLE_0, FORCE_STANDBY_0.
         0x0 | 0x1 | 0x2 | 0x3 | 0x7 | 0xA | 0xB => Ok(()),
@@ -488,8 +505,9 @@ fn usage(opcode: u8, service_action: Option<u16>, usage: &[u8]) -> CommandUsage 
     }
 }
 
-/// Commands implemented, with the CDB bits each one looks at.
-fn supported_commands(thin: bool, alua: bool) -> Vec<CommandUsage> {
+/// Commands implemented, with the CDB bits each one looks at; PREVENT ALLOW MEDIUM REMOVAL
+/// on a removable unit only.
+fn supported_commands(thin: bool, alua: bool, removable: bool) -> Vec<CommandUsage> {
     use opcode::*;
     const FF: u8 = 0xFF;
     let rw10 = |op, b1| usage(op, None, &[0, b1, FF, FF, FF, FF, 0x1F, FF, FF, 0]);
@@ -638,6 +656,13 @@ fn supported_commands(thin: bool, alua: bool) -> Vec<CommandUsage> {
             ));
         }
     }
+    if removable {
+        v.push(usage(
+            PREVENT_ALLOW_MEDIUM_REMOVAL,
+            None,
+            &[0, 0, 0, 0, 0x03, 0],
+        ));
+    }
     if alua {
         v.push(usage(
             MAINTENANCE_IN,
@@ -653,13 +678,14 @@ fn supported_commands(thin: bool, alua: bool) -> Vec<CommandUsage> {
 const TIMEOUTS_DESCRIPTOR: [u8; 12] = [0, 0x0A, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
 /// REPORT SUPPORTED OPERATION CODES parameter data (SPC-4 6.35); `alua`: REPORT TARGET
-/// PORT GROUPS is listed.
+/// PORT GROUPS is listed; `removable`: PREVENT ALLOW MEDIUM REMOVAL is.
 pub fn report_supported_opcodes(
     req: &ReportOpcodes,
     thin: bool,
     alua: bool,
+    removable: bool,
 ) -> Result<Vec<u8>, Sense> {
-    let commands = supported_commands(thin, alua);
+    let commands = supported_commands(thin, alua, removable);
     let mut d = Vec::new();
     if req.options == 0 {
         for c in &commands {
@@ -740,6 +766,7 @@ mod tests {
             thin_provisioning: true,
             thin_threshold: None,
             sanitize_rate: 0,
+            removable: false,
         }
     }
 
@@ -761,7 +788,7 @@ mod tests {
 
     #[test]
     fn standard_inquiry_layout() {
-        let d = standard_inquiry(&identity());
+        let d = standard_inquiry(&identity(), false);
         assert_eq!(d.len(), 96);
         assert_eq!(d[0], 0);
         assert_eq!(d[2], 6);
@@ -782,7 +809,7 @@ mod tests {
     fn inquiry_text_fields_are_printable_ascii() {
         let mut id = identity();
         id.vendor = "ä\u{1}".into();
-        let d = standard_inquiry(&id);
+        let d = standard_inquiry(&id, false);
         assert!(d[8..36].iter().all(|&b| (0x20..=0x7E).contains(&b)));
     }
 
@@ -1088,17 +1115,36 @@ mod tests {
             loej,
             start,
         };
-        assert!(start_stop_unit(&ssu(0, false, false)).is_ok());
-        assert!(start_stop_unit(&ssu(0, false, true)).is_ok());
-        assert_eq!(start_stop_unit(&ssu(0, true, false)).unwrap_err().asc, 0x24);
-        assert!(start_stop_unit(&ssu(3, true, false)).is_ok());
-        assert!(start_stop_unit(&ssu(4, false, false)).is_err());
+        assert!(start_stop_unit(&ssu(0, false, false), false).is_ok());
+        assert!(start_stop_unit(&ssu(0, false, true), false).is_ok());
+        assert_eq!(
+            start_stop_unit(&ssu(0, true, false), false)
+                .unwrap_err()
+                .asc,
+            0x24
+        );
+        assert!(start_stop_unit(&ssu(3, true, false), false).is_ok());
+        assert!(start_stop_unit(&ssu(4, false, false), false).is_err());
+    }
+
+    #[test]
+    fn rmb_only_when_removable() {
+        assert_eq!(standard_inquiry(&identity(), false)[1], 0x00);
+        assert_eq!(standard_inquiry(&identity(), true)[1], 0x80);
+        let mut id = identity();
+        id.compat = Some(crate::scsi::compat::CompatIdentity::Tgt {
+            scsi_id: crate::scsi::compat::tgt_default_scsi_id(1, 1),
+            scsi_sn: crate::scsi::compat::tgt_default_scsi_sn(1, 1),
+            numeric_id: (1 << 32) | 1,
+        });
+        assert_eq!(standard_inquiry(&id, false)[1] & 0x80, 0x00);
+        assert_eq!(standard_inquiry(&id, true)[1] & 0x80, 0x80);
     }
 
     #[test]
     fn supported_opcodes_match_the_decoder() {
         for thin in [false, true] {
-            for c in supported_commands(thin, thin) {
+            for c in supported_commands(thin, thin, thin) {
                 // A CDB made of the opcode (and service action) alone must decode, or fail
                 // only on a field, never as an unsupported opcode.
                 let mut cdb = vec![0u8; 16];
@@ -1123,12 +1169,12 @@ mod tests {
             service_action: 0,
             alloc_len: 65535,
         };
-        let d = report_supported_opcodes(&all, true, false).unwrap();
-        let n = supported_commands(true, false).len();
+        let d = report_supported_opcodes(&all, true, false, false).unwrap();
+        let n = supported_commands(true, false, false).len();
         assert_eq!(d.len(), 4 + 8 * n);
         assert_eq!(&d[..4], &((8 * n) as u32).to_be_bytes());
-        let d =
-            report_supported_opcodes(&ReportOpcodes { rctd: true, ..all }, true, false).unwrap();
+        let d = report_supported_opcodes(&ReportOpcodes { rctd: true, ..all }, true, false, false)
+            .unwrap();
         assert_eq!(d.len(), 4 + 20 * n);
         assert_eq!(d[4 + 5] & 0x02, 0x02);
 
@@ -1137,11 +1183,11 @@ mod tests {
             opcode: opcode::READ_10,
             ..all
         };
-        let d = report_supported_opcodes(&one, true, false).unwrap();
+        let d = report_supported_opcodes(&one, true, false, false).unwrap();
         assert_eq!(&d[..4], &[0, 3, 0, 10]);
         assert_eq!(d[4], opcode::READ_10);
         assert_eq!(d[5] & 0x18, 0x18);
-        let e = report_supported_opcodes(&ReportOpcodes { options: 2, ..one }, true, false)
+        let e = report_supported_opcodes(&ReportOpcodes { options: 2, ..one }, true, false, false)
             .unwrap_err();
         assert_eq!(e.asc, 0x24);
         let rc16 = ReportOpcodes {
@@ -1150,14 +1196,18 @@ mod tests {
             service_action: 0x10,
             ..all
         };
-        let d = report_supported_opcodes(&rc16, true, false).unwrap();
+        let d = report_supported_opcodes(&rc16, true, false, false).unwrap();
         assert_eq!((d[1], d[4], d[5]), (3, 0x9E, 0x10));
-        assert!(
-            report_supported_opcodes(&ReportOpcodes { options: 1, ..rc16 }, true, false).is_err()
-        );
+        assert!(report_supported_opcodes(
+            &ReportOpcodes { options: 1, ..rc16 },
+            true,
+            false,
+            false
+        )
+        .is_err());
         let either = ReportOpcodes { options: 3, ..rc16 };
         assert_eq!(
-            report_supported_opcodes(&either, true, false).unwrap()[5],
+            report_supported_opcodes(&either, true, false, false).unwrap()[5],
             0x10
         );
         let either = ReportOpcodes {
@@ -1166,7 +1216,7 @@ mod tests {
             ..all
         };
         assert_eq!(
-            report_supported_opcodes(&either, true, false).unwrap()[4],
+            report_supported_opcodes(&either, true, false, false).unwrap()[4],
             0x93
         );
         let unknown = ReportOpcodes {
@@ -1175,7 +1225,7 @@ mod tests {
             ..all
         };
         assert_eq!(
-            report_supported_opcodes(&unknown, true, false).unwrap(),
+            report_supported_opcodes(&unknown, true, false, false).unwrap(),
             vec![0, 1, 0, 0]
         );
         let unmap = ReportOpcodes {
@@ -1184,7 +1234,7 @@ mod tests {
             ..all
         };
         assert_eq!(
-            report_supported_opcodes(&unmap, false, false).unwrap()[1],
+            report_supported_opcodes(&unmap, false, false, false).unwrap()[1],
             1
         );
         assert!(matches!(

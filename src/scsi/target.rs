@@ -26,7 +26,8 @@
 //!   overflow, residual len − EDTL; len < EDTL → underflow, residual EDTL − len.
 
 use super::alua;
-use super::cdb::{self, opcode, Command};
+use super::cdb::{self, opcode, Command, StartStopUnit};
+use super::medium::{self, Movement};
 use super::pr::{Effects, InitiatorPort, PrError, PrOut};
 use super::sanitize::{self, Operation, Pacer};
 use super::sbc;
@@ -243,6 +244,10 @@ impl ScsiTarget {
             for unit in self.luns.values() {
                 unit.reservations().nexus_lost(&port);
             }
+        }
+        // SBC-3 5.12: the I_T nexus loss ends its preventions of medium removal.
+        for unit in self.luns.values() {
+            unit.medium.nexus_lost(nexus);
         }
     }
 
@@ -503,10 +508,19 @@ impl ScsiTarget {
             }
         }
         let cmd = cdb::parse(cdb)?;
+        // PREVENT ALLOW MEDIUM REMOVAL is offered by a removable unit only; without a medium
+        // to remove the command is not supported (RMB=0, as before it was implemented).
+        if matches!(cmd, Command::PreventAllowMediumRemoval { .. }) && !unit.settings.removable {
+            return Err(Sense::invalid_opcode());
+        }
         // Before anything touches the store: a standby port never runs a media access.
         alua::admit(own_state, &cmd)?;
         // A SANITIZE running (04/1B) or failed (31/03) on the unit (SBC-4 4.11).
         unit.sanitize.admit(&cmd)?;
+        // An unloaded medium: NOT READY, MEDIUM NOT PRESENT (SBC-3 4.2.1).
+        if unit.settings.removable {
+            unit.medium.admit(&cmd)?;
+        }
         sbc::check(&unit.settings, &unit.limits, unit.num_blocks(), &cmd, cdb)?;
         if cmd.writes_medium() && unit.software_write_protected() {
             return Err(Sense::software_write_protected());
@@ -600,6 +614,20 @@ impl ScsiTarget {
             if let Err(sense) = unit.sanitize.admit(&cmd) {
                 return ScsiResponse::check(sense);
             }
+        }
+        // A command that needs the medium holds it while it runs (an unload waits for it),
+        // and checks again that it is there: it may have been unloaded since planned.
+        let _medium_held = match unit_ref {
+            Some(unit) if unit.settings.removable && medium::needs_medium(&cmd) => {
+                let held = unit.medium_gate.read().await;
+                if let Err(sense) = unit.medium.admit(&cmd) {
+                    return ScsiResponse::check(sense);
+                }
+                Some(held)
+            }
+            _ => None,
+        };
+        if let Some(unit) = unit_ref {
             let unmaps = matches!(cmd, Command::Unmap { .. })
                 || matches!(cmd, Command::WriteSame(ws) if ws.unmap);
             if cmd.writes_medium() && !unmaps {
@@ -683,10 +711,16 @@ impl ScsiTarget {
             Command::RequestSense { .. } => Ok(unit
                 .take_unit_attention(req.nexus)
                 .or_else(|| unit.sanitize.request_sense())
+                .or_else(|| {
+                    settings
+                        .removable
+                        .then(|| unit.medium.request_sense())
+                        .flatten()
+                })
                 .unwrap_or(Sense::no_sense())
                 .to_fixed_bytes()),
             Command::Inquiry { evpd: false, .. } => {
-                Ok(spc::standard_inquiry(&settings.identity).into())
+                Ok(spc::standard_inquiry(&settings.identity, settings.removable).into())
             }
             Command::Inquiry { page, .. } => {
                 spc::inquiry_vpd(*page, settings, &unit.limits, unit.num_blocks()).map(Bytes::from)
@@ -725,17 +759,80 @@ impl ScsiTarget {
                 Ok(Bytes::new())
             }
             Command::StartStopUnit(ssu) => {
-                spc::start_stop_unit(ssu)?;
+                self.start_stop_unit(unit, ssu, req.nexus).await?;
                 Ok(Bytes::new())
             }
-            Command::ReportSupportedOpcodes(r) => {
-                spc::report_supported_opcodes(r, settings.thin_provisioning, unit.alua().is_some())
-                    .map(Bytes::from)
+            Command::PreventAllowMediumRemoval { prevent } => {
+                unit.medium.prevent(req.nexus, *prevent);
+                debug!(
+                    lun = unit.lun(),
+                    nexus = req.nexus,
+                    prevent,
+                    "PREVENT ALLOW MEDIUM REMOVAL"
+                );
+                Ok(Bytes::new())
             }
+            Command::ReportSupportedOpcodes(r) => spc::report_supported_opcodes(
+                r,
+                settings.thin_provisioning,
+                unit.alua().is_some(),
+                settings.removable,
+            )
+            .map(Bytes::from),
             Command::ReportTargetPortGroups { .. } => {
                 alua::rtpg_data(unit.alua(), cmd).map(Bytes::from)
             }
             _ => sbc::execute(unit, cmd, req.data_out.clone(), req.expected_len).await,
+        }
+    }
+
+    /// START STOP UNIT (SBC-3 5.25). A removable unit moves its medium: a load raises NOT
+    /// READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED for every other I_T nexus (the loading
+    /// one knows; libiscsi's StartStopUnit.Simple expects TEST UNIT READY GOOD from it); an
+    /// unload is MEDIUM REMOVAL PREVENTED while a prevention holds.
+    async fn start_stop_unit(
+        &self,
+        unit: &LogicalUnit,
+        ssu: &StartStopUnit,
+        nexus: NexusId,
+    ) -> Result<(), Sense> {
+        spc::start_stop_unit(ssu, unit.settings.removable)?;
+        if !unit.settings.removable {
+            return Ok(());
+        }
+        match Movement::of(ssu) {
+            Movement::Stay => Ok(()),
+            Movement::Load => {
+                if unit.medium.apply(Movement::Load)? {
+                    info!(lun = unit.lun(), nexus, "medium loaded");
+                    let nexuses = self.nexuses.read().unwrap_or_else(|p| p.into_inner());
+                    unit.establish_unit_attention(
+                        nexuses.iter().filter(|&&n| n != nexus),
+                        medium::UA_MEDIUM_MAY_HAVE_CHANGED,
+                    );
+                }
+                Ok(())
+            }
+            Movement::Unload => {
+                if unit.medium.prevented() {
+                    return Err(Sense::medium_removal_prevented());
+                }
+                // SBC-3 5.25: the unload waits for the commands using the medium (the gate
+                // held exclusively), so no read or write is cut off; later ones find it gone.
+                let _all = unit.medium_gate.write().await;
+                unit.sanitize.admit(&Command::StartStopUnit(*ssu))?;
+                // NO_FLUSH clear: cached blocks reach the medium before it goes (SBC-3 5.25).
+                if !ssu.no_flush && unit.medium.present() {
+                    unit.store
+                        .flush()
+                        .await
+                        .map_err(|e| sbc::store_error(e, 0, true))?;
+                }
+                if unit.medium.apply(Movement::Unload)? {
+                    info!(lun = unit.lun(), nexus, "medium unloaded");
+                }
+                Ok(())
+            }
         }
     }
 
@@ -907,6 +1004,8 @@ impl ScsiTarget {
                 || dst.software_write_protected()
                 || src.sanitize.admit(&read_probe).is_err()
                 || dst.sanitize.admit(&write_probe).is_err()
+                || (src.settings.removable && src.medium.admit(&read_probe).is_err())
+                || (dst.settings.removable && dst.medium.admit(&write_probe).is_err())
                 || conflict(src, &read_probe)
                 || conflict(dst, &write_probe)
             {
@@ -1029,6 +1128,8 @@ impl ScsiTarget {
         self.establish_unit_attention(&[unit], UA_LOGICAL_UNIT_RESET);
         // SPC-2 reservations do not survive a reset (SPC-2 5.5.1); persistent ones do.
         unit.reservations().spc2_holder = None;
+        // Nor do preventions of medium removal (SBC-3 5.12).
+        unit.medium.reset();
         true
     }
 
@@ -1041,6 +1142,7 @@ impl ScsiTarget {
         self.establish_unit_attention(&units, UA_RESET);
         for unit in &units {
             unit.reservations().spc2_holder = None;
+            unit.medium.reset();
         }
     }
 
@@ -1061,6 +1163,7 @@ impl ScsiTarget {
             .remove(&nexus);
         for unit in self.luns.values() {
             unit.forget_nexus(nexus);
+            unit.medium.nexus_lost(nexus);
         }
         self.copy_results
             .lock()
@@ -1204,6 +1307,7 @@ mod tests {
             thin_provisioning: thin,
             thin_threshold: None,
             sanitize_rate: 0,
+            removable: false,
         }
     }
 
@@ -2195,7 +2299,7 @@ mod tests {
         assert_eq!(r.data_in[5], 0, "TPGS=0");
         assert_eq!(
             r.data_in[..],
-            spc::standard_inquiry(&identity())[..],
+            spc::standard_inquiry(&identity(), false)[..],
             "byte for byte what it was"
         );
         let r = run(&t, 1, &rtpg_cdb(), &[]).await;
@@ -2616,6 +2720,254 @@ mod tests {
         assert_eq!(run(&t, 2, &TUR, &[]).await.status, Status::Good);
     }
 
+    fn removable_target() -> (ScsiTarget, Arc<MemStore>) {
+        let store = Arc::new(MemStore::new((BLOCKS * u64::from(BS)) as usize));
+        let t = ScsiTarget::new(vec![(
+            0,
+            LunSettings {
+                removable: true,
+                ..settings(false, true)
+            },
+            store.clone() as Arc<dyn BlockStore>,
+        )]);
+        (t, store)
+    }
+
+    const PREVENT: [u8; 6] = [opcode::PREVENT_ALLOW_MEDIUM_REMOVAL, 0, 0, 0, 1, 0];
+    const ALLOW: [u8; 6] = [opcode::PREVENT_ALLOW_MEDIUM_REMOVAL, 0, 0, 0, 0, 0];
+    const EJECT: [u8; 6] = [opcode::START_STOP_UNIT, 0, 0, 0, 0x02, 0];
+    const LOAD: [u8; 6] = [opcode::START_STOP_UNIT, 0, 0, 0, 0x03, 0];
+    const NOT_PRESENT: (u8, u8, u8) = (0x2, 0x3A, 0x00);
+    const PREVENTED: (u8, u8, u8) = (0x5, 0x53, 0x02);
+
+    #[tokio::test]
+    async fn removable_medium_prevent_eject_and_load() {
+        let (t, _) = removable_target();
+        for nexus in [1, 2] {
+            assert_eq!(run(&t, nexus, &TUR, &[]).await.status, Status::Good);
+        }
+        let inq = run(&t, 1, &[opcode::INQUIRY, 0, 0, 0, 96, 0], &[]).await;
+        assert_eq!(inq.data_in[1] & 0x80, 0x80, "RMB");
+        // A prevention from nexus 1 holds against both nexuses until nexus 1 allows.
+        assert_eq!(run(&t, 1, &PREVENT, &[]).await.status, Status::Good);
+        assert_eq!(sense_of(&run(&t, 2, &EJECT, &[]).await), PREVENTED);
+        assert_eq!(sense_of(&run(&t, 1, &EJECT, &[]).await), PREVENTED);
+        assert_eq!(run(&t, 2, &ALLOW, &[]).await.status, Status::Good);
+        assert_eq!(sense_of(&run(&t, 2, &EJECT, &[]).await), PREVENTED);
+        assert_eq!(run(&t, 1, &TUR, &[]).await.status, Status::Good);
+        assert_eq!(run(&t, 1, &ALLOW, &[]).await.status, Status::Good);
+        // Obsolete PREVENT values are refused.
+        let mut bad = PREVENT;
+        bad[4] = 2;
+        assert_eq!(sense_of(&run(&t, 1, &bad, &[]).await), (0x5, 0x24, 0x00));
+        assert_eq!(run(&t, 2, &EJECT, &[]).await.status, Status::Good);
+        // Unloaded: medium access is NOT READY, MEDIUM NOT PRESENT, before any data.
+        let data = vec![7u8; BS as usize];
+        for (cdb, out) in [
+            (TUR.to_vec(), vec![]),
+            (cdb10(opcode::READ_10, 0, 0, 1).to_vec(), vec![]),
+            (cdb10(opcode::WRITE_10, 0, 0, 1).to_vec(), data.clone()),
+            (
+                cdb16(opcode::WRITE_SAME_16, 0x08, 0, 1).to_vec(),
+                data.clone(),
+            ),
+            (
+                cdb10(opcode::SYNCHRONIZE_CACHE_10, 0, 0, 0).to_vec(),
+                vec![],
+            ),
+            (cdb10(opcode::VERIFY_10, 0, 0, 1).to_vec(), vec![]),
+            (cdb10(opcode::UNMAP, 0, 0, 24).to_vec(), vec![0; 24]),
+            (cdb10(opcode::READ_CAPACITY_10, 0, 0, 0).to_vec(), vec![]),
+            (
+                cdb16(opcode::SERVICE_ACTION_IN_16, 0x10, 0, 32).to_vec(),
+                vec![],
+            ),
+            (
+                cdb16(opcode::SERVICE_ACTION_IN_16, 0x12, 0, 32).to_vec(),
+                vec![],
+            ),
+            (sanitize_cdb(0x02, 0).to_vec(), vec![]),
+        ] {
+            assert_eq!(
+                sense_of(&run(&t, 1, &cdb, &out).await),
+                NOT_PRESENT,
+                "{cdb:02x?}"
+            );
+            let plan = t.plan(raw(0), &cdb, 1);
+            assert!(matches!(plan, DataOutPlan::Fail(_)), "{cdb:02x?}");
+        }
+        // What works without a medium.
+        for cdb in [
+            vec![opcode::INQUIRY, 0, 0, 0, 96, 0],
+            vec![opcode::MODE_SENSE_6, 0x08, 0x3F, 0, 255, 0],
+            vec![opcode::REPORT_LUNS, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0],
+            PREVENT.to_vec(),
+            ALLOW.to_vec(),
+            EJECT.to_vec(),
+        ] {
+            assert_eq!(
+                run(&t, 1, &cdb, &[]).await.status,
+                Status::Good,
+                "{cdb:02x?}"
+            );
+        }
+        let rs = run(&t, 1, &[opcode::REQUEST_SENSE, 0, 0, 0, 18, 0], &[]).await;
+        assert_eq!((rs.data_in[2], rs.data_in[12]), (0x02, 0x3A));
+        // Loading while prevented is refused; once allowed it loads, and the other nexus
+        // learns of it by NOT READY TO READY CHANGE, the loading one does not.
+        assert_eq!(run(&t, 2, &PREVENT, &[]).await.status, Status::Good);
+        assert_eq!(sense_of(&run(&t, 1, &LOAD, &[]).await), PREVENTED);
+        assert_eq!(run(&t, 2, &ALLOW, &[]).await.status, Status::Good);
+        assert_eq!(run(&t, 1, &LOAD, &[]).await.status, Status::Good);
+        assert_eq!(run(&t, 1, &TUR, &[]).await.status, Status::Good);
+        assert_eq!(sense_of(&run(&t, 2, &TUR, &[]).await), (0x6, 0x28, 0x00));
+        assert_eq!(run(&t, 2, &TUR, &[]).await.status, Status::Good);
+        // Loading a loaded medium is no change: no unit attention.
+        assert_eq!(run(&t, 2, &LOAD, &[]).await.status, Status::Good);
+        assert_eq!(run(&t, 1, &TUR, &[]).await.status, Status::Good);
+        // A POWER CONDITION other than 0 ignores LOEJ (SBC-3 5.25).
+        for pc in 1..16u8 {
+            let cdb = [opcode::START_STOP_UNIT, 1, 0, 0, (pc << 4) | 0x02, 0];
+            assert_eq!(run(&t, 1, &cdb, &[]).await.status, Status::Good);
+            assert_eq!(run(&t, 1, &TUR, &[]).await.status, Status::Good);
+        }
+        // REPORT SUPPORTED OPERATION CODES lists PREVENT ALLOW MEDIUM REMOVAL.
+        let rsoc = [
+            opcode::MAINTENANCE_IN,
+            0x0C,
+            0x01,
+            opcode::PREVENT_ALLOW_MEDIUM_REMOVAL,
+            0,
+            0,
+            0,
+            0,
+            0,
+            64,
+            0,
+            0,
+        ];
+        let r = run(&t, 1, &rsoc, &[]).await;
+        assert_eq!(&r.data_in[..], &[0, 0x03, 0, 6, 0x1E, 0, 0, 0, 0x03, 0]);
+    }
+
+    #[tokio::test]
+    async fn preventions_end_with_the_nexus_and_with_resets() {
+        let (t, _) = removable_target();
+        // I_T nexus loss (session closed).
+        assert_eq!(run(&t, 1, &PREVENT, &[]).await.status, Status::Good);
+        assert_eq!(sense_of(&run(&t, 2, &EJECT, &[]).await), PREVENTED);
+        t.nexus_closed(1);
+        assert_eq!(run(&t, 2, &EJECT, &[]).await.status, Status::Good);
+        assert_eq!(run(&t, 2, &LOAD, &[]).await.status, Status::Good);
+        assert_eq!(sense_of(&run(&t, 1, &TUR, &[]).await), (0x6, 0x28, 0x00));
+        // Logical unit reset.
+        assert_eq!(run(&t, 1, &PREVENT, &[]).await.status, Status::Good);
+        assert_eq!(run(&t, 2, &PREVENT, &[]).await.status, Status::Good);
+        assert!(t.logical_unit_reset(raw(0), 1));
+        for nexus in [1, 2] {
+            assert_eq!(
+                sense_of(&run(&t, nexus, &TUR, &[]).await),
+                (0x6, 0x29, 0x03)
+            );
+        }
+        assert_eq!(run(&t, 2, &EJECT, &[]).await.status, Status::Good);
+        assert_eq!(sense_of(&run(&t, 1, &TUR, &[]).await), NOT_PRESENT);
+        assert_eq!(run(&t, 2, &LOAD, &[]).await.status, Status::Good);
+        assert_eq!(sense_of(&run(&t, 1, &TUR, &[]).await), (0x6, 0x28, 0x00));
+        // Target (hard) reset.
+        assert_eq!(run(&t, 1, &PREVENT, &[]).await.status, Status::Good);
+        t.target_reset(1);
+        for nexus in [1, 2] {
+            assert_eq!(
+                sense_of(&run(&t, nexus, &TUR, &[]).await),
+                (0x6, 0x29, 0x00)
+            );
+        }
+        assert_eq!(run(&t, 1, &EJECT, &[]).await.status, Status::Good);
+        // nexus_lost (reinstatement) too; the medium stays unloaded through it all.
+        assert_eq!(run(&t, 3, &PREVENT, &[]).await.status, Status::Good);
+        assert_eq!(sense_of(&run(&t, 1, &LOAD, &[]).await), PREVENTED);
+        t.nexus_lost(3);
+        assert_eq!(sense_of(&run(&t, 1, &TUR, &[]).await), NOT_PRESENT);
+        assert_eq!(run(&t, 1, &LOAD, &[]).await.status, Status::Good);
+        assert_eq!(run(&t, 1, &TUR, &[]).await.status, Status::Good);
+    }
+
+    /// SBC-3 5.25: an unload waits for the reads and writes using the medium; a write
+    /// planned before the unload and run after it finds the medium gone and writes nothing.
+    #[tokio::test]
+    async fn an_unload_waits_for_medium_access_in_progress() {
+        let (t, store) = removable_target();
+        let t = Arc::new(t);
+        let unit = t.logical_unit(0).unwrap().clone();
+        let using = unit.medium_gate.read().await;
+        let eject = {
+            let t = t.clone();
+            tokio::spawn(async move { run(&t, 1, &EJECT, &[]).await })
+        };
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !eject.is_finished(),
+            "unloaded under a command using the medium"
+        );
+        assert!(unit.medium.present());
+        let cdb = cdb10(opcode::WRITE_10, 0, 0, 1);
+        let DataOutPlan::Gather(_, planned) = t.plan(raw(0), &cdb, 2) else {
+            panic!("the write is planned while the medium is there");
+        };
+        drop(using);
+        assert_eq!(eject.await.unwrap().status, Status::Good);
+        let req = ScsiRequest {
+            cdb: Bytes::copy_from_slice(&cdb),
+            data_out: Bytes::from(vec![9u8; BS as usize]),
+            expected_len: BS,
+            nexus: 2,
+        };
+        assert_eq!(sense_of(&t.execute(planned, req).await), NOT_PRESENT);
+        assert!(store.snapshot()[..BS as usize].iter().all(|&b| b == 0));
+    }
+
+    #[tokio::test]
+    async fn a_fixed_medium_is_unchanged() {
+        let (t, _) = target_with(false, true);
+        let inq = run(&t, 1, &[opcode::INQUIRY, 0, 0, 0, 96, 0], &[]).await;
+        assert_eq!(inq.data_in[1], 0, "RMB clear");
+        assert_eq!(
+            sense_of(&run(&t, 1, &PREVENT, &[]).await),
+            (0x5, 0x20, 0x00)
+        );
+        assert_eq!(sense_of(&run(&t, 1, &ALLOW, &[]).await), (0x5, 0x20, 0x00));
+        assert_eq!(sense_of(&run(&t, 1, &EJECT, &[]).await), (0x5, 0x24, 0x00));
+        assert_eq!(sense_of(&run(&t, 1, &LOAD, &[]).await), (0x5, 0x24, 0x00));
+        let reserved_pc = [opcode::START_STOP_UNIT, 0, 0, 0, 0x40, 0];
+        assert_eq!(
+            sense_of(&run(&t, 1, &reserved_pc, &[]).await),
+            (0x5, 0x24, 0x00)
+        );
+        t.nexus_closed(1);
+        t.target_reset(1);
+        assert_eq!(sense_of(&run(&t, 1, &TUR, &[]).await), (0x6, 0x29, 0x00));
+        assert_eq!(run(&t, 1, &TUR, &[]).await.status, Status::Good);
+        let rsoc = [
+            opcode::MAINTENANCE_IN,
+            0x0C,
+            0x01,
+            opcode::PREVENT_ALLOW_MEDIUM_REMOVAL,
+            0,
+            0,
+            0,
+            0,
+            0,
+            64,
+            0,
+            0,
+        ];
+        let r = run(&t, 1, &rsoc, &[]).await;
+        assert_eq!(&r.data_in[..], &[0, 0x01, 0, 0], "not supported");
+    }
+
     /// The current Control mode page with SWP as given (MODE SELECT's page).
     fn run_sync_control_page(swp: bool) -> Vec<u8> {
         let mut p = vec![0u8; 12];
@@ -2665,6 +3017,7 @@ mod xcopy_tests {
             thin_provisioning: false,
             thin_threshold: None,
             sanitize_rate: 0,
+            removable: false,
         }
     }
 

@@ -3,6 +3,7 @@
 
 use super::alua::Alua;
 use super::limits::BlockLimits;
+use super::medium::MediumState;
 use super::pr::PrState;
 use super::sanitize::SanitizeState;
 use super::sense::Sense;
@@ -53,6 +54,13 @@ pub struct LogicalUnit {
     /// Every block is deallocated: a SANITIZE BLOCK ERASE succeeded and nothing has written
     /// since (GET LBA STATUS reports the range deallocated; otherwise "mapped or unknown").
     deallocated: AtomicBool,
+    /// A removable unit's medium: loaded or not, and the preventions of its removal (SBC-3
+    /// 5.12). In memory only: a restart (or the peer after a failover) starts loaded, with
+    /// none.
+    pub(crate) medium: MediumState,
+    /// On a removable unit, the commands that need the medium hold it shared while they
+    /// run; an unload takes it exclusively, so it waits for them (see `start_stop_unit`).
+    pub(crate) medium_gate: tokio::sync::RwLock<()>,
 }
 
 /// Future of [`PrReplicator::replicate`].
@@ -97,6 +105,8 @@ impl LogicalUnit {
             sanitize: SanitizeState::default(),
             swp: AtomicBool::new(false),
             deallocated: AtomicBool::new(false),
+            medium: MediumState::default(),
+            medium_gate: tokio::sync::RwLock::new(()),
         }
     }
 
