@@ -2737,6 +2737,21 @@ mod tests {
     const ALLOW: [u8; 6] = [opcode::PREVENT_ALLOW_MEDIUM_REMOVAL, 0, 0, 0, 0, 0];
     const EJECT: [u8; 6] = [opcode::START_STOP_UNIT, 0, 0, 0, 0x02, 0];
     const LOAD: [u8; 6] = [opcode::START_STOP_UNIT, 0, 0, 0, 0x03, 0];
+    /// REPORT SUPPORTED OPERATION CODES, one command: PREVENT ALLOW MEDIUM REMOVAL.
+    const RSOC_PREVENT_ALLOW: [u8; 12] = [
+        opcode::MAINTENANCE_IN,
+        0x0C,
+        0x01,
+        opcode::PREVENT_ALLOW_MEDIUM_REMOVAL,
+        0,
+        0,
+        0,
+        0,
+        0,
+        64,
+        0,
+        0,
+    ];
     const NOT_PRESENT: (u8, u8, u8) = (0x2, 0x3A, 0x00);
     const PREVENTED: (u8, u8, u8) = (0x5, 0x53, 0x02);
 
@@ -2832,21 +2847,7 @@ mod tests {
             assert_eq!(run(&t, 1, &TUR, &[]).await.status, Status::Good);
         }
         // REPORT SUPPORTED OPERATION CODES lists PREVENT ALLOW MEDIUM REMOVAL.
-        let rsoc = [
-            opcode::MAINTENANCE_IN,
-            0x0C,
-            0x01,
-            opcode::PREVENT_ALLOW_MEDIUM_REMOVAL,
-            0,
-            0,
-            0,
-            0,
-            0,
-            64,
-            0,
-            0,
-        ];
-        let r = run(&t, 1, &rsoc, &[]).await;
+        let r = run(&t, 1, &RSOC_PREVENT_ALLOW, &[]).await;
         assert_eq!(&r.data_in[..], &[0, 0x03, 0, 6, 0x1E, 0, 0, 0, 0x03, 0]);
     }
 
@@ -2950,21 +2951,7 @@ mod tests {
         t.target_reset(1);
         assert_eq!(sense_of(&run(&t, 1, &TUR, &[]).await), (0x6, 0x29, 0x00));
         assert_eq!(run(&t, 1, &TUR, &[]).await.status, Status::Good);
-        let rsoc = [
-            opcode::MAINTENANCE_IN,
-            0x0C,
-            0x01,
-            opcode::PREVENT_ALLOW_MEDIUM_REMOVAL,
-            0,
-            0,
-            0,
-            0,
-            0,
-            64,
-            0,
-            0,
-        ];
-        let r = run(&t, 1, &rsoc, &[]).await;
+        let r = run(&t, 1, &RSOC_PREVENT_ALLOW, &[]).await;
         assert_eq!(&r.data_in[..], &[0, 0x01, 0, 0], "not supported");
     }
 
