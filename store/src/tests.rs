@@ -1,7 +1,7 @@
 //! Behaviour tests every file-store engine passes alike: the same functions run against
 //! io_uring ([`UringStore`]) and the I/O threads ([`ThreadStore`]).
 
-use super::backing::{Backing, OpenHooks};
+use super::backing::{self, Backing, OpenHooks};
 use super::*;
 use bytes::Bytes;
 use futures::FutureExt;
@@ -177,6 +177,50 @@ async fn buffered_cache_hits_are_read_without_the_ring<E: TestEngine>() {
     let (_dir2, direct) = temp_store::<E>(MIB, true);
     assert!(direct.backing().is_direct());
     assert_eq!(direct.backing().read_cached(0, &mut buf), 0);
+}
+
+/// Small whole-page buffered writes go straight into the page cache on the calling thread
+/// (on a runtime with a spare worker); the others, and every write on a store that just
+/// stalled, go through the engine. Data is the same either way.
+async fn small_buffered_writes_are_written_inline<E: TestEngine>() {
+    let (_dir, store) = temp_store::<E>(MIB, false);
+    let b = store.backing();
+    let data = pattern(9, 8192);
+    // One inline write at a time in the whole process: another test may hold the slot.
+    let taken = (0..1000).find_map(|_| {
+        let r = b.write_cached(4096, &data);
+        if r.is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        r
+    });
+    taken.expect("never written inline").unwrap();
+    assert_eq!(&store.read(4096, data.len()).await.unwrap()[..], &data[..]);
+    // Not whole pages, too large or empty: the engine's.
+    assert!(b.write_cached(512, &data[..4096]).is_none());
+    assert!(b.write_cached(0, &data[..512]).is_none());
+    assert!(b
+        .write_cached(0, &vec![1u8; backing::INLINE_WRITE_MAX + 4096])
+        .is_none());
+    assert!(b.write_cached(0, &[]).is_none());
+    // A stall sends the store's writes through the engine for a while; they still land.
+    b.inline_write_took(backing::INLINE_STALL * 2);
+    assert!(b.write_cached(0, &data).is_none());
+    let other = pattern(10, 8192);
+    store
+        .write(0, Bytes::from(other.clone()), WriteMode::Cached)
+        .await
+        .unwrap();
+    assert_eq!(&store.read(0, other.len()).await.unwrap()[..], &other[..]);
+    // Direct stores never take it.
+    let (_dir2, direct) = temp_store::<E>(MIB, true);
+    assert!(direct.backing().write_cached(0, &data).is_none());
+}
+
+/// A runtime without a second worker never writes inline: the write could stall it whole.
+async fn no_inline_writes_on_a_single_thread_runtime<E: TestEngine>() {
+    let (_dir, store) = temp_store::<E>(MIB, false);
+    assert!(store.backing().write_cached(0, &pattern(3, 4096)).is_none());
 }
 
 async fn random_io_direct_current_thread<E: TestEngine>() {
@@ -815,8 +859,8 @@ macro_rules! engine_tests {
             use super::*;
 
             engine_test_fns!($E;
-                multi_thread: [random_io_direct_multi_thread, concurrency_64_in_flight, concurrency_above_queue_depth, fua_writes_and_flush_reach_the_file, discard_reads_back_zeroes_and_frees_space, short_read_at_eof_returns_zeroes, io_errors_surface_and_store_keeps_working, full_filesystem_is_no_space, direct_refused_falls_back_to_buffered, unaligned_requests_use_buffered_fd, cancelled_ops_do_not_corrupt];
-                current_thread: [random_io_buffered_current_thread, buffered_cache_hits_are_read_without_the_ring, random_io_direct_current_thread, discard_falls_back_to_writing_zeroes, sparse_create_and_existing_file_kept, open_errors_name_the_path, read_only_refuses_writes_and_discards, out_of_range_is_an_error]);
+                multi_thread: [random_io_direct_multi_thread, concurrency_64_in_flight, concurrency_above_queue_depth, fua_writes_and_flush_reach_the_file, small_buffered_writes_are_written_inline, discard_reads_back_zeroes_and_frees_space, short_read_at_eof_returns_zeroes, io_errors_surface_and_store_keeps_working, full_filesystem_is_no_space, direct_refused_falls_back_to_buffered, unaligned_requests_use_buffered_fd, cancelled_ops_do_not_corrupt];
+                current_thread: [random_io_buffered_current_thread, buffered_cache_hits_are_read_without_the_ring, no_inline_writes_on_a_single_thread_runtime, random_io_direct_current_thread, discard_falls_back_to_writing_zeroes, sparse_create_and_existing_file_kept, open_errors_name_the_path, read_only_refuses_writes_and_discards, out_of_range_is_an_error]);
 
             #[test]
             fn survives_runtime_shutdown_with_ops_in_flight() {

@@ -287,6 +287,11 @@ impl ThreadStore {
         if data.is_empty() {
             return Ok(());
         }
+        if mode == WriteMode::Cached {
+            if let Some(r) = b.write_cached(offset, &data) {
+                return r.map_err(StoreError::io);
+            }
+        }
         self.run(move |inner| write_blocking(inner, offset, data, mode))
             .await
     }
@@ -544,9 +549,10 @@ mod tests {
         for i in 0..64u64 {
             let store = store.clone();
             ops.push(tokio::spawn(async move {
+                // Durable: a small cached write may go into the page cache inline instead.
                 let data = Bytes::from(vec![i as u8; 4096]);
                 store
-                    .write(i * 4096, data, WriteMode::Cached)
+                    .write(i * 4096, data, WriteMode::Durable)
                     .await
                     .unwrap();
             }));
@@ -563,7 +569,7 @@ mod tests {
         // Dropped mid-flight: the job still runs, then its permit comes back.
         use futures::FutureExt;
         assert!(store
-            .write(0, Bytes::from(vec![9u8; 4096]), WriteMode::Cached)
+            .write(0, Bytes::from(vec![9u8; 4096]), WriteMode::Durable)
             .now_or_never()
             .is_none());
         for _ in 0..200 {

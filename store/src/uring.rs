@@ -685,6 +685,11 @@ impl UringStore {
         if len == 0 {
             return Ok(());
         }
+        if mode == WriteMode::Cached {
+            if let Some(r) = sh.backing.write_cached(offset, &data) {
+                return r.map_err(StoreError::io);
+            }
+        }
         let flags = match mode {
             WriteMode::Cached => 0,
             WriteMode::Durable => libc::RWF_DSYNC,
