@@ -6,7 +6,7 @@
 
 use super::aligned::{AlignedBuf, IO_ALIGN};
 use super::sys::{self, errno_name};
-use super::StoreError;
+use super::{StoreError, StoreResult, WriteMode};
 use bytes::Bytes;
 use rustix::fs::StatxFlags;
 use std::fmt::Write as _;
@@ -504,16 +504,19 @@ impl Backing {
     /// at most [`INLINE_WRITE_MAX`], one inline write in the process at a time, only on a
     /// runtime with a spare worker, and a write that took longer than [`INLINE_STALL`] sends
     /// this store's writes through the engine for [`INLINE_BACKOFF`]. `None`: not taken, the
-    /// engine does the write (and reports errors).
-    pub fn write_cached(&self, pos: u64, data: &[u8]) -> Option<io::Result<()>> {
+    /// engine does the write (and reports errors). FUA writes (`WriteMode::Durable`) are
+    /// always the engine's.
+    pub fn write_cached(&self, pos: u64, data: &[u8], mode: WriteMode) -> Option<StoreResult<()>> {
         let page = page_size();
-        if !matches!(self.io_mode, IoMode::Buffered { .. })
+        let off_until = self.inline_writes_off_until.load(Ordering::Relaxed);
+        if mode != WriteMode::Cached
+            || !matches!(self.io_mode, IoMode::Buffered { .. })
             || self.read_only
             || data.is_empty()
             || data.len() > INLINE_WRITE_MAX
             || pos % page != 0
             || data.len() as u64 % page != 0
-            || clock_ns() < self.inline_writes_off_until.load(Ordering::Relaxed)
+            || (off_until != 0 && clock_ns() < off_until)
             || !runtime_has_spare_worker()
             || INLINE_WRITER
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
@@ -543,7 +546,7 @@ impl Backing {
             }
         }
         self.inline_write_took(start.elapsed());
-        Some(result)
+        Some(result.map_err(StoreError::io))
     }
 
     /// Backs off from inline writes after one that stalled.

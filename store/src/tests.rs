@@ -188,7 +188,7 @@ async fn small_buffered_writes_are_written_inline<E: TestEngine>() {
     let data = pattern(9, 8192);
     // One inline write at a time in the whole process: another test may hold the slot.
     let taken = (0..1000).find_map(|_| {
-        let r = b.write_cached(4096, &data);
+        let r = b.write_cached(4096, &data, WriteMode::Cached);
         if r.is_none() {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -197,15 +197,23 @@ async fn small_buffered_writes_are_written_inline<E: TestEngine>() {
     taken.expect("never written inline").unwrap();
     assert_eq!(&store.read(4096, data.len()).await.unwrap()[..], &data[..]);
     // Not whole pages, too large or empty: the engine's.
-    assert!(b.write_cached(512, &data[..4096]).is_none());
-    assert!(b.write_cached(0, &data[..512]).is_none());
     assert!(b
-        .write_cached(0, &vec![1u8; backing::INLINE_WRITE_MAX + 4096])
+        .write_cached(512, &data[..4096], WriteMode::Cached)
         .is_none());
-    assert!(b.write_cached(0, &[]).is_none());
+    assert!(b.write_cached(0, &data[..512], WriteMode::Cached).is_none());
+    assert!(b
+        .write_cached(
+            0,
+            &vec![1u8; backing::INLINE_WRITE_MAX + 4096],
+            WriteMode::Cached
+        )
+        .is_none());
+    assert!(b.write_cached(0, &[], WriteMode::Cached).is_none());
+    // FUA writes: the engine's.
+    assert!(b.write_cached(0, &data, WriteMode::Durable).is_none());
     // A stall sends the store's writes through the engine for a while; they still land.
     b.inline_write_took(backing::INLINE_STALL * 2);
-    assert!(b.write_cached(0, &data).is_none());
+    assert!(b.write_cached(0, &data, WriteMode::Cached).is_none());
     let other = pattern(10, 8192);
     store
         .write(0, Bytes::from(other.clone()), WriteMode::Cached)
@@ -214,13 +222,19 @@ async fn small_buffered_writes_are_written_inline<E: TestEngine>() {
     assert_eq!(&store.read(0, other.len()).await.unwrap()[..], &other[..]);
     // Direct stores never take it.
     let (_dir2, direct) = temp_store::<E>(MIB, true);
-    assert!(direct.backing().write_cached(0, &data).is_none());
+    assert!(direct
+        .backing()
+        .write_cached(0, &data, WriteMode::Cached)
+        .is_none());
 }
 
 /// A runtime without a second worker never writes inline: the write could stall it whole.
 async fn no_inline_writes_on_a_single_thread_runtime<E: TestEngine>() {
     let (_dir, store) = temp_store::<E>(MIB, false);
-    assert!(store.backing().write_cached(0, &pattern(3, 4096)).is_none());
+    assert!(store
+        .backing()
+        .write_cached(0, &pattern(3, 4096), WriteMode::Cached)
+        .is_none());
 }
 
 async fn random_io_direct_current_thread<E: TestEngine>() {

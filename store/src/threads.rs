@@ -287,10 +287,8 @@ impl ThreadStore {
         if data.is_empty() {
             return Ok(());
         }
-        if mode == WriteMode::Cached {
-            if let Some(r) = b.write_cached(offset, &data) {
-                return r.map_err(StoreError::io);
-            }
+        if let Some(r) = b.write_cached(offset, &data, mode) {
+            return r;
         }
         self.run(move |inner| write_blocking(inner, offset, data, mode))
             .await

@@ -685,10 +685,8 @@ impl UringStore {
         if len == 0 {
             return Ok(());
         }
-        if mode == WriteMode::Cached {
-            if let Some(r) = sh.backing.write_cached(offset, &data) {
-                return r.map_err(StoreError::io);
-            }
+        if let Some(r) = sh.backing.write_cached(offset, &data, mode) {
+            return r;
         }
         let flags = match mode {
             WriteMode::Cached => 0,
