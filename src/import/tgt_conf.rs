@@ -52,11 +52,12 @@ const MAPPED_LUN_OPTIONS: &[&str] = &[
     "bsoflags",
     "allow-in-use",
     "removable",
+    // For its `removable=N` item; the other items get one warning.
+    "params",
 ];
 
 /// Per-LUN tgt options that exist but have no twinsan equivalent: each gets a warning.
 const UNMAPPED_LUN_OPTIONS: &[&str] = &[
-    "params",
     "mode_page",
     "sense_format",
     "online",
@@ -768,17 +769,17 @@ pub fn targets(
             };
             let removable = get("removable").map(|(_, v, at)| (v, at)).or(in_params);
             if let Some((v, at)) = removable {
-                if tgt_atoi(&v).to_string() != v.trim() {
+                let n = tgt_atoi(&v);
+                if n.to_string() != v.trim() {
                     warnings.push(Warning::new(
                         &at,
                         format!(
-                            "LUN {number} of {}: removable `{v}` is read by tgt as {}",
-                            t.iqn,
-                            tgt_atoi(&v)
+                            "LUN {number} of {}: removable `{v}` is read by tgt as {n}",
+                            t.iqn
                         ),
                     ));
                 }
-                if tgt_atoi(&v) != 0 {
+                if n != 0 {
                     e.push(Entry::new("removable", "true".into(), at));
                 }
             }
@@ -791,7 +792,7 @@ pub fn targets(
                     ),
                 ));
             }
-            for name in UNMAPPED_LUN_OPTIONS.iter().filter(|&&n| n != "params") {
+            for name in UNMAPPED_LUN_OPTIONS {
                 if let Some((_, v, at)) = get(name) {
                     warnings.push(Warning::new(
                         &at,
