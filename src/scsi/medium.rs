@@ -22,6 +22,7 @@ use super::cdb::{Command, StartStopUnit};
 use super::sense::Sense;
 use super::NexusId;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 /// Unit attention of a load: 28/00 NOT READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED
@@ -74,27 +75,24 @@ impl Movement {
     }
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    unloaded: bool,
-    /// The I_T nexuses that prevent medium removal.
-    preventing: HashSet<NexusId>,
-}
-
-/// The medium of a removable logical unit: loaded or not, and the preventions of removal.
+/// The medium of a logical unit: loaded or not, and the preventions of its removal. Only a
+/// removable unit's medium ever moves, so a fixed unit's is always present.
 #[derive(Debug, Default)]
 pub struct MediumState {
-    inner: Mutex<Inner>,
+    /// Read without the lock by every command that needs the medium; changed under it.
+    unloaded: AtomicBool,
+    /// The I_T nexuses that prevent medium removal.
+    preventing: Mutex<HashSet<NexusId>>,
 }
 
 impl MediumState {
-    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn preventing(&self) -> std::sync::MutexGuard<'_, HashSet<NexusId>> {
+        self.preventing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether the medium is loaded.
     pub fn present(&self) -> bool {
-        !self.inner().unloaded
+        !self.unloaded.load(Ordering::Acquire)
     }
 
     /// Whether `cmd` may run now: NOT READY, MEDIUM NOT PRESENT for a command that needs the
@@ -115,46 +113,45 @@ impl MediumState {
     /// PREVENT ALLOW MEDIUM REMOVAL from `nexus` (SBC-3 5.12): PREVENT 01b establishes its
     /// prevention, 00b ends it.
     pub fn prevent(&self, nexus: NexusId, prevent: bool) {
-        let mut s = self.inner();
+        let mut preventing = self.preventing();
         if prevent {
-            s.preventing.insert(nexus);
+            preventing.insert(nexus);
         } else {
-            s.preventing.remove(&nexus);
+            preventing.remove(&nexus);
         }
     }
 
     /// Whether any I_T nexus prevents medium removal.
     pub fn prevented(&self) -> bool {
-        !self.inner().preventing.is_empty()
+        !self.preventing().is_empty()
     }
 
     /// Moves the medium as `movement` says; MEDIUM REMOVAL PREVENTED while a prevention
     /// holds. Returns whether the medium changed state (a load of an unloaded medium is what
     /// raises the unit attention).
     pub fn apply(&self, movement: Movement) -> Result<bool, Sense> {
-        let mut s = self.inner();
         let unload = match movement {
             Movement::Stay => return Ok(false),
             Movement::Unload => true,
             Movement::Load => false,
         };
-        if !s.preventing.is_empty() {
+        // Held while the medium moves, so no prevention slips in between.
+        let preventing = self.preventing();
+        if !preventing.is_empty() {
             return Err(Sense::medium_removal_prevented());
         }
-        let changed = s.unloaded != unload;
-        s.unloaded = unload;
-        Ok(changed)
+        Ok(self.unloaded.swap(unload, Ordering::AcqRel) != unload)
     }
 
     /// The I_T nexus is lost: its prevention ends (SBC-3 5.12).
     pub fn nexus_lost(&self, nexus: NexusId) {
-        self.inner().preventing.remove(&nexus);
+        self.preventing().remove(&nexus);
     }
 
     /// A logical unit reset or hard reset: every prevention ends (SBC-3 5.12, SAM-5 6.3).
     /// The medium stays as it is.
     pub fn reset(&self) {
-        self.inner().preventing.clear();
+        self.preventing().clear();
     }
 }
 

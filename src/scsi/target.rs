@@ -518,9 +518,7 @@ impl ScsiTarget {
         // A SANITIZE running (04/1B) or failed (31/03) on the unit (SBC-4 4.11).
         unit.sanitize.admit(&cmd)?;
         // An unloaded medium: NOT READY, MEDIUM NOT PRESENT (SBC-3 4.2.1).
-        if unit.settings.removable {
-            unit.medium.admit(&cmd)?;
-        }
+        unit.medium.admit(&cmd)?;
         sbc::check(&unit.settings, &unit.limits, unit.num_blocks(), &cmd, cdb)?;
         if cmd.writes_medium() && unit.software_write_protected() {
             return Err(Sense::software_write_protected());
@@ -711,12 +709,7 @@ impl ScsiTarget {
             Command::RequestSense { .. } => Ok(unit
                 .take_unit_attention(req.nexus)
                 .or_else(|| unit.sanitize.request_sense())
-                .or_else(|| {
-                    settings
-                        .removable
-                        .then(|| unit.medium.request_sense())
-                        .flatten()
-                })
+                .or_else(|| unit.medium.request_sense())
                 .unwrap_or(Sense::no_sense())
                 .to_fixed_bytes()),
             Command::Inquiry { evpd: false, .. } => {
@@ -1004,8 +997,8 @@ impl ScsiTarget {
                 || dst.software_write_protected()
                 || src.sanitize.admit(&read_probe).is_err()
                 || dst.sanitize.admit(&write_probe).is_err()
-                || (src.settings.removable && src.medium.admit(&read_probe).is_err())
-                || (dst.settings.removable && dst.medium.admit(&write_probe).is_err())
+                || src.medium.admit(&read_probe).is_err()
+                || dst.medium.admit(&write_probe).is_err()
                 || conflict(src, &read_probe)
                 || conflict(dst, &write_probe)
             {
@@ -2885,7 +2878,8 @@ mod tests {
             );
         }
         assert_eq!(run(&t, 1, &EJECT, &[]).await.status, Status::Good);
-        // nexus_lost (reinstatement) too; the medium stays unloaded through it all.
+        // The target forgetting the nexus (nexus_lost) ends it too; the medium stays
+        // unloaded through it all.
         assert_eq!(run(&t, 3, &PREVENT, &[]).await.status, Status::Good);
         assert_eq!(sense_of(&run(&t, 1, &LOAD, &[]).await), PREVENTED);
         t.nexus_lost(3);
