@@ -14,7 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -167,20 +167,24 @@ pub struct Backing {
     /// Until when (nanoseconds on [`clock_ns`]) writes skip [`Backing::write_cached`]: set
     /// when an inline write stalled.
     inline_writes_off_until: AtomicU64,
+    /// The back-off set by the last stall, in nanoseconds: doubled when stalls recur soon
+    /// after one ends, so a store under sustained pressure stays on the engine.
+    inline_backoff_ns: AtomicU64,
     zeroes: OnceLock<Bytes>,
 }
 
 /// Largest write [`Backing::write_cached`] does on the calling thread.
 pub const INLINE_WRITE_MAX: usize = 64 * 1024;
-/// An inline write slower than this was throttled or waited for the device (dirty-page
-/// limits, a journal commit, reclaim): the store's writes go through the engine for
-/// [`INLINE_BACKOFF`].
+/// An inline write that slept (a voluntary context switch) for longer than this was
+/// throttled or waited for the device (dirty-page limits, a journal commit, reclaim): the
+/// store's writes go through the engine for [`INLINE_BACKOFF`].
 pub const INLINE_STALL: Duration = Duration::from_millis(1);
 /// How long a store's writes avoid the inline path after a stall.
 pub const INLINE_BACKOFF: Duration = Duration::from_secs(5);
-/// At most one inline write in the whole process at a time: however long one blocks, it
-/// holds one runtime worker thread, never two.
-static INLINE_WRITER: AtomicBool = AtomicBool::new(false);
+/// The longest back-off, reached when stall follows stall.
+pub const INLINE_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Inline writes running now, in the whole process (see [`inline_writer_limit`]).
+static INLINE_WRITERS: AtomicUsize = AtomicUsize::new(0);
 
 /// Monotonic nanoseconds since the first call.
 fn clock_ns() -> u64 {
@@ -197,18 +201,44 @@ fn page_size() -> u64 {
     })
 }
 
-/// Whether the calling thread belongs to a tokio runtime with another worker to carry on
-/// while this one is inside a write.
-fn runtime_has_spare_worker() -> bool {
-    tokio::runtime::Handle::try_current().is_ok_and(|h| h.metrics().num_workers() >= 2)
+/// How many inline writes may run at once: all but one of the runtime's workers, so one
+/// carries on however long a write blocks; with one worker (the default on a 2-CPU host)
+/// that one, because there the hop to the engine costs more than the rare stall, which the
+/// back-off then keeps from recurring.
+fn inline_writer_limit() -> usize {
+    tokio::runtime::Handle::try_current()
+        .map_or(1, |h| h.metrics().num_workers().saturating_sub(1).max(1))
 }
 
-/// Releases [`INLINE_WRITER`].
+/// Voluntary context switches of the calling thread so far: they count the times it slept.
+pub(crate) fn voluntary_switches() -> i64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one rusage into the buffer it is given.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, ru.as_mut_ptr()) } != 0 {
+        return 0;
+    }
+    // SAFETY: zero-initialised and, on success, filled by the kernel.
+    unsafe { ru.assume_init() }.ru_nvcsw
+}
+
+/// One slot of [`INLINE_WRITERS`], released on drop.
 struct InlineWriter;
+
+impl InlineWriter {
+    fn try_acquire() -> Option<InlineWriter> {
+        let limit = inline_writer_limit();
+        INLINE_WRITERS
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InlineWriter)
+    }
+}
 
 impl Drop for InlineWriter {
     fn drop(&mut self) {
-        INLINE_WRITER.store(false, Ordering::Release);
+        INLINE_WRITERS.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -413,6 +443,7 @@ impl Backing {
             warned_unaligned: AtomicBool::new(false),
             nowait_reads: AtomicBool::new(true),
             inline_writes_off_until: AtomicU64::new(0),
+            inline_backoff_ns: AtomicU64::new(0),
             zeroes: OnceLock::new(),
         })
     }
@@ -496,16 +527,15 @@ impl Backing {
 
     /// Writes a small buffered write straight into the page cache on the calling thread: one
     /// `pwrite` instead of a hop to the engine's worker thread and back, which costs more
-    /// CPU and latency than the copy itself (measured with two runtime workers: replicated 4k
-    /// writes at QD1 1.65x the IOPS at 0.48x the CPU; benches/results/
-    /// replication-2026-12-07-inline-2workers.md). This kernel has no non-blocking buffered
-    /// write (`RWF_NOWAIT` is EOPNOTSUPP on ext4 and tmpfs), so the write may block; it is
-    /// bounded instead: whole pages only (no read of a partly written page from the device),
-    /// at most [`INLINE_WRITE_MAX`], one inline write in the process at a time, only on a
-    /// runtime with a spare worker, and a write that took longer than [`INLINE_STALL`] sends
-    /// this store's writes through the engine for [`INLINE_BACKOFF`]. `None`: not taken, the
-    /// engine does the write (and reports errors). FUA writes (`WriteMode::Durable`) are
-    /// always the engine's.
+    /// CPU and latency than the copy itself (benches/results/replication-2026-12-07-inline-*.md
+    /// and README). This kernel has no non-blocking buffered write (`RWF_NOWAIT` is
+    /// EOPNOTSUPP on ext4 and tmpfs), so the write may block; it is bounded instead: whole
+    /// pages only (no read of a partly written page from the device), at most
+    /// [`INLINE_WRITE_MAX`], at most [`inline_writer_limit`] at once, and a write that slept
+    /// longer than [`INLINE_STALL`] sends this store's writes through the engine for a
+    /// back-off of [`INLINE_BACKOFF`], doubled up to [`INLINE_BACKOFF_MAX`] while stalls
+    /// recur. `None`: not taken, the engine does the write (and reports errors). FUA writes
+    /// (`WriteMode::Durable`) are always the engine's.
     pub fn write_cached(&self, pos: u64, data: &[u8], mode: WriteMode) -> Option<StoreResult<()>> {
         let page = page_size();
         let off_until = self.inline_writes_off_until.load(Ordering::Relaxed);
@@ -517,14 +547,11 @@ impl Backing {
             || pos % page != 0
             || data.len() as u64 % page != 0
             || (off_until != 0 && clock_ns() < off_until)
-            || !runtime_has_spare_worker()
-            || INLINE_WRITER
-                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
         {
             return None;
         }
-        let _writer = InlineWriter;
+        let _writer = InlineWriter::try_acquire()?;
+        let slept_before = voluntary_switches();
         let start = Instant::now();
         let mut done = 0usize;
         let mut result = Ok(());
@@ -545,18 +572,40 @@ impl Backing {
                 }
             }
         }
-        self.inline_write_took(start.elapsed());
+        let took = start.elapsed();
+        // Only a write that slept is a stall; one that was merely preempted (the CPUs are
+        // busy) would be as slow on the engine's thread.
+        if took > INLINE_STALL && voluntary_switches() > slept_before {
+            self.inline_write_stalled(took);
+        }
         Some(result.map_err(StoreError::io))
     }
 
-    /// Backs off from inline writes after one that stalled.
-    pub(crate) fn inline_write_took(&self, took: Duration) {
-        if took > INLINE_STALL {
-            let until = clock_ns() + INLINE_BACKOFF.as_nanos() as u64;
-            self.inline_writes_off_until.store(until, Ordering::Relaxed);
-            tracing::debug!(path = %self.path.display(), took_us = took.as_micros() as u64,
-                "a page-cache write stalled; writes go through the engine for a while");
-        }
+    /// Backs off from inline writes after one that stalled: for [`INLINE_BACKOFF`], or twice
+    /// the last back-off (at most [`INLINE_BACKOFF_MAX`]) when the stall came within one
+    /// back-off of the end of the last.
+    pub(crate) fn inline_write_stalled(&self, took: Duration) {
+        let now = clock_ns();
+        let last_until = self.inline_writes_off_until.load(Ordering::Relaxed);
+        let last = self.inline_backoff_ns.load(Ordering::Relaxed);
+        let backoff = if last_until != 0 && now < last_until.saturating_add(last) {
+            last.saturating_mul(2)
+                .min(INLINE_BACKOFF_MAX.as_nanos() as u64)
+        } else {
+            INLINE_BACKOFF.as_nanos() as u64
+        };
+        self.inline_backoff_ns.store(backoff, Ordering::Relaxed);
+        self.inline_writes_off_until
+            .store(now + backoff, Ordering::Relaxed);
+        tracing::debug!(path = %self.path.display(), took_us = took.as_micros() as u64,
+            backoff_s = backoff / 1_000_000_000,
+            "a page-cache write stalled; small writes go through the engine for a while");
+    }
+
+    /// The back-off the last stall set (zero before any).
+    #[cfg(test)]
+    pub(crate) fn inline_backoff(&self) -> Duration {
+        Duration::from_nanos(self.inline_backoff_ns.load(Ordering::Relaxed))
     }
 
     /// The fallocate modes a discard should try now, best first, with their method number.
