@@ -502,7 +502,8 @@ RESYNC_LINES=()
 resync_case() {  # label rate with_app(0|1)
     local label="$1" rate="$2" app="$3" t_start t_end s0 s1 st i done_flag=0
     log "resync: ${label} (resync_rate ${rate}, application writes: ${app})"
-    start_pair new "resync-${label}" "$rate"
+    # info from the replication crate: its "resync finished" line has the resync's own rate.
+    RUST_LOG="${RUST_LOG},twinsan_replication=info" start_pair new "resync-${label}" "$rate"
     local out inv
     out="$RAW/resync__${label}"
     inv="$(timeout 30 "$TWINSAN_BIN" replication invalidate --config "$(dir_of new b)/twinsan.toml" --volume "$VOLUME" 2>&1)" \
@@ -531,7 +532,13 @@ resync_case() {  # label rate with_app(0|1)
     [[ "$s1" =~ ^[0-9]+$ ]] || s1="$s0"
     if [ -n "$FIO_BG_PID" ]; then wait "$FIO_BG_PID" || true; FIO_BG_PID=""; fi
     printf '%s\n' "$st" >"${out}.status"
-    RESYNC_LINES+=("${label}|${rate}|${app}|$((s1 - s0))|$(awk -v a="$t_start" -v b="$t_end" 'BEGIN { printf "%.2f", b - a }')|${done_flag}")
+    # The sync source's own rate over the resync (first block to last ack), from its log: the
+    # polling above adds up to 0.2 s to a resync that may take about a second.
+    local own_kib
+    own_kib="$(awk -v m="==== bench: start (resync-${label})" '/^==== bench: start / { cur = (index($0, m) == 1) }
+        cur && /resync finished \(sync source\)/ { if (match($0, /at [0-9]+ KiB\/s/)) r = substr($0, RSTART + 3, RLENGTH - 9) }
+        END { print (r == "" ? "-" : r) }' "$RAW/new-a.log")"
+    RESYNC_LINES+=("${label}|${rate}|${app}|$((s1 - s0))|$(awk -v a="$t_start" -v b="$t_end" 'BEGIN { printf "%.2f", b - a }')|${done_flag}|${own_kib}")
     if [ "$done_flag" = 0 ]; then
         log "resync ${label}: not finished after ${RESYNC_SECS} s; waiting for it before the next case"
         wait_in_sync new $((RESYNC_SECS * 20 + 120))
@@ -546,7 +553,7 @@ resync_baseline() {
     t0="$(now_s)"
     ( RAMP=0; run_fio "$RAW/resync__baseline-app" "$(port_of new a)" "randwrite-4k-qd8|randwrite|4k|8|" \
         "primary=${PIDS[new-a]} secondary=${PIDS[new-b]}" "$RESYNC_SECS" )
-    RESYNC_LINES+=("baseline-app|-|1|0|$(elapsed "$t0")|1")
+    RESYNC_LINES+=("baseline-app|-|1|0|$(elapsed "$t0")|1|-")
     stop_pair new
 }
 if want_section resync; then

@@ -7,7 +7,8 @@ Usage:
 RAW_DIR holds, per fio run, SETUP__JOB__REP.json (fio JSON), .cpu (server CPU ticks, see
 run_cpu_sampled in scripts/lib/common.sh) or .failed; SETUP is replicated, unreplicated,
 replicated-base, unreplicated-base (main section) or delay<US> (delay section). resync.txt has
-one line per resync case: label|resync_rate|app(0/1)|bytes|seconds|finished(0/1), and
+one line per resync case: label|resync_rate|app(0/1)|bytes|seconds|finished(0/1)|KiB/s the
+sync source logged at the end ("-" if none), and
 resync__<label>.json the fio run during a case with application writes.
 
 Values per setup are medians over the repetitions; ratios are paired (both setups of one
@@ -251,14 +252,16 @@ def main() -> int:
             "The pair restarted with the given resync_rate, then `twinsan replication invalidate` "
             "on B (a full resync from A). Bytes are A's resync_sent_bytes, followed every ~0.2 s "
             "through `twinsan status --json` for at most BENCH_RESYNC_SECS or until both are "
-            "UpToDate (so the time includes up to one polling interval). With application "
+            "UpToDate (so the time includes up to one polling interval); the daemon's own rate is "
+            "the one A logs when the resync finishes (bytes over the time from its start to the "
+            "last block's ack), without that polling error. With application "
             "writes: fio 4k random writes QD8 on A during the stretch (resync backs off while "
             "application I/O runs); baseline-app: the same fio job on the pair in sync, no "
             "resync, as long (the last column's denominator)."
         )
         o.append("")
-        o.append("| case | resync_rate | application writes | resync MiB | seconds | resync MiB/s | finished | application IOPS | application mean lat (us) | application IOPS / baseline |")
-        o.append("|---|---|---|---:|---:|---:|---|---:|---:|---:|")
+        o.append("| case | resync_rate | application writes | resync MiB | seconds | resync MiB/s (polled) | resync MiB/s (daemon's own) | finished | application IOPS | application mean lat (us) | application IOPS / baseline |")
+        o.append("|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|")
         try:
             with open(os.path.join(raw, "resync.txt"), encoding="utf-8") as f:
                 lines = [x.strip() for x in f if x.strip()]
@@ -270,8 +273,9 @@ def main() -> int:
         except (OSError, ValueError, KeyError, IndexError):
             pass
         for line in lines:
-            label, rate, app, nbytes, secs, done = line.split("|")
+            label, rate, app, nbytes, secs, done, own_kib = (line.split("|") + ["-"])[:7]
             mib = int(nbytes) / 2**20
+            own = f"{int(own_kib) / 1024:,.1f} ({int(own_kib) * 1024 / 1e6:,.0f} MB/s)" if own_kib.isdigit() else "-"
             app_iops = app_lat = app_ratio = "-"
             if app == "1":
                 p = os.path.join(raw, f"resync__{label}.json")
@@ -284,7 +288,7 @@ def main() -> int:
                     app_iops = f"failed ({e})"
             o.append(
                 f"| {label} | {rate} | {'yes' if app == '1' else 'no'} | {mib:,.1f} | {secs} | "
-                f"{fmt(mib / float(secs), 1) if float(secs) > 0 else 'n/a'} | {'yes' if done == '1' else 'no (stopped measuring)'} | {app_iops} | {app_lat} | {app_ratio} |"
+                f"{fmt(mib / float(secs), 1) if float(secs) > 0 else 'n/a'} | {own} | {'yes' if done == '1' else 'no (stopped measuring)'} | {app_iops} | {app_lat} | {app_ratio} |"
             )
 
     if "delay" in sections:
