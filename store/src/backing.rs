@@ -161,12 +161,15 @@ pub struct Backing {
     pub files: Vec<File>,
     discard_method: AtomicU8,
     warned_unaligned: AtomicBool,
-    /// Cleared when the kernel refuses `preadv2(RWF_NOWAIT)` (before 4.14), so the fast path
-    /// is not tried again.
-    nowait_reads: AtomicBool,
-    /// Until when (nanoseconds on [`clock_ns`]) writes skip [`Backing::write_cached`]: set
-    /// when an inline write stalled.
-    inline_writes_off_until: AtomicU64,
+    /// How [`Backing::read_cached`] reads: `CACHED_READ_*`. Moves from NOWAIT to MEMORY or
+    /// ENGINE when the file refuses `preadv2(RWF_NOWAIT)`, so that is not tried again.
+    cached_reads: AtomicU8,
+    /// The file lives in memory (tmpfs, ramfs): reading it copies memory, never waits for a
+    /// device (unless its pages were swapped out, which the stall back-off covers).
+    memory_backed: bool,
+    /// Until when (nanoseconds on [`clock_ns`]) I/O skips the inline paths
+    /// ([`Backing::write_cached`], memory reads): set when an inline call stalled.
+    inline_off_until: AtomicU64,
     /// The back-off set by the last stall, in nanoseconds: doubled when stalls recur soon
     /// after one ends, so a store under sustained pressure stays on the engine.
     inline_backoff_ns: AtomicU64,
@@ -183,8 +186,17 @@ pub const INLINE_STALL: Duration = Duration::from_millis(1);
 pub const INLINE_BACKOFF: Duration = Duration::from_secs(5);
 /// The longest back-off, reached when stall follows stall.
 pub const INLINE_BACKOFF_MAX: Duration = Duration::from_secs(300);
-/// Inline writes running now, in the whole process (see [`inline_writer_limit`]).
-static INLINE_WRITERS: AtomicUsize = AtomicUsize::new(0);
+/// Inline writes (and memory reads) running now, in the whole process (see
+/// [`inline_slot_limit`]).
+static INLINE_SLOTS: AtomicUsize = AtomicUsize::new(0);
+
+/// [`Backing::read_cached`] tries `preadv2(RWF_NOWAIT)` (Linux 4.14; ext4, xfs, block devices).
+const CACHED_READ_NOWAIT: u8 = 0;
+/// The file refuses `RWF_NOWAIT` but lives in memory: a plain `pread`, bounded like the
+/// inline writes.
+const CACHED_READ_MEMORY: u8 = 1;
+/// Neither: every read goes through the engine.
+const CACHED_READ_ENGINE: u8 = 2;
 
 /// Monotonic nanoseconds since the first call.
 fn clock_ns() -> u64 {
@@ -205,7 +217,7 @@ fn page_size() -> u64 {
 /// carries on however long a write blocks; with one worker (the default on a 2-CPU host)
 /// that one, because there the hop to the engine costs more than the rare stall, which the
 /// back-off then keeps from recurring.
-fn inline_writer_limit() -> usize {
+fn inline_slot_limit() -> usize {
     tokio::runtime::Handle::try_current()
         .map_or(1, |h| h.metrics().num_workers().saturating_sub(1).max(1))
 }
@@ -221,24 +233,38 @@ pub(crate) fn voluntary_switches() -> i64 {
     unsafe { ru.assume_init() }.ru_nvcsw
 }
 
-/// One slot of [`INLINE_WRITERS`], released on drop.
-struct InlineWriter;
+/// Whether `file` is on a filesystem that keeps its data only in memory.
+fn is_memory_backed(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fstatfs writes one statfs into the buffer it is given; the fd is open.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: zero-initialised and, on success, filled by the kernel.
+    let f_type = unsafe { st.assume_init() }.f_type;
+    // ramfs's magic (0x858458f6, linux/magic.h) is not in the libc crate.
+    f_type == libc::TMPFS_MAGIC || f_type as u32 == 0x8584_58f6
+}
 
-impl InlineWriter {
-    fn try_acquire() -> Option<InlineWriter> {
-        let limit = inline_writer_limit();
-        INLINE_WRITERS
+/// One slot of [`INLINE_SLOTS`], released on drop.
+struct InlineSlot;
+
+impl InlineSlot {
+    fn try_acquire() -> Option<InlineSlot> {
+        let limit = inline_slot_limit();
+        INLINE_SLOTS
             .fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| {
                 (n < limit).then_some(n + 1)
             })
             .ok()
-            .map(|_| InlineWriter)
+            .map(|_| InlineSlot)
     }
 }
 
-impl Drop for InlineWriter {
+impl Drop for InlineSlot {
     fn drop(&mut self) {
-        INLINE_WRITERS.fetch_sub(1, Ordering::Release);
+        INLINE_SLOTS.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -431,6 +457,7 @@ impl Backing {
         if let IoMode::Direct { .. } = io_mode {
             files.push(open_buffered()?);
         }
+        let memory_backed = is_memory_backed(&files[MAIN]);
         Ok(Backing {
             path: path.to_owned(),
             kind,
@@ -441,8 +468,9 @@ impl Backing {
             files,
             discard_method: AtomicU8::new(DISCARD_PUNCH),
             warned_unaligned: AtomicBool::new(false),
-            nowait_reads: AtomicBool::new(true),
-            inline_writes_off_until: AtomicU64::new(0),
+            cached_reads: AtomicU8::new(CACHED_READ_NOWAIT),
+            memory_backed,
+            inline_off_until: AtomicU64::new(0),
             inline_backoff_ns: AtomicU64::new(0),
             zeroes: OnceLock::new(),
         })
@@ -498,30 +526,84 @@ impl Backing {
 
     /// Reads what the page cache already holds of `[pos, pos + buf.len())` with one
     /// `preadv2(RWF_NOWAIT)` (Linux 4.14), which never waits for the device: a cache hit
-    /// costs one syscall on the calling thread instead of a trip through the engine. Only for
+    /// costs one syscall on the calling thread instead of a trip through the engine. A file
+    /// that refuses `RWF_NOWAIT` (tmpfs does, with EOPNOTSUPP) but lives in memory is read
+    /// with a plain `pread` instead, bounded like [`Backing::write_cached`]. Only for
     /// buffered stores (O_DIRECT reads always go to the device). Returns the bytes read (0 on
     /// a miss or any error; the engine then does the read and reports real errors).
     pub fn read_cached(&self, pos: u64, buf: &mut [u8]) -> usize {
-        if !matches!(self.io_mode, IoMode::Buffered { .. })
-            || buf.is_empty()
-            || !self.nowait_reads.load(Ordering::Relaxed)
-        {
+        if !matches!(self.io_mode, IoMode::Buffered { .. }) || buf.is_empty() {
             return 0;
         }
         let len = buf.len().min(MAX_CHUNK);
-        match sys::preadv2(self.file(MAIN), &mut buf[..len], pos, libc::RWF_NOWAIT) {
-            Ok(n) => n,
-            Err(e) => {
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
-                ) && self.nowait_reads.swap(false, Ordering::Relaxed)
-                {
-                    tracing::info!(path = %self.path.display(), errno = %errno_name(&e),
-                        "kernel has no preadv2(RWF_NOWAIT); page-cache reads go through the engine");
+        match self.cached_reads.load(Ordering::Relaxed) {
+            CACHED_READ_NOWAIT => {
+                match sys::preadv2(self.file(MAIN), &mut buf[..len], pos, libc::RWF_NOWAIT) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
+                        ) {
+                            self.nowait_refused(&e);
+                        }
+                        0
+                    }
                 }
-                0
             }
+            CACHED_READ_MEMORY => self.read_memory(pos, &mut buf[..len]),
+            _ => 0,
+        }
+    }
+
+    /// The kernel (before 4.14) or the filesystem refuses `preadv2(RWF_NOWAIT)`.
+    fn nowait_refused(&self, e: &io::Error) {
+        let next = if self.memory_backed {
+            CACHED_READ_MEMORY
+        } else {
+            CACHED_READ_ENGINE
+        };
+        if self.cached_reads.swap(next, Ordering::Relaxed) != CACHED_READ_NOWAIT {
+            return;
+        }
+        if self.memory_backed {
+            tracing::info!(path = %self.path.display(), errno = %errno_name(e),
+                "file is in memory (tmpfs) and refuses preadv2(RWF_NOWAIT); reads copy it on the runtime thread");
+        } else {
+            tracing::info!(path = %self.path.display(), errno = %errno_name(e),
+                "kernel or filesystem refuses preadv2(RWF_NOWAIT); page-cache reads go through the engine");
+        }
+    }
+
+    /// A plain `pread` of a memory-backed file on the calling thread, in an inline slot and
+    /// outside a back-off; a read that slept (swapped-out pages) counts as a stall.
+    fn read_memory(&self, pos: u64, buf: &mut [u8]) -> usize {
+        if self.inline_backed_off() {
+            return 0;
+        }
+        let Some(_slot) = InlineSlot::try_acquire() else {
+            return 0;
+        };
+        let slept_before = voluntary_switches();
+        let start = Instant::now();
+        let n = sys::pread(self.file(MAIN), buf, pos).unwrap_or(0);
+        self.inline_call_took(start, slept_before);
+        n
+    }
+
+    /// Whether a stall's back-off is running.
+    fn inline_backed_off(&self) -> bool {
+        let off_until = self.inline_off_until.load(Ordering::Relaxed);
+        off_until != 0 && clock_ns() < off_until
+    }
+
+    /// Judges one inline call that started at `start` with `slept_before` voluntary switches:
+    /// only a call that slept is a stall; one that was merely preempted (the CPUs are busy)
+    /// would be as slow on the engine's thread.
+    fn inline_call_took(&self, start: Instant, slept_before: i64) {
+        let took = start.elapsed();
+        if took > INLINE_STALL && voluntary_switches() > slept_before {
+            self.inline_io_stalled(took);
         }
     }
 
@@ -531,14 +613,13 @@ impl Backing {
     /// and README). This kernel has no non-blocking buffered write (`RWF_NOWAIT` is
     /// EOPNOTSUPP on ext4 and tmpfs), so the write may block; it is bounded instead: whole
     /// pages only (no read of a partly written page from the device), at most
-    /// [`INLINE_WRITE_MAX`], at most [`inline_writer_limit`] at once, and a write that slept
+    /// [`INLINE_WRITE_MAX`], at most [`inline_slot_limit`] at once, and a write that slept
     /// longer than [`INLINE_STALL`] sends this store's writes through the engine for a
     /// back-off of [`INLINE_BACKOFF`], doubled up to [`INLINE_BACKOFF_MAX`] while stalls
     /// recur. `None`: not taken, the engine does the write (and reports errors). FUA writes
     /// (`WriteMode::Durable`) are always the engine's.
     pub fn write_cached(&self, pos: u64, data: &[u8], mode: WriteMode) -> Option<StoreResult<()>> {
         let page = page_size();
-        let off_until = self.inline_writes_off_until.load(Ordering::Relaxed);
         if mode != WriteMode::Cached
             || !matches!(self.io_mode, IoMode::Buffered { .. })
             || self.read_only
@@ -546,11 +627,11 @@ impl Backing {
             || data.len() > INLINE_WRITE_MAX
             || pos % page != 0
             || data.len() as u64 % page != 0
-            || (off_until != 0 && clock_ns() < off_until)
+            || self.inline_backed_off()
         {
             return None;
         }
-        let _writer = InlineWriter::try_acquire()?;
+        let _slot = InlineSlot::try_acquire()?;
         let slept_before = voluntary_switches();
         let start = Instant::now();
         let mut done = 0usize;
@@ -572,21 +653,16 @@ impl Backing {
                 }
             }
         }
-        let took = start.elapsed();
-        // Only a write that slept is a stall; one that was merely preempted (the CPUs are
-        // busy) would be as slow on the engine's thread.
-        if took > INLINE_STALL && voluntary_switches() > slept_before {
-            self.inline_write_stalled(took);
-        }
+        self.inline_call_took(start, slept_before);
         Some(result.map_err(StoreError::io))
     }
 
-    /// Backs off from inline writes after one that stalled: for [`INLINE_BACKOFF`], or twice
+    /// Backs off from inline I/O after a call that stalled: for [`INLINE_BACKOFF`], or twice
     /// the last back-off (at most [`INLINE_BACKOFF_MAX`]) when the stall came within one
     /// back-off of the end of the last.
-    pub(crate) fn inline_write_stalled(&self, took: Duration) {
+    pub(crate) fn inline_io_stalled(&self, took: Duration) {
         let now = clock_ns();
-        let last_until = self.inline_writes_off_until.load(Ordering::Relaxed);
+        let last_until = self.inline_off_until.load(Ordering::Relaxed);
         let last = self.inline_backoff_ns.load(Ordering::Relaxed);
         let backoff = if last_until != 0 && now < last_until.saturating_add(last) {
             last.saturating_mul(2)
@@ -595,11 +671,26 @@ impl Backing {
             INLINE_BACKOFF.as_nanos() as u64
         };
         self.inline_backoff_ns.store(backoff, Ordering::Relaxed);
-        self.inline_writes_off_until
+        self.inline_off_until
             .store(now + backoff, Ordering::Relaxed);
-        tracing::debug!(path = %self.path.display(), took_us = took.as_micros() as u64,
-            backoff_s = backoff / 1_000_000_000,
-            "a page-cache write stalled; small writes go through the engine for a while");
+        let max = INLINE_BACKOFF_MAX.as_nanos() as u64;
+        if backoff == max && last != max {
+            // Sustained: the device does not keep up with its dirty pages (or memory is
+            // short). Worth one line; the shorter back-offs before it are routine.
+            tracing::info!(path = %self.path.display(), took_us = took.as_micros() as u64,
+                "page-cache I/O keeps stalling; small writes (and memory reads) go through the I/O engine for {} s",
+                INLINE_BACKOFF_MAX.as_secs());
+        } else {
+            tracing::debug!(path = %self.path.display(), took_us = took.as_micros() as u64,
+                backoff_s = backoff / 1_000_000_000,
+                "an inline page-cache write or read stalled; they go through the I/O engine for a while");
+        }
+    }
+
+    /// Whether the file is on tmpfs or ramfs.
+    #[cfg(test)]
+    pub(crate) fn is_memory_backed(&self) -> bool {
+        self.memory_backed
     }
 
     /// The back-off the last stall set (zero before any).

@@ -213,14 +213,14 @@ async fn small_buffered_writes_are_written_inline<E: TestEngine>() {
     assert!(b.write_cached(0, &data, WriteMode::Durable).is_none());
     // A stall sends the store's writes through the engine for a while; they still land.
     assert_eq!(b.inline_backoff(), Duration::ZERO);
-    b.inline_write_stalled(backing::INLINE_STALL * 2);
+    b.inline_io_stalled(backing::INLINE_STALL * 2);
     assert_eq!(b.inline_backoff(), backing::INLINE_BACKOFF);
     assert!(b.write_cached(0, &data, WriteMode::Cached).is_none());
     // Stall after stall: the back-off doubles, up to its bound.
-    b.inline_write_stalled(backing::INLINE_STALL * 2);
+    b.inline_io_stalled(backing::INLINE_STALL * 2);
     assert_eq!(b.inline_backoff(), backing::INLINE_BACKOFF * 2);
     for _ in 0..20 {
-        b.inline_write_stalled(backing::INLINE_STALL * 2);
+        b.inline_io_stalled(backing::INLINE_STALL * 2);
     }
     assert_eq!(b.inline_backoff(), backing::INLINE_BACKOFF_MAX);
     let other = pattern(10, 8192);
@@ -252,6 +252,48 @@ async fn inline_writes_on_a_single_thread_runtime<E: TestEngine>() {
     });
     taken.expect("never written inline").unwrap();
     assert_eq!(&store.read(0, data.len()).await.unwrap()[..], &data[..]);
+}
+
+/// A file in memory (tmpfs refuses `preadv2(RWF_NOWAIT)`) is read on the calling thread
+/// with a plain `pread`; after a stall its reads go through the engine for a while.
+#[test]
+fn memory_backed_files_are_read_inline() {
+    let shm = std::path::Path::new("/dev/shm");
+    let Ok(dir) = tempfile::tempdir_in(shm) else {
+        eprintln!("no /dev/shm here; skipped");
+        return;
+    };
+    let path = dir.path().join("lun.img");
+    let data = pattern(8, 3 * 4096);
+    std::fs::write(&path, &data).unwrap();
+    let b = Backing::open(
+        &FileStoreOptions {
+            direct: false,
+            ..FileStoreOptions::new(&path)
+        },
+        OpenHooks::default(),
+    )
+    .unwrap();
+    if !b.is_memory_backed() {
+        eprintln!("/dev/shm is not tmpfs here; skipped");
+        return;
+    }
+    // The first call finds RWF_NOWAIT refused (or taken, on a kernel whose tmpfs has it);
+    // from then on a read is served without the engine.
+    let mut buf = vec![0u8; data.len()];
+    let _ = b.read_cached(0, &mut buf);
+    let got = (0..1000).find_map(|_| {
+        let n = b.read_cached(4096, &mut buf[..8192]);
+        if n == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (n > 0).then_some(n)
+    });
+    assert_eq!(got, Some(8192), "never read inline");
+    assert!(buf[..8192] == data[4096..]);
+    // After a stall: the engine's, until the back-off ends.
+    b.inline_io_stalled(backing::INLINE_STALL * 2);
+    assert_eq!(b.read_cached(0, &mut buf), 0);
 }
 
 /// The stall signal counts the times the thread slept, not the time it was preempted.
