@@ -368,7 +368,7 @@ fn pool_master_flip_moves_vip_and_target_under_fio() {
     // Flip back only once the client's writes flow through B: libiscsi 1.19 (fio's engine)
     // can crash (SIGSEGV) when a session it has just re-established is dropped again, and a
     // pool master does not move twice within a second or two.
-    wait_client_writes_through(&l, 1, 256 * 1024, Duration::from_secs(20));
+    let fio = wait_client_writes_through(&l, 1, 256 * 1024, Duration::from_secs(20), fio);
     std::thread::sleep(Duration::from_secs(6).saturating_sub(t.elapsed()));
     l.flip_master(0);
     let to_a = wait_serving_on(&l, 0, Duration::from_secs(20));
@@ -751,7 +751,7 @@ fn manual_mode_rolling_maintenance() {
         t.elapsed()
     );
     // As an operator would, see the client's I/O flow through B before touching A.
-    wait_client_writes_through(&l, 1, 256 * 1024, Duration::from_secs(20));
+    let fio = wait_client_writes_through(&l, 1, 256 * 1024, Duration::from_secs(20), fio);
     // Not in native roles (B primary, pool master A): leaving manual mode is refused.
     let o = l.b.cli(&["manual-mode-disable"]);
     assert!(
@@ -775,7 +775,7 @@ fn manual_mode_rolling_maintenance() {
         "storage moved back to A: serving after {:.2?} ({to_a:.2?})",
         t.elapsed()
     );
-    wait_client_writes_through(&l, 0, 256 * 1024, Duration::from_secs(20));
+    let fio = wait_client_writes_through(&l, 0, 256 * 1024, Duration::from_secs(20), fio);
     ok_cli(&l.a, &["manual-mode-disable"]);
     ok_cli(&l.b, &["manual-mode-disable"]);
     l.wait("both out of manual mode, A primary", PROMOTE, |a, b| {

@@ -1220,9 +1220,16 @@ impl Drop for VipMonitor {
 }
 
 /// Waits until host `i` replicates at least `bytes` more of the client's writes: the
-/// client has found the new primary and its I/O flows again (an operator checks this
-/// before taking the other host down).
-pub fn wait_client_writes_through(lab: &HaLab, i: usize, bytes: u64, limit: Duration) {
+/// client (`fio`, handed back) has found the new primary and its I/O flows again (an
+/// operator checks this before taking the other host down). If fio has exited instead, the
+/// panic shows its output: a client that died is not the same failure as one still waiting.
+pub fn wait_client_writes_through(
+    lab: &HaLab,
+    i: usize,
+    bytes: u64,
+    limit: Duration,
+    fio: JoinHandle<FioRun>,
+) -> JoinHandle<FioRun> {
     let h = lab.host(i);
     let t0 = Instant::now();
     let mut base = None;
@@ -1230,13 +1237,22 @@ pub fn wait_client_writes_through(lab: &HaLab, i: usize, bytes: u64, limit: Dura
         if let Some(now) = h.replicated_bytes() {
             let b = *base.get_or_insert(now);
             if now >= b + bytes {
-                return;
+                return fio;
             }
         }
-        if t0.elapsed() > limit {
+        if t0.elapsed() > limit || fio.is_finished() {
+            let client = if fio.is_finished() {
+                match fio.join() {
+                    Ok(f) => format!("fio had exited ({}):\n{}", f.output.status, f.text()),
+                    Err(_) => "fio's thread panicked".to_string(),
+                }
+            } else {
+                "fio still running".to_string()
+            };
             panic!(
-                "{}: client writes did not flow through it within {limit:?} (replicated {:?}, started at {:?}; {})",
+                "{}: client writes did not flow through it within {:?} (replicated {:?}, started at {:?}; {}); {client}",
                 h.label,
+                t0.elapsed(),
                 h.replicated_bytes(),
                 base,
                 h.vol_brief()
