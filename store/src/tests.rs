@@ -179,6 +179,18 @@ async fn buffered_cache_hits_are_read_without_the_ring<E: TestEngine>() {
     assert_eq!(direct.backing().read_cached(0, &mut buf), 0);
 }
 
+/// Calls `f` until it gives `Some`, at most 1000 times 1 ms apart: the inline slots are
+/// shared by every test in the process, so one may be taken for a moment.
+fn retry_until_some<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    (0..1000).find_map(|_| {
+        let r = f();
+        if r.is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        r
+    })
+}
+
 /// Small whole-page buffered writes go straight into the page cache on the calling thread;
 /// the others, and every write on a store that just stalled, go through the engine. Data is
 /// the same either way.
@@ -186,14 +198,8 @@ async fn small_buffered_writes_are_written_inline<E: TestEngine>() {
     let (_dir, store) = temp_store::<E>(MIB, false);
     let b = store.backing();
     let data = pattern(9, 8192);
-    // One inline write at a time in the whole process: another test may hold the slot.
-    let taken = (0..1000).find_map(|_| {
-        let r = b.write_cached(4096, &data, WriteMode::Cached);
-        if r.is_none() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        r
-    });
+    // The inline slots are process-wide: another test may hold them for a moment.
+    let taken = retry_until_some(|| b.write_cached(4096, &data, WriteMode::Cached));
     taken.expect("never written inline").unwrap();
     assert_eq!(&store.read(4096, data.len()).await.unwrap()[..], &data[..]);
     // Not whole pages, too large or empty: the engine's.
@@ -243,13 +249,7 @@ async fn inline_writes_on_a_single_thread_runtime<E: TestEngine>() {
     let (_dir, store) = temp_store::<E>(MIB, false);
     let data = pattern(3, 4096);
     // The slot is process-wide: another test may hold it for a moment.
-    let taken = (0..1000).find_map(|_| {
-        let r = store.backing().write_cached(0, &data, WriteMode::Cached);
-        if r.is_none() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        r
-    });
+    let taken = retry_until_some(|| store.backing().write_cached(0, &data, WriteMode::Cached));
     taken.expect("never written inline").unwrap();
     assert_eq!(&store.read(0, data.len()).await.unwrap()[..], &data[..]);
 }
@@ -282,13 +282,7 @@ fn memory_backed_files_are_read_inline() {
     // from then on a read is served without the engine.
     let mut buf = vec![0u8; data.len()];
     let _ = b.read_cached(0, &mut buf);
-    let got = (0..1000).find_map(|_| {
-        let n = b.read_cached(4096, &mut buf[..8192]);
-        if n == 0 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        (n > 0).then_some(n)
-    });
+    let got = retry_until_some(|| Some(b.read_cached(4096, &mut buf[..8192])).filter(|&n| n > 0));
     assert_eq!(got, Some(8192), "never read inline");
     assert!(buf[..8192] == data[4096..]);
     // After a stall: the engine's, until the back-off ends.
