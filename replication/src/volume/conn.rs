@@ -170,6 +170,11 @@ impl ReplicatedVolume {
             // Senders waiting for space fail now (teardown has answered their requests).
             writer.finish();
         });
+        // Until the verdict is applied, no role change or invalidate runs (see the field).
+        let serial = tokio::select! {
+            g = self.state_change.lock() => g,
+            _ = kill.cancelled() => return None,
+        };
         let epoch = {
             let mut st = lock(&self.st);
             // LinkUp cannot be refused and leaves nothing to do after the lock.
@@ -229,6 +234,7 @@ impl ReplicatedVolume {
                 other => debug!(volume = %self.cfg.name, "unexpected handshake action {other:?}"),
             }
         }
+        drop(serial);
         // The reservation state follows the data's winner: the primary's, or with no primary
         // on either side the sync source's (split brain resolved in its favour).
         {
@@ -452,6 +458,8 @@ impl ReplicatedVolume {
         kill: &CancellationToken,
     ) -> Result<(), String> {
         let name = self.cfg.name.clone();
+        // Tests stop a handshake here, between its state snapshot and the attached link.
+        super::fail_point("verdict-metadata").await;
         // Bitmap and UUIDs per decision, durably, before any data moves.
         let sync_uuid = self
             .md_blocking(move |m| {

@@ -573,6 +573,12 @@ pub struct ReplicatedVolume {
     /// keep failing authentication waits before its next handshake, and the refusals are
     /// logged once per burst with a count (issue 13).
     link_throttle: twinsan_throttle::SharedThrottle<conn::LinkKey>,
+    /// Role changes and `invalidate` against a connection's handshake, as DRBD's state
+    /// mutex: a handshake sends this host's role, disk and bitmap once, at its start, and
+    /// a change made between that snapshot and the attached link would never reach the
+    /// peer (its update is dropped while no link is attached) and would not be part of the
+    /// sync decision. Held by a connection from `LinkUp` until its verdict is applied.
+    state_change: tokio::sync::Mutex<()>,
     /// Persistent reservation state carried for the SCSI layer (`pr.rs`).
     pr: Mutex<pr::PrRepl>,
     /// Held while a reservation state is sent and acked: states reach the peer in order.
@@ -581,6 +587,15 @@ pub struct ReplicatedVolume {
     pr_apply: Mutex<()>,
     /// Where received reservation state goes (the secondary's logical unit).
     pr_sink: std::sync::OnceLock<PrSink>,
+}
+
+/// Evaluates the fail point `name` on a blocking thread, where a test's callback may wait.
+/// Nothing runs unless the `fail` crate's "failpoints" feature is on, which only this
+/// crate's test builds enable.
+async fn fail_point(name: &'static str) {
+    if fail::has_failpoints() {
+        let _ = tokio::task::spawn_blocking(move || fail::fail_point!(name)).await;
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -658,6 +673,7 @@ impl ReplicatedVolume {
             ctr: Counters::default(),
             shutdown: CancellationToken::new(),
             crashed: AtomicBool::new(false),
+            state_change: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(Vec::new()),
             link_throttle: Default::default(),
             pr: Mutex::new(pr::PrRepl::default()),
@@ -911,26 +927,15 @@ impl ReplicatedVolume {
         }
     }
 
-    /// Waits (bounded) until no connection handshake is running.
-    async fn wait_no_handshake(&self) -> Result<(), ReplicationError> {
-        let now = Instant::now();
+    /// Takes [`Self::state_change`]: waits (bounded) for a running connection handshake.
+    async fn lock_state_change(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, ReplicationError> {
         // Saturating: a timeout the configuration did not bound must not panic here.
-        let deadline = now
-            .checked_add(self.cfg.timeout.saturating_mul(4))
-            .unwrap_or(now + Duration::from_secs(365 * 86400));
-        loop {
-            let n = self.changed.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if !lock(&self.st).m.is_handshaking() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(ReplicationError::NotAllowed(
-                    "connection handshake in progress".into(),
-                ));
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(100), n).await;
+        let wait = self.cfg.timeout.saturating_mul(4);
+        match tokio::time::timeout(wait, self.state_change.lock()).await {
+            Ok(g) => Ok(g),
+            Err(_) => Err(ReplicationError::NotAllowed(
+                "connection handshake in progress".into(),
+            )),
         }
     }
 
@@ -942,12 +947,14 @@ impl ReplicatedVolume {
         if self.shutdown.is_cancelled() {
             return Err(ReplicationError::ShutDown);
         }
-        self.wait_no_handshake().await?;
+        let _serial = self.lock_state_change().await?;
         let plan = self.step(Event::Promote { force }).await?;
         let Some(&Action::PromoteMetadata { connected, forced }) = plan.first() else {
             return Ok(()); // already primary
         };
         let name = self.cfg.name.clone();
+        // Tests stop a promotion here, between its check and its new role.
+        fail_point("promote-metadata").await;
         self.md_blocking(move |m| {
             let mut u = m.md.uuids();
             if (!connected && u.bitmap == 0) || forced {
@@ -976,7 +983,12 @@ impl ReplicatedVolume {
         if lock(&self.st).m.role() == Role::Secondary {
             return Ok(());
         }
-        self.step(Event::Demote).await?;
+        // Only the role flip: a handshake after it sends Secondary. Draining (up to 30 s)
+        // under the lock would hold a reconnecting peer past its handshake timeout.
+        {
+            let _serial = self.lock_state_change().await?;
+            self.step(Event::Demote).await?;
+        }
         self.drain_app_io().await;
         if let Err(e) = self.data.flush().await {
             error!(volume = %self.cfg.name, "flush on demote failed: {e}");
@@ -1050,7 +1062,7 @@ impl ReplicatedVolume {
     /// the next connect makes this host the target of a full sync. Requires Secondary; drops
     /// the current connection so the handshake runs again.
     pub async fn invalidate(&self) -> Result<(), ReplicationError> {
-        self.wait_no_handshake().await?;
+        let _serial = self.lock_state_change().await?;
         {
             let mut st = lock(&self.st);
             self.run_step(&mut st, Event::Invalidate, None)?;
