@@ -2,9 +2,11 @@
 //! (`drbd_receiver.c` `drbd_sync_handshake`), the receive loop with keepalive, and teardown.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -277,7 +279,9 @@ impl ReplicatedVolume {
                     }
                     Some(Ok(m)) => {
                         last_rx = Instant::now();
-                        if let Err(reason) = self.handle(m, epoch, &tx) {
+                        // More of a burst already read: replies can wait for one write.
+                        let more = !stream.read_buffer().is_empty();
+                        if let Err(reason) = self.handle(m, epoch, &tx, more) {
                             if !reason.starts_with("peer disconnected") {
                                 error!(volume = %self.cfg.name, "dropping connection: {reason}");
                             }
@@ -556,8 +560,17 @@ impl ReplicatedVolume {
     }
 
     /// Handles one message after the handshake. Returns `Err(reason)` to drop the link.
-    fn handle(self: &Arc<Self>, m: Message, epoch: u64, tx: &LinkSender) -> Result<(), String> {
-        // Replies go out from spawned tasks: this loop must never wait for queue space.
+    /// `more`: further frames are already read (a burst), so a reply may go out with the
+    /// replies to those in one write.
+    fn handle(
+        self: &Arc<Self>,
+        m: Message,
+        epoch: u64,
+        tx: &LinkSender,
+        more: bool,
+    ) -> Result<(), String> {
+        // This loop must never wait for queue space: replies that would wait go out from
+        // spawned tasks.
         match m {
             Message::Ping => {
                 let _ = tx.try_send(Message::Pong);
@@ -577,7 +590,7 @@ impl ReplicatedVolume {
                     .fetch_add(1, Ordering::Relaxed);
                 let v = self.clone();
                 let tx = tx.clone();
-                tokio::spawn(async move {
+                let mut apply = Box::pin(async move {
                     let mode = if fua {
                         WriteMode::Durable
                     } else {
@@ -597,13 +610,25 @@ impl ReplicatedVolume {
                         }
                     };
                     let ack = Message::WriteAck { seq, ok, err };
-                    // Other peer writes still running: their acks follow, one write for all.
-                    if v.ctr.peer_writes_inflight.fetch_sub(1, Ordering::Relaxed) > 1 {
+                    // Other peer writes still running or already received: their acks
+                    // follow, one write for all.
+                    if v.ctr.peer_writes_inflight.fetch_sub(1, Ordering::Relaxed) > 1 || more {
                         let _ = tx.send_batched(ack).await;
                     } else {
                         let _ = tx.send(ack).await;
                     }
                 });
+                // A write the store completes at once (a page-cache write done inline) is
+                // acked from here, without a task and its wake-up; one still pending goes
+                // on in its own task. The no-op waker is safe: that task's first poll
+                // registers its own waker wherever the write (or a full queue) waits.
+                if apply
+                    .as_mut()
+                    .poll(&mut Context::from_waker(Waker::noop()))
+                    .is_pending()
+                {
+                    tokio::spawn(apply);
+                }
             }
             Message::Flush { seq } => {
                 let v = self.clone();
