@@ -36,6 +36,10 @@ pub use super::sequencer::FeatureParams;
 /// Bytes the writer task gathers into one vectored write at most.
 const MAX_WRITE_BATCH: usize = 4 << 20;
 
+/// Below this many queued bytes the woken writer task lets the other ready tasks run first
+/// (see [`write_loop`]); a larger response leaves at once.
+const WRITER_YIELD_BELOW: usize = 64 * 1024;
+
 /// Room for received PDUs per read of the socket. With tokio-util's default (8 KiB) one `recv`
 /// took at most one 4 KiB WRITE with its immediate data, so a busy connection paid a system
 /// call per command; 64 KiB (the most `BytesMut` keeps as its refill size) takes a burst.
@@ -398,8 +402,19 @@ async fn write_loop(out: Outbox) {
     let sh = &*out.0;
     loop {
         sh.wake_writer.notified().await;
-        if sh.lock().socket != SocketOwner::Writer {
-            continue;
+        let small = {
+            let st = sh.lock();
+            if st.socket != SocketOwner::Writer {
+                continue;
+            }
+            st.queued.len() < WRITER_YIELD_BELOW
+        };
+        // Woken by the first of a burst of responses (commands that a batch of the peer's
+        // acks completed together): tokio runs a task woken by a running one next, so
+        // without this each response left in its own write. The other ready tasks queue
+        // theirs first and one vectored write carries them all.
+        if small {
+            tokio::task::yield_now().await;
         }
         loop {
             let mut segments = {
