@@ -8,20 +8,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use common::*;
-use twinsan_replication::volume::{skip_sync_uuid, ConnState, InitialSync, Role};
+use twinsan_replication::volume::Role;
 
 const SIZE: u64 = 8 * MIB;
 const T: Duration = Duration::from_secs(20);
-
-fn skip() -> InitialSync {
-    InitialSync::SkipIdentical {
-        uuid: skip_sync_uuid("vol0", "test"),
-    }
-}
-
-fn connected(n: &Node) -> bool {
-    n.vol.status().connection == ConnState::Connected
-}
 
 /// Holds the threads that reach a fail point until released; says whether one arrived.
 #[derive(Clone, Default)]

@@ -14,22 +14,10 @@ use twinsan_replication::drbd::MdFlags;
 use twinsan_replication::link::DiskState;
 use twinsan_replication::policy::SplitBrainPolicy;
 use twinsan_replication::store::{BlockStore, StoreError, WriteMode};
-use twinsan_replication::volume::{
-    skip_sync_uuid, ConnState, Fencing, InitialSync, ReplicationError, Role,
-};
+use twinsan_replication::volume::{ConnState, Fencing, InitialSync, ReplicationError, Role};
 
 const SIZE: u64 = 32 * MIB;
 const T: Duration = Duration::from_secs(20);
-
-fn skip() -> InitialSync {
-    InitialSync::SkipIdentical {
-        uuid: skip_sync_uuid("vol0", "test"),
-    }
-}
-
-fn connected(n: &Node) -> bool {
-    n.vol.status().connection == ConnState::Connected
-}
 
 async fn wait_connected(p: &Pair) {
     wait_until("both Connected", T, || connected(&p.a) && connected(&p.b)).await;

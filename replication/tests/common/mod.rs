@@ -15,10 +15,22 @@ use tokio::net::{TcpListener, TcpStream};
 use twinsan_replication::drbd::MdVersion;
 use twinsan_replication::store::{BlockStore, MemStore};
 use twinsan_replication::volume::{
-    create_metadata, InitialSync, MetaLocation, ReplicatedVolume, Role, VolumeConfig,
+    create_metadata, skip_sync_uuid, ConnState, InitialSync, MetaLocation, ReplicatedVolume, Role,
+    VolumeConfig,
 };
 
 pub const MIB: u64 = 1 << 20;
+
+/// Both sides start from identical (skip-identical) data of one generation.
+pub fn skip() -> InitialSync {
+    InitialSync::SkipIdentical {
+        uuid: skip_sync_uuid("vol0", "test"),
+    }
+}
+
+pub fn connected(n: &Node) -> bool {
+    n.vol.status().connection == ConnState::Connected
+}
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
