@@ -7,6 +7,9 @@ use tokio_util::sync::CancellationToken;
 use twinsan::config::Config;
 use twinsan::server::{iscsi_url, Server};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Common tasks, shown by `twinsan --help` and in the man page.
 const EXAMPLES: &str = "\
 Examples (C is the configuration, e.g. /etc/twinsan/twinsan.toml):
