@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -1048,6 +1049,19 @@ pub fn spawn_fio(
     let filename = vip_url().replace(':', "\\:");
     let prefix = dir.join(name);
     let mut cmd = client.command(fio());
+    // libiscsi 1.19 sends a PDU's data with writev(2), which cannot pass MSG_NOSIGNAL: when a
+    // failover closes the connection under a write, the kernel raises SIGPIPE and kills fio's
+    // job process, and fio's parent then crashes (SIGSEGV) freeing the dead job's options.
+    // qemu, libiscsi's main user, ignores SIGPIPE; fio does the same here, so libiscsi sees
+    // EPIPE and reconnects as it does for any other connection loss. An ignored disposition
+    // survives exec (through `ip netns exec` to fio).
+    // SAFETY: the closure only calls signal(2), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+            Ok(())
+        });
+    }
     cmd.args([
         &format!("--name={name}"),
         "--ioengine=libiscsi",
