@@ -1,6 +1,6 @@
 //! The data-area view the target serves, and the protocol-C write path (`drbd_req.c`).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,22 @@ struct Inflight<'a>(&'a ReplicatedVolume);
 impl Drop for Inflight<'_> {
     fn drop(&mut self) {
         self.0.ctr.app_inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts a write in `al_waiting` while it waits for an activity-log extent.
+struct AlWaiting<'a>(&'a AtomicUsize);
+
+impl<'a> AlWaiting<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        AlWaiting(n)
+    }
+}
+
+impl Drop for AlWaiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -91,6 +107,9 @@ impl ReplicatedVolume {
             }
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        // Counted before the first attempt, which takes the metadata lock: a release after
+        // that attempt sees the count (it reads it after its own turn with the lock).
+        let _waiting = AlWaiting::new(&self.al_waiting);
         loop {
             // Enabled before the attempt: a release between the attempt and the wait wakes it.
             let idle = self.al_idle.notified();
@@ -145,7 +164,7 @@ impl ReplicatedVolume {
             }
             freed
         };
-        if freed {
+        if freed && self.al_waiting.load(Ordering::SeqCst) > 0 {
             self.al_idle.notify_waiters();
         }
     }

@@ -55,7 +55,7 @@ mod sync;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -564,6 +564,9 @@ pub struct ReplicatedVolume {
     /// A write released the last reference on an activity-log extent (writers waiting
     /// because every extent was busy try again).
     al_idle: Notify,
+    /// Writes waiting in [`Volume::al_begin`] for an extent: a release with none skips the
+    /// notify (which locks the `Notify`).
+    al_waiting: AtomicUsize,
     locks: IntervalLock,
     ctr: Counters,
     shutdown: CancellationToken,
@@ -673,6 +676,7 @@ impl ReplicatedVolume {
             }),
             changed: Notify::new(),
             al_idle: Notify::new(),
+            al_waiting: AtomicUsize::new(0),
             locks: IntervalLock::new(),
             ctr: Counters::default(),
             shutdown: CancellationToken::new(),
