@@ -564,7 +564,7 @@ pub struct ReplicatedVolume {
     /// A write released the last reference on an activity-log extent (writers waiting
     /// because every extent was busy try again).
     al_idle: Notify,
-    /// Writes waiting in [`Volume::al_begin`] for an extent: a release with none skips the
+    /// Writes waiting in `al_begin` for an activity-log extent: a release with none skips the
     /// notify (which locks the `Notify`).
     al_waiting: AtomicUsize,
     locks: IntervalLock,
